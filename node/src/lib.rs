@@ -1,0 +1,2 @@
+//! raftkv-node: a replicated key-value store node.
+pub mod storage;

@@ -1,0 +1,1 @@
+//! Test support for raftkv: start real `raftkv-node` clusters on 127.0.0.1.
