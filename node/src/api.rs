@@ -1,0 +1,731 @@
+//! The client HTTP API: raftexample's routes, the versioned `/v1` API, probes, metrics.
+//!
+//! Every write is answered after its entry is committed and applied; every default read
+//! goes through ReadIndex (linearizable). Waiting for a leader, a quorum or a commit is
+//! bounded by `--request-timeout-ms`; past it the client gets 503 with a reason. See
+//! docs/api.md for every route and status code.
+
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::{Method, Request as HttpRequest, StatusCode};
+use prost::Message as _;
+use raft::eraftpb::{ConfChangeSingle, ConfChangeType, ConfState};
+use serde_json::{json, Value as Json};
+use tokio::sync::oneshot;
+
+use crate::config::{parse_peer_url, Config};
+use crate::http::{error, json, response, Resp};
+use crate::kv::{ApplyOutcome, Command, KvStore, OpType};
+use crate::metrics::metrics;
+use crate::raft_loop::{NodeStatus, ProposeError, RaftHandle, Request, StatusCell};
+
+/// Everything a request handler needs.
+#[derive(Clone)]
+pub struct Api {
+    /// Node configuration.
+    pub cfg: Arc<Config>,
+    /// Raft loop handle.
+    pub raft: RaftHandle,
+    /// Published status.
+    pub status: StatusCell,
+    /// The state machine (read side).
+    pub kv: Arc<RwLock<KvStore>>,
+}
+
+/// An API failure: status, machine-readable code, message.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError { status, code, message: message.into() }
+    }
+    fn bad(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+    fn unavailable(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, code, message)
+    }
+    fn into_response(self) -> Resp {
+        error(self.status, self.code, self.message)
+    }
+}
+
+type ApiResult = Result<Resp, ApiError>;
+
+/// Decodes `%XX` escapes; errors on bad escapes or invalid UTF-8.
+pub fn percent_decode(s: &str) -> Result<String, ApiError> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = b.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok());
+            match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                Some(v) => out.push(v),
+                None => return Err(ApiError::bad(format!("bad percent escape in {s:?}"))),
+            }
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| ApiError::bad("key is not valid UTF-8"))
+}
+
+fn query_param(req: &HttpRequest<Incoming>, name: &str) -> Result<Option<String>, ApiError> {
+    let Some(q) = req.uri().query() else { return Ok(None) };
+    for pair in q.split('&') {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        if k == name {
+            return percent_decode(v).map(Some);
+        }
+    }
+    Ok(None)
+}
+
+fn parse_member_id(s: &str) -> Result<u64, ApiError> {
+    match s.parse::<u64>() {
+        Ok(id) if id > 0 => Ok(id),
+        _ => Err(ApiError::bad(format!("bad member id {s:?}: want a positive integer"))),
+    }
+}
+
+async fn read_body(req: HttpRequest<Incoming>, limit: usize) -> Result<Bytes, ApiError> {
+    let too_big = || ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", format!("request body over {limit} bytes"));
+    if let Some(len) = req.headers().get(hyper::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()) {
+        if len.parse::<u64>().map(|l| l > limit as u64).unwrap_or(false) {
+            return Err(too_big());
+        }
+    }
+    match Limited::new(req.into_body(), limit).collect().await {
+        Ok(b) => Ok(b.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_big()),
+        Err(e) => Err(ApiError::bad(format!("unreadable body: {e}"))),
+    }
+}
+
+/// Labels a request for metrics with a bounded set of route names.
+fn route_label(method: &Method, path: &str) -> &'static str {
+    let m = method.as_str();
+    match path {
+        "/healthz" => "healthz",
+        "/readyz" => "readyz",
+        "/metrics" => "metrics",
+        "/v1/status" => "v1_status",
+        "/v1/kv" => "v1_kv_list",
+        "/v1/members" => "v1_members",
+        "/v1/leader/transfer" => "v1_leader_transfer",
+        p if p.starts_with("/v1/kv/") => match m {
+            "GET" => "v1_kv_get",
+            "PUT" => "v1_kv_put",
+            "DELETE" => "v1_kv_delete",
+            _ => "v1_kv_other",
+        },
+        p if p.starts_with("/v1/members/") => "v1_member",
+        p if p.starts_with("/v1/") => "v1_unknown",
+        _ => match m {
+            "GET" => "key_get",
+            "PUT" => "key_put",
+            "POST" => "member_add",
+            "DELETE" => "member_remove",
+            _ => "other",
+        },
+    }
+}
+
+impl Api {
+    /// Handles one client request (never panics on input; errors become JSON responses).
+    pub async fn handle(self, req: HttpRequest<Incoming>) -> Resp {
+        let started = Instant::now();
+        let label = route_label(req.method(), req.uri().path());
+        let resp = match self.route(req).await {
+            Ok(r) => r,
+            Err(e) => e.into_response(),
+        };
+        let m = metrics();
+        m.http_requests.with_label_values(&[label, resp.status().as_str()]).inc();
+        m.http_request_seconds.with_label_values(&[label]).observe(started.elapsed().as_secs_f64());
+        resp
+    }
+
+    async fn route(&self, req: HttpRequest<Incoming>) -> ApiResult {
+        let path = req.uri().path().to_string();
+        let method = req.method().clone();
+        match (method.clone(), path.as_str()) {
+            (Method::GET, "/healthz") => Ok(response(StatusCode::OK, "text/plain", "ok\n")),
+            (Method::GET, "/readyz") => Ok(self.readyz()),
+            (Method::GET, "/metrics") => Ok(response(StatusCode::OK, "text/plain; version=0.0.4", metrics().render())),
+            (_, "/v1/status") => self.only(&method, &[Method::GET]).map(|_| self.status_json()),
+            (_, "/v1/kv") => {
+                self.only(&method, &[Method::GET])?;
+                self.list(&req).await
+            }
+            (_, "/v1/members") => match method {
+                Method::GET => self.members().await,
+                Method::POST => {
+                    let body = read_body(req, self.cfg.max_request_bytes).await?;
+                    self.add_member_json(&body).await
+                }
+                _ => Err(method_not_allowed(&[Method::GET, Method::POST])),
+            },
+            (_, "/v1/leader/transfer") => {
+                self.only(&method, &[Method::POST])?;
+                let body = read_body(req, self.cfg.max_request_bytes).await?;
+                self.transfer(&body).await
+            }
+            (_, p) if p.starts_with("/v1/kv/") => {
+                let key = percent_decode(&p["/v1/kv/".len()..])?;
+                self.v1_kv(method, key, req).await
+            }
+            (_, p) if p.starts_with("/v1/members/") => {
+                let rest = &p["/v1/members/".len()..];
+                if let Some(id) = rest.strip_suffix("/promote") {
+                    self.only(&method, &[Method::POST])?;
+                    self.promote(parse_member_id(id)?).await
+                } else {
+                    self.only(&method, &[Method::DELETE])?;
+                    self.remove_member(parse_member_id(rest)?).await.map(|st| json(StatusCode::OK, &st))
+                }
+            }
+            (_, p) if p.starts_with("/v1/") || p == "/v1" => {
+                Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no route {p}")))
+            }
+            _ => self.raftexample(method, path, req).await,
+        }
+    }
+
+    fn only(&self, method: &Method, allowed: &[Method]) -> Result<(), ApiError> {
+        if allowed.contains(method) {
+            Ok(())
+        } else {
+            Err(method_not_allowed(allowed))
+        }
+    }
+
+    // ----- raftexample compatibility -------------------------------------------------
+
+    async fn raftexample(&self, method: Method, path: String, req: HttpRequest<Incoming>) -> ApiResult {
+        let raw = path.strip_prefix('/').unwrap_or(&path).to_string();
+        match method {
+            Method::PUT => {
+                let key = percent_decode(&raw)?;
+                check_key(&key)?;
+                let value = read_body(req, self.cfg.max_request_bytes).await?;
+                self.write(OpType::Put, key, value.to_vec(), None).await?;
+                Ok(response(StatusCode::NO_CONTENT, "", Bytes::new()))
+            }
+            Method::GET => {
+                let key = percent_decode(&raw)?;
+                check_key(&key)?;
+                self.read_barrier().await?;
+                match self.get_local(&key) {
+                    Some(v) => Ok(response(StatusCode::OK, "application/octet-stream", v.data)),
+                    None => Ok(response(StatusCode::NOT_FOUND, "text/plain", "Failed to GET\n")),
+                }
+            }
+            Method::POST => {
+                let id = parse_member_id(&raw)?;
+                let body = read_body(req, self.cfg.max_request_bytes).await?;
+                let url = std::str::from_utf8(&body).map_err(|_| ApiError::bad("peer URL is not UTF-8"))?.trim().to_string();
+                self.add_member(id, url, false).await?;
+                Ok(response(StatusCode::NO_CONTENT, "", Bytes::new()))
+            }
+            Method::DELETE => {
+                let id = parse_member_id(&raw)?;
+                self.remove_member(id).await?;
+                Ok(response(StatusCode::NO_CONTENT, "", Bytes::new()))
+            }
+            _ => Err(method_not_allowed(&[Method::PUT, Method::GET, Method::POST, Method::DELETE])),
+        }
+    }
+
+    // ----- keys ------------------------------------------------------------------------
+
+    async fn v1_kv(&self, method: Method, key: String, req: HttpRequest<Incoming>) -> ApiResult {
+        check_key(&key)?;
+        let prev = match query_param(&req, "prev_revision")? {
+            Some(s) => Some(s.parse::<u64>().map_err(|_| ApiError::bad("prev_revision must be a non-negative integer"))?),
+            None => None,
+        };
+        match method {
+            Method::GET => {
+                match query_param(&req, "consistency")?.as_deref() {
+                    None | Some("linearizable") => self.read_barrier().await?,
+                    Some("serializable") => {}
+                    Some(other) => return Err(ApiError::bad(format!("consistency must be linearizable or serializable, not {other:?}"))),
+                }
+                match self.get_local(&key) {
+                    Some(v) => Ok(json(StatusCode::OK, &value_json(&key, &v.data, v.revision))),
+                    None => Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("key {key:?} not found"))),
+                }
+            }
+            Method::PUT => {
+                let value = read_body(req, self.cfg.max_request_bytes).await?;
+                let (revision, _) = self.write(OpType::Put, key.clone(), value.to_vec(), prev).await?;
+                Ok(json(StatusCode::OK, &json!({ "key": key, "revision": revision })))
+            }
+            Method::DELETE => {
+                let (revision, existed) = self.write(OpType::Delete, key.clone(), Vec::new(), prev).await?;
+                if existed {
+                    Ok(json(StatusCode::OK, &json!({ "key": key, "revision": revision, "deleted": true })))
+                } else {
+                    Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("key {key:?} not found")))
+                }
+            }
+            _ => Err(method_not_allowed(&[Method::GET, Method::PUT, Method::DELETE])),
+        }
+    }
+
+    async fn list(&self, req: &HttpRequest<Incoming>) -> ApiResult {
+        let prefix = query_param(req, "prefix")?.unwrap_or_default();
+        let limit = match query_param(req, "limit")? {
+            Some(s) => s.parse::<usize>().ok().filter(|l| (1..=10_000).contains(l)).ok_or_else(|| ApiError::bad("limit must be 1..=10000"))?,
+            None => 1000,
+        };
+        match query_param(req, "consistency")?.as_deref() {
+            None | Some("linearizable") => self.read_barrier().await?,
+            Some("serializable") => {}
+            Some(other) => return Err(ApiError::bad(format!("consistency must be linearizable or serializable, not {other:?}"))),
+        }
+        let (items, more) = self.kv.read().map_err(|_| internal())?.list(&prefix, limit);
+        let items: Vec<Json> = items.iter().map(|(k, v)| value_json(k, &v.data, v.revision)).collect();
+        Ok(json(StatusCode::OK, &json!({ "items": items, "more": more })))
+    }
+
+    fn get_local(&self, key: &str) -> Option<crate::kv::Value> {
+        self.kv.read().ok().and_then(|kv| kv.get(key).cloned())
+    }
+
+    /// Proposes a put/delete and waits for it to be applied. Returns (revision, existed).
+    async fn write(&self, op: OpType, key: String, value: Vec<u8>, prev: Option<u64>) -> Result<(u64, bool), ApiError> {
+        let request_id = rand::random::<u64>();
+        let cmd = Command { request_id, op: op as i32, key, value, prev_revision: prev };
+        let data = cmd.encode_to_vec();
+        let deadline = tokio::time::Instant::now() + self.cfg.request_timeout;
+        loop {
+            let (tx, rx) = oneshot::channel();
+            if !self.raft.send(Request::Propose { request_id, data: data.clone(), reply: tx }) {
+                return Err(ApiError::unavailable("stopping", "node is stopping"));
+            }
+            match tokio::time::timeout_at(deadline, rx).await {
+                Err(_) => {
+                    metrics().proposals_failed.inc();
+                    return Err(ApiError::unavailable("timeout", "timed out waiting for the write to commit (no quorum?); its outcome is unknown"));
+                }
+                Ok(Err(_)) => return Err(ApiError::unavailable("stopping", "node is stopping")),
+                Ok(Ok(Ok(ApplyOutcome::Applied { revision, existed }))) => return Ok((revision, existed)),
+                Ok(Ok(Ok(ApplyOutcome::PreconditionFailed { current }))) => {
+                    return Err(ApiError::new(
+                        StatusCode::PRECONDITION_FAILED,
+                        "revision_mismatch",
+                        format!("precondition failed: current revision is {current}"),
+                    ))
+                }
+                Ok(Ok(Err(ProposeError::NoLeader))) => {
+                    if !sleep_before(deadline, Duration::from_millis(50)).await {
+                        metrics().proposals_failed.inc();
+                        return Err(ApiError::unavailable("no_leader", "no leader elected within the request timeout"));
+                    }
+                }
+                Ok(Ok(Err(e))) => {
+                    metrics().proposals_failed.inc();
+                    return Err(ApiError::unavailable("unavailable", e.to_string()));
+                }
+            }
+        }
+    }
+
+    /// Waits until the local state machine reflects everything committed before now.
+    async fn read_barrier(&self) -> Result<(), ApiError> {
+        let (tx, rx) = oneshot::channel();
+        if !self.raft.send(Request::Read { reply: tx }) {
+            return Err(ApiError::unavailable("stopping", "node is stopping"));
+        }
+        match tokio::time::timeout(self.cfg.request_timeout, rx).await {
+            Err(_) => Err(ApiError::unavailable("timeout", "timed out confirming leadership with a quorum (no leader or no quorum)")),
+            Ok(Err(_)) => Err(ApiError::unavailable("stopping", "node is stopping")),
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err(e))) => Err(ApiError::unavailable("unavailable", e.to_string())),
+        }
+    }
+
+    // ----- status, probes ---------------------------------------------------------------
+
+    fn status(&self) -> Arc<NodeStatus> {
+        match self.status.read() {
+            Ok(s) => s.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    fn status_json(&self) -> Resp {
+        let st = self.status();
+        json(
+            StatusCode::OK,
+            &json!({
+                "id": st.id,
+                "leader": st.leader,
+                "term": st.term,
+                "role": st.role,
+                "commit_index": st.commit_index,
+                "applied_index": st.applied_index,
+                "snapshot_index": st.snapshot_index,
+                "wal_bytes": st.wal_bytes,
+                "incarnation": format!("{:016x}", st.incarnation),
+                "keys": self.kv.read().map(|k| k.len()).unwrap_or(0),
+                "members": local_members(&st),
+            }),
+        )
+    }
+
+    fn readyz(&self) -> Resp {
+        let st = self.status();
+        let lag = st.commit_index.saturating_sub(st.applied_index);
+        let reason = if st.stopping {
+            Some("stopping".to_string())
+        } else if st.leader == 0 {
+            Some("no leader (election in progress or no quorum)".to_string())
+        } else if lag > self.cfg.promote_max_lag {
+            Some(format!("applying: {lag} committed entries not yet applied"))
+        } else if !st.voters.contains(&st.id) && !st.learners.contains(&st.id) {
+            Some("not a member yet (waiting to be added)".to_string())
+        } else {
+            None
+        };
+        match reason {
+            None => response(StatusCode::OK, "text/plain", "ok\n"),
+            Some(r) => error(StatusCode::SERVICE_UNAVAILABLE, "not_ready", r),
+        }
+    }
+
+    // ----- membership -------------------------------------------------------------------
+
+    /// The member list from the leader's point of view (match index, reachability).
+    async fn members_view(&self) -> Result<Json, ApiError> {
+        let st = self.status();
+        if st.leader == st.id && st.role == "leader" {
+            return Ok(members_json(&st));
+        }
+        if st.leader != 0 {
+            if let Some(url) = st.member_urls.iter().find(|(id, _)| *id == st.leader).map(|(_, u)| u.clone()) {
+                if let Ok(v) = fetch_json(&format!("{url}/members")).await {
+                    return Ok(v);
+                }
+            }
+        }
+        Ok(members_json(&st))
+    }
+
+    async fn members(&self) -> ApiResult {
+        Ok(json(StatusCode::OK, &self.members_view().await?))
+    }
+
+    async fn add_member_json(&self, body: &[u8]) -> ApiResult {
+        let v: Json = serde_json::from_slice(body).map_err(|e| ApiError::bad(format!("body must be JSON: {e}")))?;
+        let id = v.get("id").and_then(Json::as_u64).filter(|i| *i > 0).ok_or_else(|| ApiError::bad("\"id\" must be a positive integer"))?;
+        let url = v.get("peer_url").and_then(Json::as_str).ok_or_else(|| ApiError::bad("\"peer_url\" is required"))?;
+        let learner = match v.get("learner") {
+            None | Some(Json::Null) => false,
+            Some(Json::Bool(b)) => *b,
+            Some(_) => return Err(ApiError::bad("\"learner\" must be true or false")),
+        };
+        let (created, _cs) = self.add_member(id, url.to_string(), learner).await?;
+        let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+        Ok(json(status, &self.members_view().await?))
+    }
+
+    /// Adds a member; Ok(false) when it already was one with the same URL and role.
+    async fn add_member(&self, id: u64, url: String, learner: bool) -> Result<(bool, Option<ConfState>), ApiError> {
+        parse_peer_url(&url).map_err(|e| ApiError::bad(e.to_string()))?;
+        let st = self.status();
+        let is_voter = st.voters.contains(&id);
+        let is_learner = st.learners.contains(&id);
+        if is_voter || is_learner {
+            let same_url = st.member_urls.iter().any(|(i, u)| *i == id && *u == url);
+            if same_url && is_learner == learner {
+                return Ok((false, None));
+            }
+            return Err(ApiError::new(StatusCode::CONFLICT, "member_exists", format!("member {id} already exists")));
+        }
+        if st.member_urls.iter().any(|(i, u)| *i != id && *u == url) {
+            return Err(ApiError::new(StatusCode::CONFLICT, "url_in_use", format!("peer URL {url} belongs to another member")));
+        }
+        let ty = if learner { ConfChangeType::AddLearnerNode } else { ConfChangeType::AddNode };
+        let cs = self.conf_change(id, ty, url).await?;
+        Ok((true, Some(cs)))
+    }
+
+    async fn promote(&self, id: u64) -> ApiResult {
+        let st = self.status();
+        if st.voters.contains(&id) {
+            return Ok(json(StatusCode::OK, &json!({ "id": id, "role": "voter", "changed": false })));
+        }
+        if !st.learners.contains(&id) {
+            return Err(ApiError::new(StatusCode::NOT_FOUND, "not_member", format!("{id} is not a learner of this cluster")));
+        }
+        let view = self.members_view().await?;
+        let commit = view.get("commit_index").and_then(Json::as_u64).unwrap_or(st.commit_index);
+        let matched = view
+            .get("members")
+            .and_then(Json::as_array)
+            .and_then(|ms| ms.iter().find(|m| m.get("id").and_then(Json::as_u64) == Some(id)))
+            .and_then(|m| m.get("match_index").and_then(Json::as_u64));
+        match matched {
+            Some(m) if m > 0 && m + self.cfg.promote_max_lag >= commit => {}
+            Some(m) => {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "learner_behind",
+                    format!("learner {id} is behind: match index {m}, commit index {commit}"),
+                ))
+            }
+            None => return Err(ApiError::unavailable("no_leader", "the leader's view of the learner is unavailable")),
+        }
+        self.conf_change(id, ConfChangeType::AddNode, String::new()).await?;
+        Ok(json(StatusCode::OK, &json!({ "id": id, "role": "voter", "changed": true })))
+    }
+
+    async fn remove_member(&self, id: u64) -> Result<Json, ApiError> {
+        let st = self.status();
+        let is_voter = st.voters.contains(&id);
+        if !is_voter && !st.learners.contains(&id) {
+            return Err(ApiError::new(StatusCode::NOT_FOUND, "not_member", format!("{id} is not a member")));
+        }
+        if is_voter && st.voters.len() == 1 {
+            return Err(ApiError::new(StatusCode::CONFLICT, "last_voter", "cannot remove the last voter"));
+        }
+        if is_voter && st.leader == id {
+            // Move leadership first so the cluster never waits out an election.
+            self.transfer_to(None, Some(id)).await?;
+        }
+        self.conf_change(id, ConfChangeType::RemoveNode, String::new()).await?;
+        Ok(json!({ "removed": id }))
+    }
+
+    async fn conf_change(&self, id: u64, ty: ConfChangeType, peer_url: String) -> Result<ConfState, ApiError> {
+        let deadline = tokio::time::Instant::now() + self.cfg.request_timeout;
+        let change = ConfChangeSingle { change_type: ty as i32, node_id: id };
+        loop {
+            let (tx, rx) = oneshot::channel();
+            if !self.raft.send(Request::ConfChange { change: change.clone(), peer_url: peer_url.clone(), reply: tx }) {
+                return Err(ApiError::unavailable("stopping", "node is stopping"));
+            }
+            match tokio::time::timeout_at(deadline, rx).await {
+                Err(_) => return Err(ApiError::unavailable("timeout", "timed out waiting for the membership change to commit; its outcome is unknown")),
+                Ok(Err(_)) => return Err(ApiError::unavailable("stopping", "node is stopping")),
+                Ok(Ok(Ok(cs))) => return Ok(cs),
+                Ok(Ok(Err(ProposeError::NoLeader))) => {
+                    if !sleep_before(deadline, Duration::from_millis(50)).await {
+                        return Err(ApiError::unavailable("no_leader", "no leader elected within the request timeout"));
+                    }
+                }
+                Ok(Ok(Err(ProposeError::Refused(m)))) if m.contains("pending") || m.contains("conf") => {
+                    // Another membership change is still in flight; one at a time.
+                    return Err(ApiError::new(StatusCode::CONFLICT, "change_in_progress", m));
+                }
+                Ok(Ok(Err(e))) => return Err(ApiError::unavailable("unavailable", e.to_string())),
+            }
+        }
+    }
+
+    async fn transfer(&self, body: &[u8]) -> ApiResult {
+        let to = if body.iter().all(|b| b.is_ascii_whitespace()) {
+            None
+        } else {
+            let v: Json = serde_json::from_slice(body).map_err(|e| ApiError::bad(format!("body must be JSON: {e}")))?;
+            match v.get("to") {
+                None | Some(Json::Null) => None,
+                Some(t) => Some(t.as_u64().filter(|t| *t > 0).ok_or_else(|| ApiError::bad("\"to\" must be a positive integer"))?),
+            }
+        };
+        let leader = self.transfer_to(to, None).await?;
+        Ok(json(StatusCode::OK, &json!({ "leader": leader })))
+    }
+
+    /// Moves leadership to `to` (or the best voter other than `avoid`/the leader) and
+    /// waits until it moved. Returns the new leader.
+    async fn transfer_to(&self, to: Option<u64>, avoid: Option<u64>) -> Result<u64, ApiError> {
+        let st = self.status();
+        if st.leader == 0 {
+            return Err(ApiError::unavailable("no_leader", "no leader"));
+        }
+        let target = match to {
+            Some(t) => {
+                if !st.voters.contains(&t) {
+                    return Err(ApiError::new(StatusCode::CONFLICT, "not_voter", format!("{t} is not a voter")));
+                }
+                t
+            }
+            None => {
+                let view = self.members_view().await?;
+                let avoid = avoid.unwrap_or(st.leader);
+                view.get("members")
+                    .and_then(Json::as_array)
+                    .into_iter()
+                    .flatten()
+                    .filter(|m| m.get("role").and_then(Json::as_str) == Some("voter"))
+                    .filter(|m| m.get("reachable").and_then(Json::as_bool).unwrap_or(true))
+                    .filter_map(|m| Some((m.get("id")?.as_u64()?, m.get("match_index").and_then(Json::as_u64).unwrap_or(0))))
+                    .filter(|(id, _)| *id != avoid && *id != st.leader)
+                    .max_by_key(|(id, matched)| (*matched, u64::MAX - *id))
+                    .map(|(id, _)| id)
+                    .ok_or_else(|| ApiError::new(StatusCode::CONFLICT, "no_target", "no other reachable voter to take leadership"))?
+            }
+        };
+        if st.leader == target {
+            return Ok(target);
+        }
+        let deadline = tokio::time::Instant::now() + self.cfg.request_timeout;
+        loop {
+            if !self.raft.send(Request::TransferLeader(target)) {
+                return Err(ApiError::unavailable("stopping", "node is stopping"));
+            }
+            // Poll for the change; re-send now and then (a transfer can be dropped).
+            for _ in 0..10 {
+                if self.status().leader == target {
+                    return Ok(target);
+                }
+                if !sleep_before(deadline, Duration::from_millis(20)).await {
+                    return Err(ApiError::unavailable("timeout", format!("leadership did not move to {target} in time")));
+                }
+            }
+        }
+    }
+}
+
+/// Sleeps `d` unless that would pass `deadline`; false when the deadline is (nearly) up.
+async fn sleep_before(deadline: tokio::time::Instant, d: Duration) -> bool {
+    if tokio::time::Instant::now() + d >= deadline {
+        return false;
+    }
+    tokio::time::sleep(d).await;
+    true
+}
+
+fn internal() -> ApiError {
+    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal lock poisoned")
+}
+
+fn check_key(key: &str) -> Result<(), ApiError> {
+    if key.is_empty() {
+        return Err(ApiError::bad("empty key"));
+    }
+    Ok(())
+}
+
+fn method_not_allowed(allowed: &[Method]) -> ApiError {
+    let list: Vec<&str> = allowed.iter().map(Method::as_str).collect();
+    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", format!("method not allowed; allowed: {}", list.join(", ")))
+}
+
+fn value_json(key: &str, data: &[u8], revision: u64) -> Json {
+    match std::str::from_utf8(data) {
+        Ok(s) => json!({ "key": key, "value": s, "revision": revision }),
+        Err(_) => json!({ "key": key, "value_base64": base64(data), "revision": revision }),
+    }
+}
+
+/// Standard base64 (for values that are not UTF-8).
+pub fn base64(data: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for chunk in data.chunks(3) {
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let n = (b[0] as u32) << 16 | (b[1] as u32) << 8 | b[2] as u32;
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+fn local_members(st: &NodeStatus) -> Vec<Json> {
+    let mut ids: Vec<u64> = st.voters.iter().chain(st.learners.iter()).copied().collect();
+    ids.sort_unstable();
+    ids.iter()
+        .map(|id| {
+            let url = st.member_urls.iter().find(|(i, _)| i == id).map(|(_, u)| u.clone()).unwrap_or_default();
+            json!({
+                "id": id,
+                "peer_url": url,
+                "role": if st.voters.contains(id) { "voter" } else { "learner" },
+                "is_leader": st.leader == *id,
+            })
+        })
+        .collect()
+}
+
+/// The member list with the leader's progress (match index, reachability) when this
+/// node is the leader; `null` for those fields otherwise.
+pub fn members_json(st: &NodeStatus) -> Json {
+    let mut members = local_members(st);
+    for m in &mut members {
+        let id = m.get("id").and_then(Json::as_u64).unwrap_or(0);
+        let p = st.progress.iter().find(|p| p.id == id);
+        m["match_index"] = p.map(|p| json!(p.match_index)).unwrap_or(Json::Null);
+        m["reachable"] = p.map(|p| json!(p.recent_active)).unwrap_or(Json::Null);
+    }
+    json!({ "leader": st.leader, "term": st.term, "commit_index": st.commit_index, "members": members })
+}
+
+async fn fetch_json(url: &str) -> Result<Json, ApiError> {
+    let client = crate::transport::http_client();
+    let req = HttpRequest::get(url).body(Full::new(Bytes::new())).map_err(|e| ApiError::bad(e.to_string()))?;
+    let resp = tokio::time::timeout(Duration::from_secs(2), client.request(req))
+        .await
+        .map_err(|_| ApiError::unavailable("timeout", "leader did not answer"))?
+        .map_err(|e| ApiError::unavailable("unavailable", e.to_string()))?;
+    let body = resp.into_body().collect().await.map_err(|e| ApiError::unavailable("unavailable", e.to_string()))?.to_bytes();
+    serde_json::from_slice(&body).map_err(|e| ApiError::unavailable("unavailable", e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percent_decoding() {
+        assert_eq!(percent_decode("a%2Fb%20c").unwrap(), "a/b c");
+        assert!(percent_decode("a%2").is_err());
+        assert!(percent_decode("%zz").is_err());
+        assert!(percent_decode("%ff").is_err());
+    }
+
+    #[test]
+    fn base64_matches_rfc4648() {
+        assert_eq!(base64(b""), "");
+        assert_eq!(base64(b"f"), "Zg==");
+        assert_eq!(base64(b"fo"), "Zm8=");
+        assert_eq!(base64(b"foo"), "Zm9v");
+        assert_eq!(base64(b"foobar"), "Zm9vYmFy");
+    }
+
+    #[test]
+    fn member_ids() {
+        assert_eq!(parse_member_id("4").unwrap(), 4);
+        assert!(parse_member_id("0").is_err());
+        assert!(parse_member_id("x").is_err());
+        assert!(parse_member_id("").is_err());
+    }
+
+    #[test]
+    fn route_labels_are_bounded() {
+        assert_eq!(route_label(&Method::GET, "/v1/kv/anything"), "v1_kv_get");
+        assert_eq!(route_label(&Method::PUT, "/whatever"), "key_put");
+        assert_eq!(route_label(&Method::PATCH, "/x"), "other");
+    }
+}

@@ -1,0 +1,307 @@
+//! Command-line flags and environment variables, validated into a [`Config`].
+//!
+//! raftexample's flags (`--id`, `--cluster`, `--port`, `--join`) work unchanged, also in
+//! Go's single-dash spelling (`-id 1`). Every flag has a `RAFTKV_*` environment variable
+//! for Kubernetes. Bad flags print a clear message and exit with code 2 (clap's usage
+//! error code), before anything touches the data directory.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// Raw flags as parsed by clap. Use [`Args::into_config`] to validate them.
+#[derive(Debug, Parser)]
+#[command(name = "raftkv-node", version, about = "A replicated key-value store node (raft).")]
+pub struct Args {
+    /// Raft id of this node (1-based: node N listens on entry N of --cluster).
+    #[arg(long, env = "RAFTKV_ID")]
+    pub id: Option<u64>,
+    /// Take the id from $HOSTNAME's trailing ordinal plus one (StatefulSet pods: `kv-0` -> 1).
+    #[arg(long, env = "RAFTKV_ID_FROM_HOSTNAME", num_args = 0..=1, default_missing_value = "true")]
+    pub id_from_hostname: Option<bool>,
+    /// Comma-separated peer URLs of the initial members, in id order.
+    #[arg(long, env = "RAFTKV_CLUSTER", default_value = "http://127.0.0.1:9021")]
+    pub cluster: String,
+    /// Client API port (listens on all interfaces, as raftexample does).
+    #[arg(long, env = "RAFTKV_PORT", default_value_t = 9121)]
+    pub port: u16,
+    /// Join an existing cluster: start empty and wait to be added as a member.
+    #[arg(long, env = "RAFTKV_JOIN", num_args = 0..=1, default_missing_value = "true")]
+    pub join: Option<bool>,
+    /// Data directory (write-ahead log, snapshots). Default: raftkv-<id>.
+    #[arg(long, env = "RAFTKV_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Applied entries between two snapshots (then the log is compacted).
+    #[arg(long, env = "RAFTKV_SNAPSHOT_COUNT", default_value_t = 10_000)]
+    pub snapshot_count: u64,
+    /// Largest accepted client request body, in bytes (etcd's default, 1.5 MiB).
+    #[arg(long, env = "RAFTKV_MAX_REQUEST_BYTES", default_value_t = 1_572_864)]
+    pub max_request_bytes: usize,
+    /// This node's advertised peer URL (default: entry <id> of --cluster).
+    #[arg(long, env = "RAFTKV_PEER_URL")]
+    pub peer_url: Option<String>,
+    /// Address the peer listener binds (default: host:port of the peer URL, or
+    /// 0.0.0.0:port when the host is a name).
+    #[arg(long, env = "RAFTKV_LISTEN_PEER_ADDR")]
+    pub listen_peer_addr: Option<SocketAddr>,
+    /// Address the client listener binds (default 0.0.0.0:<port>).
+    #[arg(long, env = "RAFTKV_LISTEN_CLIENT_ADDR")]
+    pub listen_client_addr: Option<SocketAddr>,
+    /// How long a request may wait for a leader, a quorum or its commit, in milliseconds.
+    #[arg(long, env = "RAFTKV_REQUEST_TIMEOUT_MS", default_value_t = 5_000)]
+    pub request_timeout_ms: u64,
+    /// Raft tick interval in milliseconds (election timeout is 10 ticks, heartbeat 1).
+    #[arg(long, env = "RAFTKV_TICK_MS", default_value_t = 100)]
+    pub tick_ms: u64,
+    /// A learner is promotable when its match index is at most this far behind the commit index.
+    #[arg(long, env = "RAFTKV_PROMOTE_MAX_LAG", default_value_t = 1_000)]
+    pub promote_max_lag: u64,
+}
+
+/// Validated configuration of one node.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Raft id (never 0).
+    pub id: u64,
+    /// Initial members: (id, peer URL), ids 1..=n in order.
+    pub initial_members: Vec<(u64, String)>,
+    /// This node's advertised peer URL.
+    pub peer_url: String,
+    /// Whether a fresh node waits to be added instead of bootstrapping.
+    pub join: bool,
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// Applied entries between snapshots.
+    pub snapshot_count: u64,
+    /// Largest client request body.
+    pub max_request_bytes: usize,
+    /// Peer listener address.
+    pub listen_peer_addr: SocketAddr,
+    /// Client listener address.
+    pub listen_client_addr: SocketAddr,
+    /// Bound on waiting for leader/quorum/commit.
+    pub request_timeout: Duration,
+    /// Raft tick interval.
+    pub tick: Duration,
+    /// Promotion lag bound for learners.
+    pub promote_max_lag: u64,
+}
+
+/// A flag value that does not make sense.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+fn err<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
+    Err(ConfigError(msg.into()))
+}
+
+/// Rewrites Go-style single-dash long flags (`-id 1`, `-cluster=...`) to `--id`, so
+/// raftexample command lines work unchanged.
+pub fn normalize_go_flags(args: impl IntoIterator<Item = String>) -> Vec<String> {
+    const LONG: &[&str] = &["id", "cluster", "port", "join"];
+    args.into_iter()
+        .enumerate()
+        .map(|(i, a)| {
+            if i > 0 && a.starts_with('-') && !a.starts_with("--") {
+                let name = a[1..].split('=').next().unwrap_or("");
+                if LONG.contains(&name) {
+                    return format!("-{a}");
+                }
+            }
+            a
+        })
+        .collect()
+}
+
+/// Parses a peer URL: `http://host:port` (https when TLS is configured). Returns host and port.
+pub fn parse_peer_url(url: &str) -> Result<(String, u16), ConfigError> {
+    let rest = match url.strip_prefix("http://").or_else(|| url.strip_prefix("https://")) {
+        Some(r) => r,
+        None => return err(format!("peer URL {url:?} must start with http:// or https://")),
+    };
+    let hostport = rest.trim_end_matches('/');
+    if hostport.is_empty() || hostport.contains('/') || hostport.contains('?') || hostport.contains('@') {
+        return err(format!("peer URL {url:?} must be scheme://host:port with no path"));
+    }
+    let (host, port) = match hostport.rsplit_once(':') {
+        Some((h, p)) => (h, p),
+        None => return err(format!("peer URL {url:?} has no port")),
+    };
+    let port: u16 = match port.parse() {
+        Ok(p) if p > 0 => p,
+        _ => return err(format!("peer URL {url:?} has a bad port")),
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() || host.chars().any(|c| c.is_whitespace()) {
+        return err(format!("peer URL {url:?} has a bad host"));
+    }
+    Ok((host.to_string(), port))
+}
+
+fn ordinal_from_hostname(hostname: &str) -> Result<u64, ConfigError> {
+    let digits: String = hostname.rsplit('-').next().unwrap_or("").to_string();
+    match digits.parse::<u64>() {
+        Ok(n) => Ok(n + 1),
+        Err(_) => err(format!("--id-from-hostname: hostname {hostname:?} has no trailing -<ordinal>")),
+    }
+}
+
+impl Args {
+    /// Validates the flags into a [`Config`].
+    pub fn into_config(self) -> Result<Config, ConfigError> {
+        let id = match (self.id, self.id_from_hostname.unwrap_or(false)) {
+            (Some(id), false) => id,
+            (None, true) | (Some(_), true) => {
+                let host = std::env::var("HOSTNAME")
+                    .ok()
+                    .filter(|h| !h.is_empty())
+                    .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|s| s.trim().to_string()))
+                    .unwrap_or_default();
+                ordinal_from_hostname(&host)?
+            }
+            (None, false) => 1,
+        };
+        if id == 0 {
+            return err("--id must be 1 or more");
+        }
+        let urls: Vec<String> = self
+            .cluster
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect();
+        if urls.is_empty() {
+            return err("--cluster must list at least one peer URL");
+        }
+        for u in &urls {
+            parse_peer_url(u)?;
+        }
+        let mut seen = std::collections::HashSet::new();
+        for u in &urls {
+            if !seen.insert(u) {
+                return err(format!("--cluster lists {u} twice"));
+            }
+        }
+        let peer_url = match self.peer_url {
+            Some(u) => {
+                parse_peer_url(&u)?;
+                u
+            }
+            None => match urls.get((id - 1) as usize) {
+                Some(u) => u.clone(),
+                None => {
+                    return err(format!(
+                        "--id {id} has no entry in --cluster ({} URLs); give --peer-url",
+                        urls.len()
+                    ))
+                }
+            },
+        };
+        let join = self.join.unwrap_or(false) || id as usize > urls.len();
+        let (host, port) = parse_peer_url(&peer_url)?;
+        let listen_peer_addr = match self.listen_peer_addr {
+            Some(a) => a,
+            None => match host.parse::<IpAddr>() {
+                Ok(ip) => SocketAddr::new(ip, port),
+                Err(_) if host == "localhost" => SocketAddr::from(([127, 0, 0, 1], port)),
+                Err(_) => SocketAddr::from(([0, 0, 0, 0], port)),
+            },
+        };
+        let listen_client_addr =
+            self.listen_client_addr.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], self.port)));
+        if listen_client_addr.port() == listen_peer_addr.port()
+            && (listen_client_addr.ip() == listen_peer_addr.ip()
+                || listen_client_addr.ip().is_unspecified()
+                || listen_peer_addr.ip().is_unspecified())
+        {
+            return err(format!("client port {} is also the peer port", listen_client_addr.port()));
+        }
+        if self.snapshot_count == 0 {
+            return err("--snapshot-count must be 1 or more");
+        }
+        if self.max_request_bytes < 1024 {
+            return err("--max-request-bytes must be at least 1024");
+        }
+        if self.request_timeout_ms < 100 {
+            return err("--request-timeout-ms must be at least 100");
+        }
+        if self.tick_ms == 0 || self.tick_ms > 10_000 {
+            return err("--tick-ms must be between 1 and 10000");
+        }
+        let data_dir = self.data_dir.unwrap_or_else(|| PathBuf::from(format!("raftkv-{id}")));
+        Ok(Config {
+            id,
+            initial_members: urls.iter().enumerate().map(|(i, u)| (i as u64 + 1, u.clone())).collect(),
+            peer_url,
+            join,
+            data_dir,
+            snapshot_count: self.snapshot_count,
+            max_request_bytes: self.max_request_bytes,
+            listen_peer_addr,
+            listen_client_addr,
+            request_timeout: Duration::from_millis(self.request_timeout_ms),
+            tick: Duration::from_millis(self.tick_ms),
+            promote_max_lag: self.promote_max_lag,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, String> {
+        let argv = normalize_go_flags(std::iter::once("raftkv-node".to_string()).chain(args.iter().map(|s| s.to_string())));
+        let a = Args::try_parse_from(argv).map_err(|e| e.to_string())?;
+        a.into_config().map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn raftexample_command_line_works() {
+        let c = parse(&["--id", "2", "--cluster", "http://127.0.0.1:12379,http://127.0.0.1:22379,http://127.0.0.1:32379", "--port", "22380"]).unwrap();
+        assert_eq!(c.id, 2);
+        assert_eq!(c.peer_url, "http://127.0.0.1:22379");
+        assert_eq!(c.listen_peer_addr, "127.0.0.1:22379".parse().unwrap());
+        assert_eq!(c.listen_client_addr.port(), 22380);
+        assert!(!c.join);
+        assert_eq!(c.data_dir, PathBuf::from("raftkv-2"));
+    }
+
+    #[test]
+    fn go_single_dash_and_join() {
+        let c = parse(&["-id", "4", "-cluster", "http://127.0.0.1:1,http://127.0.0.1:2,http://127.0.0.1:3,http://127.0.0.1:4", "-port", "5", "-join"]).unwrap();
+        assert_eq!(c.id, 4);
+        assert!(c.join);
+        let c = parse(&["--id=1", "--join=false", "--cluster=http://127.0.0.1:7"]).unwrap();
+        assert!(!c.join);
+    }
+
+    #[test]
+    fn id_beyond_cluster_needs_peer_url_and_implies_join() {
+        assert!(parse(&["--id", "3", "--cluster", "http://127.0.0.1:1"]).unwrap_err().contains("--peer-url"));
+        let c = parse(&["--id", "3", "--cluster", "http://127.0.0.1:1", "--peer-url", "http://127.0.0.1:3"]).unwrap();
+        assert!(c.join);
+    }
+
+    #[test]
+    fn bad_flags_are_rejected() {
+        assert!(parse(&["--id", "0"]).is_err());
+        assert!(parse(&["--id", "x"]).is_err());
+        assert!(parse(&["--cluster", "127.0.0.1:1"]).unwrap_err().contains("http://"));
+        assert!(parse(&["--cluster", "http://127.0.0.1"]).unwrap_err().contains("port"));
+        assert!(parse(&["--cluster", "http://127.0.0.1:1,http://127.0.0.1:1"]).unwrap_err().contains("twice"));
+        assert!(parse(&["--snapshot-count", "0"]).is_err());
+        assert!(parse(&["--port", "9021"]).unwrap_err().contains("peer port"));
+        assert!(parse(&["--bogus"]).is_err());
+    }
+
+    #[test]
+    fn hostname_ordinal() {
+        assert_eq!(ordinal_from_hostname("kv-0").unwrap(), 1);
+        assert_eq!(ordinal_from_hostname("my-kv-12").unwrap(), 13);
+        assert!(ordinal_from_hostname("kv").is_err());
+    }
+}

@@ -1,0 +1,335 @@
+//! The key-value state machine, decoupled from raft (as raftexample's kvstore).
+//!
+//! It applies committed [`Command`]s in log order and knows the cluster's member URLs
+//! (carried in conf-change contexts). Its whole state serializes into a snapshot.
+//! Revisions are raft log indexes: a value's revision is the index of the entry that
+//! last wrote it.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use prost::Message;
+
+/// What a command does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, prost::Enumeration)]
+#[repr(i32)]
+pub enum OpType {
+    /// Set a key.
+    Put = 0,
+    /// Remove a key.
+    Delete = 1,
+}
+
+/// A client command as stored in a raft entry.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Command {
+    /// Proposer-chosen request id, so the proposer can find its waiter.
+    #[prost(uint64, tag = "1")]
+    pub request_id: u64,
+    /// The operation.
+    #[prost(enumeration = "OpType", tag = "2")]
+    pub op: i32,
+    /// The key.
+    #[prost(string, tag = "3")]
+    pub key: String,
+    /// The value (puts).
+    #[prost(bytes = "vec", tag = "4")]
+    pub value: Vec<u8>,
+    /// Compare-and-swap precondition: the key's current revision must equal this (0 = absent).
+    #[prost(uint64, optional, tag = "5")]
+    pub prev_revision: Option<u64>,
+}
+
+/// Context attached to a conf change: who asked, and the new member's URL.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ConfContext {
+    /// Proposer-chosen request id.
+    #[prost(uint64, tag = "1")]
+    pub request_id: u64,
+    /// Peer URL of an added member.
+    #[prost(string, tag = "2")]
+    pub peer_url: String,
+}
+
+/// One stored value.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct StoredValue {
+    /// Key.
+    #[prost(string, tag = "1")]
+    pub key: String,
+    /// Value bytes.
+    #[prost(bytes = "vec", tag = "2")]
+    pub value: Vec<u8>,
+    /// Revision (index of the entry that last wrote it).
+    #[prost(uint64, tag = "3")]
+    pub revision: u64,
+}
+
+/// A member's address as the state machine knows it.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct MemberRecord {
+    /// Raft id.
+    #[prost(uint64, tag = "1")]
+    pub id: u64,
+    /// Peer URL.
+    #[prost(string, tag = "2")]
+    pub peer_url: String,
+}
+
+/// The state machine image inside a snapshot.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct SnapshotImage {
+    /// Format version (1).
+    #[prost(uint32, tag = "1")]
+    pub version: u32,
+    /// Applied index the image reflects.
+    #[prost(uint64, tag = "2")]
+    pub applied_index: u64,
+    /// All keys, in order.
+    #[prost(message, repeated, tag = "3")]
+    pub values: Vec<StoredValue>,
+    /// Member URLs.
+    #[prost(message, repeated, tag = "4")]
+    pub members: Vec<MemberRecord>,
+    /// Ids removed from the cluster (their messages are refused).
+    #[prost(uint64, repeated, tag = "5")]
+    pub removed: Vec<u64>,
+}
+
+/// Result of applying a command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApplyOutcome {
+    /// Applied; the new revision (the entry index).
+    Applied {
+        /// Entry index.
+        revision: u64,
+        /// For deletes: whether the key existed.
+        existed: bool,
+    },
+    /// The compare-and-swap precondition failed; the key's current revision (0 = absent).
+    PreconditionFailed {
+        /// Current revision.
+        current: u64,
+    },
+}
+
+/// A value read from the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Value {
+    /// Bytes.
+    pub data: Vec<u8>,
+    /// Revision.
+    pub revision: u64,
+}
+
+/// Errors decoding state-machine data.
+#[derive(Debug, thiserror::Error)]
+pub enum KvError {
+    /// An entry or snapshot that does not decode.
+    #[error("undecodable {what}: {source}")]
+    Decode {
+        /// What was being decoded.
+        what: &'static str,
+        /// Cause.
+        source: prost::DecodeError,
+    },
+    /// A snapshot image of an unknown version.
+    #[error("unknown snapshot image version {0}")]
+    Version(u32),
+}
+
+/// The state machine.
+#[derive(Debug, Default)]
+pub struct KvStore {
+    data: BTreeMap<String, Value>,
+    members: BTreeMap<u64, String>,
+    removed: BTreeSet<u64>,
+    applied: u64,
+}
+
+impl KvStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Index of the last applied entry.
+    pub fn applied(&self) -> u64 {
+        self.applied
+    }
+
+    /// Records that entries up to `index` have been applied (no-op or conf entries).
+    pub fn set_applied(&mut self, index: u64) {
+        if index > self.applied {
+            self.applied = index;
+        }
+    }
+
+    /// Applies a decoded command at `index`.
+    pub fn apply(&mut self, index: u64, cmd: &Command) -> ApplyOutcome {
+        self.set_applied(index);
+        let current = self.data.get(&cmd.key).map(|v| v.revision).unwrap_or(0);
+        if let Some(expect) = cmd.prev_revision {
+            if expect != current {
+                return ApplyOutcome::PreconditionFailed { current };
+            }
+        }
+        match OpType::from_i32(cmd.op).unwrap_or(OpType::Put) {
+            OpType::Put => {
+                self.data.insert(cmd.key.clone(), Value { data: cmd.value.clone(), revision: index });
+                ApplyOutcome::Applied { revision: index, existed: current != 0 }
+            }
+            OpType::Delete => {
+                let existed = self.data.remove(&cmd.key).is_some();
+                ApplyOutcome::Applied { revision: index, existed }
+            }
+        }
+    }
+
+    /// Looks a key up.
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.data.get(key)
+    }
+
+    /// Keys with `prefix`, in order, at most `limit`; also whether more exist.
+    pub fn list(&self, prefix: &str, limit: usize) -> (Vec<(String, Value)>, bool) {
+        let mut out = Vec::new();
+        let mut more = false;
+        for (k, v) in self.data.range(prefix.to_string()..) {
+            if !k.starts_with(prefix) {
+                break;
+            }
+            if out.len() == limit {
+                more = true;
+                break;
+            }
+            out.push((k.clone(), v.clone()));
+        }
+        (out, more)
+    }
+
+    /// Number of keys.
+    pub fn len(&self) -> usize {
+        self.data.len()
+    }
+
+    /// Whether there are no keys.
+    pub fn is_empty(&self) -> bool {
+        self.data.is_empty()
+    }
+
+    /// Records a member's peer URL (added or updated); clears a removal mark.
+    pub fn set_member(&mut self, id: u64, url: String) {
+        self.removed.remove(&id);
+        self.members.insert(id, url);
+    }
+
+    /// Forgets a removed member and remembers the removal.
+    pub fn remove_member(&mut self, id: u64) {
+        self.members.remove(&id);
+        self.removed.insert(id);
+    }
+
+    /// Member URLs by id.
+    pub fn members(&self) -> &BTreeMap<u64, String> {
+        &self.members
+    }
+
+    /// Whether `id` was removed from the cluster (and not re-added).
+    pub fn is_removed(&self, id: u64) -> bool {
+        self.removed.contains(&id)
+    }
+
+    /// Serializes the whole state.
+    pub fn snapshot_image(&self) -> Vec<u8> {
+        let img = SnapshotImage {
+            version: 1,
+            applied_index: self.applied,
+            values: self
+                .data
+                .iter()
+                .map(|(k, v)| StoredValue { key: k.clone(), value: v.data.clone(), revision: v.revision })
+                .collect(),
+            members: self.members.iter().map(|(id, url)| MemberRecord { id: *id, peer_url: url.clone() }).collect(),
+            removed: self.removed.iter().copied().collect(),
+        };
+        img.encode_to_vec()
+    }
+
+    /// Replaces the state with a snapshot image.
+    pub fn restore(&mut self, bytes: &[u8]) -> Result<(), KvError> {
+        let img = SnapshotImage::decode(bytes).map_err(|source| KvError::Decode { what: "snapshot image", source })?;
+        if img.version != 1 {
+            return Err(KvError::Version(img.version));
+        }
+        self.data = img.values.into_iter().map(|v| (v.key, Value { data: v.value, revision: v.revision })).collect();
+        self.members = img.members.into_iter().map(|m| (m.id, m.peer_url)).collect();
+        self.removed = img.removed.into_iter().collect();
+        self.applied = img.applied_index;
+        Ok(())
+    }
+
+    /// The image of a brand-new cluster: no keys, the initial members.
+    pub fn bootstrap_image(members: &[(u64, String)], applied: u64) -> Vec<u8> {
+        let mut kv = KvStore::new();
+        for (id, url) in members {
+            kv.set_member(*id, url.clone());
+        }
+        kv.applied = applied;
+        kv.snapshot_image()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put(key: &str, value: &str, prev: Option<u64>) -> Command {
+        Command { request_id: 1, op: OpType::Put as i32, key: key.into(), value: value.as_bytes().to_vec(), prev_revision: prev }
+    }
+
+    #[test]
+    fn put_get_delete_and_cas() {
+        let mut kv = KvStore::new();
+        assert_eq!(kv.apply(5, &put("a", "1", None)), ApplyOutcome::Applied { revision: 5, existed: false });
+        assert_eq!(kv.get("a").unwrap().data, b"1");
+        assert_eq!(kv.apply(6, &put("a", "2", Some(4))), ApplyOutcome::PreconditionFailed { current: 5 });
+        assert_eq!(kv.get("a").unwrap().data, b"1");
+        assert_eq!(kv.apply(7, &put("a", "2", Some(5))), ApplyOutcome::Applied { revision: 7, existed: true });
+        assert_eq!(kv.apply(8, &put("b", "x", Some(0))), ApplyOutcome::Applied { revision: 8, existed: false });
+        let del = Command { op: OpType::Delete as i32, ..put("a", "", None) };
+        assert_eq!(kv.apply(9, &del), ApplyOutcome::Applied { revision: 9, existed: true });
+        assert!(kv.get("a").is_none());
+        assert_eq!(kv.applied(), 9);
+    }
+
+    #[test]
+    fn list_is_ordered_and_bounded() {
+        let mut kv = KvStore::new();
+        for (i, k) in ["p/c", "p/a", "q", "p/b", "o"].iter().enumerate() {
+            kv.apply(i as u64 + 1, &put(k, "v", None));
+        }
+        let (items, more) = kv.list("p/", 2);
+        assert_eq!(items.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(), ["p/a", "p/b"]);
+        assert!(more);
+        let (items, more) = kv.list("p/", 10);
+        assert_eq!(items.len(), 3);
+        assert!(!more);
+    }
+
+    #[test]
+    fn snapshot_round_trip() {
+        let mut kv = KvStore::new();
+        kv.apply(3, &put("k", "v", None));
+        kv.set_member(1, "http://127.0.0.1:1".into());
+        kv.set_member(2, "http://127.0.0.1:2".into());
+        kv.remove_member(2);
+        let img = kv.snapshot_image();
+        let mut back = KvStore::new();
+        back.restore(&img).unwrap();
+        assert_eq!(back.get("k").unwrap().revision, 3);
+        assert_eq!(back.members().len(), 1);
+        assert!(back.is_removed(2));
+        assert_eq!(back.applied(), 3);
+        assert!(back.restore(b"\xff\xff\xff").is_err());
+    }
+}

@@ -1,0 +1,851 @@
+//! The raft loop: the only owner of [`RawNode`].
+//!
+//! It runs on a dedicated thread (fsync blocks), takes [`Request`]s from the API and the
+//! transport over a channel, ticks, and handles each `Ready` in this order:
+//! send leader messages; install a received snapshot; append entries and the hard state
+//! to the WAL; **one fsync** (group commit for every proposal gathered since the last
+//! Ready); answer ReadIndex states; apply committed entries and wake their waiters; send
+//! the messages that had to wait for the fsync; advance. Clients are answered only after
+//! their entry is committed and applied, so an acknowledged write is on a quorum's disks.
+//!
+//! Reads use raft's ReadIndex: every read gathered in one loop iteration shares one
+//! `read_index` call (batching); a read is answered once the applied index reaches the
+//! read index. Unanswered read contexts are re-issued, because a leader that has not yet
+//! committed an entry in its term drops them silently.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use prost::Message as _;
+use raft::eraftpb::{
+    ConfChange, ConfChangeSingle, ConfChangeType, ConfChangeV2, ConfState, Entry, EntryType, HardState, Message,
+    Snapshot, SnapshotMetadata,
+};
+use raft::{RawNode, SnapshotStatus, StateRole, Storage as _};
+use serde::Serialize;
+use tokio::sync::oneshot;
+use tracing::{debug, error, info, warn};
+
+use crate::config::Config;
+use crate::kv::{ApplyOutcome, Command, ConfContext, KvStore};
+use crate::metrics::metrics;
+use crate::shutdown::{Reason, Shutdown};
+use crate::storage::{self, DiskStorage, StorageError, StorageOptions};
+use crate::transport::Transport;
+
+/// Entries kept behind a snapshot for slow followers (etcd keeps 5000).
+const CATCH_UP_ENTRIES: u64 = 5_000;
+/// How long a ReadIndex context may stay unanswered before it is re-issued.
+const READ_RETRY: Duration = Duration::from_millis(300);
+/// Longest a SIGTERM'd leader waits for its leadership transfer.
+const TRANSFER_ON_STOP: Duration = Duration::from_secs(3);
+
+/// Why a request to the raft loop failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProposeError {
+    /// No leader is known (election in progress, or no quorum); retryable.
+    #[error("no leader")]
+    NoLeader,
+    /// Raft refused the proposal.
+    #[error("proposal refused: {0}")]
+    Refused(String),
+    /// The node is shutting down.
+    #[error("node is stopping")]
+    Stopping,
+}
+
+/// Reply channel for a proposal.
+pub type ProposeReply = oneshot::Sender<Result<ApplyOutcome, ProposeError>>;
+/// Reply channel for a conf change: the conf state after it was applied.
+pub type ConfReply = oneshot::Sender<Result<ConfState, ProposeError>>;
+/// Reply channel for a read: Ok once the local state is at least the read index.
+pub type ReadReply = oneshot::Sender<Result<(), ProposeError>>;
+
+/// A request to the raft loop.
+pub enum Request {
+    /// Propose an encoded [`Command`] with its request id.
+    Propose {
+        /// The command's request id.
+        request_id: u64,
+        /// Encoded command.
+        data: Vec<u8>,
+        /// Where the outcome goes, once applied.
+        reply: ProposeReply,
+    },
+    /// Propose a membership change.
+    ConfChange {
+        /// The single change.
+        change: ConfChangeSingle,
+        /// URL of an added member (empty otherwise).
+        peer_url: String,
+        /// Where the new conf state goes, once applied.
+        reply: ConfReply,
+    },
+    /// A linearizable read barrier.
+    Read {
+        /// Answered once the read index is applied.
+        reply: ReadReply,
+    },
+    /// A raft message from a peer.
+    Raft(Box<Message>),
+    /// The transport could not reach a peer.
+    Unreachable(u64),
+    /// Outcome of sending a snapshot to a peer.
+    SnapshotSent(u64, bool),
+    /// A peer told us we were removed from the cluster.
+    Removed,
+    /// Move leadership to `to`.
+    TransferLeader(u64),
+    /// Stop: hand leadership over if leader, flush, exit.
+    Stop,
+}
+
+/// A cheap handle to send requests to the raft loop.
+#[derive(Clone)]
+pub struct RaftHandle {
+    tx: Sender<Request>,
+}
+
+impl RaftHandle {
+    /// Sends a request; false when the loop has stopped.
+    pub fn send(&self, req: Request) -> bool {
+        self.tx.send(req).is_ok()
+    }
+}
+
+/// One member's replication progress, as seen by the leader.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct PeerProgress {
+    /// Raft id.
+    pub id: u64,
+    /// Highest index known to be replicated on it.
+    pub match_index: u64,
+    /// Whether it answered recently.
+    pub recent_active: bool,
+}
+
+/// A snapshot of the node's raft state, published after every loop iteration.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct NodeStatus {
+    /// This node's id.
+    pub id: u64,
+    /// Leader id, 0 when unknown.
+    pub leader: u64,
+    /// Current term.
+    pub term: u64,
+    /// leader, follower, candidate, pre_candidate or learner.
+    pub role: &'static str,
+    /// Commit index.
+    pub commit_index: u64,
+    /// Applied index.
+    pub applied_index: u64,
+    /// Newest snapshot index.
+    pub snapshot_index: u64,
+    /// WAL bytes on disk.
+    pub wal_bytes: u64,
+    /// Voter ids.
+    pub voters: Vec<u64>,
+    /// Learner ids.
+    pub learners: Vec<u64>,
+    /// Member peer URLs.
+    pub member_urls: Vec<(u64, String)>,
+    /// Replication progress (only on the leader).
+    pub progress: Vec<PeerProgress>,
+    /// Random id of this data directory.
+    pub incarnation: u64,
+    /// Whether this node is stopping.
+    pub stopping: bool,
+}
+
+/// Shared, read-mostly view of the status.
+pub type StatusCell = Arc<RwLock<Arc<NodeStatus>>>;
+
+/// Errors starting the raft loop.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The data directory could not be opened or is corrupt.
+    #[error("storage: {0}")]
+    Storage(#[from] StorageError),
+    /// This member was removed from its cluster earlier.
+    #[error("this member was removed from the cluster ({reason}); its data dir {dir} must not rejoin. Remove the directory and add the node again as a new member")]
+    Removed {
+        /// Tombstone text.
+        reason: String,
+        /// Data dir.
+        dir: PathBuf,
+    },
+    /// raft-rs refused the configuration or state.
+    #[error("raft: {0}")]
+    Raft(#[from] raft::Error),
+    /// The snapshot's state machine image does not decode.
+    #[error("snapshot image: {0}")]
+    Image(#[from] crate::kv::KvError),
+}
+
+/// What the rest of the node needs from a started raft loop.
+pub struct Started {
+    /// Send requests.
+    pub handle: RaftHandle,
+    /// Read the status.
+    pub status: StatusCell,
+    /// Read the state machine.
+    pub kv: Arc<RwLock<KvStore>>,
+    /// The loop thread; joins when it has stopped.
+    pub thread: std::thread::JoinHandle<()>,
+}
+
+struct PendingRead {
+    replies: Vec<ReadReply>,
+    issued: Instant,
+}
+
+/// The loop's state. Only this struct touches the `RawNode`.
+struct RaftLoop {
+    cfg: Config,
+    raw: RawNode<DiskStorage>,
+    storage: DiskStorage,
+    kv: Arc<RwLock<KvStore>>,
+    transport: Transport,
+    status: StatusCell,
+    shutdown: Shutdown,
+    rx: Receiver<Request>,
+    conf_state: ConfState,
+    incarnation: u64,
+    proposals: HashMap<u64, ProposeReply>,
+    conf_waiters: HashMap<u64, ConfReply>,
+    new_reads: Vec<ReadReply>,
+    reads_inflight: HashMap<u64, PendingRead>,
+    reads_ready: Vec<(u64, Vec<ReadReply>)>,
+    next_ctx: u64,
+    last_leader: u64,
+    stop_deadline: Option<Instant>,
+    removed: bool,
+}
+
+fn lock_err<T>(_: T) -> StorageError {
+    StorageError::Io { path: PathBuf::from("<lock>"), source: std::io::Error::other("poisoned lock") }
+}
+
+/// Opens the data dir, restores the state machine and starts the loop thread.
+pub fn start(
+    cfg: Config,
+    transport: Transport,
+    shutdown: Shutdown,
+    tx: Sender<Request>,
+    rx: Receiver<Request>,
+) -> Result<Started, StartError> {
+    std::fs::create_dir_all(&cfg.data_dir)
+        .map_err(|source| StorageError::Io { path: cfg.data_dir.clone(), source })?;
+    if let Some(reason) = storage::read_tombstone(&cfg.data_dir)? {
+        return Err(StartError::Removed { reason, dir: cfg.data_dir.clone() });
+    }
+    let storage = DiskStorage::open(&cfg.data_dir, StorageOptions::default())?;
+    let incarnation = storage::data_dir_incarnation(&cfg.data_dir)?;
+    if storage.is_fresh() && !cfg.join {
+        // A new cluster: every initial member writes the same bootstrap snapshot at
+        // index 1, term 1. Joining nodes receive it from the leader instead.
+        let voters: Vec<u64> = cfg.initial_members.iter().map(|(id, _)| *id).collect();
+        let snap = Snapshot {
+            data: KvStore::bootstrap_image(&cfg.initial_members, 1),
+            metadata: Some(SnapshotMetadata {
+                conf_state: Some(ConfState { voters, ..Default::default() }),
+                index: 1,
+                term: 1,
+            }),
+        };
+        storage.apply_snapshot(snap)?;
+        info!(members = cfg.initial_members.len(), "bootstrapped a new cluster");
+    } else if storage.is_fresh() {
+        info!("fresh node waiting to be added to the cluster (join)");
+    }
+    let mut kv = KvStore::new();
+    if let Some(snap) = storage.latest_snapshot()? {
+        kv.restore(&snap.data)?;
+        let idx = snap.metadata.as_ref().map(|m| m.index).unwrap_or(0);
+        kv.set_applied(idx);
+        info!(index = idx, keys = kv.len(), "restored state machine from snapshot");
+    }
+    let conf_state = storage.initial_state()?.conf_state;
+    // Peers: initial members from the flags are hints; the state machine's members win.
+    for (id, url) in &cfg.initial_members {
+        if *id != cfg.id {
+            transport.set_peer(*id, url);
+        }
+    }
+    for (id, url) in kv.members() {
+        if *id != cfg.id {
+            transport.set_peer(*id, url);
+        }
+    }
+    let raft_cfg = raft::Config {
+        id: cfg.id,
+        election_tick: 10,
+        heartbeat_tick: 1,
+        applied: kv.applied(),
+        max_size_per_msg: 1024 * 1024,
+        max_inflight_msgs: 256,
+        check_quorum: true,
+        pre_vote: true,
+        max_uncommitted_size: 256 * 1024 * 1024,
+        max_committed_size_per_ready: 64 * 1024 * 1024,
+        ..Default::default()
+    };
+    raft_cfg.validate()?;
+    let raw = RawNode::new(&raft_cfg, storage.clone(), &crate::logger::raft_logger(cfg.id))?;
+    let status: StatusCell = Arc::new(RwLock::new(Arc::new(NodeStatus::default())));
+    let kv = Arc::new(RwLock::new(kv));
+    let mut lp = RaftLoop {
+        cfg,
+        raw,
+        storage,
+        kv: kv.clone(),
+        transport,
+        status: status.clone(),
+        shutdown,
+        rx,
+        conf_state,
+        incarnation,
+        proposals: HashMap::new(),
+        conf_waiters: HashMap::new(),
+        new_reads: Vec::new(),
+        reads_inflight: HashMap::new(),
+        reads_ready: Vec::new(),
+        next_ctx: rand::random::<u64>() >> 1,
+        last_leader: 0,
+        stop_deadline: None,
+        removed: false,
+    };
+    lp.publish_status();
+    let thread = std::thread::Builder::new()
+        .name("raft-loop".into())
+        .spawn(move || lp.run())
+        .map_err(|source| StorageError::Io { path: PathBuf::from("<thread>"), source })?;
+    Ok(Started { handle: RaftHandle { tx }, status, kv, thread })
+}
+
+impl RaftLoop {
+    fn run(mut self) {
+        let tick = self.cfg.tick;
+        let mut next_tick = Instant::now() + tick;
+        loop {
+            let wait = next_tick.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(wait) {
+                Ok(req) => self.handle(req),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            // Gather everything already queued: one Ready, one fsync for all of it.
+            for _ in 0..8192 {
+                match self.rx.try_recv() {
+                    Ok(req) => self.handle(req),
+                    Err(_) => break,
+                }
+            }
+            let now = Instant::now();
+            if now >= next_tick {
+                self.raw.tick();
+                next_tick += tick;
+                if next_tick < now {
+                    next_tick = now + tick;
+                }
+                self.housekeeping(now);
+            }
+            self.issue_reads(now);
+            if let Err(e) = self.on_ready() {
+                error!(error = %e, "storage failed; stopping this node");
+                self.fail_all(ProposeError::Stopping);
+                self.shutdown.trigger(Reason::Fatal);
+                break;
+            }
+            self.publish_status();
+            if self.removed {
+                self.fail_all(ProposeError::Stopping);
+                break;
+            }
+            if let Some(deadline) = self.stop_deadline {
+                let still_leader = self.raw.raft.state == StateRole::Leader && self.other_voters().next().is_some();
+                if !still_leader || Instant::now() >= deadline {
+                    info!(leader = self.raw.raft.leader_id, "raft loop stopping");
+                    self.fail_all(ProposeError::Stopping);
+                    break;
+                }
+            }
+        }
+        if let Err(e) = self.storage.sync() {
+            error!(error = %e, "final WAL sync failed");
+        }
+        let mut st = (*self.current_status()).clone();
+        st.stopping = true;
+        st.leader = 0;
+        self.store_status(st);
+    }
+
+    fn other_voters(&self) -> impl Iterator<Item = u64> + '_ {
+        let me = self.cfg.id;
+        self.conf_state.voters.iter().copied().filter(move |v| *v != me)
+    }
+
+    fn handle(&mut self, req: Request) {
+        match req {
+            Request::Propose { request_id, data, reply } => {
+                if self.stop_deadline.is_some() {
+                    let _ = reply.send(Err(ProposeError::Stopping));
+                    return;
+                }
+                if self.raw.raft.leader_id == 0 {
+                    let _ = reply.send(Err(ProposeError::NoLeader));
+                    return;
+                }
+                match self.raw.propose(vec![], data) {
+                    Ok(()) => {
+                        self.proposals.insert(request_id, reply);
+                    }
+                    Err(raft::Error::ProposalDropped) => {
+                        let _ = reply.send(Err(ProposeError::NoLeader));
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(ProposeError::Refused(e.to_string())));
+                    }
+                }
+            }
+            Request::ConfChange { change, peer_url, reply } => {
+                if self.raw.raft.leader_id == 0 {
+                    let _ = reply.send(Err(ProposeError::NoLeader));
+                    return;
+                }
+                let request_id = rand::random::<u64>();
+                let ctx = ConfContext { request_id, peer_url }.encode_to_vec();
+                let cc = ConfChangeV2 { changes: vec![change], context: ctx.clone(), ..Default::default() };
+                match self.raw.propose_conf_change(ctx, cc) {
+                    Ok(()) => {
+                        self.conf_waiters.insert(request_id, reply);
+                    }
+                    Err(raft::Error::ProposalDropped) => {
+                        let _ = reply.send(Err(ProposeError::NoLeader));
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(ProposeError::Refused(e.to_string())));
+                    }
+                }
+            }
+            Request::Read { reply } => self.new_reads.push(reply),
+            Request::Raft(m) => {
+                if let Err(e) = self.raw.step(*m) {
+                    debug!(error = %e, "raft refused a peer message");
+                }
+            }
+            Request::Unreachable(id) => self.raw.report_unreachable(id),
+            Request::SnapshotSent(id, ok) => {
+                let status = if ok { SnapshotStatus::Finish } else { SnapshotStatus::Failure };
+                self.raw.report_snapshot(id, status);
+            }
+            Request::Removed => {
+                warn!("a peer reports this member was removed from the cluster");
+                self.mark_removed("a peer reported this member as removed");
+            }
+            Request::TransferLeader(to) => self.raw.transfer_leader(to),
+            Request::Stop => {
+                if self.stop_deadline.is_none() {
+                    self.stop_deadline = Some(Instant::now() + TRANSFER_ON_STOP);
+                    if self.raw.raft.state == StateRole::Leader {
+                        if let Some(to) = self.best_transferee() {
+                            info!(to, "stopping: handing leadership over");
+                            self.raw.transfer_leader(to);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The most caught-up other voter that answered recently.
+    fn best_transferee(&self) -> Option<u64> {
+        let prs = self.raw.raft.prs();
+        self.other_voters()
+            .filter_map(|id| prs.get(id).map(|p| (id, p.matched, p.recent_active)))
+            .filter(|(_, _, active)| *active)
+            .max_by_key(|(id, matched, _)| (*matched, u64::MAX - *id))
+            .map(|(id, _, _)| id)
+    }
+
+    fn mark_removed(&mut self, why: &str) {
+        if let Err(e) = storage::write_tombstone(&self.cfg.data_dir, why) {
+            error!(error = %e, "could not write the removal tombstone");
+        }
+        self.removed = true;
+        self.shutdown.trigger(Reason::Removed);
+    }
+
+    fn housekeeping(&mut self, _now: Instant) {
+        self.proposals.retain(|_, r| !r.is_closed());
+        self.conf_waiters.retain(|_, r| !r.is_closed());
+        metrics().proposals_pending.set(self.proposals.len() as i64);
+    }
+
+    fn issue_reads(&mut self, now: Instant) {
+        // Re-issue contexts nobody answered (leader change, leader without a commit in its term).
+        let stale: Vec<u64> = self
+            .reads_inflight
+            .iter()
+            .filter(|(_, p)| now.duration_since(p.issued) >= READ_RETRY)
+            .map(|(k, _)| *k)
+            .collect();
+        for ctx in stale {
+            if let Some(p) = self.reads_inflight.remove(&ctx) {
+                self.new_reads.extend(p.replies.into_iter().filter(|r| !r.is_closed()));
+            }
+        }
+        if self.new_reads.is_empty() {
+            return;
+        }
+        if self.raw.raft.leader_id == 0 {
+            // Keep them queued; they are retried until their HTTP deadline passes.
+            self.new_reads.retain(|r| !r.is_closed());
+            return;
+        }
+        self.next_ctx = self.next_ctx.wrapping_add(1);
+        let ctx = self.next_ctx;
+        self.raw.read_index(ctx.to_be_bytes().to_vec());
+        let replies = std::mem::take(&mut self.new_reads);
+        self.reads_inflight.insert(ctx, PendingRead { replies, issued: now });
+    }
+
+    fn on_ready(&mut self) -> Result<(), StorageError> {
+        if !self.raw.has_ready() {
+            return Ok(());
+        }
+        let mut rd = self.raw.ready();
+        if let Some(ss) = rd.ss() {
+            self.on_soft_state(ss.leader_id, ss.raft_state);
+        }
+        if !rd.messages().is_empty() {
+            self.transport.send(rd.take_messages());
+        }
+        self.persist(&mut rd)?;
+        for rs in rd.take_read_states() {
+            let ctx = rs.request_ctx.as_slice().try_into().map(u64::from_be_bytes).unwrap_or(0);
+            if let Some(p) = self.reads_inflight.remove(&ctx) {
+                self.reads_ready.push((rs.index, p.replies));
+            }
+        }
+        let committed = rd.take_committed_entries();
+        self.apply(committed)?;
+        if !rd.persisted_messages().is_empty() {
+            self.transport.send(rd.take_persisted_messages());
+        }
+        let mut light = self.raw.advance(rd);
+        if let Some(commit) = light.commit_index() {
+            metrics().proposals_committed.set(commit as i64);
+        }
+        self.transport.send(light.take_messages());
+        let committed = light.take_committed_entries();
+        self.apply(committed)?;
+        self.raw.advance_apply();
+        self.answer_reads();
+        self.maybe_snapshot()?;
+        Ok(())
+    }
+
+    /// Snapshot, entries and hard state to disk, then one fsync. A full disk is retried
+    /// (the node stalls, clients get 503 from their deadlines) until space returns.
+    fn persist(&mut self, rd: &mut raft::Ready) -> Result<(), StorageError> {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match self.persist_once(rd) {
+                Ok(()) => return Ok(()),
+                Err(e) if e.is_no_space() => {
+                    warn!(error = %e, "disk full; retrying the WAL write");
+                    self.fail_all(ProposeError::Refused("disk full".into()));
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    if self.shutdown.is_triggered() {
+                        return Err(e);
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn persist_once(&mut self, rd: &raft::Ready) -> Result<(), StorageError> {
+        if !rd.snapshot().is_empty() {
+            let snap = rd.snapshot().clone();
+            self.install_snapshot(snap)?;
+        }
+        if !rd.entries().is_empty() {
+            self.storage.append(rd.entries())?;
+        }
+        if let Some(hs) = rd.hs() {
+            self.storage.set_hard_state(hs)?;
+            metrics().term.set(hs.term as i64);
+        }
+        let took = self.storage.sync()?;
+        if !rd.entries().is_empty() || rd.hs().is_some() {
+            metrics().wal_fsync_seconds.observe(took.as_secs_f64());
+        }
+        Ok(())
+    }
+
+    fn install_snapshot(&mut self, snap: Snapshot) -> Result<(), StorageError> {
+        let meta = snap.metadata.clone().unwrap_or_default();
+        let mut kv = KvStore::new();
+        if let Err(e) = kv.restore(&snap.data) {
+            // A leader sent an image we cannot read: refuse it rather than apply garbage.
+            return Err(StorageError::Io {
+                path: PathBuf::from("<snapshot from leader>"),
+                source: std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()),
+            });
+        }
+        self.storage.apply_snapshot(snap)?;
+        kv.set_applied(meta.index);
+        for (id, url) in kv.members() {
+            if *id != self.cfg.id {
+                self.transport.set_peer(*id, url);
+            }
+        }
+        metrics().keys.set(kv.len() as i64);
+        *self.kv.write().map_err(lock_err)? = kv;
+        self.conf_state = meta.conf_state.unwrap_or_default();
+        info!(index = meta.index, term = meta.term, "installed snapshot from leader");
+        Ok(())
+    }
+
+    fn on_soft_state(&mut self, leader: u64, role: StateRole) {
+        let m = metrics();
+        m.has_leader.set((leader != 0) as i64);
+        m.is_leader.set((role == StateRole::Leader) as i64);
+        if leader != self.last_leader {
+            if leader != 0 {
+                m.leader_changes.inc();
+            }
+            info!(from = self.last_leader, to = leader, term = self.raw.raft.term, "leader changed");
+            self.last_leader = leader;
+        }
+    }
+
+    fn apply(&mut self, entries: Vec<Entry>) -> Result<(), StorageError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let mut last = 0;
+        for e in entries {
+            last = e.index;
+            match e.get_entry_type() {
+                EntryType::EntryNormal => self.apply_normal(&e)?,
+                EntryType::EntryConfChangeV2 => match ConfChangeV2::decode(e.data.as_slice()) {
+                    Ok(cc) => self.apply_conf_change(e.index, &cc, &cc.context.clone())?,
+                    Err(err) => error!(index = e.index, error = %err, "undecodable conf change; skipped"),
+                },
+                EntryType::EntryConfChange => match ConfChange::decode(e.data.as_slice()) {
+                    Ok(cc) => {
+                        let ctx = cc.context.clone();
+                        let v2 = ConfChangeV2 {
+                            changes: vec![ConfChangeSingle { change_type: cc.change_type, node_id: cc.node_id }],
+                            ..Default::default()
+                        };
+                        self.apply_conf_change(e.index, &v2, &ctx)?
+                    }
+                    Err(err) => error!(index = e.index, error = %err, "undecodable conf change; skipped"),
+                },
+            }
+            if self.removed {
+                break;
+            }
+        }
+        let kv = self.kv.read().map_err(lock_err)?;
+        metrics().proposals_applied.set(last as i64);
+        metrics().keys.set(kv.len() as i64);
+        Ok(())
+    }
+
+    fn apply_normal(&mut self, e: &Entry) -> Result<(), StorageError> {
+        let mut kv = self.kv.write().map_err(lock_err)?;
+        if e.data.is_empty() {
+            kv.set_applied(e.index);
+            return Ok(());
+        }
+        match Command::decode(e.data.as_slice()) {
+            Ok(cmd) => {
+                let outcome = kv.apply(e.index, &cmd);
+                if let Some(w) = self.proposals.remove(&cmd.request_id) {
+                    let _ = w.send(Ok(outcome));
+                }
+            }
+            Err(err) => {
+                error!(index = e.index, error = %err, "undecodable entry; skipped");
+                kv.set_applied(e.index);
+            }
+        }
+        Ok(())
+    }
+
+    fn apply_conf_change(&mut self, index: u64, cc: &ConfChangeV2, ctx: &[u8]) -> Result<(), StorageError> {
+        let ctx = ConfContext::decode(ctx).unwrap_or_default();
+        let result = self.raw.apply_conf_change(cc);
+        let mut kv = self.kv.write().map_err(lock_err)?;
+        kv.set_applied(index);
+        match result {
+            Ok(cs) => {
+                for ch in &cc.changes {
+                    let id = ch.node_id;
+                    match ch.get_change_type() {
+                        ConfChangeType::AddNode | ConfChangeType::AddLearnerNode => {
+                            if !ctx.peer_url.is_empty() {
+                                kv.set_member(id, ctx.peer_url.clone());
+                                if id != self.cfg.id {
+                                    self.transport.set_peer(id, &ctx.peer_url);
+                                }
+                            }
+                            let role = if ch.get_change_type() == ConfChangeType::AddNode { "voter" } else { "learner" };
+                            info!(index, member = id, role, url = %ctx.peer_url, "membership change applied: add");
+                        }
+                        ConfChangeType::RemoveNode => {
+                            kv.remove_member(id);
+                            if id != self.cfg.id {
+                                self.transport.remove_peer(id);
+                            }
+                            info!(index, member = id, "membership change applied: remove");
+                        }
+                    }
+                }
+                drop(kv);
+                self.conf_state = cs.clone();
+                if let Some(w) = self.conf_waiters.remove(&ctx.request_id) {
+                    let _ = w.send(Ok(cs));
+                }
+                let me_removed = cc
+                    .changes
+                    .iter()
+                    .any(|c| c.node_id == self.cfg.id && c.get_change_type() == ConfChangeType::RemoveNode);
+                if me_removed {
+                    info!("this member was removed from the cluster; stopping");
+                    self.mark_removed(&format!("removed by the conf change at index {index}"));
+                }
+            }
+            Err(e) => {
+                warn!(index, error = %e, "conf change rejected by raft");
+                if let Some(w) = self.conf_waiters.remove(&ctx.request_id) {
+                    let _ = w.send(Err(ProposeError::Refused(e.to_string())));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn answer_reads(&mut self) {
+        if self.reads_ready.is_empty() {
+            return;
+        }
+        let applied = self.raw.raft.raft_log.applied;
+        let mut keep = Vec::new();
+        for (index, replies) in self.reads_ready.drain(..) {
+            if index <= applied {
+                for r in replies {
+                    let _ = r.send(Ok(()));
+                }
+            } else {
+                keep.push((index, replies));
+            }
+        }
+        self.reads_ready = keep;
+    }
+
+    fn maybe_snapshot(&mut self) -> Result<(), StorageError> {
+        let applied = self.raw.raft.raft_log.applied;
+        let last_snap = self.storage.snapshot_index();
+        if applied <= last_snap || applied - last_snap < self.cfg.snapshot_count {
+            return Ok(());
+        }
+        let data = self.kv.read().map_err(lock_err)?.snapshot_image();
+        let took = self.storage.save_snapshot(applied, &self.conf_state, data)?;
+        metrics().snapshot_save_seconds.observe(took.as_secs_f64());
+        let keep = CATCH_UP_ENTRIES.min(self.cfg.snapshot_count);
+        let compact_to = applied.saturating_sub(keep).max(1);
+        self.storage.compact(compact_to)?;
+        info!(index = applied, compacted_to = compact_to, took_ms = took.as_millis() as u64, "snapshot saved, log compacted");
+        Ok(())
+    }
+
+    fn fail_all(&mut self, err: ProposeError) {
+        for (_, w) in self.proposals.drain() {
+            let _ = w.send(Err(err.clone()));
+            metrics().proposals_failed.inc();
+        }
+        for (_, w) in self.conf_waiters.drain() {
+            let _ = w.send(Err(err.clone()));
+        }
+    }
+
+    fn current_status(&self) -> Arc<NodeStatus> {
+        match self.status.read() {
+            Ok(s) => s.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    fn store_status(&self, st: NodeStatus) {
+        let m = metrics();
+        m.wal_bytes.set(st.wal_bytes as i64);
+        m.snapshot_bytes.set(self.storage.snapshot_bytes() as i64);
+        m.snapshot_index.set(st.snapshot_index as i64);
+        match self.status.write() {
+            Ok(mut s) => *s = Arc::new(st),
+            Err(p) => *p.into_inner() = Arc::new(st),
+        }
+    }
+
+    fn publish_status(&mut self) {
+        let r = &self.raw.raft;
+        let role = match r.state {
+            StateRole::Leader => "leader",
+            StateRole::Candidate => "candidate",
+            StateRole::PreCandidate => "pre_candidate",
+            StateRole::Follower if self.conf_state.learners.contains(&self.cfg.id) => "learner",
+            StateRole::Follower => "follower",
+        };
+        let progress = if r.state == StateRole::Leader {
+            let mut v: Vec<PeerProgress> = r
+                .prs()
+                .iter()
+                .map(|(id, p)| PeerProgress { id: *id, match_index: p.matched, recent_active: p.recent_active || *id == self.cfg.id })
+                .collect();
+            v.sort_by_key(|p| p.id);
+            v
+        } else {
+            Vec::new()
+        };
+        let member_urls = match self.kv.read() {
+            Ok(kv) => kv.members().iter().map(|(k, v)| (*k, v.clone())).collect(),
+            Err(_) => Vec::new(),
+        };
+        let mut voters = self.conf_state.voters.clone();
+        voters.sort_unstable();
+        let mut learners = self.conf_state.learners.clone();
+        learners.sort_unstable();
+        let st = NodeStatus {
+            id: self.cfg.id,
+            leader: if self.stop_deadline.is_some() && self.raw.raft.leader_id == self.cfg.id { 0 } else { r.leader_id },
+            term: r.term,
+            role,
+            commit_index: r.raft_log.committed,
+            applied_index: r.raft_log.applied,
+            snapshot_index: self.storage.snapshot_index(),
+            wal_bytes: self.storage.wal_bytes(),
+            voters,
+            learners,
+            member_urls,
+            progress,
+            incarnation: self.incarnation,
+            stopping: self.stop_deadline.is_some() || self.removed,
+        };
+        self.store_status(st);
+    }
+}
+
+/// The hard state persisted on disk (for tests and tools).
+pub fn persisted_hard_state(storage: &DiskStorage) -> HardState {
+    storage.hard_state()
+}

@@ -1,0 +1,350 @@
+//! Peer transport: raft messages over HTTP/1.1 with hyper.
+//!
+//! Outgoing: one task and one bounded queue per peer. A task takes every message queued
+//! for its peer (batching), frames them (`u32` little-endian length + prost-encoded
+//! `eraftpb::Message`, repeated) into one `POST /raft`, and reuses a keep-alive
+//! connection. A full queue drops messages (raft retransmits), so a dead or slow peer
+//! never blocks the raft loop or the other peers. Failures are reported to raft
+//! (`report_unreachable`, snapshot failure) and retried with a short back-off.
+//!
+//! Incoming: the peer listener decodes the frames and hands each message to the raft
+//! loop. Garbage gets a 400 and the node stays up; a message from a member that was
+//! removed gets 410 Gone, which tells the sender to stop (etcd does the same).
+
+use std::collections::HashMap;
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::{Method, Request as HttpRequest, Response, StatusCode};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use prost::Message as _;
+use raft::eraftpb::{Message, MessageType};
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
+
+use crate::kv::KvStore;
+use crate::metrics::metrics;
+use crate::raft_loop::Request;
+
+/// Messages queued per peer before new ones are dropped.
+const PEER_QUEUE: usize = 8192;
+/// Messages per HTTP request at most.
+const MAX_BATCH: usize = 4096;
+/// Largest accepted peer request body (snapshots travel in one message).
+pub const MAX_PEER_BODY: usize = 1 << 31;
+/// Header carrying the sender's raft id.
+pub const FROM_HEADER: &str = "x-raftkv-from";
+/// Header carrying the sender's peer URL (lets a joining node answer a leader it never heard of).
+pub const URL_HEADER: &str = "x-raftkv-peer-url";
+
+type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+struct Peer {
+    url: String,
+    queue: mpsc::Sender<Message>,
+}
+
+struct Inner {
+    id: u64,
+    self_url: String,
+    peers: RwLock<HashMap<u64, Peer>>,
+    raft: Sender<Request>,
+    client: HttpClient,
+    rt: tokio::runtime::Handle,
+}
+
+/// Sends raft messages to peers. Cheap to clone.
+#[derive(Clone)]
+pub struct Transport {
+    inner: Arc<Inner>,
+}
+
+/// A plain HTTP client with keep-alive, shared by the transport and API forwarding.
+pub fn http_client() -> HttpClient {
+    let mut conn = HttpConnector::new();
+    conn.set_nodelay(true);
+    conn.set_connect_timeout(Some(Duration::from_secs(2)));
+    Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(60)).build(conn)
+}
+
+/// Encodes messages as length-prefixed frames.
+pub fn encode_frames(msgs: &[Message]) -> Bytes {
+    let mut buf = BytesMut::with_capacity(msgs.iter().map(|m| m.encoded_len() + 4).sum());
+    for m in msgs {
+        buf.put_u32_le(m.encoded_len() as u32);
+        // Encoding into a buffer with enough capacity cannot fail.
+        let _ = m.encode(&mut buf);
+    }
+    buf.freeze()
+}
+
+/// Why a peer body did not decode.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// Fewer bytes than a frame header or its announced length.
+    #[error("truncated frame at byte {0}")]
+    Truncated(usize),
+    /// A frame that is not a raft message.
+    #[error("bad raft message at byte {offset}: {source}")]
+    Decode {
+        /// Offset of the frame.
+        offset: usize,
+        /// Cause.
+        source: prost::DecodeError,
+    },
+}
+
+/// Decodes length-prefixed frames; any malformed frame fails the whole body.
+pub fn decode_frames(mut body: &[u8]) -> Result<Vec<Message>, FrameError> {
+    let total = body.len();
+    let mut out = Vec::new();
+    while !body.is_empty() {
+        let offset = total - body.len();
+        if body.len() < 4 {
+            return Err(FrameError::Truncated(offset));
+        }
+        let len = body.get_u32_le() as usize;
+        if body.len() < len {
+            return Err(FrameError::Truncated(offset));
+        }
+        let m = Message::decode(&body[..len]).map_err(|source| FrameError::Decode { offset, source })?;
+        body.advance(len);
+        out.push(m);
+    }
+    Ok(out)
+}
+
+impl Transport {
+    /// A transport for node `id` advertising `self_url`; feedback goes to `raft`.
+    pub fn new(id: u64, self_url: String, raft: Sender<Request>, rt: tokio::runtime::Handle) -> Self {
+        Transport {
+            inner: Arc::new(Inner { id, self_url, peers: RwLock::new(HashMap::new()), raft, client: http_client(), rt }),
+        }
+    }
+
+    /// Adds or updates a peer's URL (starting its sender task).
+    pub fn set_peer(&self, id: u64, url: &str) {
+        let mut peers = match self.inner.peers.write() {
+            Ok(p) => p,
+            Err(p) => p.into_inner(),
+        };
+        if peers.get(&id).is_some_and(|p| p.url == url) {
+            return;
+        }
+        let (tx, rx) = mpsc::channel(PEER_QUEUE);
+        let inner = self.inner.clone();
+        let url_owned = url.trim_end_matches('/').to_string();
+        self.inner.rt.spawn(run_peer(inner, id, url_owned.clone(), rx));
+        peers.insert(id, Peer { url: url_owned, queue: tx });
+        debug!(peer = id, url, "peer set");
+    }
+
+    /// Forgets a peer (its task ends when its queue closes).
+    pub fn remove_peer(&self, id: u64) {
+        let mut peers = match self.inner.peers.write() {
+            Ok(p) => p,
+            Err(p) => p.into_inner(),
+        };
+        peers.remove(&id);
+    }
+
+    /// A peer's URL.
+    pub fn peer_url(&self, id: u64) -> Option<String> {
+        let peers = match self.inner.peers.read() {
+            Ok(p) => p,
+            Err(p) => p.into_inner(),
+        };
+        peers.get(&id).map(|p| p.url.clone())
+    }
+
+    /// Queues messages for their peers; never blocks.
+    pub fn send(&self, msgs: Vec<Message>) {
+        if msgs.is_empty() {
+            return;
+        }
+        let peers = match self.inner.peers.read() {
+            Ok(p) => p,
+            Err(p) => p.into_inner(),
+        };
+        for m in msgs {
+            let to = m.to;
+            let is_snap = m.get_msg_type() == MessageType::MsgSnapshot;
+            let ok = match peers.get(&to) {
+                Some(p) => p.queue.try_send(m).is_ok(),
+                None => false,
+            };
+            if !ok {
+                metrics().peer_dropped_messages.with_label_values(&[&to.to_string()]).inc();
+                if is_snap {
+                    let _ = self.inner.raft.send(Request::SnapshotSent(to, false));
+                }
+                let _ = self.inner.raft.send(Request::Unreachable(to));
+            }
+        }
+    }
+}
+
+async fn run_peer(inner: Arc<Inner>, id: u64, url: String, mut rx: mpsc::Receiver<Message>) {
+    let endpoint = format!("{url}/raft");
+    let label = id.to_string();
+    let mut batch = Vec::new();
+    let mut backoff = Duration::from_millis(50);
+    while let Some(m) = rx.recv().await {
+        batch.push(m);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(m) => batch.push(m),
+                Err(_) => break,
+            }
+        }
+        let snapshot = batch.iter().any(|m| m.get_msg_type() == MessageType::MsgSnapshot);
+        let body = encode_frames(&batch);
+        let len = body.len() as u64;
+        batch.clear();
+        let req = HttpRequest::builder()
+            .method(Method::POST)
+            .uri(&endpoint)
+            .header(FROM_HEADER, inner.id.to_string())
+            .header(URL_HEADER, &inner.self_url)
+            .header("content-type", "application/x-raftkv-frames")
+            .body(Full::new(body));
+        let req = match req {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(peer = id, url = %url, error = %e, "bad peer URL; dropping messages");
+                continue;
+            }
+        };
+        let limit = if snapshot { Duration::from_secs(120) } else { Duration::from_secs(5) };
+        let started = Instant::now();
+        let outcome = tokio::time::timeout(limit, inner.client.request(req)).await;
+        let ok = match outcome {
+            Ok(Ok(resp)) if resp.status().is_success() => {
+                metrics().peer_round_trip_seconds.with_label_values(&[&label]).observe(started.elapsed().as_secs_f64());
+                metrics().peer_sent_bytes.with_label_values(&[&label]).inc_by(len);
+                let _ = resp.into_body().collect().await;
+                true
+            }
+            Ok(Ok(resp)) if resp.status() == StatusCode::GONE => {
+                warn!(peer = id, "peer says this member was removed from the cluster");
+                let _ = inner.raft.send(Request::Removed);
+                false
+            }
+            Ok(Ok(resp)) => {
+                debug!(peer = id, status = %resp.status(), "peer refused messages");
+                false
+            }
+            Ok(Err(e)) => {
+                debug!(peer = id, error = %e, "peer unreachable");
+                false
+            }
+            Err(_) => {
+                debug!(peer = id, "peer timed out");
+                false
+            }
+        };
+        if snapshot {
+            let _ = inner.raft.send(Request::SnapshotSent(id, ok));
+        }
+        if ok {
+            backoff = Duration::from_millis(50);
+        } else {
+            let _ = inner.raft.send(Request::Unreachable(id));
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(1));
+            // Whatever queued up meanwhile is stale; raft will resend what matters.
+            while rx.try_recv().is_ok() {}
+        }
+    }
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r
+}
+
+/// Handles one request on the peer listener.
+pub async fn handle_peer_request(
+    req: HttpRequest<Incoming>,
+    my_id: u64,
+    raft: Sender<Request>,
+    transport: Transport,
+    kv: Arc<RwLock<KvStore>>,
+    members_json: impl Fn() -> Bytes,
+) -> Response<Full<Bytes>> {
+    match (req.method(), req.uri().path()) {
+        (&Method::POST, "/raft") => {}
+        (&Method::GET, "/members") => {
+            let mut r = text(StatusCode::OK, members_json());
+            r.headers_mut().insert("content-type", hyper::header::HeaderValue::from_static("application/json"));
+            return r;
+        }
+        (_, "/raft") => return text(StatusCode::METHOD_NOT_ALLOWED, "use POST\n"),
+        _ => return text(StatusCode::NOT_FOUND, "not a raftkv peer route\n"),
+    }
+    let from_hdr: Option<u64> = req.headers().get(FROM_HEADER).and_then(|v| v.to_str().ok()).and_then(|s| s.parse().ok());
+    let from_url = req.headers().get(URL_HEADER).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let body = match Limited::new(req.into_body(), MAX_PEER_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => return text(StatusCode::BAD_REQUEST, format!("unreadable body: {e}\n")),
+    };
+    let msgs = match decode_frames(&body) {
+        Ok(m) => m,
+        Err(e) => {
+            warn!(error = %e, from = ?from_hdr, "garbage from a peer");
+            return text(StatusCode::BAD_REQUEST, format!("{e}\n"));
+        }
+    };
+    let removed = |id: u64| kv.read().map(|k| k.is_removed(id)).unwrap_or(false);
+    for m in &msgs {
+        if m.to != my_id {
+            return text(StatusCode::BAD_REQUEST, format!("message for member {} sent to member {my_id}\n", m.to));
+        }
+        if from_hdr.is_some_and(|f| f != m.from) {
+            return text(StatusCode::BAD_REQUEST, "x-raftkv-from does not match the messages\n");
+        }
+        if removed(m.from) {
+            return text(StatusCode::GONE, format!("member {} was removed from this cluster\n", m.from));
+        }
+    }
+    if let (Some(from), Some(url)) = (msgs.first().map(|m| m.from), from_url) {
+        if transport.peer_url(from).is_none() && crate::config::parse_peer_url(&url).is_ok() {
+            transport.set_peer(from, &url);
+        }
+    }
+    if let Some(first) = msgs.first() {
+        metrics().peer_received_bytes.with_label_values(&[&first.from.to_string()]).inc_by(body.len() as u64);
+    }
+    for m in msgs {
+        if raft.send(Request::Raft(Box::new(m))).is_err() {
+            return text(StatusCode::SERVICE_UNAVAILABLE, "node is stopping\n");
+        }
+    }
+    text(StatusCode::NO_CONTENT, Bytes::new())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_and_reject_garbage() {
+        let msgs: Vec<Message> = (1..4)
+            .map(|i| Message { to: 2, from: 1, term: i, index: i * 10, ..Default::default() })
+            .collect();
+        let body = encode_frames(&msgs);
+        assert_eq!(decode_frames(&body).unwrap(), msgs);
+        assert!(decode_frames(&body[..body.len() - 1]).is_err());
+        assert!(decode_frames(&[1, 2]).is_err());
+        assert!(decode_frames(&[5, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0xff]).is_err());
+        assert!(decode_frames(&[0xff, 0xff, 0xff, 0xff]).is_err());
+        assert!(decode_frames(&[]).unwrap().is_empty());
+    }
+}
