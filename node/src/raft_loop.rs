@@ -21,10 +21,12 @@ use std::time::{Duration, Instant};
 
 use prost::Message as _;
 use raft::eraftpb::{
-    ConfChange, ConfChangeSingle, ConfChangeType, ConfChangeV2, ConfState, Entry, EntryType, HardState, Message,
+    ConfChange, ConfChangeSingle, ConfChangeType, ConfChangeV2, ConfState, Entry, EntryType, Message,
     Snapshot, SnapshotMetadata,
 };
-use raft::{RawNode, SnapshotStatus, StateRole, Storage as _};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use raft::{GetEntriesContext, RaftState, RawNode, SnapshotStatus, StateRole, Storage};
 use serde::Serialize;
 use tokio::sync::oneshot;
 use tracing::{debug, error, info, warn};
@@ -42,6 +44,52 @@ const CATCH_UP_ENTRIES: u64 = 5_000;
 const READ_RETRY: Duration = Duration::from_millis(300);
 /// Longest a SIGTERM'd leader waits for its leadership transfer.
 const TRANSFER_ON_STOP: Duration = Duration::from_secs(3);
+
+/// raft-rs's view of [`DiskStorage`]. The one difference: when the newest snapshot does
+/// not yet contain the member it is meant for (a member added after it was taken), it
+/// answers "temporarily unavailable" and asks the loop for a fresh snapshot, which raft
+/// then sends on its next attempt (etcd sends a freshly merged snapshot the same way).
+#[derive(Clone)]
+pub struct RaftStorage {
+    disk: DiskStorage,
+    want_snapshot: Arc<AtomicBool>,
+}
+
+impl Storage for RaftStorage {
+    fn initial_state(&self) -> raft::Result<RaftState> {
+        self.disk.initial_state()
+    }
+    fn entries(&self, low: u64, high: u64, max: impl Into<Option<u64>>, ctx: GetEntriesContext) -> raft::Result<Vec<Entry>> {
+        self.disk.entries(low, high, max, ctx)
+    }
+    fn term(&self, idx: u64) -> raft::Result<u64> {
+        self.disk.term(idx)
+    }
+    fn first_index(&self) -> raft::Result<u64> {
+        self.disk.first_index()
+    }
+    fn last_index(&self) -> raft::Result<u64> {
+        self.disk.last_index()
+    }
+    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
+        let unavailable = || raft::Error::Store(raft::StorageError::SnapshotTemporarilyUnavailable);
+        let snap = match self.disk.snapshot(request_index, to) {
+            Ok(s) => s,
+            Err(raft::Error::Store(raft::StorageError::SnapshotTemporarilyUnavailable)) => {
+                self.want_snapshot.store(true, Ordering::Relaxed);
+                return Err(unavailable());
+            }
+            Err(e) => return Err(e),
+        };
+        let cs = snap.metadata.as_ref().and_then(|m| m.conf_state.as_ref());
+        if cs.is_some_and(|cs| cs.voters.contains(&to) || cs.learners.contains(&to)) {
+            Ok(snap)
+        } else {
+            self.want_snapshot.store(true, Ordering::Relaxed);
+            Err(unavailable())
+        }
+    }
+}
 
 /// Why a request to the raft loop failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -205,8 +253,9 @@ struct PendingRead {
 /// The loop's state. Only this struct touches the `RawNode`.
 struct RaftLoop {
     cfg: Config,
-    raw: RawNode<DiskStorage>,
+    raw: RawNode<RaftStorage>,
     storage: DiskStorage,
+    want_snapshot: Arc<AtomicBool>,
     kv: Arc<RwLock<KvStore>>,
     transport: Transport,
     status: StatusCell,
@@ -268,7 +317,7 @@ pub fn start(
         kv.set_applied(idx);
         info!(index = idx, keys = kv.len(), "restored state machine from snapshot");
     }
-    let conf_state = storage.initial_state()?.conf_state;
+    let conf_state = raft::Storage::initial_state(&storage)?.conf_state;
     // Peers: initial members from the flags are hints; the state machine's members win.
     for (id, url) in &cfg.initial_members {
         if *id != cfg.id {
@@ -294,13 +343,16 @@ pub fn start(
         ..Default::default()
     };
     raft_cfg.validate()?;
-    let raw = RawNode::new(&raft_cfg, storage.clone(), &crate::logger::raft_logger(cfg.id))?;
+    let want_snapshot = Arc::new(AtomicBool::new(false));
+    let raft_storage = RaftStorage { disk: storage.clone(), want_snapshot: want_snapshot.clone() };
+    let raw = RawNode::new(&raft_cfg, raft_storage, &crate::logger::raft_logger(cfg.id))?;
     let status: StatusCell = Arc::new(RwLock::new(Arc::new(NodeStatus::default())));
     let kv = Arc::new(RwLock::new(kv));
     let mut lp = RaftLoop {
         cfg,
         raw,
         storage,
+        want_snapshot,
         kv: kv.clone(),
         transport,
         status: status.clone(),
@@ -515,7 +567,7 @@ impl RaftLoop {
 
     fn on_ready(&mut self) -> Result<(), StorageError> {
         if !self.raw.has_ready() {
-            return Ok(());
+            return self.maybe_snapshot();
         }
         let mut rd = self.raw.ready();
         if let Some(ss) = rd.ss() {
@@ -756,7 +808,8 @@ impl RaftLoop {
     fn maybe_snapshot(&mut self) -> Result<(), StorageError> {
         let applied = self.raw.raft.raft_log.applied;
         let last_snap = self.storage.snapshot_index();
-        if applied <= last_snap || applied - last_snap < self.cfg.snapshot_count {
+        let wanted = self.want_snapshot.swap(false, Ordering::Relaxed);
+        if applied <= last_snap || (applied - last_snap < self.cfg.snapshot_count && !wanted) {
             return Ok(());
         }
         let data = self.kv.read().map_err(lock_err)?.snapshot_image();
@@ -845,7 +898,3 @@ impl RaftLoop {
     }
 }
 
-/// The hard state persisted on disk (for tests and tools).
-pub fn persisted_hard_state(storage: &DiskStorage) -> HardState {
-    storage.hard_state()
-}

@@ -1,0 +1,144 @@
+//! Small filesystem helpers: directory fsync, atomic file replacement, the dir lock.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use super::error::{io_err, StorageError};
+
+/// fsyncs a directory so that creations, renames and deletions inside it are durable.
+pub(crate) fn sync_dir(dir: &Path) -> Result<(), StorageError> {
+    let f = File::open(dir).map_err(io_err(dir))?;
+    f.sync_all().map_err(io_err(dir))
+}
+
+/// Creates `dir` (and parents) if missing; fsyncs the parent of every directory created.
+pub(crate) fn ensure_dir(dir: &Path) -> Result<(), StorageError> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = dir.parent() {
+        if !parent.as_os_str().is_empty() {
+            ensure_dir(parent)?;
+        }
+    }
+    match fs::create_dir(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(()),
+        Err(e) => return Err(io_err(dir)(e)),
+    }
+    if let Some(parent) = dir.parent() {
+        if !parent.as_os_str().is_empty() {
+            sync_dir(parent)?;
+        }
+    }
+    Ok(())
+}
+
+/// The temporary name `path` is written under before the rename.
+pub(crate) fn tmp_path(path: &Path) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(".tmp");
+    PathBuf::from(s)
+}
+
+/// Writes a file atomically: `<path>.tmp`, write, fdatasync, rename, fsync the directory.
+/// `write` receives the open temporary file. A failure removes the temporary file.
+pub(crate) fn write_atomic(
+    path: &Path,
+    write: impl FnOnce(&mut File) -> std::io::Result<()>,
+) -> Result<(), StorageError> {
+    let tmp = tmp_path(path);
+    let result = (|| {
+        let mut f = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
+        write(&mut f)?;
+        f.flush()?;
+        f.sync_data()
+    })();
+    if let Err(e) = result {
+        let _ = fs::remove_file(&tmp);
+        return Err(io_err(&tmp)(e));
+    }
+    if let Err(e) = fs::rename(&tmp, path) {
+        let _ = fs::remove_file(&tmp);
+        return Err(io_err(path)(e));
+    }
+    let dir = path.parent().unwrap_or_else(|| Path::new("."));
+    sync_dir(dir)
+}
+
+/// An exclusive advisory lock (`flock`) on a file; released when dropped.
+#[derive(Debug)]
+pub(crate) struct DirLock {
+    _file: File,
+}
+
+impl DirLock {
+    /// Takes the lock on `dir/<name>` without waiting; `Locked` if another holder exists.
+    pub(crate) fn acquire(dir: &Path, name: &str) -> Result<DirLock, StorageError> {
+        let path = dir.join(name);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        // SAFETY: flock on a file descriptor we own; no memory is involved.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc != 0 {
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                return Err(StorageError::Locked { dir: dir.to_path_buf() });
+            }
+            return Err(io_err(&path)(err));
+        }
+        Ok(DirLock { _file: file })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn atomic_write_replaces_and_leaves_no_tmp() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let p = d.path().join("f");
+        write_atomic(&p, |f| f.write_all(b"one")).expect("write");
+        write_atomic(&p, |f| f.write_all(b"two")).expect("write");
+        assert_eq!(fs::read(&p).expect("read"), b"two");
+        assert!(!tmp_path(&p).exists());
+    }
+
+    #[test]
+    fn failed_write_removes_tmp_and_keeps_old() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let p = d.path().join("f");
+        write_atomic(&p, |f| f.write_all(b"old")).expect("write");
+        let err = write_atomic(&p, |_| Err(std::io::Error::from_raw_os_error(libc::ENOSPC)))
+            .expect_err("must fail");
+        assert!(err.is_no_space());
+        assert_eq!(fs::read(&p).expect("read"), b"old");
+        assert!(!tmp_path(&p).exists());
+    }
+
+    #[test]
+    fn second_lock_is_refused_until_first_dropped() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let l = DirLock::acquire(d.path(), "LOCK").expect("first");
+        assert!(matches!(DirLock::acquire(d.path(), "LOCK"), Err(StorageError::Locked { .. })));
+        drop(l);
+        DirLock::acquire(d.path(), "LOCK").expect("after drop");
+    }
+
+    #[test]
+    fn ensure_dir_creates_nested() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let p = d.path().join("a/b/c");
+        ensure_dir(&p).expect("create");
+        assert!(p.is_dir());
+        ensure_dir(&p).expect("idempotent");
+    }
+}

@@ -1,0 +1,627 @@
+//! The write-ahead log: segment files `wal/<seq:016x>-<first_index:016x>.wal`.
+//!
+//! Every segment starts with a 32-byte header (magic `RAFTKVWL`, version, seq, first
+//! index, crc) and a `Meta` record; then framed records (see [`super::record`]). Writes
+//! are buffered in one `Vec` and reach the disk in [`Wal::sync`]: one `pwrite` plus one
+//! `fdatasync`. Recovery ([`recover`]) replays all segments in order.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use raft::eraftpb::{ConfState, Entry, HardState};
+use tracing::{debug, error, info, warn};
+
+use super::error::{corrupt, io_err, StorageError};
+use super::fsutil::{self, write_atomic};
+use super::log::{check_contiguous, hs_after_snapshot, MemLog};
+use super::record::{self, MetaRecord, Record, Scan};
+
+/// Segment file magic.
+const MAGIC: [u8; 8] = *b"RAFTKVWL";
+/// Segment format version written and accepted.
+const VERSION: u32 = 1;
+/// Bytes of the segment header.
+pub(crate) const SEGMENT_HEADER_LEN: usize = 32;
+/// A pending buffer that grew beyond this is shrunk back after a sync.
+const KEEP_BUFFER: usize = 8 << 20;
+
+/// One segment file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Segment {
+    /// Sequence number (from 1, contiguous).
+    pub seq: u64,
+    /// The log index expected next when the segment was created (informative).
+    pub first_index: u64,
+    /// Full path.
+    pub path: PathBuf,
+    /// Bytes written and synced.
+    pub size: u64,
+    /// Lowest first index of any durable `Entries` record in it (`u64::MAX`: none).
+    pub min_index: u64,
+}
+
+/// The segment file name for (`seq`, `first_index`).
+pub(crate) fn segment_name(seq: u64, first_index: u64) -> String {
+    format!("{seq:016x}-{first_index:016x}.wal")
+}
+
+/// Parses a segment file name into (seq, first_index).
+pub(crate) fn parse_segment_name(name: &str) -> Option<(u64, u64)> {
+    let stem = name.strip_suffix(".wal")?;
+    let (s, i) = stem.split_once('-')?;
+    if s.len() != 16 || i.len() != 16 {
+        return None;
+    }
+    Some((u64::from_str_radix(s, 16).ok()?, u64::from_str_radix(i, 16).ok()?))
+}
+
+fn segment_header(seq: u64, first_index: u64) -> Vec<u8> {
+    let mut h = Vec::with_capacity(SEGMENT_HEADER_LEN);
+    h.extend_from_slice(&MAGIC);
+    h.extend_from_slice(&VERSION.to_le_bytes());
+    h.extend_from_slice(&seq.to_le_bytes());
+    h.extend_from_slice(&first_index.to_le_bytes());
+    let crc = crc32fast::hash(&h);
+    h.extend_from_slice(&crc.to_le_bytes());
+    h
+}
+
+fn check_segment_header(path: &Path, data: &[u8], seq: u64, first_index: u64) -> Result<(), StorageError> {
+    if data.len() < SEGMENT_HEADER_LEN {
+        return Err(corrupt(path, 0, format!("file of {} bytes is shorter than the segment header", data.len())));
+    }
+    if data[0..8] != MAGIC {
+        return Err(corrupt(path, 0, "bad magic (not a raftkv WAL segment)"));
+    }
+    let u64_at = |at: usize| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&data[at..at + 8]);
+        u64::from_le_bytes(b)
+    };
+    let crc = u32::from_le_bytes([data[28], data[29], data[30], data[31]]);
+    if crc32fast::hash(&data[0..28]) != crc {
+        return Err(corrupt(path, 0, "segment header checksum mismatch"));
+    }
+    let version = u32::from_le_bytes([data[8], data[9], data[10], data[11]]);
+    if version != VERSION {
+        return Err(corrupt(path, 8, format!("unsupported WAL format version {version}")));
+    }
+    if u64_at(12) != seq || u64_at(20) != first_index {
+        return Err(corrupt(
+            path,
+            12,
+            format!("header says seq {} first index {}, the file name disagrees", u64_at(12), u64_at(20)),
+        ));
+    }
+    Ok(())
+}
+
+/// The state the records written so far lead to (what a new segment's `Meta` records).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct WalState {
+    /// Hard state.
+    pub hs: HardState,
+    /// Snapshot in force: index.
+    pub snap_index: u64,
+    /// Snapshot in force: term.
+    pub snap_term: u64,
+    /// Last log index.
+    pub last_index: u64,
+}
+
+impl WalState {
+    fn meta(&self) -> MetaRecord {
+        MetaRecord { snapshot_index: self.snap_index, snapshot_term: self.snap_term, hard_state: Some(self.hs.clone()) }
+    }
+}
+
+/// The writer side of the WAL.
+pub(crate) struct Wal {
+    dir: PathBuf,
+    segment_bytes: u64,
+    /// Oldest first; the last one is the active segment.
+    segments: Vec<Segment>,
+    file: File,
+    pending: Vec<u8>,
+    pending_min_index: u64,
+    /// State after the durable records.
+    written: WalState,
+    /// State after the durable and the pending records.
+    next: WalState,
+    broken: Option<String>,
+    bytes: Arc<AtomicU64>,
+}
+
+/// What [`recover`] found.
+pub(crate) struct Recovered {
+    /// The writer, positioned after the last good record.
+    pub wal: Wal,
+    /// The replayed log (conf state not filled in: it lives in the snapshot file).
+    pub log: MemLog,
+}
+
+impl Wal {
+    /// Buffers `Entries` records for `ents` (contiguous, non-empty: checked by the caller).
+    pub(crate) fn push_entries(&mut self, ents: &[Entry]) -> Result<(), StorageError> {
+        let (Some(first), Some(last)) = (ents.first(), ents.last()) else { return Ok(()) };
+        let mark = self.pending.len();
+        if let Err(e) = record::push_entries(&mut self.pending, ents) {
+            self.pending.truncate(mark);
+            return Err(e);
+        }
+        self.pending_min_index = self.pending_min_index.min(first.index);
+        self.next.last_index = last.index;
+        Ok(())
+    }
+
+    /// Buffers a `HardState` record.
+    pub(crate) fn push_hard_state(&mut self, hs: &HardState) -> Result<(), StorageError> {
+        record::push_hard_state(&mut self.pending, hs)?;
+        self.next.hs = hs.clone();
+        Ok(())
+    }
+
+    /// Buffers a snapshot record (`applied`: installed from the leader, log reset).
+    pub(crate) fn push_snapshot(&mut self, applied: bool, index: u64, term: u64) -> Result<(), StorageError> {
+        record::push_snapshot(&mut self.pending, applied, index, term)?;
+        self.next.snap_index = index;
+        self.next.snap_term = term;
+        if applied {
+            self.next.last_index = index;
+            self.next.hs = hs_after_snapshot(&self.next.hs, index, term);
+        }
+        Ok(())
+    }
+
+    /// Writes the pending records with one write and one fdatasync. Returns the fsync's
+    /// duration. A failed write or fsync is rolled back (the file truncated to its last
+    /// durable length) and the records stay pending, so a later call retries them; an
+    /// error other than a full disk, or a failed rollback, leaves the WAL broken.
+    pub(crate) fn sync(&mut self) -> Result<Duration, StorageError> {
+        if let Some(why) = &self.broken {
+            return Err(StorageError::Broken(why.clone()));
+        }
+        if self.pending.is_empty() {
+            return Ok(Duration::ZERO);
+        }
+        if self.active().size >= self.segment_bytes {
+            self.rotate()?;
+        }
+        let off = self.active().size;
+        let path = self.active().path.clone();
+        if let Err(e) = self.file.write_all_at(&self.pending, off) {
+            return Err(self.fail(off, io_err(&path)(e)));
+        }
+        let start = Instant::now();
+        if let Err(e) = self.file.sync_data() {
+            return Err(self.fail(off, io_err(&path)(e)));
+        }
+        let took = start.elapsed();
+        let n = self.pending.len() as u64;
+        let min = std::mem::replace(&mut self.pending_min_index, u64::MAX);
+        let active = self.active_mut();
+        active.size += n;
+        active.min_index = active.min_index.min(min);
+        self.bytes.fetch_add(n, Ordering::Relaxed);
+        self.written = self.next.clone();
+        self.pending.clear();
+        if self.pending.capacity() > KEEP_BUFFER {
+            self.pending.shrink_to(KEEP_BUFFER / 8);
+        }
+        Ok(took)
+    }
+
+    fn fail(&mut self, durable_len: u64, err: StorageError) -> StorageError {
+        let path = self.active().path.clone();
+        if let Err(e) = self.file.set_len(durable_len) {
+            let why = format!("cannot roll back {} to {durable_len} bytes after a failed write: {e}", path.display());
+            error!("{why}");
+            self.broken = Some(why);
+        } else if !err.is_no_space() {
+            let why = format!("WAL write failed: {err}");
+            error!("{why}");
+            self.broken = Some(why);
+        } else {
+            warn!(error = %err, "WAL write failed for lack of space; records kept for a retry");
+        }
+        err
+    }
+
+    fn active(&self) -> &Segment {
+        // `segments` is never empty: recovery creates the first segment.
+        &self.segments[self.segments.len() - 1]
+    }
+
+    fn active_mut(&mut self) -> &mut Segment {
+        let i = self.segments.len() - 1;
+        &mut self.segments[i]
+    }
+
+    /// Starts a new segment: header + `Meta` of the durable state, written atomically.
+    fn rotate(&mut self) -> Result<(), StorageError> {
+        let seq = self.active().seq + 1;
+        let first_index = self.written.last_index + 1;
+        let seg = create_segment(&self.dir, seq, first_index, &self.written.meta())?;
+        let file = OpenOptions::new().write(true).open(&seg.path).map_err(io_err(&seg.path))?;
+        debug!(segment = %seg.path.display(), "WAL segment rotated");
+        self.bytes.fetch_add(seg.size, Ordering::Relaxed);
+        self.file = file;
+        self.segments.push(seg);
+        Ok(())
+    }
+
+    /// Deletes the oldest segments that replay no longer needs, given that the log is
+    /// needed from `first_needed` on. Returns how many were deleted.
+    ///
+    /// A live entry comes from the newest segment holding an `Entries` record that covers
+    /// it; such records always replace a suffix, so if any later segment has a durable
+    /// record starting at or below `first_needed`, every needed entry lives in later
+    /// segments, and their `Meta` records carry the snapshot and hard state.
+    pub(crate) fn purge(&mut self, first_needed: u64) -> Result<usize, StorageError> {
+        let n = self.segments.len();
+        if n < 2 {
+            return Ok(0);
+        }
+        let nothing_needed = first_needed > self.written.last_index;
+        // suffix_min[j] = min of min_index over segments j+1..n
+        let mut deletable = 0;
+        let mut suffix_min = u64::MAX;
+        let mut mins = vec![u64::MAX; n];
+        for j in (0..n).rev() {
+            mins[j] = suffix_min;
+            suffix_min = suffix_min.min(self.segments[j].min_index);
+        }
+        for (j, &later_min) in mins.iter().enumerate().take(n - 1) {
+            if nothing_needed || later_min <= first_needed {
+                deletable = j + 1;
+            } else {
+                break;
+            }
+        }
+        if deletable == 0 {
+            return Ok(0);
+        }
+        for seg in self.segments.drain(..deletable) {
+            fs::remove_file(&seg.path).map_err(io_err(&seg.path))?;
+            self.bytes.fetch_sub(seg.size, Ordering::Relaxed);
+            debug!(segment = %seg.path.display(), "WAL segment deleted");
+        }
+        fsutil::sync_dir(&self.dir)?;
+        Ok(deletable)
+    }
+
+    /// Bytes of buffered, not yet durable records.
+    #[cfg(test)]
+    pub(crate) fn pending_bytes(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// The segments on disk, oldest first.
+    #[cfg(test)]
+    pub(crate) fn segments(&self) -> &[Segment] {
+        &self.segments
+    }
+}
+
+/// Creates a segment file atomically with its header and `Meta` record.
+fn create_segment(dir: &Path, seq: u64, first_index: u64, meta: &MetaRecord) -> Result<Segment, StorageError> {
+    let path = dir.join(segment_name(seq, first_index));
+    let mut buf = segment_header(seq, first_index);
+    record::push_meta(&mut buf, meta)?;
+    write_atomic(&path, |f| f.write_all(&buf))?;
+    Ok(Segment { seq, first_index, path, size: buf.len() as u64, min_index: u64::MAX })
+}
+
+/// Replays records into a log, with the checks recovery makes.
+struct Replay {
+    log: MemLog,
+    /// Whether the log's start is known: false until the first `Entries` or
+    /// `SnapshotApplied` record (older segments may have been deleted).
+    anchored: bool,
+    started: bool,
+}
+
+impl Replay {
+    /// Applies one record. Returns the first index of an `Entries` record.
+    fn apply(&mut self, rec: Record, first_in_segment: bool) -> Result<Option<u64>, String> {
+        match (&rec, first_in_segment) {
+            (Record::Meta(_), false) => return Err("meta record in the middle of a segment".into()),
+            (Record::Meta(_), true) => {}
+            (_, true) => return Err("segment does not start with a meta record".into()),
+            _ => {}
+        }
+        match rec {
+            Record::Meta(m) => {
+                let hs = m.hard_state.unwrap_or_default();
+                if !self.started {
+                    self.started = true;
+                    self.log.snap_index = m.snapshot_index;
+                    self.log.snap_term = m.snapshot_term;
+                    self.log.hs = hs;
+                } else if (m.snapshot_index, m.snapshot_term) != (self.log.snap_index, self.log.snap_term)
+                    || hs != self.log.hs
+                {
+                    return Err(format!(
+                        "segment meta (snapshot {}/{}, hard state {:?}) disagrees with the preceding \
+                         segments (snapshot {}/{}, hard state {:?})",
+                        m.snapshot_index, m.snapshot_term, hs, self.log.snap_index, self.log.snap_term, self.log.hs
+                    ));
+                }
+                Ok(None)
+            }
+            Record::Entries(ents) => {
+                check_contiguous(&ents)?;
+                let b0 = ents[0].index;
+                if (self.log.entries.is_empty() && !self.anchored) || b0 < self.log.first_index() {
+                    self.log.entries = ents;
+                } else if b0 > self.log.last_index() + 1 {
+                    return Err(format!("gap in the log: entry {b0} follows last index {}", self.log.last_index()));
+                } else {
+                    self.log.append(&ents);
+                }
+                self.anchored = true;
+                Ok(Some(b0))
+            }
+            Record::HardState(hs) => {
+                self.log.hs = hs;
+                Ok(None)
+            }
+            Record::SnapshotSaved(r) => {
+                if r.index < self.log.snap_index {
+                    return Err(format!("snapshot record {} is older than snapshot {}", r.index, self.log.snap_index));
+                }
+                let first = self.log.first_index();
+                if r.index >= first {
+                    if let Some(e) = self.log.entries.get((r.index - first) as usize) {
+                        if e.term != r.term {
+                            return Err(format!(
+                                "snapshot {} has term {} but the log's entry has term {}",
+                                r.index, r.term, e.term
+                            ));
+                        }
+                    }
+                }
+                self.log.snap_index = r.index;
+                self.log.snap_term = r.term;
+                Ok(None)
+            }
+            Record::SnapshotApplied(r) => {
+                if r.index < self.log.snap_index {
+                    return Err(format!("snapshot record {} is older than snapshot {}", r.index, self.log.snap_index));
+                }
+                self.log.reset_to_snapshot(r.index, r.term, ConfState::default());
+                self.anchored = true;
+                Ok(None)
+            }
+        }
+    }
+}
+
+/// Lists segment files (oldest first), removing leftover temporary files.
+fn list_segments(dir: &Path) -> Result<Vec<Segment>, StorageError> {
+    let mut segs = Vec::new();
+    let mut removed = false;
+    for ent in fs::read_dir(dir).map_err(io_err(dir))? {
+        let ent = ent.map_err(io_err(dir))?;
+        let path = ent.path();
+        let name = ent.file_name().to_string_lossy().into_owned();
+        if name.ends_with(".tmp") {
+            warn!(file = %path.display(), "removing leftover temporary WAL file");
+            fs::remove_file(&path).map_err(io_err(&path))?;
+            removed = true;
+            continue;
+        }
+        match parse_segment_name(&name) {
+            Some((seq, first_index)) => {
+                let size = ent.metadata().map_err(io_err(&path))?.len();
+                segs.push(Segment { seq, first_index, path, size, min_index: u64::MAX });
+            }
+            None => warn!(file = %path.display(), "ignoring unknown file in the WAL directory"),
+        }
+    }
+    if removed {
+        fsutil::sync_dir(dir)?;
+    }
+    segs.sort_by_key(|s| s.seq);
+    for pair in segs.windows(2) {
+        if pair[1].seq != pair[0].seq + 1 {
+            return Err(corrupt(
+                &pair[1].path,
+                0,
+                format!("segment(s) missing: expected seq {} after {}", pair[0].seq + 1, pair[0].seq),
+            ));
+        }
+    }
+    Ok(segs)
+}
+
+fn truncate_file(path: &Path, len: u64) -> Result<(), StorageError> {
+    let f = OpenOptions::new().write(true).open(path).map_err(io_err(path))?;
+    f.set_len(len).map_err(io_err(path))?;
+    f.sync_all().map_err(io_err(path))
+}
+
+/// Opens the WAL in `dir` (which must exist): replays every segment, cuts a torn tail
+/// off the last one, validates the result. An empty directory gets its first segment.
+pub(crate) fn recover(dir: &Path, segment_bytes: u64, bytes: Arc<AtomicU64>) -> Result<Recovered, StorageError> {
+    let mut segments = list_segments(dir)?;
+    if segments.is_empty() {
+        let seg = create_segment(dir, 1, 1, &WalState::default().meta())?;
+        info!(segment = %seg.path.display(), "created a new WAL");
+        segments.push(seg);
+    }
+    let mut rp = Replay { log: MemLog::default(), anchored: false, started: false };
+    let n = segments.len();
+    for (i, seg) in segments.iter_mut().enumerate() {
+        let is_last = i + 1 == n;
+        let data = fs::read(&seg.path).map_err(io_err(&seg.path))?;
+        check_segment_header(&seg.path, &data, seg.seq, seg.first_index)?;
+        let mut off = SEGMENT_HEADER_LEN;
+        let mut first = true;
+        loop {
+            match record::scan(&data, off) {
+                Scan::Record { body, next } => {
+                    let rec = record::decode(body).map_err(|r| corrupt(&seg.path, off as u64, r))?;
+                    let min = rp.apply(rec, first).map_err(|r| corrupt(&seg.path, off as u64, r))?;
+                    if let Some(m) = min {
+                        seg.min_index = seg.min_index.min(m);
+                    }
+                    first = false;
+                    off = next;
+                }
+                Scan::End => break,
+                Scan::Torn(why) if is_last && !first => {
+                    warn!(
+                        segment = %seg.path.display(),
+                        offset = off,
+                        dropped_bytes = data.len() - off,
+                        reason = why,
+                        "truncating the torn tail of the WAL (an interrupted write)"
+                    );
+                    truncate_file(&seg.path, off as u64)?;
+                    break;
+                }
+                Scan::Torn(why) => {
+                    let what = if is_last { "damaged meta record" } else { "incomplete record in a non-final segment" };
+                    return Err(corrupt(&seg.path, off as u64, format!("{what}: {why}")));
+                }
+                Scan::Corrupt(why) => return Err(corrupt(&seg.path, off as u64, why)),
+            }
+        }
+        if first {
+            return Err(corrupt(&seg.path, SEGMENT_HEADER_LEN as u64, "segment has no meta record"));
+        }
+        seg.size = off as u64;
+    }
+    let log = rp.log;
+    let wal_dir_err = |reason: String| corrupt(dir, 0, reason);
+    if let Some(e0) = log.entries.first() {
+        if e0.index > log.snap_index + 1 {
+            return Err(wal_dir_err(format!(
+                "log starts at {} but the snapshot in force is at {}: entries in between are missing",
+                e0.index, log.snap_index
+            )));
+        }
+        if log.snap_index >= e0.index {
+            if let Some(e) = log.entries.get((log.snap_index - e0.index) as usize) {
+                if e.term != log.snap_term {
+                    return Err(wal_dir_err(format!(
+                        "entry {} has term {} but the snapshot says {}",
+                        log.snap_index, e.term, log.snap_term
+                    )));
+                }
+            }
+        }
+    }
+    if log.hs.commit > log.last_index() {
+        return Err(wal_dir_err(format!(
+            "hard state commit {} is beyond the last log index {}",
+            log.hs.commit,
+            log.last_index()
+        )));
+    }
+    let active = &segments[n - 1];
+    let file = OpenOptions::new().write(true).open(&active.path).map_err(io_err(&active.path))?;
+    let total: u64 = segments.iter().map(|s| s.size).sum();
+    bytes.store(total, Ordering::Relaxed);
+    let state = WalState {
+        hs: log.hs.clone(),
+        snap_index: log.snap_index,
+        snap_term: log.snap_term,
+        last_index: log.last_index(),
+    };
+    let wal = Wal {
+        dir: dir.to_path_buf(),
+        segment_bytes: segment_bytes.max(1),
+        segments,
+        file,
+        pending: Vec::with_capacity(64 << 10),
+        pending_min_index: u64::MAX,
+        written: state.clone(),
+        next: state,
+        broken: None,
+        bytes,
+    };
+    Ok(Recovered { wal, log })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn e(index: u64, term: u64) -> Entry {
+        Entry { index, term, data: vec![index as u8; 100], ..Default::default() }
+    }
+
+    fn open(dir: &Path, seg: u64) -> Recovered {
+        recover(dir, seg, Arc::new(AtomicU64::new(0))).expect("recover")
+    }
+
+    #[test]
+    fn names_parse_back() {
+        assert_eq!(parse_segment_name(&segment_name(1, 77)), Some((1, 77)));
+        assert_eq!(parse_segment_name("1-2.wal"), None);
+    }
+
+    #[test]
+    fn replay_round_trip_and_rotation() {
+        let d = tempfile::tempdir().expect("tempdir");
+        {
+            let mut r = open(d.path(), 1024);
+            for i in 1..=50 {
+                r.wal.push_entries(&[e(i, 1)]).expect("push");
+                r.wal.push_hard_state(&HardState { term: 1, vote: 1, commit: i }).expect("hs");
+                r.wal.sync().expect("sync");
+            }
+            assert!(r.wal.segments().len() > 3, "rotation expected");
+            assert_eq!(r.wal.pending_bytes(), 0);
+        }
+        let r = open(d.path(), 1024);
+        assert_eq!(r.log.entries, (1..=50).map(|i| e(i, 1)).collect::<Vec<_>>());
+        assert_eq!(r.log.hs.commit, 50);
+    }
+
+    #[test]
+    fn missing_middle_segment_is_corrupt() {
+        let d = tempfile::tempdir().expect("tempdir");
+        {
+            let mut r = open(d.path(), 512);
+            for i in 1..=30 {
+                r.wal.push_entries(&[e(i, 1)]).expect("push");
+                r.wal.sync().expect("sync");
+            }
+            let segs = r.wal.segments().to_vec();
+            assert!(segs.len() >= 3);
+            fs::remove_file(&segs[1].path).expect("rm");
+        }
+        let err = recover(d.path(), 512, Arc::new(AtomicU64::new(0))).err().expect("must fail");
+        assert!(err.to_string().contains("missing"), "{err}");
+    }
+
+    #[test]
+    fn purge_keeps_what_replay_needs() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let mut r = open(d.path(), 600);
+        for i in 1..=40 {
+            r.wal.push_entries(&[e(i, 1)]).expect("push");
+            r.wal.sync().expect("sync");
+        }
+        let before = r.wal.segments().len();
+        r.wal.push_snapshot(false, 30, 1).expect("snap");
+        r.wal.sync().expect("sync");
+        let deleted = r.wal.purge(25).expect("purge");
+        assert!(deleted > 0 && deleted < before, "deleted {deleted} of {before}");
+        drop(r);
+        let r = open(d.path(), 600);
+        assert!(r.log.first_index() <= 25, "first {}", r.log.first_index());
+        assert_eq!(r.log.last_index(), 40);
+        assert_eq!(r.log.snap_index, 30);
+        let first = r.log.first_index();
+        assert_eq!(r.log.entries, (first..=40).map(|i| e(i, 1)).collect::<Vec<_>>());
+    }
+}

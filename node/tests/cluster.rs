@@ -1,0 +1,290 @@
+//! Cluster tests on real `raftkv-node` processes (issue: raftexample rebuilt, durable and
+//! linearizable). Each test starts its own cluster on 127.0.0.1 with fresh data dirs.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use raftkv_tests::{wait_for, Cluster, Http, Options, StatusCode};
+
+const T: Duration = Duration::from_secs(20);
+
+#[test]
+fn write_on_one_node_is_read_on_every_other_at_once() {
+    let c = Cluster::start(3);
+    for round in 0..20 {
+        let writer = (round % 3) + 1;
+        let value = format!("v{round}");
+        assert_eq!(c.put(writer, "k", &value).unwrap(), StatusCode::NO_CONTENT);
+        // The PUT was acknowledged: a linearizable read anywhere must see it, immediately.
+        for reader in 1..=3 {
+            assert_eq!(c.get(reader, "k").unwrap().as_deref(), Some(value.as_str()), "stale read on node {reader}");
+        }
+    }
+    // The versioned API agrees and carries the revision.
+    let r = c.http.get(&format!("{}/v1/kv/k", c.url(2))).unwrap();
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.json()["value"], "v19");
+    assert!(r.json()["revision"].as_u64().unwrap() > 1);
+}
+
+#[test]
+fn kill_9_of_every_node_loses_no_acked_write() {
+    let mut c = Cluster::start(3);
+    for i in 0..200 {
+        c.put_retry((i % 3) + 1, &format!("key{i}"), &format!("value{i}"), T);
+    }
+    for id in 1..=3 {
+        c.kill(id);
+    }
+    for id in 1..=3 {
+        c.spawn(id);
+    }
+    c.wait_leader(T);
+    for i in 0..200 {
+        let got = wait_for(T, "a read after restart", || c.get((i % 3) + 1, &format!("key{i}")).ok());
+        assert_eq!(got.as_deref(), Some(format!("value{i}").as_str()), "key{i} lost");
+    }
+}
+
+#[test]
+fn acked_writes_from_8_clients_survive_kill_9_mid_load() {
+    let mut c = Cluster::start(3);
+    let acked: Arc<Mutex<BTreeMap<String, String>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let urls: Vec<String> = (1..=3).map(|id| c.url(id)).collect();
+    let workers: Vec<_> = (0..8)
+        .map(|w| {
+            let (acked, stop, urls) = (acked.clone(), stop.clone(), urls.clone());
+            std::thread::spawn(move || {
+                let http = Http::new(Duration::from_secs(5));
+                let mut i = 0u64;
+                while !stop.load(Ordering::Relaxed) && i < 5_000 {
+                    let key = format!("w{w}-{i}");
+                    let val = format!("{w}:{i}");
+                    let url = format!("{}/{key}", urls[(i as usize + w) % 3]);
+                    if let Ok(r) = http.put(&url, val.clone()) {
+                        if r.status.is_success() {
+                            acked.lock().unwrap().insert(key, val);
+                        }
+                    }
+                    i += 1;
+                }
+            })
+        })
+        .collect();
+    wait_for(T, "some acked writes", || (acked.lock().unwrap().len() >= 300).then_some(()));
+    for id in 1..=3 {
+        c.kill(id);
+    }
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.join().unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    for id in 1..=3 {
+        c.spawn(id);
+    }
+    c.wait_leader(T);
+    for (n, (k, v)) in acked.iter().enumerate() {
+        let got = wait_for(T, "a read after restart", || c.get((n as u64 % 3) + 1, k).ok());
+        assert_eq!(got.as_deref(), Some(v.as_str()), "acked write {k} lost");
+    }
+    eprintln!("{} acked writes checked", acked.len());
+}
+
+#[test]
+fn follower_down_across_snapshot_and_compaction_catches_up() {
+    let mut c = Cluster::start_with(3, Options { snapshot_count: 50, ..Default::default() });
+    let leader = c.wait_leader(T);
+    let down = (1..=3).find(|id| *id != leader).unwrap();
+    c.kill(down);
+    let up = (1..=3).find(|id| *id != down).unwrap();
+    // Well past several snapshots and the compaction point (tail <= snapshot count).
+    for i in 0..400 {
+        c.put_retry(up, &format!("s{i}"), &format!("{i}"), T);
+    }
+    let snap = c.status(up).unwrap()["snapshot_index"].as_u64().unwrap();
+    assert!(snap >= 350, "leader side should have snapshotted, snapshot_index={snap}");
+    c.spawn(down);
+    // Serializable reads on the revived node show its own state: it must catch up.
+    wait_for(T, "the follower to catch up by snapshot", || {
+        let r = c.http.get(&format!("{}/v1/kv/s399?consistency=serializable", c.url(down))).ok()?;
+        (r.status == StatusCode::OK && r.json()["value"] == "399").then_some(())
+    });
+    for i in (0..400).step_by(37) {
+        let r = c.http.get(&format!("{}/v1/kv/s{i}?consistency=serializable", c.url(down))).unwrap();
+        assert_eq!(r.json()["value"], format!("{i}"));
+    }
+}
+
+#[test]
+fn a_fourth_node_joins_with_join() {
+    let mut c = Cluster::start(3);
+    c.put_retry(1, "before", "join", T);
+    let id = c.spawn_joiner();
+    // Waiting to be added: alive, not ready, no panic.
+    wait_for(T, "the joiner to serve /healthz", || {
+        c.http.get(&format!("{}/healthz", c.url(id))).ok().filter(|r| r.status == StatusCode::OK)
+    });
+    let r = c.http.get(&format!("{}/readyz", c.url(id))).unwrap();
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    // raftexample's way: POST /<id> with the peer URL.
+    let r = c.http.post(&format!("{}/{id}", c.url(2)), c.node(id).peer_url()).unwrap();
+    assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.text());
+    c.put_retry(3, "after", "join", T);
+    wait_for(T, "the joiner to read both keys", || {
+        (c.get(id, "before").ok()?? == "join" && c.get(id, "after").ok()?? == "join").then_some(())
+    });
+    let members = c.http.get(&format!("{}/v1/members", c.url(id))).unwrap().json();
+    assert_eq!(members["members"].as_array().unwrap().len(), 4);
+    // And it survives a restart as a full member.
+    c.kill(id);
+    c.spawn(id);
+    wait_for(T, "the joiner to come back", || (c.get(id, "after").ok()?? == "join").then_some(()));
+}
+
+#[test]
+fn a_removed_node_exits_and_cannot_rejoin_with_old_data() {
+    let mut c = Cluster::start(3);
+    c.put_retry(1, "k", "v", T);
+    let leader = c.wait_leader(T);
+    let victim = (1..=3).find(|id| *id != leader).unwrap();
+    let r = c.http.delete(&format!("{}/{victim}", c.url(leader))).unwrap();
+    assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.text());
+    assert_eq!(c.wait_exit(victim, T), Some(0), "a removed node exits cleanly");
+    let others: Vec<u64> = (1..=3).filter(|id| *id != victim).collect();
+    c.put_retry(others[0], "k2", "v2", T);
+    assert_eq!(c.get(others[1], "k2").unwrap().as_deref(), Some("v2"));
+    // Restarting the removed member with its old data dir is refused.
+    c.spawn(victim);
+    let code = c.wait_exit(victim, T);
+    assert_eq!(code, Some(1));
+    let log = std::fs::read_to_string(&c.node(victim).log).unwrap();
+    assert!(log.contains("removed"), "the refusal names the removal");
+    // Removing the leader hands leadership over first, then removes it.
+    let leader = c.wait_leader(T);
+    let r = c.http.delete(&format!("{}/v1/members/{leader}", c.url(leader))).unwrap();
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(c.wait_exit(leader, T), Some(0));
+    let last = others.iter().copied().find(|id| *id != leader).unwrap();
+    c.put_retry(last, "alone", "yes", T);
+}
+
+#[test]
+fn writes_resume_within_seconds_after_the_leader_is_killed() {
+    let mut c = Cluster::start(3);
+    let leader = c.wait_leader(T);
+    c.put_retry(leader, "a", "1", T);
+    c.kill(leader);
+    let killed_at = Instant::now();
+    let other = (1..=3).find(|id| *id != leader).unwrap();
+    c.put_retry(other, "b", "2", Duration::from_secs(10));
+    let took = killed_at.elapsed();
+    eprintln!("writes resumed {took:?} after the leader was killed");
+    assert!(took < Duration::from_secs(10));
+    let new_leader = c.wait_leader(T);
+    assert_ne!(new_leader, leader);
+}
+
+#[test]
+fn with_two_of_three_down_a_write_gets_503_never_2xx() {
+    let mut c = Cluster::start_with(3, Options { request_timeout_ms: 1_500, ..Default::default() });
+    c.put_retry(1, "k", "before", T);
+    let leader = c.wait_leader(T);
+    let survivor = (1..=3).find(|id| *id != leader).unwrap();
+    for id in 1..=3 {
+        if id != survivor {
+            c.kill(id);
+        }
+    }
+    for i in 0..3 {
+        let started = Instant::now();
+        let r = c.http.put(&format!("{}/k", c.url(survivor)), format!("after{i}")).unwrap();
+        assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "write without quorum: {}", r.text());
+        assert!(started.elapsed() < Duration::from_secs(5), "bounded wait");
+        let r = c.http.get(&format!("{}/v1/kv/k", c.url(survivor))).unwrap();
+        assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "linearizable read without quorum");
+    }
+    let r = c.http.get(&format!("{}/readyz", c.url(survivor))).unwrap();
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+}
+
+#[test]
+fn bad_input_gets_its_status_and_the_node_stays_up() {
+    let c = Cluster::start_with(1, Options::default());
+    let u = c.url(1);
+    let h = &c.http;
+    // 413 above --max-request-bytes (default 1.5 MiB).
+    let r = h.put(&format!("{u}/big"), vec![b'x'; 2 * 1024 * 1024]).unwrap();
+    assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE);
+    // 400 for a bad member id or URL.
+    assert_eq!(h.post(&format!("{u}/abc"), "http://127.0.0.1:1").unwrap().status, StatusCode::BAD_REQUEST);
+    assert_eq!(h.post(&format!("{u}/0"), "http://127.0.0.1:1").unwrap().status, StatusCode::BAD_REQUEST);
+    assert_eq!(h.post(&format!("{u}/5"), "not a url").unwrap().status, StatusCode::BAD_REQUEST);
+    assert_eq!(h.delete(&format!("{u}/x")).unwrap().status, StatusCode::BAD_REQUEST);
+    assert_eq!(h.post(&format!("{u}/v1/members"), "{not json").unwrap().status, StatusCode::BAD_REQUEST);
+    let r = h.post(&format!("{u}/v1/members"), r#"{"id":7,"peer_url":"ftp://x"}"#).unwrap();
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert_eq!(r.json()["code"], "bad_request");
+    // 405 for other methods.
+    let r = h.call("PATCH", &format!("{u}/k"), None).unwrap();
+    assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED);
+    // Bad escapes, bad query values, unknown /v1 routes.
+    assert_eq!(h.get(&format!("{u}/v1/kv/%zz")).unwrap().status, StatusCode::BAD_REQUEST);
+    assert_eq!(h.get(&format!("{u}/v1/kv/k?consistency=weird")).unwrap().status, StatusCode::BAD_REQUEST);
+    assert_eq!(h.get(&format!("{u}/v1/nope")).unwrap().status, StatusCode::NOT_FOUND);
+    // 404 for a missing key, both APIs.
+    assert_eq!(h.get(&format!("{u}/missing")).unwrap().status, StatusCode::NOT_FOUND);
+    assert_eq!(h.get(&format!("{u}/v1/kv/missing")).unwrap().status, StatusCode::NOT_FOUND);
+    // Garbage on the client and peer sockets.
+    use std::io::{Read, Write};
+    for port in [c.node(1).client_port, c.node(1).peer_port] {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(b"\x00\xff\xfe garbage \r\n\r\n\x16\x03\x01").unwrap();
+        let mut buf = Vec::new();
+        let _ = s.read_to_end(&mut buf);
+    }
+    // Garbage raft frames on the peer route: 400, node alive.
+    let peer = format!("{}/raft", c.node(1).peer_url());
+    assert_eq!(h.post(&peer, vec![0xff, 0xff, 0xff, 0x7f, 1, 2, 3]).unwrap().status, StatusCode::BAD_REQUEST);
+    assert_eq!(h.post(&peer, vec![3, 0, 0, 0, 0xff, 0xff, 0xff]).unwrap().status, StatusCode::BAD_REQUEST);
+    // Still serving, still writable.
+    assert_eq!(c.put(1, "still", "up").unwrap(), StatusCode::NO_CONTENT);
+    assert_eq!(c.get(1, "still").unwrap().as_deref(), Some("up"));
+}
+
+#[test]
+fn bad_flags_exit_2_with_a_message() {
+    let bin = raftkv_tests::node_binary();
+    for args in [
+        vec!["--id", "0"],
+        vec!["--id", "nope"],
+        vec!["--cluster", "127.0.0.1:1"],
+        vec!["--id", "3", "--cluster", "http://127.0.0.1:1"],
+        vec!["--snapshot-count", "0"],
+        vec!["--frobnicate"],
+    ] {
+        let out = std::process::Command::new(&bin).args(&args).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(!out.stderr.is_empty(), "{args:?} printed no message");
+    }
+}
+
+#[test]
+fn sigterm_hands_leadership_over_and_exits_0() {
+    let mut c = Cluster::start(3);
+    c.put_retry(1, "k", "v", T);
+    let leader = c.wait_leader(T);
+    let code = c.terminate(leader, T);
+    assert_eq!(code, Some(0));
+    // Leadership was handed over: a new leader exists at once, with no election timeout.
+    let started = Instant::now();
+    let new_leader = c.wait_leader(T);
+    assert_ne!(new_leader, leader);
+    eprintln!("new leader {new_leader} seen {:?} after exit", started.elapsed());
+    let other = c.running()[0];
+    c.put_retry(other, "k", "v2", T);
+}
