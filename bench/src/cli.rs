@@ -119,7 +119,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "us" => n / 1e6,
         "m" => n * 60.0,
         "h" => n * 3600.0,
-        _ => return Err(format!("invalid duration unit in {s:?} (use ms, s, m or h)")),
+        _ => {
+            return Err(format!(
+                "invalid duration unit in {s:?} (use ms, s, m or h)"
+            ))
+        }
     };
     if !secs.is_finite() || !(0.0..=86_400.0 * 7.0).contains(&secs) {
         return Err(format!("duration {s:?} out of range"));
@@ -202,9 +206,16 @@ impl Workload {
     pub fn ops(self) -> &'static [Op] {
         match self {
             Workload::Put | Workload::Load => &[Op::Put],
-            Workload::Get => &[Op::Get { serializable: false }],
+            Workload::Get => &[Op::Get {
+                serializable: false,
+            }],
             Workload::GetSerializable => &[Op::Get { serializable: true }],
-            Workload::Mix => &[Op::Put, Op::Get { serializable: false }],
+            Workload::Mix => &[
+                Op::Put,
+                Op::Get {
+                    serializable: false,
+                },
+            ],
         }
     }
 }
@@ -235,8 +246,7 @@ impl Args {
         if let Some(r) = self.rate {
             if !r.is_finite() || r <= 0.0 || r > 10_000_000.0 {
                 return Err(ConfigError::Invalid(
-                    "--rate must be a positive number of requests per second (at most 1e7)"
-                        .into(),
+                    "--rate must be a positive number of requests per second (at most 1e7)".into(),
                 ));
             }
         }
@@ -248,30 +258,29 @@ impl Args {
         if self.timeout.is_zero() {
             return Err(ConfigError::Invalid("--timeout must be positive".into()));
         }
-        let (length, warmup) = match (self.workload, self.duration, self.requests) {
-            (Workload::Load, None, None) => (Length::Requests(self.keys), Duration::ZERO),
-            (Workload::Load, _, _) => {
-                return Err(ConfigError::Invalid(
+        let (length, warmup) =
+            match (self.workload, self.duration, self.requests) {
+                (Workload::Load, None, None) => (Length::Requests(self.keys), Duration::ZERO),
+                (Workload::Load, _, _) => return Err(ConfigError::Invalid(
                     "--workload load writes every key once; it takes no --duration or --requests"
                         .into(),
-                ))
-            }
-            (_, Some(d), None) if d.is_zero() => {
-                return Err(ConfigError::Invalid("--duration must be positive".into()))
-            }
-            (_, Some(d), None) => (Length::Duration(d), self.warmup),
-            (_, None, Some(0)) => {
-                return Err(ConfigError::Invalid("--requests must be positive".into()))
-            }
-            (_, None, Some(n)) => (Length::Requests(n), self.warmup),
-            (_, None, None) => (Length::Duration(Duration::from_secs(10)), self.warmup),
-            // clap refuses --duration together with --requests.
-            (_, Some(_), Some(_)) => {
-                return Err(ConfigError::Invalid(
-                    "--duration and --requests are exclusive".into(),
-                ))
-            }
-        };
+                )),
+                (_, Some(d), None) if d.is_zero() => {
+                    return Err(ConfigError::Invalid("--duration must be positive".into()))
+                }
+                (_, Some(d), None) => (Length::Duration(d), self.warmup),
+                (_, None, Some(0)) => {
+                    return Err(ConfigError::Invalid("--requests must be positive".into()))
+                }
+                (_, None, Some(n)) => (Length::Requests(n), self.warmup),
+                (_, None, None) => (Length::Duration(Duration::from_secs(10)), self.warmup),
+                // clap refuses --duration together with --requests.
+                (_, Some(_), Some(_)) => {
+                    return Err(ConfigError::Invalid(
+                        "--duration and --requests are exclusive".into(),
+                    ))
+                }
+            };
         Ok(Config {
             target: self.target,
             endpoints,

@@ -105,7 +105,10 @@ impl KeySpace {
 /// every system's API unchanged, including JSON string fields).
 pub fn make_value(size: usize, seed: u64) -> Bytes {
     let rng = rand::rngs::StdRng::seed_from_u64(seed);
-    rng.sample_iter(Alphanumeric).take(size).collect::<Vec<u8>>().into()
+    rng.sample_iter(Alphanumeric)
+        .take(size)
+        .collect::<Vec<u8>>()
+        .into()
 }
 
 #[cfg(test)]
@@ -164,7 +167,11 @@ mod tests {
         let mut rng = rand::rngs::StdRng::seed_from_u64(1);
         let picks: HashSet<u64> = (0..1000).map(|_| ks.pick(&mut rng)).collect();
         assert!(picks.iter().all(|p| *p < 7));
-        assert_eq!(picks.len(), 7, "uniform picks should cover a tiny key space");
+        assert_eq!(
+            picks.len(),
+            7,
+            "uniform picks should cover a tiny key space"
+        );
     }
 
     #[test]

@@ -51,8 +51,8 @@ pub fn etcd_is_leader(body: &[u8]) -> Result<bool, LeaderError> {
         serde_json::from_slice(body).map_err(|e| LeaderError::BadAnswer(e.to_string()))?;
     let member = as_u64(v.get("header").and_then(|h| h.get("member_id")))
         .ok_or_else(|| LeaderError::BadAnswer("no header.member_id".into()))?;
-    let leader = as_u64(v.get("leader"))
-        .ok_or_else(|| LeaderError::BadAnswer("no leader field".into()))?;
+    let leader =
+        as_u64(v.get("leader")).ok_or_else(|| LeaderError::BadAnswer("no leader field".into()))?;
     Ok(leader != 0 && member == leader)
 }
 

@@ -160,7 +160,8 @@ VmSize:\t11418212 kB\nVmHWM:\t   84412 kB\nVmRSS:\t   61236 kB\nThreads:\t14\n";
     fn parses_stat_cpu_ticks_even_with_odd_command_names() {
         // Fields: pid (comm) state ppid pgrp session tty tpgid flags minflt cminflt majflt
         // cmajflt utime stime ...
-        let stat = "4242 (we ird) (name)) S 1 4242 4242 0 -1 4194560 1234 0 0 0 250 75 0 0 20 0 14 0";
+        let stat =
+            "4242 (we ird) (name)) S 1 4242 4242 0 -1 4194560 1234 0 0 0 250 75 0 0 20 0 14 0";
         assert_eq!(parse_stat_ticks(stat).unwrap(), 325);
         assert!(parse_stat_ticks("4242 (x) S 1 2").is_err());
         assert!(parse_stat_ticks("garbage").is_err());

@@ -359,7 +359,10 @@ mod tests {
         let r = Report::new(&cfg, &result);
         assert_eq!(r.throughput, 0.0);
         assert_eq!(r.server_peak_rss_kib_sum, None);
-        assert_eq!(r.processes[0].error.as_deref(), Some("reading /proc/7/status: gone"));
+        assert_eq!(
+            r.processes[0].error.as_deref(),
+            Some("reading /proc/7/status: gone")
+        );
         assert!(r.to_text().contains("pid 7: reading /proc/7/status: gone"));
     }
 }

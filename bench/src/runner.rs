@@ -120,7 +120,10 @@ pub async fn run(cfg: &Config) -> anyhow::Result<RunResult> {
     let measure_start = start + cfg.warmup;
     let (end, remaining) = match cfg.length {
         Length::Duration(d) => (Some(measure_start + d), None),
-        Length::Requests(n) => (None, Some(AtomicI64::new(i64::try_from(n).unwrap_or(i64::MAX)))),
+        Length::Requests(n) => (
+            None,
+            Some(AtomicI64::new(i64::try_from(n).unwrap_or(i64::MAX))),
+        ),
     };
     let shared = Arc::new(Shared {
         start,

@@ -40,8 +40,7 @@ impl fmt::Display for ErrorKind {
 fn new_histogram() -> Histogram<u64> {
     // Constant, valid bounds: 1 µs .. 1 h at 3 significant figures. Nothing a user or a
     // peer does can make this fail.
-    Histogram::new_with_bounds(1, MAX_TRACKED_US, 3)
-        .expect("constant histogram bounds are valid")
+    Histogram::new_with_bounds(1, MAX_TRACKED_US, 3).expect("constant histogram bounds are valid")
 }
 
 /// Measurements of one worker (or, after [`Recorder::merge`], of all of them).
@@ -65,7 +64,9 @@ impl Default for Recorder {
 impl Recorder {
     /// Records a successful operation of kind `put` (else `get`) that took `latency`.
     pub fn record_ok(&mut self, is_put: bool, latency: Duration) {
-        let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX).max(1);
+        let us = u64::try_from(latency.as_micros())
+            .unwrap_or(u64::MAX)
+            .max(1);
         let h = if is_put { &mut self.put } else { &mut self.get };
         h.saturating_record(us);
     }
@@ -103,7 +104,10 @@ impl Recorder {
 
     /// Error counts by kind, keyed by the kind's report name.
     pub fn errors(&self) -> BTreeMap<String, u64> {
-        self.errors.iter().map(|(k, n)| (k.to_string(), *n)).collect()
+        self.errors
+            .iter()
+            .map(|(k, n)| (k.to_string(), *n))
+            .collect()
     }
 
     /// Summary over all successful operations.

@@ -244,14 +244,22 @@ mod tests {
         assert_eq!(v["value"], "aGVsbG8=");
         assert_eq!(v.as_object().unwrap().len(), 2);
 
-        let e = enc.encode(Op::Get { serializable: false }, "00000001");
+        let e = enc.encode(
+            Op::Get {
+                serializable: false,
+            },
+            "00000001",
+        );
         assert_eq!(e.path, "/v3/kv/range");
         let v: serde_json::Value = serde_json::from_str(&body_str(&e)).unwrap();
         assert_eq!(v, serde_json::json!({"key": "MDAwMDAwMDE="}));
 
         let e = enc.encode(Op::Get { serializable: true }, "00000001");
         let v: serde_json::Value = serde_json::from_str(&body_str(&e)).unwrap();
-        assert_eq!(v, serde_json::json!({"key": "MDAwMDAwMDE=", "serializable": true}));
+        assert_eq!(
+            v,
+            serde_json::json!({"key": "MDAwMDAwMDE=", "serializable": true})
+        );
     }
 
     #[test]
@@ -266,7 +274,12 @@ mod tests {
             ("12345", "MTIzNDU="),
             ("123456", "MTIzNDU2"),
         ] {
-            let e = enc.encode(Op::Get { serializable: false }, key);
+            let e = enc.encode(
+                Op::Get {
+                    serializable: false,
+                },
+                key,
+            );
             let v: serde_json::Value = serde_json::from_str(&body_str(&e)).unwrap();
             assert_eq!(v["key"], want, "key {key}");
         }
@@ -280,7 +293,12 @@ mod tests {
         assert_eq!((e.method.clone(), e.path), (Method::PUT, "/v1/kv/0007"));
         assert_eq!(e.body, value);
         assert_eq!(e.content_type, None);
-        let e = enc.encode(Op::Get { serializable: false }, "0007");
+        let e = enc.encode(
+            Op::Get {
+                serializable: false,
+            },
+            "0007",
+        );
         assert_eq!((e.method.clone(), e.path), (Method::GET, "/v1/kv/0007"));
         assert!(e.body.is_empty());
         let e = enc.encode(Op::Get { serializable: true }, "0007");
@@ -295,7 +313,12 @@ mod tests {
             let e = enc.encode(Op::Put, "0007");
             assert_eq!((e.method.clone(), e.path), (Method::PUT, "/0007"));
             assert_eq!(e.body, value);
-            let e = enc.encode(Op::Get { serializable: false }, "0007");
+            let e = enc.encode(
+                Op::Get {
+                    serializable: false,
+                },
+                "0007",
+            );
             assert_eq!((e.method.clone(), e.path), (Method::GET, "/0007"));
         }
         // raftexample has only one kind of read.
@@ -318,19 +341,33 @@ mod tests {
 
     #[test]
     fn classification() {
-        let get = Op::Get { serializable: false };
+        let get = Op::Get {
+            serializable: false,
+        };
         assert_eq!(classify(System::Raftkv, Op::Put, 204, b""), Outcome::Ok);
         assert_eq!(classify(System::Raftkv, Op::Put, 200, b"{}"), Outcome::Ok);
-        assert_eq!(classify(System::Raftkv, Op::Put, 503, b""), Outcome::Status(503));
+        assert_eq!(
+            classify(System::Raftkv, Op::Put, 503, b""),
+            Outcome::Status(503)
+        );
         assert_eq!(classify(System::Raftkv, get, 200, b"x"), Outcome::Ok);
         assert_eq!(classify(System::Raftkv, get, 404, b""), Outcome::NotFound);
-        assert_eq!(classify(System::Raftexample, get, 404, b""), Outcome::NotFound);
-        assert_eq!(classify(System::Raftexample, get, 500, b""), Outcome::Status(500));
+        assert_eq!(
+            classify(System::Raftexample, get, 404, b""),
+            Outcome::NotFound
+        );
+        assert_eq!(
+            classify(System::Raftexample, get, 500, b""),
+            Outcome::Status(500)
+        );
         let found = br#"{"header":{"revision":"5"},"kvs":[{"key":"YQ=="}],"count":"1"}"#;
         let empty = br#"{"header":{"revision":"5"}}"#;
         assert_eq!(classify(System::Etcd, get, 200, found), Outcome::Ok);
         assert_eq!(classify(System::Etcd, get, 200, empty), Outcome::NotFound);
         assert_eq!(classify(System::Etcd, get, 404, b""), Outcome::Status(404));
-        assert_eq!(classify(System::Etcd, Op::Put, 400, b""), Outcome::Status(400));
+        assert_eq!(
+            classify(System::Etcd, Op::Put, 400, b""),
+            Outcome::Status(400)
+        );
     }
 }
