@@ -589,9 +589,6 @@ impl RaftLoop {
             self.transport.send(rd.take_persisted_messages());
         }
         let mut light = self.raw.advance(rd);
-        if let Some(commit) = light.commit_index() {
-            metrics().proposals_committed.set(commit as i64);
-        }
         self.transport.send(light.take_messages());
         let committed = light.take_committed_entries();
         self.apply(committed)?;
@@ -682,9 +679,7 @@ impl RaftLoop {
         if entries.is_empty() {
             return Ok(());
         }
-        let mut last = 0;
         for e in entries {
-            last = e.index;
             match e.get_entry_type() {
                 EntryType::EntryNormal => self.apply_normal(&e)?,
                 EntryType::EntryConfChangeV2 => match ConfChangeV2::decode(e.data.as_slice()) {
@@ -708,7 +703,6 @@ impl RaftLoop {
             }
         }
         let kv = self.kv.read().map_err(lock_err)?;
-        metrics().proposals_applied.set(last as i64);
         metrics().keys.set(kv.len() as i64);
         Ok(())
     }
@@ -841,6 +835,8 @@ impl RaftLoop {
 
     fn store_status(&self, st: NodeStatus) {
         let m = metrics();
+        m.proposals_committed.set(st.commit_index as i64);
+        m.proposals_applied.set(st.applied_index as i64);
         m.wal_bytes.set(st.wal_bytes as i64);
         m.snapshot_bytes.set(self.storage.snapshot_bytes() as i64);
         m.snapshot_index.set(st.snapshot_index as i64);

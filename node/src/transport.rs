@@ -302,26 +302,23 @@ pub async fn handle_peer_request(
             return text(StatusCode::BAD_REQUEST, format!("{e}\n"));
         }
     };
-    let removed = |id: u64| kv.read().map(|k| k.is_removed(id)).unwrap_or(false);
+    // The sender is named by the header (a forwarded MsgTransferLeader carries the
+    // transferee in `from`, so `from` is not always the sender).
+    let sender = from_hdr.or_else(|| msgs.first().map(|m| m.from)).unwrap_or(0);
     for m in &msgs {
         if m.to != my_id {
             return text(StatusCode::BAD_REQUEST, format!("message for member {} sent to member {my_id}\n", m.to));
         }
-        if from_hdr.is_some_and(|f| f != m.from) {
-            return text(StatusCode::BAD_REQUEST, "x-raftkv-from does not match the messages\n");
-        }
-        if removed(m.from) {
-            return text(StatusCode::GONE, format!("member {} was removed from this cluster\n", m.from));
-        }
     }
-    if let (Some(from), Some(url)) = (msgs.first().map(|m| m.from), from_url) {
-        if transport.peer_url(from).is_none() && crate::config::parse_peer_url(&url).is_ok() {
-            transport.set_peer(from, &url);
+    if kv.read().map(|k| k.is_removed(sender)).unwrap_or(false) {
+        return text(StatusCode::GONE, format!("member {sender} was removed from this cluster\n"));
+    }
+    if let Some(url) = from_url {
+        if sender != 0 && transport.peer_url(sender).is_none() && crate::config::parse_peer_url(&url).is_ok() {
+            transport.set_peer(sender, &url);
         }
     }
-    if let Some(first) = msgs.first() {
-        metrics().peer_received_bytes.with_label_values(&[&first.from.to_string()]).inc_by(body.len() as u64);
-    }
+    metrics().peer_received_bytes.with_label_values(&[&sender.to_string()]).inc_by(body.len() as u64);
     for m in msgs {
         if raft.send(Request::Raft(Box::new(m))).is_err() {
             return text(StatusCode::SERVICE_UNAVAILABLE, "node is stopping\n");

@@ -1,0 +1,229 @@
+//! The operations API on real processes: learners, promotion, removal, leader transfer,
+//! compare-and-swap, prefix listing, readiness, and metrics scraped by a real Prometheus.
+
+use std::time::Duration;
+
+use raftkv_tests::{free_port, wait_for, Cluster, StatusCode};
+use serde_json::Value;
+
+const T: Duration = Duration::from_secs(20);
+
+fn member<'a>(members: &'a Value, id: u64) -> Option<&'a Value> {
+    members["members"].as_array()?.iter().find(|m| m["id"] == id)
+}
+
+#[test]
+fn learner_catches_up_is_promoted_then_a_voter_is_removed_and_leadership_moves() {
+    let mut c = Cluster::start(3);
+    for i in 0..50 {
+        c.put_retry(1, &format!("k{i}"), "v", T);
+    }
+    let id = c.spawn_joiner();
+    let body = format!(r#"{{"id":{id},"peer_url":"{}","learner":true}}"#, c.node(id).peer_url());
+    let r = c.http.post(&format!("{}/v1/members", c.url(2)), body.clone()).unwrap();
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text());
+    // Idempotent: the same request again is a 200, a different one a 409.
+    assert_eq!(c.http.post(&format!("{}/v1/members", c.url(2)), body).unwrap().status, StatusCode::OK);
+    let r = c.http.post(&format!("{}/v1/members", c.url(2)), format!(r#"{{"id":{id},"peer_url":"http://127.0.0.1:1"}}"#)).unwrap();
+    assert_eq!(r.status, StatusCode::CONFLICT);
+    assert_eq!(r.json()["code"], "member_exists");
+    // The learner catches up (its match index reaches the commit index).
+    wait_for(T, "the learner to catch up", || {
+        let m = c.http.get(&format!("{}/v1/members", c.url(3))).ok()?.json();
+        let l = member(&m, id)?;
+        (l["role"] == "learner" && l["match_index"].as_u64()? >= m["commit_index"].as_u64()?).then_some(())
+    });
+    let r = c.http.get(&format!("{}/v1/kv/k49?consistency=serializable", c.url(id))).unwrap();
+    assert_eq!(r.status, StatusCode::OK);
+    let r = c.http.post(&format!("{}/v1/members/{id}/promote", c.url(1)), "").unwrap();
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.json()["changed"], true);
+    let r = c.http.post(&format!("{}/v1/members/{id}/promote", c.url(1)), "").unwrap();
+    assert_eq!(r.json()["changed"], false);
+    let m = c.http.get(&format!("{}/v1/members", c.url(id))).unwrap().json();
+    assert_eq!(member(&m, id).unwrap()["role"], "voter");
+    // Transfer leadership to the new voter, explicitly.
+    let r = c.http.post(&format!("{}/v1/leader/transfer", c.url(1)), format!(r#"{{"to":{id}}}"#)).unwrap();
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(c.wait_leader(T), id);
+    // And to "the best one".
+    let r = c.http.post(&format!("{}/v1/leader/transfer", c.url(2)), "{}").unwrap();
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let new_leader = r.json()["leader"].as_u64().unwrap();
+    assert_ne!(new_leader, id);
+    // Remove a voter that is not the leader.
+    let victim = (1..=3).find(|v| *v != new_leader).unwrap();
+    let r = c.http.delete(&format!("{}/v1/members/{victim}", c.url(id))).unwrap();
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(c.wait_exit(victim, T), Some(0));
+    let r = c.http.delete(&format!("{}/v1/members/{victim}", c.url(id))).unwrap();
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    let m = c.http.get(&format!("{}/v1/members", c.url(id))).unwrap().json();
+    assert_eq!(m["members"].as_array().unwrap().len(), 3);
+    c.put_retry(id, "after", "removal", T);
+}
+
+#[test]
+fn promote_is_refused_while_the_learner_is_behind() {
+    let c = Cluster::start(3);
+    for i in 0..20 {
+        c.put_retry(1, &format!("k{i}"), "v", T);
+    }
+    // A learner whose process never started cannot catch up.
+    let url = format!("http://127.0.0.1:{}", free_port());
+    let r = c.http.post(&format!("{}/v1/members", c.url(1)), format!(r#"{{"id":9,"peer_url":"{url}","learner":true}}"#)).unwrap();
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text());
+    let r = c.http.post(&format!("{}/v1/members/9/promote", c.url(2)), "").unwrap();
+    assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.text());
+    assert_eq!(r.json()["code"], "learner_behind");
+    assert_eq!(c.http.post(&format!("{}/v1/members/77/promote", c.url(2)), "").unwrap().status, StatusCode::NOT_FOUND);
+    // The cluster still writes (a learner is not part of the quorum), and the learner goes away.
+    c.put_retry(3, "still", "writable", T);
+    let r = c.http.delete(&format!("{}/v1/members/9", c.url(3))).unwrap();
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+}
+
+#[test]
+fn compare_and_swap_and_prefix_listing() {
+    let c = Cluster::start(1);
+    let u = c.url(1);
+    let h = &c.http;
+    let r = h.put(&format!("{u}/v1/kv/cas?prev_revision=0"), "a").unwrap();
+    assert_eq!(r.status, StatusCode::OK, "create-if-absent");
+    let rev = r.json()["revision"].as_u64().unwrap();
+    let r = h.put(&format!("{u}/v1/kv/cas?prev_revision=0"), "b").unwrap();
+    assert_eq!(r.status, StatusCode::PRECONDITION_FAILED);
+    assert_eq!(r.json()["code"], "revision_mismatch");
+    let r = h.put(&format!("{u}/v1/kv/cas?prev_revision={}", rev + 100), "b").unwrap();
+    assert_eq!(r.status, StatusCode::PRECONDITION_FAILED);
+    let r = h.put(&format!("{u}/v1/kv/cas?prev_revision={rev}"), "b").unwrap();
+    assert_eq!(r.status, StatusCode::OK);
+    let rev2 = r.json()["revision"].as_u64().unwrap();
+    assert!(rev2 > rev);
+    assert_eq!(h.get(&format!("{u}/v1/kv/cas")).unwrap().json()["value"], "b");
+    assert_eq!(h.delete(&format!("{u}/v1/kv/cas?prev_revision={rev}")).unwrap().status, StatusCode::PRECONDITION_FAILED);
+    assert_eq!(h.delete(&format!("{u}/v1/kv/cas?prev_revision={rev2}")).unwrap().status, StatusCode::OK);
+    assert_eq!(h.get(&format!("{u}/v1/kv/cas")).unwrap().status, StatusCode::NOT_FOUND);
+    assert_eq!(h.put(&format!("{u}/v1/kv/cas?prev_revision=x"), "b").unwrap().status, StatusCode::BAD_REQUEST);
+
+    for k in ["p/c", "p/a", "q/x", "p/b", "o", "p/d"] {
+        assert_eq!(h.put(&format!("{u}/v1/kv/{k}"), k).unwrap().status, StatusCode::OK);
+    }
+    let r = h.get(&format!("{u}/v1/kv?prefix=p/&limit=3")).unwrap().json();
+    let keys: Vec<&str> = r["items"].as_array().unwrap().iter().map(|i| i["key"].as_str().unwrap()).collect();
+    assert_eq!(keys, ["p/a", "p/b", "p/c"]);
+    assert_eq!(r["more"], true);
+    let r = h.get(&format!("{u}/v1/kv?prefix=p/")).unwrap().json();
+    assert_eq!(r["items"].as_array().unwrap().len(), 4);
+    assert_eq!(r["more"], false);
+    let r = h.get(&format!("{u}/v1/kv?prefix=p/&limit=0")).unwrap();
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    // Status carries the indexes and members.
+    let st = h.get(&format!("{u}/v1/status")).unwrap().json();
+    assert_eq!(st["id"], 1);
+    assert_eq!(st["leader"], 1);
+    assert!(st["applied_index"].as_u64().unwrap() >= st["commit_index"].as_u64().unwrap() - 0);
+    assert_eq!(st["incarnation"].as_str().unwrap().len(), 16);
+}
+
+#[test]
+fn readyz_is_false_on_a_node_cut_off_from_quorum() {
+    let mut c = Cluster::start(3);
+    for id in 1..=3 {
+        let r = c.http.get(&format!("{}/readyz", c.url(id))).unwrap();
+        assert_eq!(r.status, StatusCode::OK, "node {id}: {}", r.text());
+    }
+    c.kill(1);
+    c.kill(2);
+    wait_for(T, "node 3 to report not ready", || {
+        let r = c.http.get(&format!("{}/readyz", c.url(3))).ok()?;
+        (r.status == StatusCode::SERVICE_UNAVAILABLE).then_some(())
+    });
+    assert_eq!(c.http.get(&format!("{}/healthz", c.url(3))).unwrap().status, StatusCode::OK, "alive, just not ready");
+    c.spawn(1);
+    wait_for(T, "node 3 ready again", || {
+        (c.http.get(&format!("{}/readyz", c.url(3))).ok()?.status == StatusCode::OK).then_some(())
+    });
+}
+
+#[test]
+fn metrics_have_help_text_and_count_requests() {
+    let c = Cluster::start(1);
+    c.put_retry(1, "m", "v", T);
+    let text = c.http.get(&format!("{}/metrics", c.url(1))).unwrap().text();
+    for name in [
+        "raftkv_server_has_leader 1",
+        "raftkv_server_is_leader 1",
+        "raftkv_server_leader_changes_seen_total",
+        "raftkv_server_proposals_committed_total",
+        "raftkv_server_proposals_applied_total",
+        "raftkv_server_proposals_pending",
+        "raftkv_server_proposals_failed_total",
+        "raftkv_disk_wal_fsync_duration_seconds_bucket",
+        "raftkv_disk_snapshot_save_total_duration_seconds",
+        "raftkv_disk_wal_size_bytes",
+        "raftkv_disk_snapshot_size_bytes",
+        "raftkv_http_requests_total{code=\"204\",route=\"key_put\"}",
+        "raftkv_http_request_duration_seconds_bucket",
+        "raftkv_keys_total 1",
+    ] {
+        assert!(text.contains(name), "missing {name}");
+    }
+}
+
+#[test]
+fn a_real_prometheus_scrapes_the_cluster() {
+    let prom = which("prometheus").expect("prometheus is not installed: run scripts/setup.sh");
+    let c = Cluster::start(3);
+    for i in 0..10 {
+        c.put_retry(1, &format!("p{i}"), "v", T);
+    }
+    let port = free_port();
+    let dir = c.dir.path().join("prometheus");
+    std::fs::create_dir_all(&dir).unwrap();
+    let targets: Vec<String> = (1..=3).map(|id| format!("'127.0.0.1:{}'", c.node(id).client_port)).collect();
+    let config = format!(
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: raftkv\n    static_configs:\n      - targets: [{}]\n",
+        targets.join(", ")
+    );
+    std::fs::write(dir.join("prometheus.yml"), config).unwrap();
+    let log = std::fs::File::create(dir.join("prometheus.log")).unwrap();
+    let mut child = std::process::Command::new(prom)
+        .arg(format!("--config.file={}", dir.join("prometheus.yml").display()))
+        .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _guard = Kill(std::mem::replace(&mut child, std::process::Command::new("true").spawn().unwrap()));
+    let query = |q: &str| -> Option<Vec<Value>> {
+        let r = c.http.get(&format!("http://127.0.0.1:{port}/api/v1/query?query={q}")).ok()?;
+        let v = serde_json::from_slice::<Value>(&r.body).ok()?;
+        v["data"]["result"].as_array().cloned()
+    };
+    let has_leader = wait_for(Duration::from_secs(60), "Prometheus to scrape has_leader from 3 nodes", || {
+        query("raftkv_server_has_leader").filter(|r| r.len() == 3)
+    });
+    for series in &has_leader {
+        assert_eq!(series["value"][1], "1", "{series}");
+    }
+    let committed = wait_for(Duration::from_secs(30), "the committed-proposals counter", || {
+        query("raftkv_server_proposals_committed_total").filter(|r| r.len() == 3)
+    });
+    for series in &committed {
+        let v: f64 = series["value"][1].as_str().unwrap().parse().unwrap();
+        assert!(v >= 11.0, "committed {v}");
+    }
+}
+
+fn which(name: &str) -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH")?.to_str()?.split(':').map(|d| std::path::Path::new(d).join(name)).find(|p| p.exists())
+}

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The whole test suite: installs what it needs, builds everything, runs every test.
+# README.md gives this command; .ci/run calls it unchanged.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+
+echo "== build"
+cargo build --workspace --all-targets --locked
+
+echo "== unit, integration and cluster tests"
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --locked --no-fail-fast
+else
+  cargo test --workspace --locked --no-fail-fast
+fi
+cargo test --workspace --doc --locked
+
+if [ -f scripts/check-chart.sh ]; then
+  echo "== chart, manifests, shell scripts"
+  bash scripts/check-chart.sh
+fi
+echo "== all tests passed"
