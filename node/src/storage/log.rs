@@ -82,6 +82,12 @@ impl MemLog {
                 "entry {at} would overwrite the compacted log (first index {first})"
             )));
         }
+        if at <= self.snap_index {
+            return Err(StorageError::InvalidAppend(format!(
+                "entry {at} would overwrite the snapshot at index {}",
+                self.snap_index
+            )));
+        }
         let last = self.last_index();
         if at > last + 1 {
             return Err(StorageError::InvalidAppend(format!("entry {at} leaves a gap after last index {last}")));

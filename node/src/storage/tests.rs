@@ -1,1 +1,536 @@
-//! Tests of DiskStorage.
+//! Tests of `DiskStorage`: durability across reopen, torn tails, corruption, snapshots,
+//! compaction, and MemStorage equivalence (proptest).
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use proptest::prelude::*;
+use raft::eraftpb::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
+use raft::storage::MemStorage;
+use raft::{GetEntriesContext, Storage};
+
+use super::*;
+
+fn e(index: u64, term: u64) -> Entry {
+    Entry { index, term, data: format!("value-{index}-{term}").into_bytes(), ..Default::default() }
+}
+
+fn ents(lo: u64, hi: u64, term: u64) -> Vec<Entry> {
+    (lo..=hi).map(|i| e(i, term)).collect()
+}
+
+fn cs(voters: &[u64]) -> ConfState {
+    ConfState { voters: voters.to_vec(), ..Default::default() }
+}
+
+fn snap(index: u64, term: u64, data: &[u8]) -> Snapshot {
+    Snapshot {
+        data: data.to_vec(),
+        metadata: Some(SnapshotMetadata { conf_state: Some(cs(&[1, 2, 3])), index, term }),
+    }
+}
+
+fn open(dir: &Path) -> DiskStorage {
+    DiskStorage::open(dir, StorageOptions::default()).expect("open")
+}
+
+fn open_small(dir: &Path, segment_bytes: u64) -> DiskStorage {
+    DiskStorage::open(dir, StorageOptions { segment_bytes }).expect("open")
+}
+
+fn all_entries(s: &DiskStorage) -> Vec<Entry> {
+    let (lo, hi) = (s.first_index().expect("first"), s.last_index().expect("last"));
+    s.entries(lo, hi + 1, None, GetEntriesContext::empty(false)).expect("entries")
+}
+
+fn segments(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = fs::read_dir(dir.join("wal"))
+        .expect("wal dir")
+        .map(|d| d.expect("entry").path())
+        .filter(|p| p.extension().and_then(|x| x.to_str()) == Some("wal"))
+        .collect();
+    v.sort();
+    v
+}
+
+fn file_len(p: &Path) -> u64 {
+    fs::metadata(p).expect("stat").len()
+}
+
+#[test]
+fn fresh_then_round_trip() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let hs = HardState { term: 3, vote: 2, commit: 4 };
+    {
+        let s = open(d.path());
+        assert!(s.is_fresh());
+        assert_eq!(s.sync().expect("noop sync"), Duration::ZERO);
+        s.append(&ents(1, 5, 3)).expect("append");
+        s.set_hard_state(&hs).expect("hs");
+        s.sync().expect("sync");
+        assert!(s.wal_bytes() > 0);
+    }
+    let s = open(d.path());
+    assert!(!s.is_fresh());
+    assert_eq!(all_entries(&s), ents(1, 5, 3));
+    assert_eq!(s.hard_state(), hs);
+    assert_eq!(s.initial_state().expect("state").hard_state, hs);
+    assert_eq!(s.wal_bytes(), segments(d.path()).iter().map(|p| file_len(p)).sum::<u64>());
+}
+
+#[test]
+fn unsynced_records_are_not_durable_but_synced_ones_are() {
+    let d = tempfile::tempdir().expect("tempdir");
+    {
+        let s = open(d.path());
+        s.append(&ents(1, 3, 1)).expect("append");
+        s.sync().expect("sync");
+        s.append(&ents(4, 6, 1)).expect("append, never synced");
+    }
+    let s = open(d.path());
+    assert_eq!(all_entries(&s), ents(1, 3, 1));
+}
+
+#[test]
+fn conflicting_suffix_overwrite_survives_reopen() {
+    let d = tempfile::tempdir().expect("tempdir");
+    {
+        let s = open(d.path());
+        s.append(&ents(1, 10, 1)).expect("append");
+        s.sync().expect("sync");
+        s.append(&ents(6, 7, 2)).expect("overwrite");
+        s.sync().expect("sync");
+        assert_eq!(s.last_index().expect("last"), 7);
+    }
+    let s = open(d.path());
+    let mut want = ents(1, 5, 1);
+    want.extend(ents(6, 7, 2));
+    assert_eq!(all_entries(&s), want);
+}
+
+#[test]
+fn append_rejects_gaps_and_compacted_overwrites() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let s = open(d.path());
+    s.append(&ents(1, 3, 1)).expect("append");
+    assert!(matches!(s.append(&ents(5, 6, 1)), Err(StorageError::InvalidAppend(_))));
+    assert!(matches!(s.append(&[e(4, 1), e(6, 1)]), Err(StorageError::InvalidAppend(_))));
+    s.apply_snapshot(snap(10, 2, b"x")).expect("snapshot");
+    assert!(matches!(s.append(&ents(9, 11, 2)), Err(StorageError::InvalidAppend(_))));
+    s.append(&ents(11, 12, 2)).expect("after snapshot");
+}
+
+/// Writes three single-entry records and returns the segment path and the file lengths
+/// before/after each record.
+fn three_records(dir: &Path) -> (PathBuf, Vec<u64>) {
+    let s = open(dir);
+    let seg = segments(dir).pop().expect("segment");
+    let mut lens = vec![file_len(&seg)];
+    for i in 1..=3 {
+        s.append(&[e(i, 1)]).expect("append");
+        s.sync().expect("sync");
+        lens.push(file_len(&seg));
+    }
+    (seg, lens)
+}
+
+#[test]
+fn torn_tail_is_truncated_at_every_cut_point() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let (seg, lens) = three_records(d.path());
+    let good = fs::read(&seg).expect("read");
+    let (start, end) = (lens[2], lens[3]);
+    for cut in start + 1..end {
+        fs::write(&seg, &good[..cut as usize]).expect("cut");
+        let s = open(d.path());
+        assert_eq!(all_entries(&s), ents(1, 2, 1), "cut at {cut}");
+        drop(s);
+        assert_eq!(file_len(&seg), start, "file truncated to the last good record (cut {cut})");
+    }
+    // A zero-filled tail (pre-allocated or lost data blocks) is torn too.
+    let mut zeros = good.clone();
+    zeros.extend_from_slice(&[0u8; 4096]);
+    fs::write(&seg, &zeros).expect("zeros");
+    let s = open(d.path());
+    assert_eq!(all_entries(&s), ents(1, 3, 1));
+    drop(s);
+    assert_eq!(file_len(&seg), end);
+    // A flipped bit in the very last record: torn, the record is dropped.
+    let mut flipped = good.clone();
+    flipped[end as usize - 2] ^= 0x04;
+    fs::write(&seg, &flipped).expect("flip");
+    let s = open(d.path());
+    assert_eq!(all_entries(&s), ents(1, 2, 1));
+    // And the storage keeps working after the truncation.
+    s.append(&ents(3, 4, 2)).expect("append");
+    s.sync().expect("sync");
+    drop(s);
+    let s = open(d.path());
+    let mut want = ents(1, 2, 1);
+    want.extend(ents(3, 4, 2));
+    assert_eq!(all_entries(&s), want);
+}
+
+#[test]
+fn bit_flip_in_a_middle_record_is_corrupt_with_file_and_offset() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let (seg, lens) = three_records(d.path());
+    let good = fs::read(&seg).expect("read");
+    // Body byte of the second record, then its length field.
+    for at in [lens[2] - 3, lens[1] + 1] {
+        let mut bad = good.clone();
+        bad[at as usize] ^= 0x20;
+        fs::write(&seg, &bad).expect("write");
+        let err = DiskStorage::open(d.path(), StorageOptions::default()).err().expect("must fail");
+        match &err {
+            StorageError::Corrupt { path, offset, .. } => {
+                assert_eq!(path, &seg);
+                assert_eq!(*offset, lens[1], "flip at {at}");
+            }
+            other => panic!("expected Corrupt, got {other}"),
+        }
+        let msg = err.to_string();
+        assert!(msg.starts_with("WAL corrupt: "), "{msg}");
+        assert!(msg.contains(&seg.display().to_string()) && msg.contains(&format!("offset {}", lens[1])), "{msg}");
+    }
+}
+
+#[test]
+fn bad_record_in_a_non_final_segment_is_corrupt() {
+    let d = tempfile::tempdir().expect("tempdir");
+    {
+        let s = open_small(d.path(), 300);
+        for i in 1..=20 {
+            s.append(&[e(i, 1)]).expect("append");
+            s.sync().expect("sync");
+        }
+    }
+    let segs = segments(d.path());
+    assert!(segs.len() >= 3);
+    let first = &segs[0];
+    let data = fs::read(first).expect("read");
+    fs::write(first, &data[..data.len() - 5]).expect("cut");
+    let err = DiskStorage::open(d.path(), StorageOptions { segment_bytes: 300 }).err().expect("must fail");
+    assert!(matches!(&err, StorageError::Corrupt { path, .. } if path == first), "{err}");
+}
+
+#[test]
+fn snapshot_bit_flip_is_corrupt_naming_the_file() {
+    let d = tempfile::tempdir().expect("tempdir");
+    {
+        let s = open(d.path());
+        s.apply_snapshot(snap(5, 2, b"image of the state machine")).expect("apply");
+    }
+    let path = d.path().join("snap").join(snapshot::file_name(2, 5));
+    let mut data = fs::read(&path).expect("read");
+    let n = data.len();
+    data[n - 10] ^= 0x01;
+    fs::write(&path, &data).expect("write");
+    let err = DiskStorage::open(d.path(), StorageOptions::default()).err().expect("must fail");
+    assert!(matches!(&err, StorageError::Corrupt { path: p, .. } if *p == path), "{err}");
+    assert!(err.to_string().starts_with("snapshot corrupt: "), "{err}");
+}
+
+#[test]
+fn missing_referenced_snapshot_is_corrupt() {
+    let d = tempfile::tempdir().expect("tempdir");
+    {
+        let s = open(d.path());
+        s.apply_snapshot(snap(5, 2, b"x")).expect("apply");
+    }
+    fs::remove_file(d.path().join("snap").join(snapshot::file_name(2, 5))).expect("rm");
+    let err = DiskStorage::open(d.path(), StorageOptions::default()).err().expect("must fail");
+    assert!(err.is_corrupt(), "{err}");
+}
+
+#[test]
+fn orphan_snapshot_file_is_ignored_and_removed() {
+    let d = tempfile::tempdir().expect("tempdir");
+    {
+        let s = open(d.path());
+        s.apply_snapshot(snap(1, 1, b"boot")).expect("apply");
+        s.append(&ents(2, 9, 1)).expect("append");
+        s.sync().expect("sync");
+    }
+    // A crash after the file was renamed in but before its WAL record was durable.
+    let meta = SnapshotMetadata { conf_state: Some(cs(&[1])), index: 8, term: 1 };
+    let (orphan, _) = snapshot::write(&d.path().join("snap"), &meta, b"newer").expect("write");
+    fs::write(d.path().join("snap").join("0000000000000001-0000000000000009.snap.tmp"), b"half").expect("tmp");
+    let s = open(d.path());
+    assert_eq!(s.snapshot_index(), 1);
+    assert!(!orphan.exists());
+    assert!(!d.path().join("snap").join("0000000000000001-0000000000000009.snap.tmp").exists());
+    let latest = s.latest_snapshot().expect("latest").expect("some");
+    assert_eq!(latest.data, b"boot");
+    assert_eq!(s.initial_state().expect("state").conf_state, cs(&[1, 2, 3]));
+}
+
+#[test]
+fn wal_lost_with_snapshots_present_is_corrupt() {
+    let d = tempfile::tempdir().expect("tempdir");
+    {
+        let s = open(d.path());
+        s.apply_snapshot(snap(3, 1, b"x")).expect("apply");
+    }
+    for p in segments(d.path()) {
+        fs::remove_file(p).expect("rm");
+    }
+    let err = DiskStorage::open(d.path(), StorageOptions::default()).err().expect("must fail");
+    assert!(err.is_corrupt(), "{err}");
+}
+
+#[test]
+fn second_open_of_the_same_dir_is_refused() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let s = open(d.path());
+    assert!(matches!(DiskStorage::open(d.path(), StorageOptions::default()), Err(StorageError::Locked { .. })));
+    drop(s);
+    open(d.path());
+}
+
+#[test]
+fn snapshots_save_apply_and_serve() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let s = open(d.path());
+    let unavailable = raft::Error::Store(raft::StorageError::SnapshotTemporarilyUnavailable);
+    assert_eq!(s.snapshot(0, 2).expect_err("none yet"), unavailable);
+    assert_eq!(s.latest_snapshot().expect("latest"), None);
+
+    s.apply_snapshot(snap(1, 1, b"boot")).expect("bootstrap");
+    assert_eq!((s.first_index().expect("f"), s.last_index().expect("l")), (2, 1));
+    assert_eq!(s.hard_state().commit, 1);
+    // Installing the same snapshot again (a retried Ready) is fine.
+    s.apply_snapshot(snap(1, 1, b"boot")).expect("again");
+    s.append(&ents(2, 20, 2)).expect("append");
+    s.set_hard_state(&HardState { term: 2, vote: 1, commit: 15 }).expect("hs");
+    s.sync().expect("sync");
+
+    let took = s.save_snapshot(15, &cs(&[1, 2]), b"at fifteen".to_vec()).expect("save");
+    assert!(took > Duration::ZERO);
+    assert_eq!(s.snapshot_index(), 15);
+    assert_eq!(s.term(15).expect("term"), 2);
+    assert_eq!(all_entries(&s), ents(2, 20, 2), "saving keeps the log");
+    let got = s.snapshot(0, 2).expect("snapshot");
+    assert_eq!(got.data, b"at fifteen");
+    let m = got.metadata.expect("meta");
+    assert_eq!((m.index, m.term, m.conf_state), (15, 2, Some(cs(&[1, 2]))));
+    assert_eq!(s.snapshot(16, 2).expect_err("too old for the request"), unavailable);
+    assert_eq!(s.save_snapshot(15, &cs(&[1, 2]), b"same".to_vec()).expect("no-op"), Duration::ZERO);
+    assert!(matches!(
+        s.save_snapshot(10, &cs(&[1]), vec![]),
+        Err(StorageError::SnapshotOutOfDate { given: 10, current: 15, .. })
+    ));
+    assert!(matches!(s.save_snapshot(21, &cs(&[1]), vec![]), Err(StorageError::Unavailable { .. })));
+    assert!(matches!(s.apply_snapshot(snap(12, 2, b"old")), Err(StorageError::SnapshotOutOfDate { .. })));
+    let raft_err: raft::Error = StorageError::SnapshotOutOfDate { given: 1, current: 2, first_index: 3 }.into();
+    assert_eq!(raft_err, raft::Error::Store(raft::StorageError::SnapshotOutOfDate));
+
+    s.compact(16).expect("compact");
+    assert_eq!(s.first_index().expect("first"), 16);
+    s.compact(100).expect("clamped to snapshot + 1");
+    assert_eq!(s.first_index().expect("first"), 16);
+    assert_eq!(s.term(15).expect("snapshot term"), 2);
+    assert!(matches!(s.term(14), Err(raft::Error::Store(raft::StorageError::Compacted))));
+    drop(s);
+
+    let s = open(d.path());
+    assert_eq!(s.snapshot_index(), 15);
+    assert_eq!(s.initial_state().expect("state").conf_state, cs(&[1, 2]));
+    assert_eq!(s.latest_snapshot().expect("latest").expect("some").data, b"at fifteen");
+    assert_eq!(s.hard_state(), HardState { term: 2, vote: 1, commit: 15 });
+    assert_eq!(s.last_index().expect("last"), 20);
+    assert!(s.first_index().expect("first") <= 16);
+
+    // A leader's snapshot past our log resets it.
+    s.apply_snapshot(snap(30, 3, b"thirty")).expect("apply");
+    assert_eq!((s.first_index().expect("f"), s.last_index().expect("l")), (31, 30));
+    assert_eq!(s.hard_state(), HardState { term: 3, vote: 1, commit: 30 });
+    drop(s);
+    let s = open(d.path());
+    assert_eq!((s.first_index().expect("f"), s.last_index().expect("l")), (31, 30));
+    assert_eq!(s.hard_state(), HardState { term: 3, vote: 1, commit: 30 });
+    assert_eq!(s.latest_snapshot().expect("latest").expect("some").data, b"thirty");
+}
+
+#[test]
+fn rotation_and_compaction_delete_old_segments_and_snapshots() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let seg_bytes = 4096;
+    {
+        let s = open_small(d.path(), seg_bytes);
+        s.apply_snapshot(snap(1, 1, b"boot")).expect("boot");
+        for i in 2..=400u64 {
+            s.append(&[e(i, 1)]).expect("append");
+            s.set_hard_state(&HardState { term: 1, vote: 1, commit: i }).expect("hs");
+            s.sync().expect("sync");
+            if i % 100 == 0 {
+                s.save_snapshot(i, &cs(&[1]), format!("snap {i}").into_bytes()).expect("save");
+                s.compact(i.saturating_sub(20)).expect("compact");
+            }
+        }
+        let before = segments(d.path()).len();
+        assert!(before >= 2, "{before} segments");
+        let snaps = fs::read_dir(d.path().join("snap")).expect("snap dir").count();
+        assert_eq!(snaps, 2, "two newest snapshot files kept");
+        assert_eq!(
+            s.snapshot_bytes(),
+            fs::read_dir(d.path().join("snap"))
+                .expect("snap dir")
+                .map(|f| f.expect("f").metadata().expect("meta").len())
+                .sum::<u64>()
+        );
+        assert_eq!(s.wal_bytes(), segments(d.path()).iter().map(|p| file_len(p)).sum::<u64>());
+    }
+    let segs = segments(d.path());
+    let total_written: u64 = segs.iter().map(|p| file_len(p)).sum();
+    assert!(total_written < 400 * 60, "old segments were deleted ({} segments, {total_written} bytes)", segs.len());
+    assert!(!segs[0].ends_with("0000000000000001-0000000000000001.wal"), "first segment deleted");
+    let s = open_small(d.path(), seg_bytes);
+    assert_eq!(s.snapshot_index(), 400);
+    assert_eq!(s.last_index().expect("last"), 400);
+    let first = s.first_index().expect("first");
+    assert!(first <= 380, "first index {first}");
+    assert_eq!(all_entries(&s), (first..=400).map(|i| e(i, 1)).collect::<Vec<_>>());
+    assert_eq!(s.hard_state().commit, 400);
+}
+
+#[test]
+fn wal_rejects_a_gap_in_entry_indexes() {
+    // A hand-made WAL whose second record skips an index.
+    let d = tempfile::tempdir().expect("tempdir");
+    {
+        let s = open(d.path());
+        s.append(&ents(1, 2, 1)).expect("append");
+        s.sync().expect("sync");
+    }
+    let seg = segments(d.path()).pop().expect("seg");
+    let len = file_len(&seg);
+    let mut data = fs::read(&seg).expect("read");
+    record::push_entries(&mut data, &ents(5, 6, 1)).expect("encode");
+    fs::write(&seg, &data).expect("write");
+    let err = DiskStorage::open(d.path(), StorageOptions::default()).err().expect("must fail");
+    match err {
+        StorageError::Corrupt { path, offset, reason } => {
+            assert_eq!((path, offset), (seg, len));
+            assert!(reason.contains("gap"), "{reason}");
+        }
+        other => panic!("expected Corrupt, got {other}"),
+    }
+}
+
+/// Operations for the MemStorage comparison.
+#[derive(Debug, Clone)]
+enum Op {
+    /// Append `n` entries starting `back` positions before last + 1, with a term bump.
+    Append { back: u64, n: u64, bump: bool },
+    /// Save a snapshot at `pos` (fraction of the log) and compact to `keep` before it.
+    SaveCompact { pos: u8, keep: u64 },
+    /// Install a leader snapshot `ahead` past max(first index, snapshot index).
+    Apply { ahead: u64 },
+    /// Drop and reopen the storage.
+    Reopen,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        6 => (0u64..4, 1u64..6, any::<bool>()).prop_map(|(back, n, bump)| Op::Append { back, n, bump }),
+        2 => (any::<u8>(), 0u64..5).prop_map(|(pos, keep)| Op::SaveCompact { pos, keep }),
+        1 => (0u64..8).prop_map(|ahead| Op::Apply { ahead }),
+        2 => Just(Op::Reopen),
+    ]
+}
+
+/// Compares DiskStorage with MemStorage. After a reopen DiskStorage may hold more of the
+/// compacted prefix (it replays whole segments), so its first index may be lower.
+fn compare(disk: &DiskStorage, mem: &MemStorage, mem_snap: u64, exact_first: bool) -> Result<(), TestCaseError> {
+    let (df, mf) = (disk.first_index().expect("first"), mem.first_index().expect("first"));
+    let last = mem.last_index().expect("last");
+    prop_assert_eq!(disk.last_index().expect("last"), last);
+    if exact_first {
+        prop_assert_eq!(df, mf);
+    } else {
+        prop_assert!(df <= mf, "disk first {} > mem first {}", df, mf);
+    }
+    for i in mf..=last {
+        prop_assert_eq!(disk.term(i).expect("disk term"), mem.term(i).expect("mem term"), "term {}", i);
+    }
+    prop_assert_eq!(disk.term(last + 1).err(), mem.term(last + 1).err());
+    if df == mf && mf > 1 && disk.snapshot_index() != mf - 1 && mem_snap != mf - 1 {
+        prop_assert_eq!(disk.term(mf - 1).err(), mem.term(mf - 1).err());
+    }
+    let ctx = || GetEntriesContext::empty(false);
+    if mf <= last {
+        let all = mem.entries(mf, last + 1, None, ctx()).expect("mem");
+        prop_assert_eq!(&disk.entries(mf, last + 1, None, ctx()).expect("disk"), &all);
+        let one = prost::Message::encoded_len(&all[0]) as u64;
+        for max in [0, one, one * 3 + 1, u64::MAX] {
+            prop_assert_eq!(
+                disk.entries(mf, last + 1, max, ctx()).expect("disk"),
+                mem.entries(mf, last + 1, max, ctx()).expect("mem")
+            );
+        }
+    }
+    if exact_first && mf > 1 {
+        prop_assert_eq!(disk.entries(mf - 1, last + 1, None, ctx()).err(), mem.entries(mf - 1, last + 1, None, ctx()).err());
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, failure_persistence: None, ..ProptestConfig::default() })]
+    #[test]
+    fn behaves_like_memstorage(ops in proptest::collection::vec(op(), 1..40), seg in 200u64..2000) {
+        let d = tempfile::tempdir().expect("tempdir");
+        let opts = || StorageOptions { segment_bytes: seg };
+        let mut disk = Some(DiskStorage::open(d.path(), opts()).expect("open"));
+        let mem = MemStorage::new();
+        let mut term = 1u64;
+        let mut exact = true;
+        let mut mem_snap = 0;
+        for op in ops {
+            let s = disk.as_ref().expect("open storage");
+            match op {
+                Op::Append { back, n, bump } => {
+                    let first = mem.first_index().expect("first");
+                    let next = mem.last_index().expect("last") + 1;
+                    let at = next.saturating_sub(back).max(first).max(s.snapshot_index() + 1);
+                    if bump { term += 1; }
+                    let batch: Vec<Entry> = (at..at + n).map(|i| e(i, term)).collect();
+                    mem.wl().append(&batch).expect("mem append");
+                    s.append(&batch).expect("disk append");
+                    let hs = HardState { term, vote: 1, commit: mem.rl().hard_state().commit };
+                    mem.wl().set_hardstate(hs.clone());
+                    s.set_hard_state(&hs).expect("hs");
+                    s.sync().expect("sync");
+                }
+                Op::SaveCompact { pos, keep } => {
+                    let (first, last) = (mem.first_index().expect("f"), mem.last_index().expect("l"));
+                    let lo = first.max(s.snapshot_index() + 1);
+                    if lo <= last {
+                        let idx = lo + (last - lo) * u64::from(pos) / 255;
+                        s.save_snapshot(idx, &cs(&[1]), idx.to_le_bytes().to_vec()).expect("save");
+                        let c = idx.saturating_sub(keep).max(1);
+                        s.compact(c).expect("disk compact");
+                        if c > first { mem.wl().compact(c).expect("mem compact"); }
+                    }
+                }
+                Op::Apply { ahead } => {
+                    let idx = mem.first_index().expect("f").max(s.snapshot_index() + 1) + ahead;
+                    term += 1;
+                    s.apply_snapshot(snap(idx, term, b"leader")).expect("disk apply");
+                    mem.wl().apply_snapshot(snap(idx, term, b"leader")).expect("mem apply");
+                    exact = true;
+                    mem_snap = idx;
+                }
+                Op::Reopen => {
+                    drop(disk.take());
+                    disk = Some(DiskStorage::open(d.path(), opts()).expect("reopen"));
+                    exact = false;
+                }
+            }
+            let s = disk.as_ref().expect("open storage");
+            compare(s, &mem, mem_snap, exact)?;
+            prop_assert_eq!(s.hard_state(), mem.rl().hard_state().clone());
+        }
+    }
+}
