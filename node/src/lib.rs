@@ -30,7 +30,6 @@ pub mod logger;
 pub mod metrics;
 pub mod raft_loop;
 pub mod shutdown;
-#[path = "storage_shim.rs"]
 pub mod storage;
 pub mod transport;
 
