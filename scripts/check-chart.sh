@@ -163,6 +163,22 @@ import yaml
 
 crd_path, versions, files = sys.argv[1], sys.argv[2].split(), sys.argv[3:]
 
+def strict(schema):
+    """Rejects unknown fields like the API server's strict field validation (kubectl
+    --validate=strict): objects with declared properties get additionalProperties: false
+    unless they preserve unknown fields."""
+    if isinstance(schema, dict):
+        if ("properties" in schema and "additionalProperties" not in schema
+                and not schema.get("x-kubernetes-preserve-unknown-fields")):
+            schema["additionalProperties"] = False
+        for value in schema.values():
+            strict(value)
+    elif isinstance(schema, list):
+        for value in schema:
+            strict(value)
+    return schema
+
+
 crd_schemas = {}
 if crd_path:
     with open(crd_path) as f:
@@ -174,6 +190,9 @@ if crd_path:
                 schema = v.get("schema", {}).get("openAPIV3Schema")
                 if v.get("served") and schema:
                     key = (spec["group"] + "/" + v["name"], spec["names"]["kind"])
+                    # The root implicitly allows apiVersion, kind and metadata.
+                    for prop in schema.get("properties", {}).values():
+                        strict(prop)
                     crd_schemas[key] = schema
 
 
