@@ -598,31 +598,13 @@ impl RaftLoop {
         Ok(())
     }
 
-    /// Snapshot, entries and hard state to disk, then one fsync. A full disk is retried
-    /// (the node stalls, clients get 503 from their deadlines) until space returns.
+    /// Snapshot, entries and hard state to disk, then one fsync. Appends only buffer; a
+    /// full disk fails the snapshot install or the fsync, which keep their records and are
+    /// retried (the node stalls, clients get 503 at their deadlines) until space returns.
     fn persist(&mut self, rd: &mut raft::Ready) -> Result<(), StorageError> {
-        let mut backoff = Duration::from_millis(50);
-        loop {
-            match self.persist_once(rd) {
-                Ok(()) => return Ok(()),
-                Err(e) if e.is_no_space() => {
-                    warn!(error = %e, "disk full; retrying the WAL write");
-                    self.fail_all(ProposeError::Refused("disk full".into()));
-                    std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
-                    if self.shutdown.is_triggered() {
-                        return Err(e);
-                    }
-                }
-                Err(e) => return Err(e),
-            }
-        }
-    }
-
-    fn persist_once(&mut self, rd: &raft::Ready) -> Result<(), StorageError> {
         if !rd.snapshot().is_empty() {
             let snap = rd.snapshot().clone();
-            self.install_snapshot(snap)?;
+            self.retry_no_space(|lp| lp.install_snapshot(snap.clone()))?;
         }
         if !rd.entries().is_empty() {
             self.storage.append(rd.entries())?;
@@ -631,11 +613,26 @@ impl RaftLoop {
             self.storage.set_hard_state(hs)?;
             metrics().term.set(hs.term as i64);
         }
-        let took = self.storage.sync()?;
+        let took = self.retry_no_space(|lp| lp.storage.sync())?;
         if !rd.entries().is_empty() || rd.hs().is_some() {
             metrics().wal_fsync_seconds.observe(took.as_secs_f64());
         }
         Ok(())
+    }
+
+    fn retry_no_space<T>(&mut self, mut op: impl FnMut(&mut Self) -> Result<T, StorageError>) -> Result<T, StorageError> {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match op(self) {
+                Err(e) if e.is_no_space() && !self.shutdown.is_triggered() => {
+                    warn!(error = %e, "disk full; retrying");
+                    self.fail_all(ProposeError::Refused("disk full".into()));
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+                other => return other,
+            }
+        }
     }
 
     fn install_snapshot(&mut self, snap: Snapshot) -> Result<(), StorageError> {
