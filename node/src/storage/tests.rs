@@ -534,3 +534,44 @@ proptest! {
         }
     }
 }
+
+/// Throughput of the write path (`append` + `set_hard_state` + `sync`), single entries
+/// and batches. Run: `cargo test -p raftkv-node --release --lib storage::tests::bench_ -- --ignored --nocapture`
+/// (`RAFTKV_BENCH_DIR` picks the filesystem; default: the temp dir).
+#[test]
+#[ignore]
+fn bench_write_path() {
+    let base = std::env::var_os("RAFTKV_BENCH_DIR").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
+    let d = tempfile::tempdir_in(base).expect("tempdir");
+    let value = vec![0x5au8; 256];
+    let s = open(d.path());
+    let mut next = 1u64;
+    for (batch, rounds) in [(1u64, 2000u64), (16, 1000), (128, 300)] {
+        let mut fsync = Vec::with_capacity(rounds as usize);
+        let start = std::time::Instant::now();
+        for _ in 0..rounds {
+            let b: Vec<Entry> = (next..next + batch)
+                .map(|i| Entry { index: i, term: 1, data: value.clone(), ..Default::default() })
+                .collect();
+            s.append(&b).expect("append");
+            s.set_hard_state(&HardState { term: 1, vote: 1, commit: next }).expect("hs");
+            fsync.push(s.sync().expect("sync"));
+            next += batch;
+        }
+        let secs = start.elapsed().as_secs_f64();
+        fsync.sort();
+        println!(
+            "batch {batch:>3}: {:>8.0} syncs/s {:>9.0} entries/s ({:.1} MB/s); fdatasync p50 {:?} p99 {:?}",
+            rounds as f64 / secs,
+            (rounds * batch) as f64 / secs,
+            (rounds * batch * 256) as f64 / secs / 1e6,
+            fsync[fsync.len() / 2],
+            fsync[fsync.len() * 99 / 100],
+        );
+    }
+    let start = std::time::Instant::now();
+    drop(s);
+    let s = open(d.path());
+    println!("reopen with {} entries: {:?}", next - 1, start.elapsed());
+    assert_eq!(s.last_index().expect("last"), next - 1);
+}
