@@ -10,6 +10,7 @@
 #      pass --cargo to run it here too)
 #   4. rendered-manifest drift: deploy/operator.yaml equals the rendered chart
 #   5. shellcheck of every *.sh in the repository
+#   6. tests/e2e/selftest.sh: the kind suite's own logic against a fake cluster (~1 min)
 # Usage: bash scripts/check-chart.sh [--cargo]
 set -euo pipefail
 
@@ -288,6 +289,12 @@ elif shellcheck --external-sources "${scripts[@]}"; then
     echo "ok: ${#scripts[@]} scripts: ${scripts[*]}"
 else
     fail "shellcheck"
+fi
+
+# --- 6. the e2e suite's logic ----------------------------------------------------------------
+step "tests/e2e/run.sh against a fake cluster (tests/e2e/selftest.sh)"
+if ! bash tests/e2e/selftest.sh; then
+    fail "e2e selftest"
 fi
 
 echo

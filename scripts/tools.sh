@@ -5,7 +5,7 @@
 #   .tools/venv                          a Python venv with kubernetes-validate (offline schemas)
 #   the shellcheck binary                from the Debian archive (apt-get)
 # Idempotent: a tool already at the pinned version is left alone. Needs root for apt-get
-# only when shellcheck, node/npm or python3-venv are missing.
+# only when shellcheck, curl, node/npm or python3-venv are missing.
 #
 # Usage: bash scripts/tools.sh        then: export PATH="$PWD/.tools/bin:$PATH"
 set -euo pipefail
@@ -37,6 +37,7 @@ apt_install() {
 # --- system packages ---------------------------------------------------------------------
 missing=()
 command -v shellcheck >/dev/null 2>&1 || missing+=(shellcheck)
+command -v curl >/dev/null 2>&1 || missing+=(curl) # tests/e2e/selftest.sh
 command -v npm >/dev/null 2>&1 || missing+=(npm)
 command -v python3 >/dev/null 2>&1 || missing+=(python3)
 if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then

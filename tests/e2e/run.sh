@@ -41,7 +41,7 @@ if ! command -v kind >/dev/null 2>&1; then
     exit 0
 fi
 command -v curl >/dev/null 2>&1 || die "curl is required"
-export PATH="$repo_root/.tools/bin:$PATH"
+export PATH="$PATH:$repo_root/.tools/bin" # tools.sh fallbacks; your own helm/kubectl win
 if ! command -v helm >/dev/null 2>&1 || ! command -v kubectl >/dev/null 2>&1; then
     log "helm/kubectl not found; installing them with scripts/tools.sh"
     bash scripts/tools.sh
@@ -288,8 +288,8 @@ name="$(sed -n '/^metadata:/,/^[^ ]/ s/^  name: *//p' "$example" | head -n 1)"
 [ -n "$name" ] || die "no metadata.name in $example"
 log "applying $example (RaftKV $name)"
 kubectl -n "$ns" apply -f "$example"
-wait_until "statefulset $name to exist" 120 \
-    kubectl -n "$ns" get "statefulset/$name" -o name
+sts_exists() { kubectl -n "$ns" get "statefulset/$name" -o name >/dev/null 2>&1; }
+wait_until "statefulset $name to exist" 120 sts_exists
 wait_until "3 ready pods" "$e2e_timeout" sts_ready 3
 reforward_service
 wait_until "3 voters, RaftKV status ready 3" "$e2e_timeout" cluster_is 3

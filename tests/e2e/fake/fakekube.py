@@ -1,0 +1,203 @@
+#!/usr/bin/env python3
+"""A fake docker/kind/helm/kubectl for testing tests/e2e/run.sh itself without a cluster.
+
+Installed as symlinks named docker, kind, helm and kubectl (see tests/e2e/selftest.sh).
+It models just what run.sh touches: one RaftKV named "example" whose StatefulSet,
+pods, volume claims and raft membership follow `kubectl apply` / `kubectl scale`
+instantly, and `kubectl port-forward`, which starts a local HTTP server speaking the
+node API subset run.sh uses (/v1/kv, raw GET, /v1/members, /v1/status, /metrics).
+State lives in the JSON file $FAKE_STATE (flock-protected).
+
+Fault knobs (environment):
+  FAKE_AMNESIA=1      a deleted pod comes back with a new data-dir incarnation
+  FAKE_PF_DIE=N       each port-forward dies at its N-th request (as when its pod goes)
+  FAKE_503_EVERY=N    every N-th PUT answers 503 no_leader (as during a leader change)
+  FAKE_DOCKER_DOWN=1  `docker info` fails (no engine)
+Every invocation is appended to $FAKE_STATE.calls.
+"""
+import fcntl
+import http.server
+import json
+import os
+import random
+import sys
+
+STATE = os.environ["FAKE_STATE"]
+NAME = "example"
+
+
+def load():
+    if os.path.exists(STATE):
+        with open(STATE) as f:
+            return json.load(f)
+    return {"replicas": 0, "pods": {}, "kv": {}, "pvcs": [], "rkv": False, "puts": 0}
+
+
+class Locked:
+    """Read-modify-write of the state under an exclusive lock."""
+
+    def __enter__(self):
+        self.lock = open(STATE + ".lock", "w")
+        fcntl.flock(self.lock, fcntl.LOCK_EX)
+        self.state = load()
+        return self.state
+
+    def __exit__(self, *exc):
+        with open(STATE + ".tmp", "w") as f:
+            json.dump(self.state, f)
+        os.replace(STATE + ".tmp", STATE)
+        self.lock.close()
+
+
+def new_incarnation():
+    return "%016x" % random.getrandbits(64)
+
+
+def set_replicas(s, n):
+    s["replicas"] = n
+    for i in range(n):
+        pod = f"{NAME}-{i}"
+        s["pods"].setdefault(pod, {"uid": str(random.random()), "inc": new_incarnation()})
+        if f"data-{pod}" not in s["pvcs"]:
+            s["pvcs"].append(f"data-{pod}")
+    for pod in list(s["pods"]):
+        if int(pod.rsplit("-", 1)[1]) >= n:
+            del s["pods"][pod]
+            s["pvcs"].remove(f"data-{pod}")
+
+
+class NodeAPI(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def reply(self, code, body=b"", ctype="application/json"):
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def count_request(self):
+        self.server.requests += 1
+        if self.server.requests == int(os.environ.get("FAKE_PF_DIE", "0")):
+            os._exit(0)  # the tunnel breaks: the client sees an empty reply
+
+    def do_PUT(self):
+        self.count_request()
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0))).decode()
+        key = self.path.split("?")[0].removeprefix("/v1/kv/")
+        every = int(os.environ.get("FAKE_503_EVERY", "0"))
+        with Locked() as s:
+            s["puts"] += 1
+            if every and s["puts"] % every == 0:
+                return self.reply(503, b'{"error":"no leader","code":"no_leader"}')
+            s["kv"][key] = body
+        self.reply(204)
+
+    def do_GET(self):
+        self.count_request()
+        s = load()
+        path = self.path.split("?")[0]
+        if path == "/v1/members":
+            members = [{"id": i + 1, "peer_url": f"http://{NAME}-{i}.{NAME}-peer:2380",
+                        "role": "voter", "is_leader": i == 0} for i in range(s["replicas"])]
+            return self.reply(200, json.dumps({"leader": 1, "members": members}).encode())
+        if path == "/v1/status":
+            inc = s["pods"][self.server.pod]["inc"]
+            return self.reply(200, json.dumps({"id": 1, "leader": 1, "incarnation": inc}).encode())
+        if path == "/metrics":
+            return self.reply(200, b"# TYPE raftkv_up gauge\nraftkv_up 1\n", "text/plain")
+        if path.startswith("/v1/kv/"):
+            key = path.removeprefix("/v1/kv/")
+            if key not in s["kv"]:
+                return self.reply(404, b'{"error":"key not found","code":"not_found"}')
+            return self.reply(200, json.dumps({"key": key, "value": s["kv"][key], "revision": 1}).encode())
+        key = path.lstrip("/")
+        if key not in s["kv"]:
+            return self.reply(404, b'{"error":"key not found","code":"not_found"}')
+        self.reply(200, s["kv"][key].encode(), "text/plain")
+
+
+def port_forward(target):
+    pod = target.split("/", 1)[1]
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NodeAPI)
+    server.requests = 0
+    server.pod = pod if pod.startswith(f"{NAME}-") else f"{NAME}-0"
+    print(f"Forwarding from 127.0.0.1:{server.server_address[1]} -> 2379", flush=True)
+    server.serve_forever()
+
+
+def jsonpath(args):
+    for i, a in enumerate(args):
+        if a.startswith("-ojsonpath="):
+            return a.split("=", 1)[1]
+        if a == "-o" and i + 1 < len(args) and args[i + 1].startswith("jsonpath="):
+            return args[i + 1].split("=", 1)[1]
+    return None
+
+
+def kubectl(args):
+    if "-n" in args:
+        i = args.index("-n")
+        args = args[:i] + args[i + 2:]
+    verb = args[0]
+    if verb == "port-forward":
+        return port_forward(next(a for a in args[1:] if "/" in a))
+    jp = jsonpath(args)
+    with Locked() as s:
+        if verb == "apply":
+            s["rkv"] = True
+            set_replicas(s, 3)
+        elif verb == "scale":
+            n = next(a for a in args if a.startswith("--replicas=")).split("=")[1]
+            set_replicas(s, int(n))
+        elif verb == "delete" and args[1] == "pod":
+            pod = s["pods"][args[2]]
+            pod["uid"] = str(random.random())  # the StatefulSet recreates it at once
+            if os.environ.get("FAKE_AMNESIA"):
+                pod["inc"] = new_incarnation()
+        elif verb == "delete" and args[1].startswith("rkv/"):
+            s["rkv"] = False
+            set_replicas(s, 0)
+        elif verb == "get":
+            what = args[1]
+            if what.startswith("statefulset/"):
+                if not s["rkv"]:
+                    return 1
+                print(s["replicas"] if jp else f"statefulset.apps/{NAME}", end="" if jp else "\n")
+            elif what.startswith("rkv/"):
+                print(s["replicas"], end="")
+            elif what.startswith("pod/"):
+                pod = s["pods"].get(what[4:])
+                if pod is None:
+                    return 1
+                if "annotations" in (jp or ""):
+                    print('{"prometheus.io/path":"/metrics","prometheus.io/port":"2379",'
+                          '"prometheus.io/scrape":"true"}', end="")
+                else:
+                    print(pod["uid"], end="")
+            elif what == "pvc":
+                names = [a for a in args[2:] if a.startswith("data-")]
+                found = [n for n in names if n in s["pvcs"]]
+                for n in found:
+                    print("persistentvolumeclaim/" + n)
+                return 0 if len(found) == len(names) else 1
+            elif what == "pods":
+                for pod in s["pods"]:
+                    print("pod/" + pod)
+    return 0
+
+
+def main():
+    tool = os.path.basename(sys.argv[0])
+    with open(STATE + ".calls", "a") as f:
+        f.write(" ".join([tool] + sys.argv[1:]) + "\n")
+    if tool == "kubectl":
+        sys.exit(kubectl(sys.argv[1:]))
+    if tool == "docker" and sys.argv[1:2] == ["info"] and os.environ.get("FAKE_DOCKER_DOWN"):
+        sys.exit(1)
+    sys.exit(0)  # docker, kind, helm: every call succeeds
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# Tests tests/e2e/run.sh itself, without Docker or a cluster: runs it against the fake
+# docker/kind/helm/kubectl in tests/e2e/fake/ (a simulated RaftKV and node API) and checks
+#   1. the happy path passes despite broken port-forwards and 503s during writes, and
+#      runs every step (scale 5 and 3, pod deletion, uninstall, cluster deletion);
+#   2. a pod that comes back with a new data dir fails the suite, and the cluster is
+#      still deleted;
+#   3. without a Docker engine, or without kind, it prints SKIP and exits 0.
+# Needs python3 and curl. About a minute. Usage: bash tests/e2e/selftest.sh
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+mkdir -p "$work/bin" "$work/bin-nokind"
+for tool in docker kind helm kubectl; do
+    ln -s "$here/fake/fakekube.py" "$work/bin/$tool"
+done
+ln -s "$here/fake/fakekube.py" "$work/bin-nokind/docker"
+
+failures=0
+# check DESCRIPTION COMMAND...: runs COMMAND, counts a failure when it fails.
+check() {
+    local what="$1"
+    shift
+    if "$@"; then
+        echo "ok: $what"
+    else
+        echo "FAIL: $what" >&2
+        failures=$((failures + 1))
+    fi
+}
+
+# run_suite NAME [VAR=VALUE...]: runs run.sh against the fake with a fresh state; sets rc.
+run_suite() {
+    local name="$1"
+    shift
+    rm -f "$work"/state*
+    rc=0
+    env "$@" FAKE_STATE="$work/state" PATH="$work/bin:$PATH" E2E_TIMEOUT=60 \
+        timeout 300 bash "$here/run.sh" >"$work/$name.log" 2>&1 || rc=$?
+    cp "$work/state.calls" "$work/$name.calls" 2>/dev/null || : >"$work/$name.calls"
+}
+
+echo "== happy path with broken tunnels and 503s"
+run_suite pass FAKE_PF_DIE=60 FAKE_503_EVERY=9
+check "exit status 0 (was $rc)" [ "$rc" -eq 0 ]
+check "PASS printed" grep -q "PASS: kind e2e suite" "$work/pass.log"
+check "tunnel re-established" grep -q "re-forwarding the Service" "$work/pass.log"
+check "503 retried" grep -q "answered 503" "$work/pass.log"
+check "scaled to 5" grep -q "^kubectl .*scale rkv/example --replicas=5" "$work/pass.calls"
+check "scaled to 3" grep -q "^kubectl .*scale rkv/example --replicas=3" "$work/pass.calls"
+check "deleted a pod" grep -q "^kubectl .*delete pod example-1" "$work/pass.calls"
+check "helm uninstall" grep -q "^helm uninstall raftkv-operator" "$work/pass.calls"
+check "kind cluster deleted" grep -q "^kind delete cluster --name raftkv-e2e-" "$work/pass.calls"
+no_port_forward() { ! pgrep -f "$work/bin/kubectl" >/dev/null; }
+check "no port-forward left running" no_port_forward
+
+echo "== a member that loses its data fails the suite"
+run_suite amnesia FAKE_AMNESIA=1
+check "exit status 1 (was $rc)" [ "$rc" -eq 1 ]
+check "names the cause" grep -q "came back with a new data dir" "$work/amnesia.log"
+check "prints diagnostics" grep -q "diagnostics after failure" "$work/amnesia.log"
+check "kind cluster deleted" grep -q "^kind delete cluster --name raftkv-e2e-" "$work/amnesia.calls"
+
+echo "== skips"
+rc=0
+FAKE_STATE="$work/state" FAKE_DOCKER_DOWN=1 PATH="$work/bin:$PATH" \
+    bash "$here/run.sh" >"$work/noengine.log" || rc=$?
+check "no engine: exit 0 (was $rc)" [ "$rc" -eq 0 ]
+check "no engine: SKIP message" grep -q "^SKIP: docker/kind not found (docker is installed" "$work/noengine.log"
+rc=0
+FAKE_STATE="$work/state" PATH="$work/bin-nokind:/usr/bin:/bin" \
+    bash "$here/run.sh" >"$work/nokind.log" || rc=$?
+check "no kind: exit 0 (was $rc)" [ "$rc" -eq 0 ]
+check "no kind: SKIP message" grep -q "^SKIP: docker/kind not found (no kind" "$work/nokind.log"
+
+if [ "$failures" -ne 0 ]; then
+    echo "selftest: $failures check(s) failed; logs:" >&2
+    tail -n 30 "$work"/*.log >&2
+    exit 1
+fi
+echo "selftest: run.sh behaves as specified against the fake cluster"
