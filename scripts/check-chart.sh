@@ -74,6 +74,7 @@ cluster:
   name: lint
   replicas: 5
   image: raftkv-node:lint
+  imagePullPolicy: Never
   storage:
     size: 2Gi
     storageClassName: standard

@@ -359,6 +359,7 @@ log "ok: $victim rejoined with its data (incarnation $after)"
 api_ok GET /metrics
 metrics="$HTTP_BODY"
 grep -q '^raftkv_' <<<"$metrics" || die "node /metrics has no raftkv_ series"
+grep -q '^raftkv_server_has_leader 1' <<<"$metrics" || die "node /metrics: raftkv_server_has_leader is not 1"
 log "ok: node /metrics ($(grep -c '^raftkv_' <<<"$metrics") raftkv_ samples)"
 port_forward "svc/$release-metrics" 8080 "$operator_ns" || die "cannot forward operator metrics"
 operator_metrics="$(curl -sS --max-time 10 --fail "http://127.0.0.1:$PF_PORT/metrics")" \

@@ -106,7 +106,7 @@ class NodeAPI(http.server.BaseHTTPRequestHandler):
             inc = s["pods"][self.server.pod]["inc"]
             return self.reply(200, json.dumps({"id": 1, "leader": 1, "incarnation": inc}).encode())
         if path == "/metrics":
-            return self.reply(200, b"# TYPE raftkv_up gauge\nraftkv_up 1\n", "text/plain")
+            return self.reply(200, b"# TYPE raftkv_server_has_leader gauge\nraftkv_server_has_leader 1\n", "text/plain")
         if path.startswith("/v1/kv/"):
             key = path.removeprefix("/v1/kv/")
             if key not in s["kv"]:
