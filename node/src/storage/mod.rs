@@ -257,22 +257,37 @@ impl DiskStorage {
     /// current snapshot's index again is a no-op.
     pub fn save_snapshot(&self, index: u64, conf_state: &ConfState, data: Vec<u8>) -> Result<Duration, StorageError> {
         let start = Instant::now();
-        let mut core = self.wl()?;
-        if index == core.log.snap_index {
+        let check = |log: &MemLog| -> Result<Option<u64>, StorageError> {
+            if index == log.snap_index {
+                return Ok(None);
+            }
+            if index < log.snap_index {
+                return Err(StorageError::SnapshotOutOfDate {
+                    given: index,
+                    current: log.snap_index,
+                    first_index: log.first_index(),
+                });
+            }
+            log.term(index).map(Some)
+        };
+        let Some(term) = check(&self.rl()?.log)? else {
             debug!(index, "snapshot at this index already saved");
             return Ok(Duration::ZERO);
-        }
-        if index < core.log.snap_index {
+        };
+        // The file is written without holding the lock: readers are not held up by it.
+        let meta = SnapshotMetadata { conf_state: Some(conf_state.clone()), index, term };
+        let (path, size) = snapshot::write(&self.inner.snap_dir, &meta, &data)?;
+        drop(data);
+        let mut core = self.wl()?;
+        if check(&core.log)? != Some(term) {
+            // The log changed under us (a leader's snapshot arrived): the file is stale and
+            // older than the snapshot in force; compaction removes it.
             return Err(StorageError::SnapshotOutOfDate {
                 given: index,
                 current: core.log.snap_index,
                 first_index: core.log.first_index(),
             });
         }
-        let term = core.log.term(index)?;
-        let meta = SnapshotMetadata { conf_state: Some(conf_state.clone()), index, term };
-        let (path, size) = snapshot::write(&self.inner.snap_dir, &meta, &data)?;
-        drop(data);
         core.snap_files.retain(|f| f.path != path);
         core.snap_files.push(SnapFile { term, index, path, size });
         self.recount_snap_bytes(&core);
@@ -281,6 +296,7 @@ impl DiskStorage {
         core.log.snap_index = index;
         core.log.snap_term = term;
         core.log.conf_state = conf_state.clone();
+        drop(core);
         wal.sync()?;
         Ok(start.elapsed())
     }
@@ -316,12 +332,27 @@ impl DiskStorage {
 
     /// The newest snapshot (metadata + data) or None — used at start to restore the KV.
     pub fn latest_snapshot(&self) -> Result<Option<Snapshot>, StorageError> {
+        match self.latest_snapshot_path()? {
+            None => Ok(None),
+            Some(path) => snapshot::read(&path, true).map(Some),
+        }
+    }
+
+    /// Path of the newest snapshot file (files are immutable, so it is read unlocked).
+    fn latest_snapshot_path(&self) -> Result<Option<PathBuf>, StorageError> {
         let core = self.rl()?;
         if core.log.snap_index == 0 {
             return Ok(None);
         }
-        let path = self.inner.snap_dir.join(snapshot::file_name(core.log.snap_term, core.log.snap_index));
-        snapshot::read(&path, true).map(Some)
+        Ok(Some(self.inner.snap_dir.join(snapshot::file_name(core.log.snap_term, core.log.snap_index))))
+    }
+
+    /// Test hook: the next WAL write (`at_sync == false`) or fdatasync fails with `errno`.
+    #[cfg(test)]
+    pub(crate) fn inject_failure(&self, at_sync: bool, errno: i32) {
+        if let Ok(mut w) = self.wal() {
+            w.inject = Some((at_sync, errno));
+        }
     }
 
     /// Index of the newest snapshot (0 when none).
@@ -378,11 +409,13 @@ impl raft::Storage for DiskStorage {
     /// read (logged; raft-rs retries later instead of panicking).
     fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
         let unavailable = || raft::Error::Store(raft::StorageError::SnapshotTemporarilyUnavailable);
-        let core = self.rl()?;
-        if core.log.snap_index == 0 || core.log.snap_index < request_index {
-            return Err(unavailable());
-        }
-        let path = self.inner.snap_dir.join(snapshot::file_name(core.log.snap_term, core.log.snap_index));
+        let path = {
+            let core = self.rl()?;
+            if core.log.snap_index == 0 || core.log.snap_index < request_index {
+                return Err(unavailable());
+            }
+            self.inner.snap_dir.join(snapshot::file_name(core.log.snap_term, core.log.snap_index))
+        };
         match snapshot::read(&path, true) {
             Ok(s) => Ok(s),
             Err(e) => {

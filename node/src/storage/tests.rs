@@ -418,6 +418,49 @@ fn wal_rejects_a_gap_in_entry_indexes() {
     }
 }
 
+#[test]
+fn full_disk_on_write_or_fsync_is_retried_without_loss_or_duplicates() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let s = open(d.path());
+    let seg = segments(d.path()).pop().expect("segment");
+    s.append(&ents(1, 3, 1)).expect("append");
+    s.sync().expect("sync");
+    let mut durable = file_len(&seg);
+    for at_sync in [false, true] {
+        let lo = s.last_index().expect("last") + 1;
+        s.append(&ents(lo, lo + 2, 1)).expect("append");
+        s.set_hard_state(&HardState { term: 1, vote: 1, commit: lo }).expect("hs");
+        s.inject_failure(at_sync, libc::ENOSPC);
+        let err = s.sync().expect_err("injected ENOSPC");
+        assert!(err.is_no_space(), "{err}");
+        assert_eq!(file_len(&seg), durable, "rolled back to the durable length");
+        s.sync().expect("retry succeeds");
+        assert!(file_len(&seg) > durable);
+        durable = file_len(&seg);
+    }
+    assert_eq!(s.sync().expect("nothing pending"), Duration::ZERO);
+    drop(s);
+    let s = open(d.path());
+    assert_eq!(all_entries(&s), ents(1, 9, 1));
+    assert_eq!(s.hard_state().commit, 7);
+}
+
+#[test]
+fn other_write_errors_break_the_wal_until_restart() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let s = open(d.path());
+    s.append(&ents(1, 2, 1)).expect("append");
+    s.sync().expect("sync");
+    s.append(&ents(3, 4, 1)).expect("append");
+    s.inject_failure(true, libc::EIO);
+    let err = s.sync().expect_err("EIO");
+    assert!(!err.is_no_space());
+    assert!(matches!(s.sync(), Err(StorageError::Broken(_))));
+    drop(s);
+    let s = open(d.path());
+    assert_eq!(all_entries(&s), ents(1, 2, 1), "only what was durable before the failure");
+}
+
 /// Operations for the MemStorage comparison.
 #[derive(Debug, Clone)]
 enum Op {

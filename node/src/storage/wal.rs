@@ -135,6 +135,9 @@ pub(crate) struct Wal {
     next: WalState,
     broken: Option<String>,
     bytes: Arc<AtomicU64>,
+    /// Test hook: fail the next write (`false`) or fdatasync (`true`) with this errno.
+    #[cfg(test)]
+    pub(crate) inject: Option<(bool, i32)>,
 }
 
 /// What [`recover`] found.
@@ -194,11 +197,11 @@ impl Wal {
         }
         let off = self.active().size;
         let path = self.active().path.clone();
-        if let Err(e) = self.file.write_all_at(&self.pending, off) {
+        if let Err(e) = self.file.write_all_at(&self.pending, off).and_then(|()| self.injected(false)) {
             return Err(self.fail(off, io_err(&path)(e)));
         }
         let start = Instant::now();
-        if let Err(e) = self.file.sync_data() {
+        if let Err(e) = self.file.sync_data().and_then(|()| self.injected(true)) {
             return Err(self.fail(off, io_err(&path)(e)));
         }
         let took = start.elapsed();
@@ -214,6 +217,23 @@ impl Wal {
             self.pending.shrink_to(KEEP_BUFFER / 8);
         }
         Ok(took)
+    }
+
+    #[cfg(test)]
+    fn injected(&mut self, at_sync: bool) -> std::io::Result<()> {
+        match self.inject {
+            Some((s, errno)) if s == at_sync => {
+                self.inject = None;
+                Err(std::io::Error::from_raw_os_error(errno))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    #[cfg(not(test))]
+    #[inline(always)]
+    fn injected(&mut self, _at_sync: bool) -> std::io::Result<()> {
+        Ok(())
     }
 
     fn fail(&mut self, durable_len: u64, err: StorageError) -> StorageError {
@@ -286,10 +306,12 @@ impl Wal {
         if deletable == 0 {
             return Ok(0);
         }
-        for seg in self.segments.drain(..deletable) {
-            fs::remove_file(&seg.path).map_err(io_err(&seg.path))?;
+        for _ in 0..deletable {
+            let path = self.segments[0].path.clone();
+            fs::remove_file(&path).map_err(io_err(&path))?;
+            let seg = self.segments.remove(0);
             self.bytes.fetch_sub(seg.size, Ordering::Relaxed);
-            debug!(segment = %seg.path.display(), "WAL segment deleted");
+            debug!(segment = %path.display(), "WAL segment deleted");
         }
         fsutil::sync_dir(&self.dir)?;
         Ok(deletable)
@@ -546,6 +568,8 @@ pub(crate) fn recover(dir: &Path, segment_bytes: u64, bytes: Arc<AtomicU64>) -> 
         next: state,
         broken: None,
         bytes,
+        #[cfg(test)]
+        inject: None,
     };
     Ok(Recovered { wal, log })
 }
