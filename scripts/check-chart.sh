@@ -4,7 +4,8 @@
 #   2. helm template output, the plain manifests (kubectl kustomize deploy/) and the
 #      examples validated against the Kubernetes OpenAPI schemas (kubernetes-validate,
 #      strict, for each version in K8S_VERSIONS); RaftKV objects against the CRD's own
-#      openAPIV3Schema; ServiceMonitors against a minimal structural check
+#      openAPIV3Schema; ServiceMonitors against a minimal structural check; plus project
+#      rules: restricted pod security, /healthz probes, no wildcard or secrets RBAC
 #   3. CRD drift: deploy/crd.yaml and the chart's crds/raftkv.yaml are identical (the Rust
 #      test operator/tests/crd_drift.rs compares them with what the operator generates;
 #      pass --cargo to run it here too)
@@ -218,6 +219,39 @@ def check_service_monitor(obj):
     return errors
 
 
+def check_policy(obj):
+    """Project rules beyond the schema: restricted pod security, probes, least privilege."""
+    kind, errors = obj.get("kind"), []
+    if kind == "Deployment":
+        pod = obj["spec"]["template"]["spec"]
+        psc = pod.get("securityContext", {})
+        if psc.get("runAsNonRoot") is not True:
+            errors.append("pod securityContext.runAsNonRoot must be true")
+        if psc.get("seccompProfile", {}).get("type") != "RuntimeDefault":
+            errors.append("pod seccompProfile must be RuntimeDefault")
+        for c in pod["containers"]:
+            sc = c.get("securityContext", {})
+            if sc.get("readOnlyRootFilesystem") is not True:
+                errors.append(f"container {c['name']}: readOnlyRootFilesystem must be true")
+            if sc.get("allowPrivilegeEscalation") is not False:
+                errors.append(f"container {c['name']}: allowPrivilegeEscalation must be false")
+            if sc.get("capabilities", {}).get("drop") != ["ALL"]:
+                errors.append(f"container {c['name']}: capabilities must drop ALL")
+            for probe in ("livenessProbe", "readinessProbe"):
+                if c.get(probe, {}).get("httpGet", {}).get("path") != "/healthz":
+                    errors.append(f"container {c['name']}: {probe} must GET /healthz")
+    if kind in ("ClusterRole", "Role"):
+        for rule in obj.get("rules", []):
+            for field in ("apiGroups", "resources", "verbs"):
+                if "*" in rule.get(field, []):
+                    errors.append(f"wildcard in {field}: {rule}")
+            if {"secrets", "configmaps", "nodes"} & set(rule.get("resources", [])):
+                errors.append(f"the operator needs no secrets, configmaps or nodes: {rule}")
+            if kind == "ClusterRole" and "leases" in rule.get("resources", []):
+                errors.append("leases belong in the namespaced Role")
+    return errors
+
+
 failed = 0
 count = 0
 for path in files:
@@ -244,6 +278,7 @@ for path in files:
                     errors.append(f"k8s {version}: {'.'.join(map(str, e.path))}: {e.message}")
                 except Exception as e:  # schema not found, unsupported version
                     errors.append(f"k8s {version}: {getattr(e, 'message', e)}")
+            errors += check_policy(obj)
         if errors:
             failed += 1
             for err in errors:
