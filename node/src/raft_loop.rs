@@ -576,15 +576,23 @@ impl RaftLoop {
         if !rd.messages().is_empty() {
             self.transport.send(rd.take_messages());
         }
-        self.persist(&mut rd)?;
+        if !rd.snapshot().is_empty() {
+            let snap = rd.snapshot().clone();
+            self.retry_no_space(|lp| lp.install_snapshot(snap.clone()))?;
+        }
         for rs in rd.take_read_states() {
             let ctx = rs.request_ctx.as_slice().try_into().map(u64::from_be_bytes).unwrap_or(0);
             if let Some(p) = self.reads_inflight.remove(&ctx) {
                 self.reads_ready.push((rs.index, p.replies));
             }
         }
+        // Committed entries are already durable here (raft only hands out persisted
+        // ones), so they are applied and answered before this Ready's new entries are
+        // fsynced: a commit never waits behind the next batch's fsync.
         let committed = rd.take_committed_entries();
         self.apply(committed)?;
+        self.answer_reads();
+        self.persist(&mut rd)?;
         if !rd.persisted_messages().is_empty() {
             self.transport.send(rd.take_persisted_messages());
         }
@@ -598,14 +606,10 @@ impl RaftLoop {
         Ok(())
     }
 
-    /// Snapshot, entries and hard state to disk, then one fsync. Appends only buffer; a
-    /// full disk fails the snapshot install or the fsync, which keep their records and are
+    /// Entries and hard state to disk, then one fsync when raft needs it. Appends only
+    /// buffer; a full disk fails the fsync (or the snapshot install above), which keep their records and are
     /// retried (the node stalls, clients get 503 at their deadlines) until space returns.
     fn persist(&mut self, rd: &mut raft::Ready) -> Result<(), StorageError> {
-        if !rd.snapshot().is_empty() {
-            let snap = rd.snapshot().clone();
-            self.retry_no_space(|lp| lp.install_snapshot(snap.clone()))?;
-        }
         if !rd.entries().is_empty() {
             self.storage.append(rd.entries())?;
         }
@@ -613,8 +617,12 @@ impl RaftLoop {
             self.storage.set_hard_state(hs)?;
             metrics().term.set(hs.term as i64);
         }
-        let took = self.retry_no_space(|lp| lp.storage.sync())?;
-        if !rd.entries().is_empty() || rd.hs().is_some() {
+        // Only new entries, a snapshot or a term/vote change need an fsync before raft
+        // may go on (etcd's MustSync). A commit-index-only hard state stays buffered and
+        // becomes durable with the next fsync: a lower commit index after a crash is
+        // recovered from the leader.
+        if rd.must_sync() {
+            let took = self.retry_no_space(|lp| lp.storage.sync())?;
             metrics().wal_fsync_seconds.observe(took.as_secs_f64());
         }
         Ok(())
@@ -782,7 +790,10 @@ impl RaftLoop {
         if self.reads_ready.is_empty() {
             return;
         }
-        let applied = self.raw.raft.raft_log.applied;
+        let applied = match self.kv.read() {
+            Ok(kv) => kv.applied(),
+            Err(_) => return,
+        };
         let mut keep = Vec::new();
         for (index, replies) in self.reads_ready.drain(..) {
             if index <= applied {
@@ -803,6 +814,9 @@ impl RaftLoop {
         if applied <= last_snap || (applied - last_snap < self.cfg.snapshot_count && !wanted) {
             return Ok(());
         }
+        // The snapshot must never be ahead of the durable commit index (raft-rs refuses
+        // to start with applied > commit).
+        self.retry_no_space(|lp| lp.storage.sync())?;
         let data = self.kv.read().map_err(lock_err)?.snapshot_image();
         let took = self.storage.save_snapshot(applied, &self.conf_state, data)?;
         metrics().snapshot_save_seconds.observe(took.as_secs_f64());
