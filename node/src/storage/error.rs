@@ -44,6 +44,9 @@ pub enum StorageError {
     /// Entries handed to `append` do not fit the log.
     #[error("invalid append: {0}")]
     InvalidAppend(String),
+    /// A snapshot handed to `apply_snapshot` is unusable.
+    #[error("invalid snapshot: {0}")]
+    InvalidSnapshot(String),
     /// The requested index is past the end of the log.
     #[error("index {index} is not in the log yet (last index {last_index})")]
     Unavailable {

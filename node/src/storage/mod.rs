@@ -223,7 +223,7 @@ impl DiskStorage {
         let Snapshot { data, metadata } = snap;
         let meta = metadata.unwrap_or_default();
         if meta.index == 0 {
-            return Err(StorageError::InvalidAppend("snapshot without an index".into()));
+            return Err(StorageError::InvalidSnapshot("no metadata or index 0".into()));
         }
         let mut core = self.wl()?;
         let log = &core.log;
@@ -318,8 +318,9 @@ impl DiskStorage {
         let current = core.log.snap_index;
         let mut removed = 0;
         while core.snap_files.len() > KEEP_SNAPSHOTS && core.snap_files[0].index < current {
-            let f = core.snap_files.remove(0);
-            std::fs::remove_file(&f.path).map_err(error::io_err(&f.path))?;
+            let path = core.snap_files[0].path.clone();
+            std::fs::remove_file(&path).map_err(error::io_err(&path))?;
+            core.snap_files.remove(0);
             removed += 1;
         }
         if removed > 0 {
