@@ -4,9 +4,16 @@
 //! (carried in conf-change contexts). Its whole state serializes into a snapshot.
 //! Revisions are raft log indexes: a value's revision is the index of the entry that
 //! last wrote it.
+//!
+//! Keys live in a persistent ordered map (`imbl::OrdMap`), so taking a snapshot is an
+//! O(1) clone: the image is encoded and written on another thread while the raft loop
+//! keeps applying.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
+use bytes::{BufMut, Bytes};
+use prost::encoding::{encode_key, encode_varint, encoded_len_varint, key_len, WireType};
 use prost::Message;
 
 /// What a command does.
@@ -112,11 +119,11 @@ pub enum ApplyOutcome {
     },
 }
 
-/// A value read from the store.
+/// A value read from the store (cheap to clone).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Value {
     /// Bytes.
-    pub data: Vec<u8>,
+    pub data: Bytes,
     /// Revision.
     pub revision: u64,
 }
@@ -140,7 +147,7 @@ pub enum KvError {
 /// The state machine.
 #[derive(Debug, Default)]
 pub struct KvStore {
-    data: BTreeMap<String, Value>,
+    data: imbl::OrdMap<Arc<str>, Value>,
     members: BTreeMap<u64, String>,
     removed: BTreeSet<u64>,
     applied: u64,
@@ -167,7 +174,7 @@ impl KvStore {
     /// Applies a decoded command at `index`.
     pub fn apply(&mut self, index: u64, cmd: &Command) -> ApplyOutcome {
         self.set_applied(index);
-        let current = self.data.get(&cmd.key).map(|v| v.revision).unwrap_or(0);
+        let current = self.data.get(cmd.key.as_str()).map(|v| v.revision).unwrap_or(0);
         if let Some(expect) = cmd.prev_revision {
             if expect != current {
                 return ApplyOutcome::PreconditionFailed { current };
@@ -175,11 +182,12 @@ impl KvStore {
         }
         match OpType::from_i32(cmd.op).unwrap_or(OpType::Put) {
             OpType::Put => {
-                self.data.insert(cmd.key.clone(), Value { data: cmd.value.clone(), revision: index });
+                let value = Value { data: Bytes::copy_from_slice(&cmd.value), revision: index };
+                self.data.insert(Arc::from(cmd.key.as_str()), value);
                 ApplyOutcome::Applied { revision: index, existed: current != 0 }
             }
             OpType::Delete => {
-                let existed = self.data.remove(&cmd.key).is_some();
+                let existed = self.data.remove(cmd.key.as_str()).is_some();
                 ApplyOutcome::Applied { revision: index, existed }
             }
         }
@@ -194,7 +202,7 @@ impl KvStore {
     pub fn list(&self, prefix: &str, limit: usize) -> (Vec<(String, Value)>, bool) {
         let mut out = Vec::new();
         let mut more = false;
-        for (k, v) in self.data.range(prefix.to_string()..) {
+        for (k, v) in self.data.range::<_, str>((std::ops::Bound::Included(prefix), std::ops::Bound::Unbounded)) {
             if !k.starts_with(prefix) {
                 break;
             }
@@ -202,7 +210,7 @@ impl KvStore {
                 more = true;
                 break;
             }
-            out.push((k.clone(), v.clone()));
+            out.push((k.to_string(), v.clone()));
         }
         (out, more)
     }
@@ -239,20 +247,19 @@ impl KvStore {
         self.removed.contains(&id)
     }
 
-    /// Serializes the whole state.
+    /// Serializes the whole state (on the calling thread).
     pub fn snapshot_image(&self) -> Vec<u8> {
-        let img = SnapshotImage {
-            version: 1,
-            applied_index: self.applied,
-            values: self
-                .data
-                .iter()
-                .map(|(k, v)| StoredValue { key: k.clone(), value: v.data.clone(), revision: v.revision })
-                .collect(),
-            members: self.members.iter().map(|(id, url)| MemberRecord { id: *id, peer_url: url.clone() }).collect(),
-            removed: self.removed.iter().copied().collect(),
-        };
-        img.encode_to_vec()
+        self.image_source().encode()
+    }
+
+    /// An O(1) frozen copy of the state to encode elsewhere (see [`ImageSource::encode`]).
+    pub fn image_source(&self) -> ImageSource {
+        ImageSource {
+            data: self.data.clone(),
+            members: self.members.clone(),
+            removed: self.removed.clone(),
+            applied: self.applied,
+        }
     }
 
     /// Replaces the state with a snapshot image.
@@ -261,7 +268,11 @@ impl KvStore {
         if img.version != 1 {
             return Err(KvError::Version(img.version));
         }
-        self.data = img.values.into_iter().map(|v| (v.key, Value { data: v.value, revision: v.revision })).collect();
+        self.data = img
+            .values
+            .into_iter()
+            .map(|v| (Arc::from(v.key), Value { data: Bytes::from(v.value), revision: v.revision }))
+            .collect();
         self.members = img.members.into_iter().map(|m| (m.id, m.peer_url)).collect();
         self.removed = img.removed.into_iter().collect();
         self.applied = img.applied_index;
@@ -279,6 +290,76 @@ impl KvStore {
     }
 }
 
+/// A frozen copy of the state machine, cheap to take, encoded off the raft loop.
+pub struct ImageSource {
+    data: imbl::OrdMap<Arc<str>, Value>,
+    members: BTreeMap<u64, String>,
+    removed: BTreeSet<u64>,
+    applied: u64,
+}
+
+impl ImageSource {
+    /// Applied index the image reflects.
+    pub fn applied(&self) -> u64 {
+        self.applied
+    }
+
+    /// Encodes a [`SnapshotImage`] straight from the map, without building the
+    /// intermediate message (which would double the memory for a large store).
+    pub fn encode(&self) -> Vec<u8> {
+        fn value_len(k: &str, v: &Value) -> usize {
+            let mut n = 0;
+            if !k.is_empty() {
+                n += key_len(1) + encoded_len_varint(k.len() as u64) + k.len();
+            }
+            if !v.data.is_empty() {
+                n += key_len(2) + encoded_len_varint(v.data.len() as u64) + v.data.len();
+            }
+            if v.revision != 0 {
+                n += key_len(3) + encoded_len_varint(v.revision);
+            }
+            n
+        }
+        let header = SnapshotImage {
+            version: 1,
+            applied_index: self.applied,
+            values: Vec::new(),
+            members: self.members.iter().map(|(id, url)| MemberRecord { id: *id, peer_url: url.clone() }).collect(),
+            removed: self.removed.iter().copied().collect(),
+        };
+        let total: usize = self
+            .data
+            .iter()
+            .map(|(k, v)| {
+                let n = value_len(k, v);
+                key_len(3) + encoded_len_varint(n as u64) + n
+            })
+            .sum();
+        let mut buf = Vec::with_capacity(header.encoded_len() + total);
+        // Field order does not matter to protobuf decoders; the values go last.
+        let _ = header.encode(&mut buf);
+        for (k, v) in self.data.iter() {
+            encode_key(3, WireType::LengthDelimited, &mut buf);
+            encode_varint(value_len(k, v) as u64, &mut buf);
+            if !k.is_empty() {
+                encode_key(1, WireType::LengthDelimited, &mut buf);
+                encode_varint(k.len() as u64, &mut buf);
+                buf.put_slice(k.as_bytes());
+            }
+            if !v.data.is_empty() {
+                encode_key(2, WireType::LengthDelimited, &mut buf);
+                encode_varint(v.data.len() as u64, &mut buf);
+                buf.put_slice(&v.data);
+            }
+            if v.revision != 0 {
+                encode_key(3, WireType::Varint, &mut buf);
+                encode_varint(v.revision, &mut buf);
+            }
+        }
+        buf
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -291,9 +372,9 @@ mod tests {
     fn put_get_delete_and_cas() {
         let mut kv = KvStore::new();
         assert_eq!(kv.apply(5, &put("a", "1", None)), ApplyOutcome::Applied { revision: 5, existed: false });
-        assert_eq!(kv.get("a").unwrap().data, b"1");
+        assert_eq!(&kv.get("a").unwrap().data[..], b"1");
         assert_eq!(kv.apply(6, &put("a", "2", Some(4))), ApplyOutcome::PreconditionFailed { current: 5 });
-        assert_eq!(kv.get("a").unwrap().data, b"1");
+        assert_eq!(&kv.get("a").unwrap().data[..], b"1");
         assert_eq!(kv.apply(7, &put("a", "2", Some(5))), ApplyOutcome::Applied { revision: 7, existed: true });
         assert_eq!(kv.apply(8, &put("b", "x", Some(0))), ApplyOutcome::Applied { revision: 8, existed: false });
         let del = Command { op: OpType::Delete as i32, ..put("a", "", None) };
@@ -331,5 +412,36 @@ mod tests {
         assert!(back.is_removed(2));
         assert_eq!(back.applied(), 3);
         assert!(back.restore(b"\xff\xff\xff").is_err());
+    }
+
+    #[test]
+    fn streamed_image_equals_the_prost_image_and_is_frozen() {
+        let mut kv = KvStore::new();
+        for i in 0..100u64 {
+            kv.apply(i + 2, &put(&format!("k{i:03}"), &"x".repeat(i as usize), None));
+        }
+        kv.apply(200, &put("", "empty key is fine here", None));
+        kv.set_member(1, "http://127.0.0.1:1".into());
+        let src = kv.image_source();
+        // Later writes do not leak into the frozen copy.
+        kv.apply(300, &put("k000", "changed", None));
+        let streamed = src.encode();
+        let expected = SnapshotImage {
+            version: 1,
+            applied_index: 200,
+            values: src
+                .data
+                .iter()
+                .map(|(k, v)| StoredValue { key: k.to_string(), value: v.data.to_vec(), revision: v.revision })
+                .collect(),
+            members: vec![MemberRecord { id: 1, peer_url: "http://127.0.0.1:1".into() }],
+            removed: vec![],
+        };
+        assert_eq!(SnapshotImage::decode(streamed.as_slice()).unwrap(), expected);
+        assert_eq!(streamed.len(), expected.encoded_len());
+        let mut back = KvStore::new();
+        back.restore(&streamed).unwrap();
+        assert_eq!(&back.get("k000").unwrap().data[..], b"");
+        assert_eq!(back.len(), 101);
     }
 }

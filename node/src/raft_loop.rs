@@ -149,6 +149,13 @@ pub enum Request {
     TransferLeader(u64),
     /// Stop: hand leadership over if leader, flush, exit.
     Stop,
+    /// The snapshot thread finished (or failed) saving the snapshot at `index`.
+    SnapshotSaved {
+        /// Index of the snapshot.
+        index: u64,
+        /// How long saving took, or why it failed.
+        result: Result<Duration, StorageError>,
+    },
 }
 
 /// A cheap handle to send requests to the raft loop.
@@ -261,6 +268,8 @@ struct RaftLoop {
     status: StatusCell,
     shutdown: Shutdown,
     rx: Receiver<Request>,
+    self_tx: Sender<Request>,
+    snapshot_in_flight: bool,
     conf_state: ConfState,
     incarnation: u64,
     proposals: HashMap<u64, ProposeReply>,
@@ -358,6 +367,8 @@ pub fn start(
         status: status.clone(),
         shutdown,
         rx,
+        self_tx: tx.clone(),
+        snapshot_in_flight: false,
         conf_state,
         incarnation,
         proposals: HashMap::new(),
@@ -499,6 +510,7 @@ impl RaftLoop {
                 self.mark_removed("a peer reported this member as removed");
             }
             Request::TransferLeader(to) => self.raw.transfer_leader(to),
+            Request::SnapshotSaved { index, result } => self.on_snapshot_saved(index, result),
             Request::Stop => {
                 if self.stop_deadline.is_none() {
                     self.stop_deadline = Some(Instant::now() + TRANSFER_ON_STOP);
@@ -807,24 +819,58 @@ impl RaftLoop {
         self.reads_ready = keep;
     }
 
+    /// Starts a snapshot when `--snapshot-count` entries were applied since the last one
+    /// (or raft needs a fresh one for a new member). The state is frozen with an O(1)
+    /// clone; encoding and writing happen on a helper thread, so the loop keeps going.
+    /// The log is compacted when the helper reports back ([`Request::SnapshotSaved`]).
     fn maybe_snapshot(&mut self) -> Result<(), StorageError> {
+        if self.snapshot_in_flight {
+            return Ok(());
+        }
         let applied = self.raw.raft.raft_log.applied;
         let last_snap = self.storage.snapshot_index();
-        let wanted = self.want_snapshot.swap(false, Ordering::Relaxed);
+        let wanted = self.want_snapshot.load(Ordering::Relaxed);
         if applied <= last_snap || (applied - last_snap < self.cfg.snapshot_count && !wanted) {
             return Ok(());
         }
+        self.want_snapshot.store(false, Ordering::Relaxed);
         // The snapshot must never be ahead of the durable commit index (raft-rs refuses
         // to start with applied > commit).
         self.retry_no_space(|lp| lp.storage.sync())?;
-        let data = self.kv.read().map_err(lock_err)?.snapshot_image();
-        let took = self.storage.save_snapshot(applied, &self.conf_state, data)?;
-        metrics().snapshot_save_seconds.observe(took.as_secs_f64());
-        let keep = CATCH_UP_ENTRIES.min(self.cfg.snapshot_count);
-        let compact_to = applied.saturating_sub(keep).max(1);
-        self.storage.compact(compact_to)?;
-        info!(index = applied, compacted_to = compact_to, took_ms = took.as_millis() as u64, "snapshot saved, log compacted");
+        let image = self.kv.read().map_err(lock_err)?.image_source();
+        let index = image.applied();
+        let conf_state = self.conf_state.clone();
+        let storage = self.storage.clone();
+        let tx = self.self_tx.clone();
+        let spawned = std::thread::Builder::new().name("snapshot".into()).spawn(move || {
+            let data = image.encode();
+            drop(image);
+            let result = storage.save_snapshot(index, &conf_state, data);
+            let _ = tx.send(Request::SnapshotSaved { index, result });
+        });
+        match spawned {
+            Ok(_) => self.snapshot_in_flight = true,
+            Err(e) => warn!(error = %e, "cannot start the snapshot thread; will retry"),
+        }
         Ok(())
+    }
+
+    fn on_snapshot_saved(&mut self, index: u64, result: Result<Duration, StorageError>) {
+        self.snapshot_in_flight = false;
+        match result {
+            Ok(took) => {
+                metrics().snapshot_save_seconds.observe(took.as_secs_f64());
+                let keep = CATCH_UP_ENTRIES.min(self.cfg.snapshot_count);
+                let compact_to = index.saturating_sub(keep).max(1);
+                if let Err(e) = self.storage.compact(compact_to) {
+                    warn!(error = %e, "log compaction failed; will retry after the next snapshot");
+                }
+                info!(index, compacted_to = compact_to, took_ms = took.as_millis() as u64, "snapshot saved, log compacted");
+            }
+            // A snapshot installed from the leader meanwhile makes ours moot; a full disk
+            // is retried at the next trigger. Neither is fatal: the WAL still holds it all.
+            Err(e) => warn!(index, error = %e, "snapshot not saved"),
+        }
     }
 
     fn fail_all(&mut self, err: ProposeError) {
