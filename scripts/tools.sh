@@ -86,7 +86,14 @@ if [ -x "$venv/bin/kubernetes-validate" ] \
     log "kubernetes-validate $KUBERNETES_VALIDATE_VERSION already installed"
 else
     log "installing kubernetes-validate $KUBERNETES_VALIDATE_VERSION into $venv"
-    python3 -m venv "$venv"
+    rm -rf "$venv"
+    if ! python3 -m venv "$venv" >/dev/null 2>&1; then
+        # Debian ships venv's pip bootstrap separately.
+        log "python3 -m venv failed; installing python3-venv"
+        rm -rf "$venv"
+        apt_install python3-venv
+        python3 -m venv "$venv"
+    fi
     "$venv/bin/pip" install --quiet --disable-pip-version-check \
         "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION"
 fi
