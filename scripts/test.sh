@@ -7,15 +7,18 @@ bash scripts/setup.sh
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 
 echo "== build"
-cargo build --workspace --all-targets --locked
+cargo build --workspace --all-targets
+if command -v git >/dev/null && git rev-parse --git-dir >/dev/null 2>&1 && ! git diff --quiet -- Cargo.lock; then
+  echo "warning: Cargo.lock was out of date with the manifests; commit the updated Cargo.lock" >&2
+fi
 
 echo "== unit, integration and cluster tests"
 if cargo nextest --version >/dev/null 2>&1; then
-  cargo nextest run --workspace --locked --no-fail-fast
+  cargo nextest run --workspace --no-fail-fast
 else
-  cargo test --workspace --locked --no-fail-fast
+  cargo test --workspace --no-fail-fast
 fi
-cargo test --workspace --doc --locked
+cargo test --workspace --doc
 
 if [ -f scripts/check-chart.sh ]; then
   echo "== chart, manifests, shell scripts"
