@@ -20,8 +20,7 @@ else
 fi
 cargo test --workspace --doc
 
-if [ -f scripts/check-chart.sh ]; then
-  echo "== chart, manifests, shell scripts"
-  bash scripts/check-chart.sh
-fi
+echo "== chart, manifests, shell scripts"
+bash scripts/tools.sh          # helm, kubectl, kubernetes-validate into .tools/ (cached)
+bash scripts/check-chart.sh
 echo "== all tests passed"
