@@ -1,1 +1,1 @@
-fn main() {}
+fn main() { print!("{}", raftkv_operator::crd::crd_yaml()); }

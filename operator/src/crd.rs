@@ -1,0 +1,356 @@
+//! The `RaftKV` custom resource (`raftkv.dev/v1alpha1`).
+//!
+//! The Rust types below are the single source of the CRD schema: their `///` docs become
+//! the field descriptions shown by `kubectl explain`. [`crd_yaml`] renders the CRD
+//! deterministically for `raftkv-operator crd` and for the chart's drift test.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Affinity, ResourceRequirements, Toleration};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, CustomResourceExt, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// API group of the custom resource.
+pub const GROUP: &str = "raftkv.dev";
+/// API version of the custom resource.
+pub const VERSION: &str = "v1alpha1";
+/// Smallest allowed `spec.replicas`.
+pub const MIN_REPLICAS: i32 = 1;
+/// Largest allowed `spec.replicas`.
+pub const MAX_REPLICAS: i32 = 9;
+
+/// Desired state of a raftkv cluster: a replicated key-value store run as a StatefulSet,
+/// one raft member per pod. Changing `replicas` grows or shrinks the raft cluster one
+/// member at a time without losing quorum.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "raftkv.dev",
+    version = "v1alpha1",
+    kind = "RaftKV",
+    plural = "raftkvs",
+    singular = "raftkv",
+    shortname = "rkv",
+    namespaced,
+    status = "RaftKVStatus",
+    doc = "A raftkv cluster: a replicated key-value store on raft, managed by raftkv-operator.",
+    scale(
+        spec_replicas_path = ".spec.replicas",
+        status_replicas_path = ".status.replicas",
+        label_selector_path = ".status.selector"
+    ),
+    printcolumn(name = "Replicas", type_ = "integer", json_path = ".spec.replicas", description = "Desired raft members"),
+    printcolumn(name = "Ready", type_ = "integer", json_path = ".status.readyReplicas", description = "Ready raft members"),
+    printcolumn(name = "Leader", type_ = "integer", json_path = ".status.leader", description = "Raft id of the leader"),
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase", description = "Lifecycle phase"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct RaftKVSpec {
+    /// Number of raft voters (and pods). 1 to 9; odd numbers tolerate the most failures
+    /// per member. Changes are applied one member at a time.
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 9").message("replicas must be between 1 and 9"))]
+    #[schemars(range(min = 1, max = 9))]
+    pub replicas: i32,
+
+    /// Container image of raftkv-node. Defaults to `raftkv-node:<operator version>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+
+    /// Image pull policy for the node container (Always, IfNotPresent, Never).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_pull_policy: Option<String>,
+
+    /// Persistent storage of each member's data directory.
+    #[serde(default)]
+    pub storage: StorageSpec,
+
+    /// Compute resources of the node container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+
+    /// Number of applied entries between snapshots (passed as RAFTKV_SNAPSHOT_COUNT).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub snapshot_count: Option<i64>,
+
+    /// Node selector for the pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<BTreeMap<String, String>>,
+
+    /// Tolerations for the pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tolerations: Option<Vec<Toleration>>,
+
+    /// Affinity for the pods. When unset, `podAntiAffinity` chooses a preset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+
+    /// Preset anti-affinity between members when `affinity` is unset: `Soft` (default)
+    /// prefers one member per node, `Hard` requires it, `None` adds nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_anti_affinity: Option<AntiAffinityPreset>,
+}
+
+/// Preset pod anti-affinity between the members of one cluster.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema, Default)]
+pub enum AntiAffinityPreset {
+    /// Prefer spreading members over nodes (preferredDuringScheduling).
+    #[default]
+    Soft,
+    /// Require one member per node (requiredDuringScheduling).
+    Hard,
+    /// No anti-affinity.
+    None,
+}
+
+/// Storage of each member's data directory (a volume claim template named `data`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StorageSpec {
+    /// Size of each member's volume, e.g. `1Gi`. Immutable.
+    #[x_kube(validation = Rule::new("self == oldSelf").message("storage.size is immutable"))]
+    #[serde(default = "default_storage_size")]
+    pub size: String,
+
+    /// Storage class of the volumes; the cluster default when unset. Immutable.
+    #[x_kube(validation = Rule::new("self == oldSelf").message("storage.storageClassName is immutable"))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_class_name: Option<String>,
+}
+
+fn default_storage_size() -> String {
+    "1Gi".to_string()
+}
+
+impl Default for StorageSpec {
+    fn default() -> Self {
+        StorageSpec { size: default_storage_size(), storage_class_name: None }
+    }
+}
+
+/// Observed state of a raftkv cluster, written by the operator.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RaftKVStatus {
+    /// Raft voters currently in the cluster (for the scale subresource).
+    #[serde(default)]
+    pub replicas: i32,
+    /// Members that are healthy voters or learners seen by the leader.
+    #[serde(default)]
+    pub ready_replicas: i32,
+    /// Raft members as reported by the leader.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub members: Vec<MemberStatus>,
+    /// Raft id of the current leader; absent when there is none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leader: Option<u64>,
+    /// Lifecycle phase: Creating, Running, Scaling, Repairing, Degraded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+    /// Standard conditions: Available, Progressing, Degraded.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// The `metadata.generation` this status was computed for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Label selector of the pods, as a string (for the scale subresource).
+    #[serde(default)]
+    pub selector: String,
+    /// Peer URLs of the initial members, fixed at creation (RAFTKV_CLUSTER).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub initial_cluster: Vec<String>,
+    /// True once the initial cluster has elected a leader; from then on pods with an
+    /// empty data directory start in join mode instead of bootstrapping.
+    #[serde(default)]
+    pub bootstrapped: bool,
+    /// The membership operation in flight, recorded before each mutation so a restarted
+    /// operator resumes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operation: Option<Operation>,
+    /// Data-directory incarnation (16 hex digits) of each member id, as first seen after it
+    /// joined; a different value later means the member lost its data.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub incarnations: BTreeMap<String, String>,
+    /// Human-readable explanation of the current wait, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// Lifecycle phase of a cluster.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum Phase {
+    /// Objects created, initial members not yet serving.
+    Creating,
+    /// Membership matches the spec and a leader exists.
+    Running,
+    /// A scale operation is in flight.
+    Scaling,
+    /// Repairing an amnesiac member, an orphan learner or a count mismatch.
+    Repairing,
+    /// No leader or quorum, or a step is blocked.
+    Degraded,
+}
+
+/// One raft member as seen by the operator.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MemberStatus {
+    /// Raft id (pod ordinal + 1).
+    pub id: u64,
+    /// Name of the pod running this member.
+    pub pod: String,
+    /// Advertised peer URL.
+    #[serde(rename = "peerURL")]
+    pub peer_url: String,
+    /// `leader`, `voter` or `learner`.
+    pub role: String,
+    /// Reachable from the leader and answering its API.
+    pub healthy: bool,
+}
+
+/// Kind of a membership operation.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+pub enum OperationKind {
+    /// Adding member `id`: grow the StatefulSet, add as learner, promote.
+    ScaleUp,
+    /// Removing member `id`: move leadership, remove, shrink the StatefulSet, delete its PVC.
+    ScaleDown,
+    /// Replacing member `id` that lost its data: remove, wipe its volume, re-add, promote.
+    ReplaceAmnesiac,
+}
+
+/// Progress marker of a [`OperationKind::ReplaceAmnesiac`] operation (the other kinds are
+/// derived from observation alone).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema, Default)]
+pub enum OperationStage {
+    /// Nothing done yet that observation cannot show.
+    #[default]
+    Started,
+    /// The member was seen removed from raft.
+    Removed,
+    /// Deleting the pod and volume claim whose UIDs are recorded in the operation.
+    Wiping,
+    /// The old pod and claim are gone; the member is re-added as a learner, then promoted.
+    Wiped,
+}
+
+/// A membership operation recorded in status before the operator mutates anything.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Operation {
+    /// What is being done.
+    pub kind: OperationKind,
+    /// Raft id of the member concerned (pod ordinal + 1).
+    pub id: u64,
+    /// Progress marker (ReplaceAmnesiac only).
+    #[serde(default)]
+    pub stage: OperationStage,
+    /// UID of the pod being wiped (stage Wiping).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_uid: Option<String>,
+    /// UID of the volume claim being wiped (stage Wiping).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pvc_uid: Option<String>,
+}
+
+impl Operation {
+    /// A new operation at its first stage.
+    pub fn new(kind: OperationKind, id: u64) -> Self {
+        Operation { kind, id, stage: OperationStage::Started, pod_uid: None, pvc_uid: None }
+    }
+
+    /// The same operation at another stage.
+    pub fn at(&self, stage: OperationStage) -> Self {
+        Operation { stage, ..self.clone() }
+    }
+}
+
+/// Renders the CRD as YAML. Deterministic: same binary, same bytes.
+pub fn crd_yaml() -> String {
+    // The CRD value is built from fixed types; serde_json maps iterate in a fixed order
+    // (sorted, or insertion order with `preserve_order`), so the output is stable.
+    let value = serde_json::to_value(RaftKV::crd()).unwrap_or_default();
+    match serde_yaml::to_string(&value) {
+        Ok(s) => s,
+        // Serializing a serde_json::Value to YAML cannot fail; keep a visible marker anyway.
+        Err(e) => format!("# failed to render CRD: {e}\n"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn crd_json() -> serde_json::Value {
+        serde_json::to_value(RaftKV::crd()).expect("crd serializes")
+    }
+
+    #[test]
+    fn names_and_scope_are_the_published_conventions() {
+        let crd = crd_json();
+        assert_eq!(crd["metadata"]["name"], "raftkvs.raftkv.dev");
+        assert_eq!(crd["spec"]["group"], GROUP);
+        assert_eq!(crd["spec"]["scope"], "Namespaced");
+        assert_eq!(crd["spec"]["names"]["kind"], "RaftKV");
+        assert_eq!(crd["spec"]["names"]["plural"], "raftkvs");
+        assert_eq!(crd["spec"]["names"]["shortNames"][0], "rkv");
+        assert_eq!(crd["spec"]["versions"][0]["name"], VERSION);
+    }
+
+    #[test]
+    fn scale_and_status_subresources() {
+        let crd = crd_json();
+        let sub = &crd["spec"]["versions"][0]["subresources"];
+        assert!(sub["status"].is_object());
+        assert_eq!(sub["scale"]["specReplicasPath"], ".spec.replicas");
+        assert_eq!(sub["scale"]["statusReplicasPath"], ".status.replicas");
+        assert_eq!(sub["scale"]["labelSelectorPath"], ".status.selector");
+    }
+
+    #[test]
+    fn printer_columns() {
+        let crd = crd_json();
+        let cols: Vec<String> = crd["spec"]["versions"][0]["additionalPrinterColumns"]
+            .as_array()
+            .expect("columns")
+            .iter()
+            .map(|c| c["name"].as_str().unwrap_or_default().to_string())
+            .collect();
+        assert_eq!(cols, ["Replicas", "Ready", "Leader", "Phase", "Age"]);
+    }
+
+    #[test]
+    fn validation_rules_are_in_the_schema() {
+        let yaml = crd_yaml();
+        assert!(yaml.contains("self >= 1 && self <= 9"), "{yaml}");
+        assert!(yaml.contains("self == oldSelf"), "{yaml}");
+        let crd = crd_json();
+        let replicas = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+            ["properties"]["replicas"];
+        assert_eq!(replicas["minimum"].as_f64(), Some(1.0), "{replicas}");
+        assert_eq!(replicas["maximum"].as_f64(), Some(9.0), "{replicas}");
+    }
+
+    #[test]
+    fn field_docs_become_descriptions() {
+        let crd = crd_json();
+        let spec = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"];
+        let d = spec["properties"]["replicas"]["description"].as_str().unwrap_or_default();
+        assert!(d.contains("Number of raft voters"), "{d}");
+    }
+
+    #[test]
+    fn crd_yaml_is_deterministic() {
+        assert_eq!(crd_yaml(), crd_yaml());
+        assert!(crd_yaml().starts_with("apiVersion: apiextensions.k8s.io/v1"));
+    }
+
+    #[test]
+    fn spec_defaults_apply() {
+        let spec: RaftKVSpec = serde_json::from_value(serde_json::json!({"replicas": 3})).expect("parses");
+        assert_eq!(spec.storage.size, "1Gi");
+        assert_eq!(spec.image, None);
+    }
+}

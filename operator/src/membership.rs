@@ -1,0 +1,492 @@
+//! The membership protocol as a pure function: [`decide`] maps observed state (raft
+//! members from the node API, pods, volume claims, spec, and the operation recorded in
+//! status) to exactly one next [`Action`]. Nothing here performs I/O; the executor in
+//! `orchestrate` carries the action out and the controller calls `decide` again.
+//!
+//! Invariants kept (see docs/membership.md):
+//! - members are raft ids `1..=k` (pod ordinals `0..k`); growth adds `k+1`, shrinking
+//!   removes `k`, one member at a time;
+//! - every mutation is preceded by recording its operation in status ([`Action::Record`]);
+//! - a voter is removed only when the current voters can commit the change and the
+//!   remaining voters keep a healthy majority, and never while it is the leader;
+//! - a removed member's volume claim is deleted before its ordinal is used again.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::crd::{Operation, OperationKind, OperationStage};
+
+/// Raft role of a member as the leader reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Role {
+    /// Counts towards quorum.
+    Voter,
+    /// Receives the log, does not vote.
+    Learner,
+}
+
+/// One raft member as seen by the operator.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemberView {
+    /// Voter or learner.
+    pub role: Role,
+    /// Leader's match index for this member (None when unknown).
+    pub match_index: Option<u64>,
+    /// Reachable from the leader and its own API answered.
+    pub healthy: bool,
+    /// Applied index the member itself reports (None when it did not answer).
+    pub applied_index: Option<u64>,
+    /// Data-dir incarnation the member itself reports (None when it did not answer).
+    pub incarnation: Option<String>,
+}
+
+/// The raft cluster as observed through the node API.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClusterView {
+    /// Leader id (0 = none known).
+    pub leader: u64,
+    /// Leader's commit index.
+    pub commit_index: u64,
+    /// Members by raft id.
+    pub members: BTreeMap<u64, MemberView>,
+}
+
+/// A pod of the StatefulSet.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodView {
+    /// The container runs (phase Running, not being deleted).
+    pub running: bool,
+    /// Being deleted.
+    pub terminating: bool,
+    /// Pod UID (tells a recreated pod from the old one).
+    pub uid: String,
+}
+
+/// A `data` volume claim of a pod ordinal.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PvcView {
+    /// Claim UID.
+    pub uid: String,
+    /// Being deleted (waits for its pod to go).
+    pub terminating: bool,
+}
+
+/// Everything [`decide`] looks at.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Observed {
+    /// `spec.replicas`.
+    pub desired: u32,
+    /// The StatefulSet's `spec.replicas`.
+    pub sts_replicas: u32,
+    /// Existing pods by ordinal.
+    pub pods: BTreeMap<u32, PodView>,
+    /// `data` volume claims by pod ordinal.
+    pub pvcs: BTreeMap<u32, PvcView>,
+    /// The raft cluster, or None when no member answered.
+    pub cluster: Option<ClusterView>,
+    /// The operation recorded in status.
+    pub operation: Option<Operation>,
+    /// Incarnations recorded in status, by raft id.
+    pub incarnations: BTreeMap<u64, String>,
+}
+
+/// Why nothing is done now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WaitReason {
+    /// No member answered the API.
+    NoMemberReachable,
+    /// The members know no leader.
+    NoLeader,
+    /// The pod of a member is not running yet.
+    PodNotRunning(u32),
+    /// A removed member's pod still exists.
+    PodTerminating(u32),
+    /// A volume claim is being deleted.
+    PvcTerminating(u32),
+    /// A learner is behind the leader's log.
+    LearnerCatchingUp(u64),
+    /// The change would leave the voters without a healthy majority.
+    WouldLoseQuorum(u64),
+    /// No healthy voter can take leadership from the member to remove.
+    NoTransferTarget(u64),
+}
+
+impl std::fmt::Display for WaitReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WaitReason::NoMemberReachable => write!(f, "no raft member answers its API"),
+            WaitReason::NoLeader => write!(f, "the raft cluster has no leader"),
+            WaitReason::PodNotRunning(o) => write!(f, "waiting for pod ordinal {o} to run"),
+            WaitReason::PodTerminating(o) => write!(f, "waiting for pod ordinal {o} to terminate"),
+            WaitReason::PvcTerminating(o) => write!(f, "waiting for the volume claim of ordinal {o} to go"),
+            WaitReason::LearnerCatchingUp(id) => write!(f, "learner {id} is catching up"),
+            WaitReason::WouldLoseQuorum(id) => {
+                write!(f, "changing member {id} now would leave no healthy voter majority")
+            }
+            WaitReason::NoTransferTarget(id) => {
+                write!(f, "no healthy voter can take leadership from member {id}")
+            }
+        }
+    }
+}
+
+/// The one next step.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Write this operation (or None: clear it) to status. Always done before a mutation.
+    Record(Option<Operation>),
+    /// Record the incarnation a member reports (first sighting after it joined).
+    RecordIncarnation {
+        /// Raft id.
+        id: u64,
+        /// Its incarnation.
+        incarnation: String,
+    },
+    /// Set the StatefulSet's replicas.
+    ScaleStatefulSet(u32),
+    /// Add `id` as a learner through the leader.
+    AddLearner(u64),
+    /// Promote learner `id` to voter.
+    Promote(u64),
+    /// Ask the leader to hand leadership to `to`.
+    TransferLeader {
+        /// Current leader.
+        from: u64,
+        /// New leader.
+        to: u64,
+    },
+    /// Remove member `id` through the leader.
+    RemoveMember(u64),
+    /// Delete the `data` volume claim of a pod ordinal.
+    DeletePvc(u32),
+    /// Delete the pod of an ordinal (the StatefulSet recreates it).
+    DeletePod(u32),
+    /// Forget the recorded incarnation of a member that left.
+    ForgetIncarnation(u64),
+    /// Nothing can be done now.
+    Wait(WaitReason),
+    /// Membership, pods and volumes match the spec.
+    Done,
+}
+
+impl Action {
+    /// True when the action changes raft membership or Kubernetes objects.
+    pub fn is_mutation(&self) -> bool {
+        !matches!(
+            self,
+            Action::Wait(_)
+                | Action::Done
+                | Action::Record(_)
+                | Action::RecordIncarnation { .. }
+                | Action::ForgetIncarnation(_)
+        )
+    }
+}
+
+/// Majority of `n` voters.
+pub fn majority(n: usize) -> usize {
+    n / 2 + 1
+}
+
+fn ordinal(id: u64) -> u32 {
+    // Ids are at most a few dozen (replicas <= 9 plus one in flight).
+    u32::try_from(id.saturating_sub(1)).unwrap_or(u32::MAX)
+}
+
+fn op(kind: OperationKind, id: u64) -> Operation {
+    Operation::new(kind, id)
+}
+
+impl ClusterView {
+    fn has_member_above(&self, id: u64) -> bool {
+        self.members.keys().next_back().is_some_and(|top| *top > id)
+    }
+
+    fn voters(&self) -> BTreeSet<u64> {
+        self.members.iter().filter(|(_, m)| m.role == Role::Voter).map(|(id, _)| *id).collect()
+    }
+
+    fn healthy(&self, id: u64) -> bool {
+        self.members.get(&id).is_some_and(|m| m.healthy)
+    }
+
+    /// Can voter `id` be removed: the current voters commit the change and the remaining
+    /// ones keep a healthy majority. A learner can always be removed.
+    fn can_remove(&self, id: u64) -> bool {
+        let voters = self.voters();
+        if !voters.contains(&id) {
+            return true;
+        }
+        if voters.len() <= 1 {
+            return false;
+        }
+        let healthy_now = voters.iter().filter(|v| self.healthy(**v)).count();
+        let healthy_after = voters.iter().filter(|v| **v != id && self.healthy(**v)).count();
+        healthy_now >= majority(voters.len()) && healthy_after >= majority(voters.len() - 1)
+    }
+
+    /// Can learner `id` be promoted without the new voter set lacking a healthy majority.
+    fn can_promote(&self, id: u64) -> bool {
+        let voters = self.voters();
+        let healthy = voters.iter().filter(|v| self.healthy(**v)).count() + usize::from(self.healthy(id));
+        healthy >= majority(voters.len() + 1)
+    }
+
+    /// The healthy voter other than `not` with the highest match index.
+    fn transfer_target(&self, not: u64) -> Option<u64> {
+        self.members
+            .iter()
+            .filter(|(id, m)| **id != not && m.role == Role::Voter && m.healthy)
+            .max_by_key(|(id, m)| (m.match_index.unwrap_or(0), std::cmp::Reverse(**id)))
+            .map(|(id, _)| *id)
+    }
+
+    /// A member that lost its data: its incarnation differs from the recorded one, or it
+    /// is a voter reporting applied index 0 while the cluster has committed entries.
+    fn is_amnesiac(&self, id: u64, recorded: Option<&String>) -> bool {
+        let Some(m) = self.members.get(&id) else { return false };
+        if let (Some(seen), Some(rec)) = (m.incarnation.as_ref(), recorded) {
+            if seen != rec {
+                return true;
+            }
+        }
+        m.role == Role::Voter && m.applied_index == Some(0) && self.commit_index > 0
+    }
+}
+
+fn pod_running(o: &Observed, ordinal: u32) -> bool {
+    o.pods.get(&ordinal).is_some_and(|p| p.running && !p.terminating)
+}
+
+/// Decides the next step. Pure: same input, same output.
+pub fn decide(o: &Observed) -> Action {
+    let Some(c) = o.cluster.as_ref() else {
+        return Action::Wait(WaitReason::NoMemberReachable);
+    };
+    if c.leader == 0 || !c.members.contains_key(&c.leader) {
+        return Action::Wait(WaitReason::NoLeader);
+    }
+    match o.operation.as_ref() {
+        Some(op) => continue_operation(o, c, op),
+        None => next_operation(o, c),
+    }
+}
+
+fn continue_operation(o: &Observed, c: &ClusterView, op: &Operation) -> Action {
+    match op.kind {
+        OperationKind::ScaleUp => scale_up(o, c, op.id),
+        OperationKind::ScaleDown => scale_down(o, c, op.id),
+        OperationKind::ReplaceAmnesiac => replace_amnesiac(o, c, op),
+    }
+}
+
+/// Steps of adding member `id`: StatefulSet to `id` pods, learner, promote.
+fn scale_up(o: &Observed, c: &ClusterView, id: u64) -> Action {
+    let member = c.members.get(&id);
+    // Latched spec change: the target dropped below `id` before it became a voter; undo
+    // by turning this into the removal of the same member (idempotent from any point).
+    // Only the top member is undone; a member below others fills a gap and is re-added.
+    if u64::from(o.desired) < id && member.is_none_or(|m| m.role == Role::Learner) && !c.has_member_above(id) {
+        return Action::Record(Some(op(OperationKind::ScaleDown, id)));
+    }
+    let ord = ordinal(id);
+    match member {
+        None => {
+            if o.sts_replicas <= ord {
+                if let Some(v) = o.pvcs.get(&ord).filter(|_| !o.pods.contains_key(&ord)) {
+                    // A claim left from an earlier member would make the new pod rejoin
+                    // with stale data (or a tombstone): start clean.
+                    return if v.terminating {
+                        Action::Wait(WaitReason::PvcTerminating(ord))
+                    } else {
+                        Action::DeletePvc(ord)
+                    };
+                }
+                return Action::ScaleStatefulSet(ord + 1);
+            }
+            if !pod_running(o, ord) {
+                return Action::Wait(WaitReason::PodNotRunning(ord));
+            }
+            Action::AddLearner(id)
+        }
+        Some(m) if m.role == Role::Learner => {
+            if !c.can_promote(id) {
+                return Action::Wait(WaitReason::WouldLoseQuorum(id));
+            }
+            Action::Promote(id)
+        }
+        Some(m) => {
+            if let (Some(inc), None) = (m.incarnation.as_ref(), o.incarnations.get(&id)) {
+                return Action::RecordIncarnation { id, incarnation: inc.clone() };
+            }
+            Action::Record(None)
+        }
+    }
+}
+
+/// Steps of removing member `id`: move leadership, remove, shrink, wait for the pod, PVC.
+fn scale_down(o: &Observed, c: &ClusterView, id: u64) -> Action {
+    let ord = ordinal(id);
+    if let Some(m) = c.members.get(&id) {
+        // Latched spec change: still a voter and wanted again: nothing was undone yet, so
+        // abandon the removal.
+        if m.role == Role::Voter && u64::from(o.desired) >= id {
+            return Action::Record(None);
+        }
+        if c.leader == id {
+            return match c.transfer_target(id) {
+                Some(to) => Action::TransferLeader { from: id, to },
+                None => Action::Wait(WaitReason::NoTransferTarget(id)),
+            };
+        }
+        if !c.can_remove(id) {
+            return Action::Wait(WaitReason::WouldLoseQuorum(id));
+        }
+        return Action::RemoveMember(id);
+    }
+    if c.has_member_above(id) {
+        // Not the top member: its pod stays (the StatefulSet cannot drop a middle
+        // ordinal); the gap repair wipes and re-adds it.
+        if o.incarnations.contains_key(&id) {
+            return Action::ForgetIncarnation(id);
+        }
+        return Action::Record(None);
+    }
+    if o.sts_replicas > ord {
+        return Action::ScaleStatefulSet(ord);
+    }
+    if o.pods.contains_key(&ord) {
+        return Action::Wait(WaitReason::PodTerminating(ord));
+    }
+    if let Some(v) = o.pvcs.get(&ord) {
+        return if v.terminating { Action::Wait(WaitReason::PvcTerminating(ord)) } else { Action::DeletePvc(ord) };
+    }
+    if o.incarnations.contains_key(&id) {
+        return Action::ForgetIncarnation(id);
+    }
+    Action::Record(None)
+}
+
+/// Steps of replacing a member that lost its data: remove it, delete its pod and volume
+/// claim (recorded by UID so a recreated pod is told apart), re-add it as a learner, promote.
+fn replace_amnesiac(o: &Observed, c: &ClusterView, op: &Operation) -> Action {
+    let id = op.id;
+    let ord = ordinal(id);
+    let member = c.members.get(&id);
+    match op.stage {
+        OperationStage::Started | OperationStage::Removed if member.is_some() => {
+            if c.leader == id {
+                return match c.transfer_target(id) {
+                    Some(to) => Action::TransferLeader { from: id, to },
+                    None => Action::Wait(WaitReason::NoTransferTarget(id)),
+                };
+            }
+            if !c.can_remove(id) {
+                return Action::Wait(WaitReason::WouldLoseQuorum(id));
+            }
+            Action::RemoveMember(id)
+        }
+        OperationStage::Started => Action::Record(Some(op.at(OperationStage::Removed))),
+        OperationStage::Removed => {
+            if o.incarnations.contains_key(&id) {
+                return Action::ForgetIncarnation(id);
+            }
+            Action::Record(Some(Operation {
+                pod_uid: o.pods.get(&ord).map(|p| p.uid.clone()),
+                pvc_uid: o.pvcs.get(&ord).map(|v| v.uid.clone()),
+                ..op.at(OperationStage::Wiping)
+            }))
+        }
+        OperationStage::Wiping => {
+            if member.is_some() {
+                // Someone re-added it before the wipe finished: remove it again.
+                return Action::Record(Some(op.at(OperationStage::Started)));
+            }
+            let old_pvc = o.pvcs.get(&ord).filter(|v| Some(&v.uid) == op.pvc_uid.as_ref());
+            let old_pod = o.pods.get(&ord).filter(|p| Some(&p.uid) == op.pod_uid.as_ref());
+            if old_pvc.is_some_and(|v| !v.terminating) {
+                // Marks the claim for deletion; it goes once the old pod is gone.
+                return Action::DeletePvc(ord);
+            }
+            if let Some(p) = old_pod {
+                if !p.terminating {
+                    return Action::DeletePod(ord);
+                }
+                return Action::Wait(WaitReason::PodTerminating(ord));
+            }
+            if old_pvc.is_some() {
+                return Action::Wait(WaitReason::PvcTerminating(ord));
+            }
+            Action::Record(Some(op.at(OperationStage::Wiped)))
+        }
+        OperationStage::Wiped => match scale_up(o, c, id) {
+            Action::Record(None) => Action::Record(None),
+            other => other,
+        },
+    }
+}
+
+/// No operation in flight: find the next one, or repair, or report done.
+fn next_operation(o: &Observed, c: &ClusterView) -> Action {
+    // Amnesia first: a voter that forgot its log endangers safety.
+    for id in c.members.keys() {
+        if c.is_amnesiac(*id, o.incarnations.get(id)) {
+            return Action::Record(Some(op(OperationKind::ReplaceAmnesiac, *id)));
+        }
+    }
+    // Record incarnations of members seen for the first time (bootstrap members).
+    for (id, m) in &c.members {
+        if let (Some(inc), None) = (m.incarnation.as_ref(), o.incarnations.get(id)) {
+            if m.role == Role::Voter && (m.applied_index.unwrap_or(0) > 0 || c.commit_index == 0) {
+                return Action::RecordIncarnation { id: *id, incarnation: inc.clone() };
+            }
+        }
+    }
+    let top = c.members.keys().next_back().copied().unwrap_or(0);
+    // A gap in 1..=top: a member was removed out of band; re-add it cleanly.
+    for id in 1..=top {
+        if !c.members.contains_key(&id) && u64::from(o.desired) >= id {
+            return Action::Record(Some(op(OperationKind::ReplaceAmnesiac, id).at(OperationStage::Removed)));
+        }
+    }
+    // An orphan learner (operator died between add and promote, or someone added it).
+    for (id, m) in &c.members {
+        if m.role == Role::Learner {
+            let kind = if u64::from(o.desired) >= *id && *id == top {
+                OperationKind::ScaleUp
+            } else {
+                OperationKind::ScaleDown
+            };
+            return Action::Record(Some(op(kind, *id)));
+        }
+    }
+    let desired = u64::from(o.desired);
+    // Pods beyond the members (StatefulSet grown out of band or a crash before recording).
+    let sts_top = u64::from(o.sts_replicas);
+    if top > desired {
+        return Action::Record(Some(op(OperationKind::ScaleDown, top)));
+    }
+    if sts_top > top && sts_top > desired {
+        return Action::Record(Some(op(OperationKind::ScaleDown, sts_top)));
+    }
+    if top < desired {
+        return Action::Record(Some(op(OperationKind::ScaleUp, top + 1)));
+    }
+    if sts_top < top {
+        // StatefulSet shrunk out of band: bring the members' pods back.
+        return Action::ScaleStatefulSet(ordinal(top) + 1);
+    }
+    // Volume claims left over beyond the StatefulSet (a removal interrupted long ago).
+    if let Some(ord) = o
+        .pvcs
+        .iter()
+        .find(|(ord, v)| u64::from(**ord) >= top && !v.terminating && !o.pods.contains_key(ord))
+        .map(|(ord, _)| *ord)
+    {
+        return Action::DeletePvc(ord);
+    }
+    Action::Done
+}
+
+#[cfg(test)]
+#[path = "membership_tests.rs"]
+mod tests;

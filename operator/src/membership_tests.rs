@@ -1,0 +1,679 @@
+//! Tests of [`decide`]: scenario unit tests, and a property test that runs the protocol
+//! against a model of raft + StatefulSet + volume claims with crashes, spec changes,
+//! elections, pod failures and data loss injected between any two steps.
+
+use super::*;
+use crate::crd::{Operation, OperationKind, OperationStage};
+use proptest::prelude::*;
+
+// ---------------------------------------------------------------------------------------
+// A model of the world the operator drives.
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Data {
+    /// Empty volume: the node starts in join mode and waits to be added.
+    Fresh,
+    /// Holds member state.
+    Member,
+    /// The member applied its own removal: the node refuses to start.
+    Tombstone,
+}
+
+#[derive(Clone, Debug)]
+struct Pod {
+    uid: String,
+    running: bool,
+    terminating: bool,
+}
+
+#[derive(Clone, Debug)]
+struct Pvc {
+    uid: String,
+    terminating: bool,
+    data: Data,
+}
+
+#[derive(Clone, Debug)]
+struct Model {
+    desired: u32,
+    sts: u32,
+    pods: BTreeMap<u32, Pod>,
+    pvcs: BTreeMap<u32, Pvc>,
+    /// id -> (role, caught up)
+    members: BTreeMap<u64, (Role, bool)>,
+    leader: u64,
+    /// Members whose pods are down (crashed, not yet restarted).
+    down: BTreeSet<u64>,
+    commit: u64,
+    operation: Option<Operation>,
+    incarnations: BTreeMap<u64, String>,
+    next_uid: u64,
+    /// Every violation of a safety invariant seen.
+    violations: Vec<String>,
+}
+
+impl Model {
+    /// A bootstrapped cluster of `n` voters.
+    fn new(n: u32) -> Model {
+        let mut m = Model {
+            desired: n,
+            sts: n,
+            pods: BTreeMap::new(),
+            pvcs: BTreeMap::new(),
+            members: BTreeMap::new(),
+            leader: 1,
+            down: BTreeSet::new(),
+            commit: 10,
+            operation: None,
+            incarnations: BTreeMap::new(),
+            next_uid: 0,
+            violations: Vec::new(),
+        };
+        for ord in 0..n {
+            let pvc = m.uid();
+            let pod = m.uid();
+            m.pvcs.insert(ord, Pvc { uid: pvc.clone(), terminating: false, data: Data::Member });
+            m.pods.insert(ord, Pod { uid: pod, running: true, terminating: false });
+            m.members.insert(u64::from(ord) + 1, (Role::Voter, true));
+            m.incarnations.insert(u64::from(ord) + 1, pvc);
+        }
+        m
+    }
+
+    fn uid(&mut self) -> String {
+        self.next_uid += 1;
+        format!("u{}", self.next_uid)
+    }
+
+    fn node_up(&self, id: u64) -> bool {
+        let ord = ordinal(id);
+        !self.down.contains(&id)
+            && self.pods.get(&ord).is_some_and(|p| p.running && !p.terminating)
+            && self.pvcs.get(&ord).is_some_and(|v| v.data != Data::Tombstone)
+    }
+
+    /// A member whose volume no longer holds its state.
+    fn amnesiac(&self, id: u64) -> bool {
+        self.pvcs.get(&ordinal(id)).is_none_or(|v| v.data != Data::Member)
+    }
+
+    /// Voters that are up and remember their log.
+    fn good_voters(&self) -> usize {
+        self.members
+            .iter()
+            .filter(|(id, (r, _))| *r == Role::Voter && self.node_up(**id) && !self.amnesiac(**id))
+            .count()
+    }
+
+    fn voters(&self) -> usize {
+        self.members.values().filter(|(r, _)| *r == Role::Voter).count()
+    }
+
+    fn has_quorum(&self) -> bool {
+        self.good_voters() >= majority(self.voters())
+    }
+
+    fn observe(&self) -> Observed {
+        let answering: Vec<u64> = self.members.keys().copied().filter(|id| self.node_up(*id)).collect();
+        let cluster = if answering.is_empty() {
+            None
+        } else {
+            let leader = if self.has_quorum() && self.node_up(self.leader) { self.leader } else { 0 };
+            let members = self
+                .members
+                .iter()
+                .map(|(id, (role, caught))| {
+                    let up = self.node_up(*id);
+                    let amnesiac = self.amnesiac(*id);
+                    let inc = self.pvcs.get(&ordinal(*id)).map(|v| v.uid.clone());
+                    let applied = if amnesiac || (*role == Role::Learner && !caught) { 0 } else { self.commit };
+                    (
+                        *id,
+                        MemberView {
+                            role: *role,
+                            match_index: Some(if *caught && !amnesiac { self.commit } else { 0 }),
+                            healthy: up,
+                            applied_index: up.then_some(applied),
+                            incarnation: if up { inc } else { None },
+                        },
+                    )
+                })
+                .collect();
+            Some(ClusterView { leader, commit_index: self.commit, members })
+        };
+        Observed {
+            desired: self.desired,
+            sts_replicas: self.sts,
+            pods: self
+                .pods
+                .iter()
+                .map(|(o, p)| (*o, PodView { running: p.running, terminating: p.terminating, uid: p.uid.clone() }))
+                .collect(),
+            pvcs: self
+                .pvcs
+                .iter()
+                .map(|(o, v)| (*o, PvcView { uid: v.uid.clone(), terminating: v.terminating }))
+                .collect(),
+            cluster,
+            operation: self.operation.clone(),
+            incarnations: self.incarnations.clone(),
+        }
+    }
+
+    fn violation(&mut self, what: String) {
+        self.violations.push(what);
+    }
+
+    /// Carries out an action as the real executor would (API calls are atomic).
+    fn apply(&mut self, a: &Action) {
+        match a {
+            Action::Record(op) => self.operation = op.clone(),
+            Action::RecordIncarnation { id, incarnation } => {
+                self.incarnations.insert(*id, incarnation.clone());
+            }
+            Action::ForgetIncarnation(id) => {
+                self.incarnations.remove(id);
+            }
+            Action::ScaleStatefulSet(n) => self.sts = *n,
+            Action::AddLearner(id) => {
+                if self.members.contains_key(id) {
+                    return;
+                }
+                if !self.has_quorum() {
+                    return; // 503: no quorum, nothing changes
+                }
+                let ord = ordinal(*id);
+                match self.pvcs.get_mut(&ord) {
+                    Some(v) if v.data == Data::Fresh && self.pods.get(&ord).is_some_and(|p| p.running) => {
+                        v.data = Data::Member;
+                        self.members.insert(*id, (Role::Learner, false));
+                        self.commit += 1;
+                    }
+                    other => {
+                        let what = format!("AddLearner({id}) onto a pod without a fresh volume: {other:?}");
+                        self.violation(what);
+                    }
+                }
+            }
+            Action::Promote(id) => {
+                let Some((role, caught)) = self.members.get(id).copied() else { return };
+                if role == Role::Voter || !caught || !self.has_quorum() {
+                    return; // 200 unchanged, or 409 learner_behind, or 503
+                }
+                self.members.insert(*id, (Role::Voter, true));
+                self.commit += 1;
+                if !self.has_quorum() {
+                    self.violation(format!("Promote({id}) lost quorum"));
+                }
+            }
+            Action::TransferLeader { from, to } => {
+                if self.leader == *from
+                    && self.node_up(*to)
+                    && self.members.get(to).is_some_and(|(r, _)| *r == Role::Voter)
+                {
+                    self.leader = *to;
+                }
+            }
+            Action::RemoveMember(id) => {
+                if !self.members.contains_key(id) || !self.has_quorum() {
+                    return;
+                }
+                if *id == self.leader {
+                    self.violation(format!("RemoveMember({id}) of the leader"));
+                }
+                self.members.remove(id);
+                self.commit += 1;
+                if let Some(v) = self.pvcs.get_mut(&ordinal(*id)) {
+                    if self.pods.get(&ordinal(*id)).is_some_and(|p| p.running) {
+                        v.data = Data::Tombstone;
+                    }
+                }
+                if !self.has_quorum() {
+                    self.violation(format!("RemoveMember({id}) lost quorum"));
+                }
+                if self.members.values().all(|(r, _)| *r != Role::Voter) {
+                    self.violation("no voter left".into());
+                }
+            }
+            Action::DeletePvc(ord) => {
+                if let Some(v) = self.pvcs.get_mut(ord) {
+                    v.terminating = true;
+                }
+            }
+            Action::DeletePod(ord) => {
+                if let Some(p) = self.pods.get_mut(ord) {
+                    p.terminating = true;
+                }
+            }
+            Action::Wait(_) | Action::Done => {}
+        }
+        self.check_shape();
+    }
+
+    /// Structural invariants: one change at a time.
+    fn check_shape(&mut self) {
+        let learners = self.members.values().filter(|(r, _)| *r == Role::Learner).count();
+        if learners > 1 {
+            self.violation(format!("{learners} learners at once: {:?}", self.members));
+        }
+        let top = self.members.keys().next_back().copied().unwrap_or(0);
+        let gaps: Vec<u64> = (1..=top).filter(|id| !self.members.contains_key(id)).collect();
+        if gaps.len() > 1 {
+            self.violation(format!("two members missing at once: {gaps:?}"));
+        }
+    }
+
+    /// The Kubernetes side moves on: StatefulSet controller, kubelet, PVC protection,
+    /// learners catching up.
+    fn progress(&mut self) {
+        // Pods going away.
+        let gone: Vec<u32> = self.pods.iter().filter(|(_, p)| p.terminating).map(|(o, _)| *o).collect();
+        for o in gone {
+            self.pods.remove(&o);
+        }
+        for (o, p) in self.pods.iter_mut() {
+            if *o >= self.sts {
+                p.terminating = true;
+            }
+        }
+        // Claims go once no pod uses them.
+        let free: Vec<u32> =
+            self.pvcs.iter().filter(|(o, v)| v.terminating && !self.pods.contains_key(o)).map(|(o, _)| *o).collect();
+        for o in free {
+            self.pvcs.remove(&o);
+        }
+        // Pods start (only on a healthy volume) and get created.
+        for (o, p) in self.pods.iter_mut() {
+            if !p.terminating && self.pvcs.get(o).is_some_and(|v| v.data != Data::Tombstone && !v.terminating) {
+                p.running = true;
+            }
+        }
+        for o in 0..self.sts {
+            if !self.pods.contains_key(&o) {
+                if self.pvcs.get(&o).is_some_and(|v| v.terminating) {
+                    continue;
+                }
+                if !self.pvcs.contains_key(&o) {
+                    let uid = self.uid();
+                    self.pvcs.insert(o, Pvc { uid, terminating: false, data: Data::Fresh });
+                }
+                let uid = self.uid();
+                self.pods.insert(o, Pod { uid, running: false, terminating: false });
+            }
+        }
+        for (id, (_, caught)) in self.members.iter_mut() {
+            if !self.down.contains(id) {
+                *caught = true;
+            }
+        }
+    }
+
+    fn elect(&mut self) {
+        if self.node_up(self.leader) && self.members.contains_key(&self.leader) && self.has_quorum() {
+            return;
+        }
+        if self.has_quorum() {
+            if let Some(id) = self
+                .members
+                .iter()
+                .find(|(id, (r, _))| *r == Role::Voter && self.node_up(**id) && !self.amnesiac(**id))
+                .map(|(id, _)| *id)
+            {
+                self.leader = id;
+            }
+        }
+    }
+
+    fn converged(&self) -> bool {
+        let n = u64::from(self.desired);
+        self.members.len() as u64 == n
+            && self.members.iter().all(|(id, (r, _))| *r == Role::Voter && *id <= n)
+            && self.sts == self.desired
+            && self.pvcs.keys().copied().eq(0..self.desired)
+            && self.pods.keys().copied().eq(0..self.desired)
+            && self.operation.is_none()
+            && self.members.keys().all(|id| !self.amnesiac(*id))
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Scenario tests.
+
+fn run_until_done(m: &mut Model, max_steps: usize) -> Vec<Action> {
+    let mut trace = Vec::new();
+    for _ in 0..max_steps {
+        m.elect();
+        let a = decide(&m.observe());
+        trace.push(a.clone());
+        if a == Action::Done {
+            return trace;
+        }
+        m.apply(&a);
+        m.progress();
+    }
+    panic!("did not converge in {max_steps} steps; model {m:#?}\ntrace {trace:?}");
+}
+
+#[test]
+fn steady_cluster_is_done() {
+    let m = Model::new(3);
+    assert_eq!(decide(&m.observe()), Action::Done);
+}
+
+#[test]
+fn no_leader_waits() {
+    let mut m = Model::new(3);
+    m.down.insert(2);
+    m.down.insert(3);
+    assert_eq!(decide(&m.observe()), Action::Wait(WaitReason::NoLeader));
+    m.down.insert(1);
+    assert_eq!(decide(&m.observe()), Action::Wait(WaitReason::NoMemberReachable));
+}
+
+#[test]
+fn scale_up_records_intent_then_grows_adds_learner_promotes() {
+    let mut m = Model::new(3);
+    m.desired = 4;
+    let mut o = m.observe();
+    assert_eq!(decide(&o), Action::Record(Some(Operation::new(OperationKind::ScaleUp, 4))));
+    o.operation = Some(Operation::new(OperationKind::ScaleUp, 4));
+    assert_eq!(decide(&o), Action::ScaleStatefulSet(4));
+    o.sts_replicas = 4;
+    assert_eq!(decide(&o), Action::Wait(WaitReason::PodNotRunning(3)));
+    o.pods.insert(3, PodView { running: true, terminating: false, uid: "p".into() });
+    assert_eq!(decide(&o), Action::AddLearner(4));
+    let c = o.cluster.as_mut().expect("cluster");
+    c.members.insert(
+        4,
+        MemberView {
+            role: Role::Learner,
+            match_index: Some(0),
+            healthy: true,
+            applied_index: Some(0),
+            incarnation: Some("i4".into()),
+        },
+    );
+    assert_eq!(decide(&o), Action::Promote(4));
+    o.cluster.as_mut().expect("cluster").members.get_mut(&4).expect("m4").role = Role::Voter;
+    assert_eq!(decide(&o), Action::RecordIncarnation { id: 4, incarnation: "i4".into() });
+    o.incarnations.insert(4, "i4".into());
+    assert_eq!(decide(&o), Action::Record(None));
+    let trace = run_until_done(&mut m, 50);
+    assert!(m.violations.is_empty(), "{:?}", m.violations);
+    assert!(m.converged(), "{m:#?} {trace:?}");
+}
+
+#[test]
+fn scale_down_moves_leadership_first_and_deletes_the_claim_last() {
+    let mut m = Model::new(3);
+    m.leader = 3;
+    m.desired = 2;
+    let trace = run_until_done(&mut m, 50);
+    let pos = |pred: &dyn Fn(&Action) -> bool| trace.iter().position(pred).expect("action present");
+    let transfer = pos(&|a| matches!(a, Action::TransferLeader { from: 3, .. }));
+    let remove = pos(&|a| *a == Action::RemoveMember(3));
+    let shrink = pos(&|a| *a == Action::ScaleStatefulSet(2));
+    let pvc = pos(&|a| *a == Action::DeletePvc(2));
+    assert!(transfer < remove && remove < shrink && shrink < pvc, "{trace:?}");
+    assert!(m.violations.is_empty(), "{:?}", m.violations);
+    assert!(m.converged());
+}
+
+#[test]
+fn scale_down_waits_when_quorum_would_be_lost() {
+    let mut m = Model::new(3);
+    m.down.insert(2);
+    m.desired = 2;
+    m.operation = Some(Operation::new(OperationKind::ScaleDown, 3));
+    // Voters {1,2,3} with 2 down: removing 3 leaves {1,2} with one healthy member.
+    assert_eq!(decide(&m.observe()), Action::Wait(WaitReason::WouldLoseQuorum(3)));
+    m.down.clear();
+    assert_eq!(decide(&m.observe()), Action::RemoveMember(3));
+}
+
+#[test]
+fn removing_a_down_member_is_allowed_when_the_rest_hold_quorum() {
+    let mut m = Model::new(3);
+    m.down.insert(3);
+    m.desired = 2;
+    m.operation = Some(Operation::new(OperationKind::ScaleDown, 3));
+    assert_eq!(decide(&m.observe()), Action::RemoveMember(3));
+}
+
+#[test]
+fn orphan_learner_is_promoted_or_removed() {
+    let mut m = Model::new(3);
+    m.sts = 4;
+    m.progress();
+    m.progress();
+    m.desired = 4;
+    m.apply(&Action::AddLearner(4));
+    assert_eq!(decide(&m.observe()), Action::Record(Some(Operation::new(OperationKind::ScaleUp, 4))));
+    m.desired = 3;
+    assert_eq!(decide(&m.observe()), Action::Record(Some(Operation::new(OperationKind::ScaleDown, 4))));
+    run_until_done(&mut m, 50);
+    assert!(m.converged() && m.violations.is_empty(), "{m:#?}");
+}
+
+#[test]
+fn crash_after_raft_removal_before_statefulset_shrink_converges() {
+    let mut m = Model::new(5);
+    m.desired = 3;
+    // Run until member 5 is removed from raft, then "crash" (no in-memory state exists).
+    for _ in 0..20 {
+        let a = decide(&m.observe());
+        m.apply(&a);
+        if a == Action::RemoveMember(5) {
+            break;
+        }
+    }
+    assert!(!m.members.contains_key(&5) && m.sts == 5);
+    assert_eq!(decide(&m.observe()), Action::ScaleStatefulSet(4));
+    run_until_done(&mut m, 80);
+    assert!(m.converged() && m.violations.is_empty(), "{m:#?}");
+}
+
+#[test]
+fn spec_change_mid_scale_up_is_latched_and_undone() {
+    let mut m = Model::new(3);
+    m.desired = 5;
+    // Until member 4 is a learner.
+    for _ in 0..20 {
+        let a = decide(&m.observe());
+        m.apply(&a);
+        m.progress();
+        if m.members.get(&4).is_some_and(|(r, _)| *r == Role::Learner) {
+            break;
+        }
+    }
+    m.desired = 3;
+    assert_eq!(decide(&m.observe()), Action::Record(Some(Operation::new(OperationKind::ScaleDown, 4))));
+    run_until_done(&mut m, 80);
+    assert!(m.converged() && m.violations.is_empty(), "{m:#?}");
+}
+
+#[test]
+fn amnesiac_member_is_removed_wiped_and_re_added() {
+    let mut m = Model::new(3);
+    // Member 2 lost its volume: new claim, fresh data, new pod.
+    let uid = m.uid();
+    m.pvcs.insert(1, Pvc { uid, terminating: false, data: Data::Fresh });
+    let uid = m.uid();
+    m.pods.insert(1, Pod { uid, running: true, terminating: false });
+    let a = decide(&m.observe());
+    assert_eq!(a, Action::Record(Some(Operation::new(OperationKind::ReplaceAmnesiac, 2))));
+    let trace = run_until_done(&mut m, 80);
+    assert!(trace.contains(&Action::RemoveMember(2)), "{trace:?}");
+    assert!(trace.contains(&Action::AddLearner(2)), "{trace:?}");
+    assert!(trace.contains(&Action::Promote(2)), "{trace:?}");
+    assert!(m.converged() && m.violations.is_empty(), "{m:#?}");
+}
+
+#[test]
+fn voter_reporting_applied_zero_is_amnesiac_even_without_recorded_incarnation() {
+    let mut m = Model::new(3);
+    m.incarnations.clear();
+    m.pvcs.get_mut(&2).expect("pvc").data = Data::Fresh;
+    assert_eq!(
+        decide(&m.observe()),
+        Action::Record(Some(Operation::new(OperationKind::ReplaceAmnesiac, 3)))
+    );
+}
+
+#[test]
+fn member_removed_out_of_band_is_re_added_cleanly() {
+    let mut m = Model::new(3);
+    m.members.remove(&2);
+    m.pvcs.get_mut(&1).expect("pvc").data = Data::Tombstone;
+    m.pods.get_mut(&1).expect("pod").running = false;
+    assert_eq!(
+        decide(&m.observe()),
+        Action::Record(Some(Operation::new(OperationKind::ReplaceAmnesiac, 2).at(OperationStage::Removed)))
+    );
+    run_until_done(&mut m, 80);
+    assert!(m.converged() && m.violations.is_empty(), "{m:#?}");
+}
+
+#[test]
+fn leftover_claim_is_deleted_before_its_ordinal_is_reused() {
+    let mut m = Model::new(3);
+    let uid = m.uid();
+    m.pvcs.insert(3, Pvc { uid, terminating: false, data: Data::Tombstone });
+    assert_eq!(decide(&m.observe()), Action::DeletePvc(3));
+    m.desired = 4;
+    m.operation = Some(Operation::new(OperationKind::ScaleUp, 4));
+    assert_eq!(decide(&m.observe()), Action::DeletePvc(3));
+    run_until_done(&mut m, 50);
+    assert!(m.converged() && m.violations.is_empty(), "{m:#?}");
+}
+
+#[test]
+fn majority_sizes() {
+    assert_eq!(majority(1), 1);
+    assert_eq!(majority(2), 2);
+    assert_eq!(majority(3), 2);
+    assert_eq!(majority(4), 3);
+    assert_eq!(majority(5), 3);
+}
+
+// ---------------------------------------------------------------------------------------
+// Property test: random interleavings of operator steps, crashes and world events.
+
+#[derive(Clone, Debug)]
+enum Event {
+    /// The operator takes one step (decide + execute).
+    Step,
+    /// The operator dies after deciding, before executing; it restarts from status.
+    CrashBeforeExecute,
+    /// The StatefulSet controller and kubelet move on.
+    Progress,
+    /// A user changes spec.replicas.
+    SetReplicas(u32),
+    /// A member's pod crashes (only when the rest keep a healthy majority).
+    PodDown(u64),
+    /// Crashed pods come back.
+    PodsUp,
+    /// Leadership moves to some healthy voter.
+    Election(u64),
+    /// A member's volume is lost (only when the rest keep a healthy majority).
+    LoseVolume(u64),
+}
+
+fn event() -> impl Strategy<Value = Event> {
+    prop_oneof![
+        8 => Just(Event::Step),
+        2 => Just(Event::CrashBeforeExecute),
+        4 => Just(Event::Progress),
+        1 => (1u32..=9).prop_map(Event::SetReplicas),
+        1 => (1u64..=9).prop_map(Event::PodDown),
+        2 => Just(Event::PodsUp),
+        1 => (1u64..=9).prop_map(Event::Election),
+        1 => (1u64..=9).prop_map(Event::LoseVolume),
+    ]
+}
+
+impl Model {
+    fn world(&mut self, e: &Event) {
+        match e {
+            Event::Step => {
+                let a = decide(&self.observe());
+                self.apply(&a);
+            }
+            Event::CrashBeforeExecute => {
+                let _ = decide(&self.observe());
+            }
+            Event::Progress => self.progress(),
+            Event::SetReplicas(n) => self.desired = *n,
+            Event::PodDown(id) => {
+                if self.members.contains_key(id) && !self.down.contains(id) {
+                    self.down.insert(*id);
+                    if !self.has_quorum() || self.good_voters() < majority(self.voters().saturating_sub(1)) {
+                        self.down.remove(id);
+                    }
+                }
+            }
+            Event::PodsUp => self.down.clear(),
+            Event::Election(id) => {
+                if self.node_up(*id)
+                    && !self.amnesiac(*id)
+                    && self.members.get(id).is_some_and(|(r, _)| *r == Role::Voter)
+                {
+                    self.leader = *id;
+                }
+            }
+            Event::LoseVolume(id) => {
+                // Only a voter that is not the leader, one fault at a time, and only when
+                // the others keep a healthy majority even counting one more failure.
+                let ord = ordinal(*id);
+                let eligible = *id != self.leader
+                    && self.operation.is_none()
+                    && self.down.is_empty()
+                    && self.members.get(id).is_some_and(|(r, _)| *r == Role::Voter)
+                    && self.members.keys().all(|m| !self.amnesiac(*m))
+                    && self.good_voters() > majority(self.voters());
+                if eligible {
+                    let uid = self.uid();
+                    self.pvcs.insert(ord, Pvc { uid, terminating: false, data: Data::Fresh });
+                    let uid = self.uid();
+                    self.pods.insert(ord, Pod { uid, running: true, terminating: false });
+                }
+            }
+        }
+        self.elect();
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    #[test]
+    fn converges_from_any_interleaving(
+        initial in 1u32..=5,
+        events in proptest::collection::vec(event(), 0..120),
+        last in 1u32..=9,
+    ) {
+        let mut m = Model::new(initial);
+        for e in &events {
+            m.world(e);
+            prop_assert!(m.violations.is_empty(), "violations {:?} after {:?}", m.violations, e);
+        }
+        // Faults stop; the last spec stands; the operator must converge.
+        m.down.clear();
+        m.desired = last;
+        m.elect();
+        let mut done = false;
+        for _ in 0..400 {
+            m.elect();
+            let a = decide(&m.observe());
+            if a == Action::Done {
+                done = true;
+                break;
+            }
+            m.apply(&a);
+            m.progress();
+            prop_assert!(m.violations.is_empty(), "violations {:?} after {:?}", m.violations, a);
+        }
+        prop_assert!(done, "no convergence: {:#?}", m);
+        prop_assert!(m.converged(), "done but not converged: {:#?}", m);
+    }
+}
