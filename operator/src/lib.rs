@@ -7,3 +7,7 @@
 
 pub mod crd;
 pub mod membership;
+pub mod metrics;
+pub mod node_client;
+pub mod orchestrate;
+pub mod resources;

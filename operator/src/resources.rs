@@ -1,0 +1,424 @@
+//! Client-free builders of the objects a `RaftKV` owns: the StatefulSet, the headless
+//! peer Service, the client Service and the PodDisruptionBudget. Names, ports, labels and
+//! environment follow the conventions listed at the top of docs/membership.md.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy};
+use k8s_openapi::api::core::v1::{
+    Affinity, Container, ContainerPort, EnvVar, HTTPGetAction, PersistentVolumeClaim, PersistentVolumeClaimSpec,
+    PodAffinityTerm, PodAntiAffinity, PodSpec, PodTemplateSpec, Probe, Service, ServicePort, ServiceSpec,
+    VolumeMount, VolumeResourceRequirements, WeightedPodAffinityTerm,
+};
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::{Resource, ResourceExt};
+
+use crate::crd::{AntiAffinityPreset, RaftKV};
+
+/// Client API port (also serves `/metrics`, `/healthz`, `/readyz`).
+pub const CLIENT_PORT: i32 = 2379;
+/// Raft peer port.
+pub const PEER_PORT: i32 = 2380;
+/// Data directory inside the container.
+pub const DATA_DIR: &str = "/var/lib/raftkv";
+/// Name of the volume claim template (claims are `data-<name>-<ordinal>`).
+pub const DATA_VOLUME: &str = "data";
+/// Field manager for server-side apply.
+pub const MANAGER: &str = "raftkv-operator";
+/// Default snapshot interval when the spec has none.
+pub const DEFAULT_SNAPSHOT_COUNT: i64 = 10_000;
+
+/// Default node image: `raftkv-node:<operator version>`.
+pub fn default_image() -> String {
+    format!("raftkv-node:{}", env!("CARGO_PKG_VERSION"))
+}
+
+/// Labels selecting the pods (and claims) of cluster `name`.
+pub fn selector_labels(name: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".to_string(), "raftkv".to_string()),
+        ("app.kubernetes.io/instance".to_string(), name.to_string()),
+    ])
+}
+
+/// Selector labels plus `managed-by`.
+pub fn labels(name: &str) -> BTreeMap<String, String> {
+    let mut l = selector_labels(name);
+    l.insert("app.kubernetes.io/managed-by".to_string(), "raftkv-operator".to_string());
+    l
+}
+
+/// The selector as a string (`status.selector`, `kubectl get pods -l`).
+pub fn selector_string(name: &str) -> String {
+    selector_labels(name).iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
+}
+
+/// Name of the headless peer Service.
+pub fn peer_service_name(name: &str) -> String {
+    format!("{name}-peer")
+}
+
+/// Pod name of an ordinal.
+pub fn pod_name(name: &str, ordinal: u32) -> String {
+    format!("{name}-{ordinal}")
+}
+
+/// Claim name of an ordinal.
+pub fn pvc_name(name: &str, ordinal: u32) -> String {
+    format!("{DATA_VOLUME}-{name}-{ordinal}")
+}
+
+/// Ordinal of `<name>-<i>` (pods) or `data-<name>-<i>` (claims) for this cluster.
+pub fn parse_ordinal(cluster: &str, object_name: &str) -> Option<u32> {
+    let rest = object_name.strip_prefix(DATA_VOLUME).and_then(|r| r.strip_prefix('-')).unwrap_or(object_name);
+    let n = rest.strip_prefix(cluster)?.strip_prefix('-')?;
+    if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) || (n.len() > 1 && n.starts_with('0')) {
+        return None;
+    }
+    n.parse().ok()
+}
+
+/// Peer URL of raft id `id` (ordinal `id - 1`).
+pub fn peer_url(name: &str, namespace: &str, id: u64) -> String {
+    format!("http://{name}-{}.{}.{namespace}.svc:{PEER_PORT}", id.saturating_sub(1), peer_service_name(name))
+}
+
+/// Client URL of raft id `id`, reached through the headless Service's per-pod DNS name.
+pub fn client_url(name: &str, namespace: &str, id: u64) -> String {
+    format!("http://{name}-{}.{}.{namespace}.svc:{CLIENT_PORT}", id.saturating_sub(1), peer_service_name(name))
+}
+
+/// Peer URLs of the initial cluster of `size` members.
+pub fn initial_cluster(name: &str, namespace: &str, size: u32) -> Vec<String> {
+    (1..=u64::from(size)).map(|id| peer_url(name, namespace, id)).collect()
+}
+
+/// Owner reference making `rkv` the controller of an object.
+pub fn owner_ref(rkv: &RaftKV) -> Option<OwnerReference> {
+    rkv.controller_owner_ref(&())
+}
+
+fn meta(rkv: &RaftKV, name: String) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name),
+        namespace: rkv.namespace(),
+        labels: Some(labels(&rkv.name_any())),
+        owner_references: owner_ref(rkv).map(|o| vec![o]),
+        ..ObjectMeta::default()
+    }
+}
+
+fn port(name: &str, port: i32) -> ServicePort {
+    ServicePort {
+        name: Some(name.to_string()),
+        port,
+        target_port: Some(IntOrString::String(name.to_string())),
+        ..ServicePort::default()
+    }
+}
+
+/// Headless Service `<name>-peer` giving each pod a DNS name, ready or not.
+pub fn peer_service(rkv: &RaftKV) -> Service {
+    let name = rkv.name_any();
+    Service {
+        metadata: meta(rkv, peer_service_name(&name)),
+        spec: Some(ServiceSpec {
+            cluster_ip: Some("None".to_string()),
+            publish_not_ready_addresses: Some(true),
+            selector: Some(selector_labels(&name)),
+            ports: Some(vec![port("peer", PEER_PORT), port("client", CLIENT_PORT)]),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    }
+}
+
+/// Client Service `<name>` on port 2379 (ready pods only; also serves `/metrics`).
+pub fn client_service(rkv: &RaftKV) -> Service {
+    let name = rkv.name_any();
+    Service {
+        metadata: meta(rkv, name.clone()),
+        spec: Some(ServiceSpec {
+            selector: Some(selector_labels(&name)),
+            ports: Some(vec![port("client", CLIENT_PORT)]),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    }
+}
+
+/// PodDisruptionBudget `<name>`: with `voters` voters, at most `voters - majority`
+/// pods may be disrupted at once (0 for one or two voters: any disruption loses quorum).
+pub fn pdb(rkv: &RaftKV, voters: u32) -> PodDisruptionBudget {
+    let name = rkv.name_any();
+    let majority = voters / 2 + 1;
+    let max_unavailable = voters.saturating_sub(majority);
+    PodDisruptionBudget {
+        metadata: meta(rkv, name.clone()),
+        spec: Some(PodDisruptionBudgetSpec {
+            max_unavailable: Some(IntOrString::Int(i32::try_from(max_unavailable).unwrap_or(0))),
+            selector: Some(LabelSelector { match_labels: Some(selector_labels(&name)), ..LabelSelector::default() }),
+            ..PodDisruptionBudgetSpec::default()
+        }),
+        ..PodDisruptionBudget::default()
+    }
+}
+
+fn env(name: &str, value: impl Into<String>) -> EnvVar {
+    EnvVar { name: name.to_string(), value: Some(value.into()), ..EnvVar::default() }
+}
+
+fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.to_string()),
+            port: IntOrString::Int(CLIENT_PORT),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failures),
+        timeout_seconds: Some(2),
+        ..Probe::default()
+    }
+}
+
+fn affinity(rkv: &RaftKV) -> Option<Affinity> {
+    if let Some(a) = &rkv.spec.affinity {
+        return Some(a.clone());
+    }
+    let term = PodAffinityTerm {
+        label_selector: Some(LabelSelector {
+            match_labels: Some(selector_labels(&rkv.name_any())),
+            ..LabelSelector::default()
+        }),
+        topology_key: "kubernetes.io/hostname".to_string(),
+        ..PodAffinityTerm::default()
+    };
+    let anti = match rkv.spec.pod_anti_affinity.unwrap_or_default() {
+        AntiAffinityPreset::None => return None,
+        AntiAffinityPreset::Soft => PodAntiAffinity {
+            preferred_during_scheduling_ignored_during_execution: Some(vec![WeightedPodAffinityTerm {
+                weight: 100,
+                pod_affinity_term: term,
+            }]),
+            ..PodAntiAffinity::default()
+        },
+        AntiAffinityPreset::Hard => PodAntiAffinity {
+            required_during_scheduling_ignored_during_execution: Some(vec![term]),
+            ..PodAntiAffinity::default()
+        },
+    };
+    Some(Affinity { pod_anti_affinity: Some(anti), ..Affinity::default() })
+}
+
+/// The StatefulSet `<name>` with `replicas` pods. `initial_cluster` is the fixed
+/// RAFTKV_CLUSTER; once `bootstrapped`, pods with an empty volume start in join mode
+/// (RAFTKV_JOIN=true) so a lost volume never bootstraps a second cluster.
+///
+/// The update strategy is OnDelete: the operator, not the StatefulSet controller, decides
+/// when a member restarts.
+pub fn statefulset(rkv: &RaftKV, replicas: u32, initial_cluster: &[String], bootstrapped: bool) -> StatefulSet {
+    let name = rkv.name_any();
+    let spec = &rkv.spec;
+    let mut envs = vec![
+        env("RAFTKV_ID_FROM_HOSTNAME", "true"),
+        env("RAFTKV_CLUSTER", initial_cluster.join(",")),
+        env("RAFTKV_PORT", CLIENT_PORT.to_string()),
+        env("RAFTKV_DATA_DIR", DATA_DIR),
+        env("RAFTKV_SNAPSHOT_COUNT", spec.snapshot_count.unwrap_or(DEFAULT_SNAPSHOT_COUNT).to_string()),
+        // Peer URL of this pod (needed when its id is beyond the initial cluster).
+        EnvVar {
+            name: "POD_NAME".to_string(),
+            value_from: Some(k8s_openapi::api::core::v1::EnvVarSource {
+                field_ref: Some(k8s_openapi::api::core::v1::ObjectFieldSelector {
+                    field_path: "metadata.name".to_string(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..EnvVar::default()
+        },
+        env(
+            "RAFTKV_PEER_URL",
+            format!("http://$(POD_NAME).{}.{}.svc:{PEER_PORT}", peer_service_name(&name), rkv.namespace().unwrap_or_default()),
+        ),
+    ];
+    if bootstrapped {
+        envs.push(env("RAFTKV_JOIN", "true"));
+    }
+    let container = Container {
+        name: "raftkv".to_string(),
+        image: Some(spec.image.clone().unwrap_or_else(default_image)),
+        image_pull_policy: spec.image_pull_policy.clone(),
+        env: Some(envs),
+        ports: Some(vec![
+            ContainerPort { name: Some("client".into()), container_port: CLIENT_PORT, ..ContainerPort::default() },
+            ContainerPort { name: Some("peer".into()), container_port: PEER_PORT, ..ContainerPort::default() },
+        ]),
+        liveness_probe: Some(http_probe("/healthz", 10, 3)),
+        readiness_probe: Some(http_probe("/readyz", 5, 2)),
+        resources: spec.resources.clone(),
+        volume_mounts: Some(vec![VolumeMount {
+            name: DATA_VOLUME.to_string(),
+            mount_path: DATA_DIR.to_string(),
+            ..VolumeMount::default()
+        }]),
+        ..Container::default()
+    };
+    let annotations = BTreeMap::from([
+        ("prometheus.io/scrape".to_string(), "true".to_string()),
+        ("prometheus.io/port".to_string(), CLIENT_PORT.to_string()),
+        ("prometheus.io/path".to_string(), "/metrics".to_string()),
+    ]);
+    let claim = PersistentVolumeClaim {
+        metadata: ObjectMeta {
+            name: Some(DATA_VOLUME.to_string()),
+            labels: Some(labels(&name)),
+            ..ObjectMeta::default()
+        },
+        spec: Some(PersistentVolumeClaimSpec {
+            access_modes: Some(vec!["ReadWriteOnce".to_string()]),
+            storage_class_name: spec.storage.storage_class_name.clone(),
+            resources: Some(VolumeResourceRequirements {
+                requests: Some(BTreeMap::from([("storage".to_string(), Quantity(spec.storage.size.clone()))])),
+                ..VolumeResourceRequirements::default()
+            }),
+            ..PersistentVolumeClaimSpec::default()
+        }),
+        ..PersistentVolumeClaim::default()
+    };
+    StatefulSet {
+        metadata: meta(rkv, name.clone()),
+        spec: StatefulSetSpec {
+            replicas: Some(i32::try_from(replicas).unwrap_or(i32::MAX)),
+            service_name: Some(peer_service_name(&name)),
+            pod_management_policy: Some("Parallel".to_string()),
+            update_strategy: Some(StatefulSetUpdateStrategy { type_: Some("OnDelete".to_string()), ..Default::default() }),
+            selector: LabelSelector { match_labels: Some(selector_labels(&name)), ..LabelSelector::default() },
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels(&name)),
+                    annotations: Some(annotations),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(PodSpec {
+                    containers: vec![container],
+                    node_selector: spec.node_selector.clone(),
+                    tolerations: spec.tolerations.clone(),
+                    affinity: affinity(rkv),
+                    termination_grace_period_seconds: Some(30),
+                    ..PodSpec::default()
+                }),
+            },
+            volume_claim_templates: Some(vec![claim]),
+            ..StatefulSetSpec::default()
+        },
+        ..StatefulSet::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::{RaftKVSpec, StorageSpec};
+
+    fn rkv() -> RaftKV {
+        let mut r = RaftKV::new(
+            "kv",
+            RaftKVSpec {
+                replicas: 3,
+                image: None,
+                image_pull_policy: None,
+                storage: StorageSpec { size: "2Gi".into(), storage_class_name: Some("fast".into()) },
+                resources: None,
+                snapshot_count: Some(500),
+                node_selector: None,
+                tolerations: None,
+                affinity: None,
+                pod_anti_affinity: None,
+            },
+        );
+        r.metadata.namespace = Some("db".into());
+        r.metadata.uid = Some("uid-1".into());
+        r
+    }
+
+    fn env_of(sts: &StatefulSet) -> BTreeMap<String, String> {
+        let c = &sts.spec.template.spec.as_ref().expect("pod").containers[0];
+        c.env.clone().unwrap_or_default().into_iter().map(|e| (e.name, e.value.unwrap_or_default())).collect()
+    }
+
+    #[test]
+    fn names_and_urls() {
+        assert_eq!(peer_url("kv", "db", 1), "http://kv-0.kv-peer.db.svc:2380");
+        assert_eq!(client_url("kv", "db", 3), "http://kv-2.kv-peer.db.svc:2379");
+        assert_eq!(pvc_name("kv", 4), "data-kv-4");
+        assert_eq!(parse_ordinal("kv", "kv-12"), Some(12));
+        assert_eq!(parse_ordinal("kv", "data-kv-0"), Some(0));
+        assert_eq!(parse_ordinal("kv", "kv-peer"), None);
+        assert_eq!(parse_ordinal("kv", "kvx-1"), None);
+        assert_eq!(parse_ordinal("kv", "kv-01"), None);
+        assert_eq!(selector_string("kv"), "app.kubernetes.io/instance=kv,app.kubernetes.io/name=raftkv");
+    }
+
+    #[test]
+    fn statefulset_follows_the_conventions() {
+        let init = initial_cluster("kv", "db", 3);
+        let sts = statefulset(&rkv(), 4, &init, false);
+        let spec = &sts.spec;
+        assert_eq!(spec.replicas, Some(4));
+        assert_eq!(spec.service_name.as_deref(), Some("kv-peer"));
+        assert_eq!(sts.metadata.owner_references.as_ref().expect("owner")[0].uid, "uid-1");
+        let env = env_of(&sts);
+        assert_eq!(env["RAFTKV_CLUSTER"], init.join(","));
+        assert_eq!(env["RAFTKV_ID_FROM_HOSTNAME"], "true");
+        assert_eq!(env["RAFTKV_PORT"], "2379");
+        assert_eq!(env["RAFTKV_DATA_DIR"], DATA_DIR);
+        assert_eq!(env["RAFTKV_SNAPSHOT_COUNT"], "500");
+        assert!(!env.contains_key("RAFTKV_JOIN"));
+        assert!(env_of(&statefulset(&rkv(), 3, &init, true)).contains_key("RAFTKV_JOIN"));
+        let pod = spec.template.spec.as_ref().expect("pod");
+        let c = &pod.containers[0];
+        assert_eq!(c.image.as_deref(), Some(default_image().as_str()));
+        let probe_path = |p: &Option<Probe>| p.as_ref().and_then(|p| p.http_get.as_ref()).and_then(|h| h.path.clone());
+        assert_eq!(probe_path(&c.liveness_probe).as_deref(), Some("/healthz"));
+        assert_eq!(probe_path(&c.readiness_probe).as_deref(), Some("/readyz"));
+        let ann = spec.template.metadata.as_ref().and_then(|m| m.annotations.clone()).expect("annotations");
+        assert_eq!(ann["prometheus.io/scrape"], "true");
+        assert_eq!(ann["prometheus.io/port"], "2379");
+        let claim = &spec.volume_claim_templates.as_ref().expect("claims")[0];
+        assert_eq!(claim.metadata.name.as_deref(), Some("data"));
+        let cs = claim.spec.as_ref().expect("claim spec");
+        assert_eq!(cs.storage_class_name.as_deref(), Some("fast"));
+        assert_eq!(cs.resources.as_ref().and_then(|r| r.requests.as_ref()).expect("req")["storage"].0, "2Gi");
+        assert!(pod.affinity.as_ref().and_then(|a| a.pod_anti_affinity.as_ref()).is_some());
+    }
+
+    #[test]
+    fn services() {
+        let peer = peer_service(&rkv());
+        let s = peer.spec.expect("spec");
+        assert_eq!(peer.metadata.name.as_deref(), Some("kv-peer"));
+        assert_eq!(s.cluster_ip.as_deref(), Some("None"));
+        assert_eq!(s.publish_not_ready_addresses, Some(true));
+        assert!(s.ports.expect("ports").iter().any(|p| p.port == 2380 && p.name.as_deref() == Some("peer")));
+        let client = client_service(&rkv());
+        assert_eq!(client.metadata.name.as_deref(), Some("kv"));
+        let ports = client.spec.and_then(|s| s.ports).expect("ports");
+        assert_eq!((ports[0].port, ports[0].name.as_deref()), (2379, Some("client")));
+    }
+
+    #[test]
+    fn pdb_keeps_a_majority() {
+        let mu = |v| pdb(&rkv(), v).spec.and_then(|s| s.max_unavailable);
+        assert_eq!(mu(1), Some(IntOrString::Int(0)));
+        assert_eq!(mu(2), Some(IntOrString::Int(0)));
+        assert_eq!(mu(3), Some(IntOrString::Int(1)));
+        assert_eq!(mu(4), Some(IntOrString::Int(1)));
+        assert_eq!(mu(5), Some(IntOrString::Int(2)));
+        assert_eq!(mu(9), Some(IntOrString::Int(4)));
+    }
+}
