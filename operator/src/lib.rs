@@ -5,7 +5,9 @@
 //! node API and the platform), which the controller implements against Kubernetes and the
 //! tests implement against fakes or local processes.
 
+pub mod controller;
 pub mod crd;
+pub mod leader;
 pub mod membership;
 pub mod metrics;
 pub mod node_client;

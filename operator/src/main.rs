@@ -1,1 +1,123 @@
-fn main() { print!("{}", raftkv_operator::crd::crd_yaml()); }
+//! `raftkv-operator`: `crd` prints the CustomResourceDefinition; `run` runs the
+//! controller under a leader-election Lease with `/metrics` and `/healthz`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use kube::runtime::events::Reporter;
+use raftkv_operator::controller::{self, Context};
+use raftkv_operator::leader::LeaseLock;
+use raftkv_operator::metrics::{self, Metrics};
+use raftkv_operator::node_client::HttpNodeClient;
+
+/// Kubernetes operator for raftkv clusters.
+#[derive(Parser, Debug)]
+#[command(name = "raftkv-operator", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Print the RaftKV CustomResourceDefinition as YAML.
+    Crd,
+    /// Run the controller.
+    Run(RunArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// Address of the /metrics and /healthz endpoint.
+    #[arg(long, env = "RAFTKV_OPERATOR_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    metrics_addr: SocketAddr,
+    /// Watch only this namespace (default: all namespaces).
+    #[arg(long, env = "RAFTKV_OPERATOR_WATCH_NAMESPACE")]
+    watch_namespace: Option<String>,
+    /// Namespace of the leader-election Lease.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    lease_namespace: String,
+    /// Name of the leader-election Lease.
+    #[arg(long, env = "RAFTKV_OPERATOR_LEASE", default_value = "raftkv-operator")]
+    lease_name: String,
+    /// This replica's identity in the Lease (default: the pod name or hostname).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// Lease duration in seconds.
+    #[arg(long, default_value_t = 15)]
+    lease_seconds: u64,
+    /// Timeout of one node API request in seconds (membership changes wait for a commit).
+    #[arg(long, default_value_t = 10)]
+    node_timeout_seconds: u64,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Crd => {
+            use std::io::Write as _;
+            let mut out = std::io::stdout().lock();
+            match out.write_all(raftkv_operator::crd::crd_yaml().as_bytes()).and_then(|()| out.flush()) {
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e).context("writing the CRD"),
+                _ => Ok(()),
+            }
+        }
+        Command::Run(args) => run(args).await,
+    }
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let metrics = Arc::new(Metrics::new().context("registering metrics")?);
+    let server = tokio::spawn(metrics::serve(args.metrics_addr, metrics.clone()));
+    let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
+    let identity = args
+        .identity
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| format!("raftkv-operator-{}", std::process::id()));
+    let lock = LeaseLock::new(
+        client.clone(),
+        &args.lease_namespace,
+        &args.lease_name,
+        &identity,
+        Duration::from_secs(args.lease_seconds),
+    );
+    lock.acquire(Duration::from_secs(2)).await;
+    let node = HttpNodeClient::new(Duration::from_secs(args.node_timeout_seconds)).context("building HTTP client")?;
+    let ctx = Arc::new(Context {
+        client,
+        node,
+        metrics,
+        reporter: Reporter { controller: "raftkv-operator".into(), instance: Some(identity) },
+    });
+    let renew = Duration::from_secs((args.lease_seconds / 3).max(1));
+    let (lost_tx, lost_rx) = tokio::sync::oneshot::channel::<()>();
+    let holder = tokio::spawn(async move {
+        lock.hold(renew).await;
+        let _ = lost_tx.send(());
+    });
+    let shutdown = async move {
+        tokio::select! {
+            _ = lost_rx => tracing::error!("lost the lease; stopping"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; stopping"),
+        }
+    };
+    controller::run(ctx, args.watch_namespace, shutdown).await;
+    holder.abort();
+    server.abort();
+    // Exiting non-zero after losing the lease lets the Deployment restart us as a
+    // follower; a clean interrupt exits 0.
+    if holder.await.is_ok() {
+        anyhow::bail!("leader lease lost");
+    }
+    Ok(())
+}

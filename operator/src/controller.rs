@@ -1,0 +1,498 @@
+//! The Kubernetes controller: [`reconcile`] applies the owned objects, observes pods,
+//! claims and the raft cluster, asks [`decide`] for one step, executes it through
+//! [`KubePlatform`] and the node API, publishes an Event for it, and writes status.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::runtime::controller::Action as Requeue;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::{Client, Resource, ResourceExt};
+use serde_json::json;
+
+use crate::crd::{MemberStatus, Operation, OperationKind, Phase, RaftKV, RaftKVStatus};
+use crate::membership::{decide, majority, Action, ClusterView, Observed, PodView, PvcView, Role};
+use crate::metrics::Metrics;
+use crate::node_client::NodeApi;
+use crate::orchestrate::{execute, observe_cluster, Addresses, Outcome, Platform, PlatformError, StepError};
+use crate::resources::{self, MANAGER};
+
+/// Requeue after a step was executed (the next one usually follows at once).
+pub const REQUEUE_AFTER_STEP: Duration = Duration::from_secs(2);
+/// Requeue while waiting on the cluster.
+pub const REQUEUE_WAITING: Duration = Duration::from_secs(5);
+/// Requeue when converged.
+pub const REQUEUE_STEADY: Duration = Duration::from_secs(30);
+
+/// Errors of one reconcile.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The Kubernetes API failed.
+    #[error("kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    /// A membership step failed.
+    #[error("membership step: {0}")]
+    Step(#[from] StepError),
+    /// The object has no namespace (the CRD is namespaced, so this is a bug elsewhere).
+    #[error("RaftKV {0} has no namespace")]
+    NoNamespace(String),
+}
+
+impl Error {
+    /// Short label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::Kube(_) => "kube",
+            Error::Step(StepError::Node(_)) => "node",
+            Error::Step(StepError::Platform(_)) => "platform",
+            Error::Step(StepError::NoLeader(_)) => "no_leader",
+            Error::NoNamespace(_) => "invalid",
+        }
+    }
+}
+
+/// Shared state of the controller.
+pub struct Context<N: NodeApi> {
+    /// Kubernetes client.
+    pub client: Client,
+    /// Node API client.
+    pub node: N,
+    /// Operator metrics.
+    pub metrics: Arc<Metrics>,
+    /// Event reporter identity.
+    pub reporter: Reporter,
+}
+
+/// Kubernetes DNS addresses of the members of one cluster.
+pub struct KubeAddresses {
+    name: String,
+    namespace: String,
+}
+
+impl Addresses for KubeAddresses {
+    fn client_url(&self, id: u64) -> String {
+        resources::client_url(&self.name, &self.namespace, id)
+    }
+    fn peer_url(&self, id: u64) -> String {
+        resources::peer_url(&self.name, &self.namespace, id)
+    }
+}
+
+/// [`Platform`] on Kubernetes for one RaftKV.
+pub struct KubePlatform {
+    client: Client,
+    name: String,
+    namespace: String,
+}
+
+fn perr(e: kube::Error) -> PlatformError {
+    PlatformError(e.to_string())
+}
+
+fn is_not_found(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 404)
+}
+
+impl KubePlatform {
+    async fn patch_status(&self, patch: serde_json::Value) -> Result<(), kube::Error> {
+        let api: Api<RaftKV> = Api::namespaced(self.client.clone(), &self.namespace);
+        api.patch_status(&self.name, &PatchParams::default(), &Patch::Merge(&patch)).await.map(|_| ())
+    }
+}
+
+impl Platform for KubePlatform {
+    async fn record(&self, op: Option<&Operation>) -> Result<(), PlatformError> {
+        self.patch_status(json!({"status": {"operation": op}})).await.map_err(perr)
+    }
+
+    async fn record_incarnation(&self, id: u64, incarnation: Option<&str>) -> Result<(), PlatformError> {
+        self.patch_status(json!({"status": {"incarnations": {id.to_string(): incarnation}}})).await.map_err(perr)
+    }
+
+    async fn scale(&self, replicas: u32) -> Result<(), PlatformError> {
+        let api: Api<StatefulSet> = Api::namespaced(self.client.clone(), &self.namespace);
+        let patch = json!({"spec": {"replicas": replicas}});
+        api.patch(&self.name, &PatchParams::default(), &Patch::Merge(&patch)).await.map(|_| ()).map_err(perr)
+    }
+
+    async fn delete_pvc(&self, ordinal: u32) -> Result<(), PlatformError> {
+        let api: Api<PersistentVolumeClaim> = Api::namespaced(self.client.clone(), &self.namespace);
+        match api.delete(&resources::pvc_name(&self.name, ordinal), &DeleteParams::default()).await {
+            Ok(_) => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
+            Err(e) => Err(perr(e)),
+        }
+    }
+
+    async fn delete_pod(&self, ordinal: u32) -> Result<(), PlatformError> {
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), &self.namespace);
+        match api.delete(&resources::pod_name(&self.name, ordinal), &DeleteParams::default()).await {
+            Ok(_) => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
+            Err(e) => Err(perr(e)),
+        }
+    }
+}
+
+fn pod_view(p: &Pod) -> PodView {
+    let terminating = p.metadata.deletion_timestamp.is_some();
+    let phase = p.status.as_ref().and_then(|s| s.phase.as_deref()).unwrap_or("");
+    let started = p
+        .status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .is_some_and(|cs| !cs.is_empty() && cs.iter().all(|c| c.state.as_ref().is_some_and(|st| st.running.is_some())));
+    PodView { running: phase == "Running" && started && !terminating, terminating, uid: p.uid().unwrap_or_default() }
+}
+
+/// Event reason and note for an executed action.
+fn event_for(action: &Action) -> Option<(&'static str, String)> {
+    Some(match action {
+        Action::Record(Some(op)) => ("OperationRecorded", format!("{:?} of member {} ({:?})", op.kind, op.id, op.stage)),
+        Action::Record(None) => ("OperationFinished", "membership operation finished".to_string()),
+        Action::ScaleStatefulSet(n) => ("StatefulSetScaled", format!("StatefulSet scaled to {n}")),
+        Action::AddLearner(id) => ("LearnerAdded", format!("member {id} added as learner")),
+        Action::Promote(id) => ("MemberPromoted", format!("member {id} promoted to voter")),
+        Action::TransferLeader { from, to } => ("LeaderTransferred", format!("leadership moved from {from} to {to}")),
+        Action::RemoveMember(id) => ("MemberRemoved", format!("member {id} removed from raft")),
+        Action::DeletePvc(o) => ("VolumeClaimDeleted", format!("volume claim of ordinal {o} deleted")),
+        Action::DeletePod(o) => ("PodDeleted", format!("pod of ordinal {o} deleted")),
+        Action::RecordIncarnation { .. } | Action::ForgetIncarnation(_) | Action::Wait(_) | Action::Done => return None,
+    })
+}
+
+fn action_label(action: &Action) -> &'static str {
+    match action {
+        Action::Record(_) => "Record",
+        Action::RecordIncarnation { .. } => "RecordIncarnation",
+        Action::ForgetIncarnation(_) => "ForgetIncarnation",
+        Action::ScaleStatefulSet(_) => "ScaleStatefulSet",
+        Action::AddLearner(_) => "AddLearner",
+        Action::Promote(_) => "Promote",
+        Action::TransferLeader { .. } => "TransferLeader",
+        Action::RemoveMember(_) => "RemoveMember",
+        Action::DeletePvc(_) => "DeletePvc",
+        Action::DeletePod(_) => "DeletePod",
+        Action::Wait(_) => "Wait",
+        Action::Done => "Done",
+    }
+}
+
+async fn publish(ctx_client: &Client, reporter: &Reporter, rkv: &RaftKV, type_: EventType, reason: &str, note: String) {
+    let recorder = Recorder::new(ctx_client.clone(), reporter.clone());
+    let ev = Event { type_, reason: reason.to_string(), note: Some(note), action: "Reconcile".to_string(), secondary: None };
+    if let Err(e) = recorder.publish(&ev, &rkv.object_ref(&())).await {
+        tracing::warn!(error = %e, reason, "publishing event failed");
+    }
+}
+
+fn condition(type_: &str, ok: bool, reason: &str, message: &str, generation: Option<i64>, old: &[Condition]) -> Condition {
+    let status = if ok { "True" } else { "False" };
+    let last = old
+        .iter()
+        .find(|c| c.type_ == type_ && c.status == status)
+        .map(|c| c.last_transition_time.clone())
+        .unwrap_or_else(|| Time(k8s_openapi::jiff::Timestamp::now()));
+    Condition {
+        type_: type_.to_string(),
+        status: status.to_string(),
+        reason: reason.to_string(),
+        message: message.to_string(),
+        observed_generation: generation,
+        last_transition_time: last,
+    }
+}
+
+/// Computes the status fields reconcile owns (everything but `operation`,
+/// `incarnations` and `initialCluster`, which are written step by step).
+pub fn compute_status(
+    rkv: &RaftKV,
+    cluster: Option<&ClusterView>,
+    operation: Option<&Operation>,
+    action: &Action,
+    bootstrapped: bool,
+) -> RaftKVStatus {
+    let name = rkv.name_any();
+    let ns = rkv.namespace().unwrap_or_default();
+    let old = rkv.status.clone().unwrap_or_default();
+    let generation = rkv.metadata.generation;
+    let (members, leader, voters, healthy_voters) = match cluster {
+        Some(c) => {
+            let members: Vec<MemberStatus> = c
+                .members
+                .iter()
+                .map(|(id, m)| MemberStatus {
+                    id: *id,
+                    pod: resources::pod_name(&name, u32::try_from(id.saturating_sub(1)).unwrap_or(u32::MAX)),
+                    peer_url: resources::peer_url(&name, &ns, *id),
+                    role: match (m.role, *id == c.leader) {
+                        (_, true) => "leader".to_string(),
+                        (Role::Voter, false) => "voter".to_string(),
+                        (Role::Learner, false) => "learner".to_string(),
+                    },
+                    healthy: m.healthy,
+                })
+                .collect();
+            let voters = c.members.values().filter(|m| m.role == Role::Voter).count();
+            let healthy = c.members.values().filter(|m| m.role == Role::Voter && m.healthy).count();
+            (members, (c.leader != 0).then_some(c.leader), voters, healthy)
+        }
+        None => (Vec::new(), None, 0, 0),
+    };
+    let available = leader.is_some() && voters > 0 && healthy_voters >= majority(voters);
+    let all_healthy = members.iter().all(|m| m.healthy);
+    let progressing = operation.is_some() || action.is_mutation();
+    let phase = if !bootstrapped && !available {
+        Phase::Creating
+    } else if !available {
+        Phase::Degraded
+    } else if let Some(op) = operation {
+        if op.kind == OperationKind::ReplaceAmnesiac { Phase::Repairing } else { Phase::Scaling }
+    } else if progressing {
+        Phase::Repairing
+    } else if !all_healthy {
+        Phase::Degraded
+    } else {
+        Phase::Running
+    };
+    let message = match action {
+        Action::Wait(r) => Some(r.to_string()),
+        _ => None,
+    };
+    let msg = message.clone().unwrap_or_default();
+    let conditions = vec![
+        condition(
+            "Available",
+            available,
+            if available { "QuorumHealthy" } else if leader.is_none() { "NoLeader" } else { "NoQuorum" },
+            &format!("{healthy_voters} of {voters} voters healthy"),
+            generation,
+            &old.conditions,
+        ),
+        condition(
+            "Progressing",
+            progressing,
+            if progressing { "MembershipChanging" } else { "Converged" },
+            &msg,
+            generation,
+            &old.conditions,
+        ),
+        condition(
+            "Degraded",
+            !available || !all_healthy,
+            if !available { "QuorumAtRisk" } else if !all_healthy { "MemberUnhealthy" } else { "AllHealthy" },
+            &msg,
+            generation,
+            &old.conditions,
+        ),
+    ];
+    let ready = members.iter().filter(|m| m.healthy).count();
+    RaftKVStatus {
+        replicas: i32::try_from(voters).unwrap_or(i32::MAX),
+        ready_replicas: i32::try_from(ready).unwrap_or(i32::MAX),
+        members,
+        leader,
+        phase: Some(phase),
+        conditions,
+        observed_generation: generation,
+        selector: resources::selector_string(&name),
+        bootstrapped,
+        message,
+        ..RaftKVStatus::default()
+    }
+}
+
+/// One reconcile of a RaftKV.
+pub async fn reconcile<N: NodeApi>(rkv: Arc<RaftKV>, ctx: Arc<Context<N>>) -> Result<Requeue, Error> {
+    ctx.metrics.reconciles.inc();
+    let _timer = ctx.metrics.duration.start_timer();
+    let name = rkv.name_any();
+    let ns = rkv.namespace().ok_or_else(|| Error::NoNamespace(name.clone()))?;
+    let client = ctx.client.clone();
+    let status = rkv.status.clone().unwrap_or_default();
+    let desired = u32::try_from(rkv.spec.replicas.clamp(1, crate::crd::MAX_REPLICAS)).unwrap_or(1);
+    let rkv_api: Api<RaftKV> = Api::namespaced(client.clone(), &ns);
+    let ssa = PatchParams::apply(MANAGER).force();
+
+    // 1. The initial cluster is fixed once, before any pod exists.
+    let initial = if status.initial_cluster.is_empty() {
+        let init = resources::initial_cluster(&name, &ns, desired);
+        let patch = json!({"status": {"initialCluster": init, "selector": resources::selector_string(&name),
+            "phase": Phase::Creating}});
+        rkv_api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch)).await?;
+        init
+    } else {
+        status.initial_cluster.clone()
+    };
+
+    // 2. Owned objects. The StatefulSet keeps its current replica count: only decide()
+    //    changes it.
+    let sts_api: Api<StatefulSet> = Api::namespaced(client.clone(), &ns);
+    let svc_api: Api<Service> = Api::namespaced(client.clone(), &ns);
+    let existing = sts_api.get_opt(&name).await?;
+    let initial_size = u32::try_from(initial.len()).unwrap_or(1);
+    let sts_replicas = existing
+        .as_ref()
+        .and_then(|s| s.spec.replicas)
+        .map(|r| u32::try_from(r).unwrap_or(0))
+        .unwrap_or(initial_size);
+    let peer = resources::peer_service(&rkv);
+    svc_api.patch(&resources::peer_service_name(&name), &ssa, &Patch::Apply(&peer)).await?;
+    svc_api.patch(&name, &ssa, &Patch::Apply(&resources::client_service(&rkv))).await?;
+    let sts = resources::statefulset(&rkv, sts_replicas, &initial, status.bootstrapped);
+    sts_api.patch(&name, &ssa, &Patch::Apply(&sts)).await?;
+
+    // 3. Observe pods, claims and the raft cluster.
+    let lp = ListParams::default().labels(&resources::selector_string(&name));
+    let pods: BTreeMap<u32, PodView> = Api::<Pod>::namespaced(client.clone(), &ns)
+        .list(&lp)
+        .await?
+        .items
+        .iter()
+        .filter_map(|p| resources::parse_ordinal(&name, &p.name_any()).map(|o| (o, pod_view(p))))
+        .collect();
+    let pvcs: BTreeMap<u32, PvcView> = Api::<PersistentVolumeClaim>::namespaced(client.clone(), &ns)
+        .list(&lp)
+        .await?
+        .items
+        .iter()
+        .filter_map(|v| {
+            resources::parse_ordinal(&name, &v.name_any()).map(|o| {
+                (o, PvcView { uid: v.uid().unwrap_or_default(), terminating: v.metadata.deletion_timestamp.is_some() })
+            })
+        })
+        .collect();
+    let addrs = KubeAddresses { name: name.clone(), namespace: ns.clone() };
+    let mut candidates: Vec<u64> = pods.iter().filter(|(_, p)| p.running).map(|(o, _)| u64::from(*o) + 1).collect();
+    if candidates.is_empty() {
+        candidates = (1..=u64::from(sts_replicas)).collect();
+    }
+    let cluster = observe_cluster(&ctx.node, &addrs, &candidates).await;
+    let incarnations: BTreeMap<u64, String> =
+        status.incarnations.iter().filter_map(|(k, v)| k.parse().ok().map(|id| (id, v.clone()))).collect();
+    let observed = Observed {
+        desired,
+        sts_replicas,
+        pods,
+        pvcs,
+        cluster: cluster.clone(),
+        operation: status.operation.clone(),
+        incarnations,
+    };
+
+    // 4. One step.
+    let action = decide(&observed);
+    tracing::info!(rkv = %name, namespace = %ns, ?action, "decided");
+    let leader = cluster.as_ref().map(|c| c.leader).unwrap_or(0);
+    let platform = KubePlatform { client: client.clone(), name: name.clone(), namespace: ns.clone() };
+    let outcome = execute(&ctx.node, &platform, &addrs, leader, &action).await;
+    let label = action_label(&action);
+    match &outcome {
+        Ok(o) => {
+            let result = match o {
+                Outcome::Applied => "applied",
+                Outcome::NotYet => "not_yet",
+                Outcome::Idle => "idle",
+            };
+            if *o != Outcome::Idle {
+                ctx.metrics.membership_ops.with_label_values(&[label, result]).inc();
+            }
+            if *o == Outcome::Applied {
+                if let Some((reason, note)) = event_for(&action) {
+                    publish(&client, &ctx.reporter, &rkv, EventType::Normal, reason, note).await;
+                }
+            }
+        }
+        Err(e) => {
+            ctx.metrics.membership_ops.with_label_values(&[label, "error"]).inc();
+            publish(&client, &ctx.reporter, &rkv, EventType::Warning, "MembershipStepFailed", format!("{label}: {e}"))
+                .await;
+        }
+    }
+
+    // 5. Status and the PDB from the voter count.
+    let operation_now = match (&action, &outcome) {
+        (Action::Record(op), Ok(Outcome::Applied)) => op.clone(),
+        _ => status.operation.clone(),
+    };
+    let bootstrapped = status.bootstrapped
+        || cluster.as_ref().is_some_and(|c| c.leader != 0 && c.members.len() >= initial.len());
+    let new_status = compute_status(&rkv, cluster.as_ref(), operation_now.as_ref(), &action, bootstrapped);
+    let voters = cluster
+        .as_ref()
+        .map(|c| c.members.values().filter(|m| m.role == Role::Voter).count())
+        .unwrap_or(initial.len());
+    let pdb: PodDisruptionBudget = resources::pdb(&rkv, u32::try_from(voters).unwrap_or(1));
+    Api::<PodDisruptionBudget>::namespaced(client.clone(), &ns).patch(&name, &ssa, &Patch::Apply(&pdb)).await?;
+    let mut status_json = serde_json::to_value(&new_status).unwrap_or_default();
+    if let Some(obj) = status_json.as_object_mut() {
+        // Written step by step by the executor; never overwritten here.
+        for k in ["operation", "incarnations", "initialCluster"] {
+            obj.remove(k);
+        }
+        // Explicit nulls clear stale values under a merge patch.
+        for k in ["leader", "message"] {
+            obj.entry(k).or_insert(serde_json::Value::Null);
+        }
+    }
+    rkv_api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&json!({"status": status_json}))).await?;
+
+    outcome?;
+    Ok(match action {
+        Action::Done => Requeue::requeue(REQUEUE_STEADY),
+        Action::Wait(_) => Requeue::requeue(REQUEUE_WAITING),
+        _ => Requeue::requeue(REQUEUE_AFTER_STEP),
+    })
+}
+
+/// Backs off after a failed reconcile.
+pub fn error_policy<N: NodeApi>(rkv: Arc<RaftKV>, error: &Error, ctx: Arc<Context<N>>) -> Requeue {
+    ctx.metrics.errors.with_label_values(&[error.kind()]).inc();
+    tracing::warn!(rkv = %rkv.name_any(), error = %error, "reconcile failed");
+    Requeue::requeue(REQUEUE_WAITING)
+}
+
+/// Runs the controller until `shutdown` resolves.
+pub async fn run<N: NodeApi>(
+    ctx: Arc<Context<N>>,
+    namespace: Option<String>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    use futures::StreamExt;
+    use kube::runtime::{watcher, Controller};
+    let client = ctx.client.clone();
+    let (rkvs, stss, svcs, pdbs): (Api<RaftKV>, Api<StatefulSet>, Api<Service>, Api<PodDisruptionBudget>) =
+        match &namespace {
+            Some(ns) => (
+                Api::namespaced(client.clone(), ns),
+                Api::namespaced(client.clone(), ns),
+                Api::namespaced(client.clone(), ns),
+                Api::namespaced(client.clone(), ns),
+            ),
+            None => (Api::all(client.clone()), Api::all(client.clone()), Api::all(client.clone()), Api::all(client)),
+        };
+    let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=raftkv-operator");
+    Controller::new(rkvs, watcher::Config::default())
+        .owns(stss, owned.clone())
+        .owns(svcs, owned.clone())
+        .owns(pdbs, owned)
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|res| async move {
+            match res {
+                Ok((obj, _)) => tracing::debug!(object = %obj.name, "reconciled"),
+                Err(e) => tracing::debug!(error = %e, "reconcile error"),
+            }
+        })
+        .await;
+}
+
+#[cfg(test)]
+#[path = "controller_tests.rs"]
+mod tests;
