@@ -12,7 +12,7 @@ use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action as Requeue;
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{Event, EventType, Recorder};
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 
@@ -65,8 +65,8 @@ pub struct Context<N: NodeApi> {
     pub node: N,
     /// Operator metrics.
     pub metrics: Arc<Metrics>,
-    /// Event reporter identity.
-    pub reporter: Reporter,
+    /// Publishes Kubernetes Events (aggregates repeats into series).
+    pub recorder: Recorder,
 }
 
 /// Kubernetes DNS addresses of the members of one cluster.
@@ -184,8 +184,7 @@ fn action_label(action: &Action) -> &'static str {
     }
 }
 
-async fn publish(ctx_client: &Client, reporter: &Reporter, rkv: &RaftKV, type_: EventType, reason: &str, note: String) {
-    let recorder = Recorder::new(ctx_client.clone(), reporter.clone());
+async fn publish(recorder: &Recorder, rkv: &RaftKV, type_: EventType, reason: &str, note: String) {
     let ev = Event { type_, reason: reason.to_string(), note: Some(note), action: "Reconcile".to_string(), secondary: None };
     if let Err(e) = recorder.publish(&ev, &rkv.object_ref(&())).await {
         tracing::warn!(error = %e, reason, "publishing event failed");
@@ -405,13 +404,13 @@ pub async fn reconcile<N: NodeApi>(rkv: Arc<RaftKV>, ctx: Arc<Context<N>>) -> Re
             }
             if *o == Outcome::Applied {
                 if let Some((reason, note)) = event_for(&action) {
-                    publish(&client, &ctx.reporter, &rkv, EventType::Normal, reason, note).await;
+                    publish(&ctx.recorder, &rkv, EventType::Normal, reason, note).await;
                 }
             }
         }
         Err(e) => {
             ctx.metrics.membership_ops.with_label_values(&[label, "error"]).inc();
-            publish(&client, &ctx.reporter, &rkv, EventType::Warning, "MembershipStepFailed", format!("{label}: {e}"))
+            publish(&ctx.recorder, &rkv, EventType::Warning, "MembershipStepFailed", format!("{label}: {e}"))
                 .await;
         }
     }

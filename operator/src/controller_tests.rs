@@ -1,1 +1,514 @@
+//! Reconcile tests against a mocked Kubernetes API server (tower-test `mock::pair`) and a
+//! fake node API: each test scripts the API calls reconcile must make, in order, checks
+//! their method, path and body, and answers them.
 
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+use http::{Request, Response};
+use kube::client::Body;
+use kube::runtime::events::Reporter;
+use serde_json::{json, Value};
+
+use super::*;
+use crate::crd::{OperationStage, RaftKVSpec, StorageSpec};
+use crate::node_client::{Member, Members, NodeError, NodeStatus, Promotion};
+
+// ------------------------------------------------------------------------------------
+// Fake node API.
+
+#[derive(Default)]
+struct FakeNode {
+    /// Members list, or None: every node unreachable.
+    members: Option<Members>,
+    /// Status by raft id.
+    statuses: BTreeMap<u64, NodeStatus>,
+    /// Mutating calls received, as "verb id".
+    calls: Mutex<Vec<String>>,
+}
+
+fn id_of(base: &str) -> u64 {
+    // http://kv-<ordinal>.kv-peer.db.svc:2379
+    base.split('-').nth(1).and_then(|s| s.split('.').next()).and_then(|s| s.parse::<u64>().ok()).map_or(0, |o| o + 1)
+}
+
+fn unreachable(base: &str) -> NodeError {
+    NodeError::Unreachable { url: base.to_string(), reason: "fake: down".into() }
+}
+
+impl FakeNode {
+    fn cluster(voters: &[u64], learners: &[u64], leader: u64) -> FakeNode {
+        let mut members = Vec::new();
+        let mut statuses = BTreeMap::new();
+        for (id, role) in voters.iter().map(|i| (*i, "voter")).chain(learners.iter().map(|i| (*i, "learner"))) {
+            members.push(Member {
+                id,
+                peer_url: resources::peer_url("kv", "db", id),
+                role: role.into(),
+                match_index: Some(100),
+                reachable: Some(true),
+                is_leader: id == leader,
+            });
+            statuses.insert(
+                id,
+                NodeStatus {
+                    id,
+                    leader,
+                    term: 2,
+                    role: if id == leader { "leader".into() } else { "follower".into() },
+                    commit_index: 100,
+                    applied_index: 100,
+                    incarnation: format!("{id:016x}"),
+                },
+            );
+        }
+        FakeNode { members: Some(Members { leader, members }), statuses, calls: Mutex::new(Vec::new()) }
+    }
+
+    fn log(&self, s: String) {
+        if let Ok(mut c) = self.calls.lock() {
+            c.push(s);
+        }
+    }
+
+    fn calls(&self) -> Vec<String> {
+        self.calls.lock().map(|c| c.clone()).unwrap_or_default()
+    }
+}
+
+impl NodeApi for FakeNode {
+    async fn status(&self, base: &str) -> Result<NodeStatus, NodeError> {
+        self.statuses.get(&id_of(base)).cloned().ok_or_else(|| unreachable(base))
+    }
+    async fn members(&self, base: &str) -> Result<Members, NodeError> {
+        self.members.clone().ok_or_else(|| unreachable(base))
+    }
+    async fn add_learner(&self, base: &str, id: u64, peer_url: &str) -> Result<(), NodeError> {
+        self.log(format!("add_learner {id} {peer_url} via {}", id_of(base)));
+        Ok(())
+    }
+    async fn promote(&self, base: &str, id: u64) -> Result<Promotion, NodeError> {
+        self.log(format!("promote {id} via {}", id_of(base)));
+        Ok(Promotion::Behind)
+    }
+    async fn remove(&self, base: &str, id: u64) -> Result<(), NodeError> {
+        self.log(format!("remove {id} via {}", id_of(base)));
+        Ok(())
+    }
+    async fn transfer_leader(&self, base: &str, to: u64) -> Result<(), NodeError> {
+        self.log(format!("transfer {to} via {}", id_of(base)));
+        Ok(())
+    }
+}
+
+// ------------------------------------------------------------------------------------
+// Scripted API server.
+
+/// One expected request and the answer to give.
+struct Expect {
+    method: &'static str,
+    path: String,
+    status: u16,
+    response: Value,
+}
+
+fn expect(method: &'static str, path: &str, response: Value) -> Expect {
+    Expect { method, path: path.to_string(), status: 200, response }
+}
+
+fn not_found(method: &'static str, path: &str) -> Expect {
+    Expect {
+        method,
+        path: path.to_string(),
+        status: 404,
+        response: json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"}),
+    }
+}
+
+/// A request the server received: method, path, query, JSON body.
+#[derive(Debug, Clone)]
+struct Seen {
+    method: String,
+    path: String,
+    query: String,
+    body: Value,
+}
+
+type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+
+/// Serves the script in order; returns what was received. Fails on any deviation.
+async fn serve(mut handle: Handle, script: Vec<Expect>) -> Vec<Seen> {
+    let mut seen = Vec::new();
+    for e in script {
+        let Some((req, send)) = handle.next_request().await else {
+            panic!("client stopped before {} {}; seen so far: {seen:#?}", e.method, e.path)
+        };
+        let method = req.method().to_string();
+        let path = req.uri().path().to_string();
+        let query = req.uri().query().unwrap_or("").to_string();
+        let bytes = req.into_body().collect_bytes().await.expect("request body");
+        let body: Value = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).expect("json body") };
+        assert_eq!((method.as_str(), path.as_str()), (e.method, e.path.as_str()), "unexpected request; body {body}");
+        seen.push(Seen { method, path, query, body });
+        let resp = Response::builder()
+            .status(e.status)
+            .body(Body::from(serde_json::to_vec(&e.response).expect("response json")))
+            .expect("response");
+        send.send_response(resp);
+    }
+    seen
+}
+
+fn rkv(replicas: i32, status: Option<RaftKVStatus>) -> RaftKV {
+    let mut r = RaftKV::new(
+        "kv",
+        RaftKVSpec {
+            replicas,
+            image: Some("raftkv-node:test".into()),
+            image_pull_policy: None,
+            storage: StorageSpec::default(),
+            resources: None,
+            snapshot_count: None,
+            node_selector: None,
+            tolerations: None,
+            affinity: None,
+            pod_anti_affinity: None,
+        },
+    );
+    r.metadata.namespace = Some("db".into());
+    r.metadata.uid = Some("uid-kv".into());
+    r.metadata.generation = Some(3);
+    r.status = status;
+    r
+}
+
+fn running_status(operation: Option<Operation>) -> RaftKVStatus {
+    RaftKVStatus {
+        initial_cluster: resources::initial_cluster("kv", "db", 3),
+        bootstrapped: true,
+        operation,
+        incarnations: (1..=3u64).map(|id| (id.to_string(), format!("{id:016x}"))).collect(),
+        ..RaftKVStatus::default()
+    }
+}
+
+fn sts_json(replicas: u32) -> Value {
+    let r = rkv(3, None);
+    serde_json::to_value(resources::statefulset(&r, replicas, &resources::initial_cluster("kv", "db", 3), true))
+        .expect("sts json")
+}
+
+fn pod_json(ordinal: u32) -> Value {
+    json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": format!("kv-{ordinal}"), "namespace": "db", "uid": format!("pod-{ordinal}")},
+        "status": {"phase": "Running", "containerStatuses": [{"name": "raftkv", "ready": true, "restartCount": 0,
+            "image": "i", "imageID": "", "state": {"running": {}}}]}})
+}
+
+fn pvc_json(ordinal: u32) -> Value {
+    json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+        "metadata": {"name": format!("data-kv-{ordinal}"), "namespace": "db", "uid": format!("pvc-{ordinal}")}})
+}
+
+fn list(kind: &str, items: Vec<Value>) -> Value {
+    json!({"apiVersion": "v1", "kind": kind, "metadata": {"resourceVersion": "1"}, "items": items})
+}
+
+fn echo_rkv(r: &RaftKV) -> Value {
+    serde_json::to_value(r).expect("rkv json")
+}
+
+const RKV_STATUS: &str = "/apis/raftkv.dev/v1alpha1/namespaces/db/raftkvs/kv/status";
+const STS: &str = "/apis/apps/v1/namespaces/db/statefulsets/kv";
+const PEER_SVC: &str = "/api/v1/namespaces/db/services/kv-peer";
+const CLIENT_SVC: &str = "/api/v1/namespaces/db/services/kv";
+const PODS: &str = "/api/v1/namespaces/db/pods";
+const PVCS: &str = "/api/v1/namespaces/db/persistentvolumeclaims";
+const PDB: &str = "/apis/policy/v1/namespaces/db/poddisruptionbudgets/kv";
+const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/db/events";
+
+/// The calls every reconcile of an existing cluster starts with.
+fn prelude(sts_replicas: u32, pods: u32, pvcs: &[u32]) -> Vec<Expect> {
+    vec![
+        expect("GET", STS, sts_json(sts_replicas)),
+        expect("PATCH", PEER_SVC, json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "kv-peer"}})),
+        expect("PATCH", CLIENT_SVC, json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "kv"}})),
+        expect("PATCH", STS, sts_json(sts_replicas)),
+        expect("GET", PODS, list("PodList", (0..pods).map(pod_json).collect())),
+        expect("GET", PVCS, list("PersistentVolumeClaimList", pvcs.iter().map(|o| pvc_json(*o)).collect())),
+    ]
+}
+
+fn event_ok() -> Value {
+    json!({"apiVersion": "events.k8s.io/v1", "kind": "Event", "metadata": {"name": "e"}, "eventTime": null})
+}
+
+fn pdb_ok() -> Value {
+    json!({"apiVersion": "policy/v1", "kind": "PodDisruptionBudget", "metadata": {"name": "kv"}})
+}
+
+async fn run_reconcile(r: RaftKV, node: FakeNode, script: Vec<Expect>) -> (Result<Requeue, Error>, Vec<Seen>, Arc<Context<FakeNode>>) {
+    let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(svc, "default");
+    let ctx = Arc::new(Context {
+        recorder: Recorder::new(client.clone(), Reporter { controller: "raftkv-operator".into(), instance: Some("t".into()) }),
+        client,
+        node,
+        metrics: Arc::new(Metrics::new().expect("metrics")),
+    });
+    let server = tokio::spawn(serve(handle, script));
+    let result = tokio::time::timeout(Duration::from_secs(10), reconcile(Arc::new(r), ctx.clone()))
+        .await
+        .expect("reconcile finished in time");
+    let seen = tokio::time::timeout(Duration::from_secs(5), server).await.expect("server done").expect("server ok");
+    (result, seen, ctx)
+}
+
+fn find<'a>(seen: &'a [Seen], method: &str, path: &str) -> Vec<&'a Seen> {
+    seen.iter().filter(|s| s.method == method && s.path == path).collect()
+}
+
+#[tokio::test]
+async fn new_cluster_records_initial_members_then_creates_objects() {
+    let r = rkv(3, None);
+    let mut script = vec![expect("PATCH", RKV_STATUS, echo_rkv(&r)), not_found("GET", STS)];
+    script.extend([
+        expect("PATCH", PEER_SVC, json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "kv-peer"}})),
+        expect("PATCH", CLIENT_SVC, json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "kv"}})),
+        expect("PATCH", STS, sts_json(3)),
+        expect("GET", PODS, list("PodList", vec![])),
+        expect("GET", PVCS, list("PersistentVolumeClaimList", vec![])),
+        expect("PATCH", PDB, pdb_ok()),
+        expect("PATCH", RKV_STATUS, echo_rkv(&r)),
+    ]);
+    let (res, seen, _) = run_reconcile(r, FakeNode::default(), script).await;
+    assert!(res.is_ok(), "{res:?}");
+    // The initial cluster is recorded before any object exists.
+    let first = &seen[0];
+    assert_eq!(first.path, RKV_STATUS);
+    assert_eq!(first.body["status"]["initialCluster"], json!(resources::initial_cluster("kv", "db", 3)));
+    // Server-side apply with our field manager, forced.
+    let sts = find(&seen, "PATCH", STS)[0];
+    assert!(sts.query.contains("fieldManager=raftkv-operator") && sts.query.contains("force=true"), "{}", sts.query);
+    assert_eq!(sts.body["spec"]["replicas"], 3);
+    assert_eq!(sts.body["metadata"]["ownerReferences"][0]["uid"], "uid-kv");
+    let env = sts.body["spec"]["template"]["spec"]["containers"][0]["env"].as_array().expect("env");
+    assert!(!env.iter().any(|e| e["name"] == "RAFTKV_JOIN"), "not bootstrapped yet: no join mode");
+    let peer = find(&seen, "PATCH", PEER_SVC)[0];
+    assert_eq!(peer.body["spec"]["publishNotReadyAddresses"], true);
+    // Nothing answers yet: status says Creating, not Available, with the reason.
+    let status = &seen.last().expect("status").body["status"];
+    assert_eq!(status["phase"], "Creating");
+    assert_eq!(status["message"], "no raft member answers its API");
+    let available = status["conditions"].as_array().expect("conditions").iter().find(|c| c["type"] == "Available");
+    assert_eq!(available.expect("Available")["status"], "False");
+    assert!(status.get("operation").is_none(), "status write must not touch the operation");
+}
+
+#[tokio::test]
+async fn scale_up_records_intent_before_anything_else() {
+    let r = rkv(4, Some(running_status(None)));
+    let mut script = prelude(3, 3, &[0, 1, 2]);
+    script.extend([
+        expect("PATCH", RKV_STATUS, echo_rkv(&r)),
+        expect("POST", EVENTS, event_ok()),
+        expect("PATCH", PDB, pdb_ok()),
+        expect("PATCH", RKV_STATUS, echo_rkv(&r)),
+    ]);
+    let node = FakeNode::cluster(&[1, 2, 3], &[], 1);
+    let (res, seen, ctx) = run_reconcile(r, node, script).await;
+    assert!(res.is_ok(), "{res:?}");
+    let record = find(&seen, "PATCH", RKV_STATUS)[0];
+    assert_eq!(record.body, json!({"status": {"operation": {"kind": "ScaleUp", "id": 4, "stage": "Started"}}}));
+    assert!(ctx.node.calls().is_empty(), "no raft change before the intent is recorded");
+    let ev = find(&seen, "POST", EVENTS)[0];
+    assert_eq!(ev.body["reason"], "OperationRecorded");
+    let pdb = find(&seen, "PATCH", PDB)[0];
+    assert_eq!(pdb.body["spec"]["maxUnavailable"], 1);
+    let status = &seen.last().expect("status").body["status"];
+    assert_eq!(status["leader"], 1);
+    assert_eq!(status["replicas"], 3);
+    assert_eq!(status["readyReplicas"], 3);
+    assert_eq!(status["phase"], "Scaling", "{status}");
+}
+
+#[tokio::test]
+async fn scale_up_in_flight_grows_the_statefulset_by_one() {
+    let r = rkv(5, Some(running_status(Some(Operation::new(OperationKind::ScaleUp, 4)))));
+    let mut script = prelude(3, 3, &[0, 1, 2]);
+    script.extend([
+        expect("PATCH", STS, sts_json(4)),
+        expect("POST", EVENTS, event_ok()),
+        expect("PATCH", PDB, pdb_ok()),
+        expect("PATCH", RKV_STATUS, echo_rkv(&r)),
+    ]);
+    let (res, seen, _) = run_reconcile(r, FakeNode::cluster(&[1, 2, 3], &[], 2), script).await;
+    assert!(res.is_ok(), "{res:?}");
+    let scale = find(&seen, "PATCH", STS)[1];
+    assert_eq!(scale.body, json!({"spec": {"replicas": 4}}));
+    assert!(!scale.query.contains("fieldManager=raftkv-operator"), "a merge patch, not an apply");
+    assert_eq!(seen.last().expect("status").body["status"]["phase"], "Scaling");
+}
+
+#[tokio::test]
+async fn learner_is_added_through_the_leader_and_promotion_waits_for_catch_up() {
+    let r = rkv(4, Some(running_status(Some(Operation::new(OperationKind::ScaleUp, 4)))));
+    let mut script = prelude(4, 4, &[0, 1, 2, 3]);
+    script.extend([
+        expect("POST", EVENTS, event_ok()),
+        expect("PATCH", PDB, pdb_ok()),
+        expect("PATCH", RKV_STATUS, echo_rkv(&r)),
+    ]);
+    let (res, seen, ctx) = run_reconcile(r.clone(), FakeNode::cluster(&[1, 2, 3], &[], 2), script).await;
+    assert!(res.is_ok(), "{res:?}");
+    assert_eq!(ctx.node.calls(), vec![format!("add_learner 4 {} via 2", resources::peer_url("kv", "db", 4))]);
+    assert_eq!(find(&seen, "POST", EVENTS)[0].body["reason"], "LearnerAdded");
+
+    // Next round: it is a learner; promote answers learner_behind -> no event, requeue.
+    let mut script = prelude(4, 4, &[0, 1, 2, 3]);
+    script.extend([expect("PATCH", PDB, pdb_ok()), expect("PATCH", RKV_STATUS, echo_rkv(&r))]);
+    let (res, seen, ctx) = run_reconcile(r, FakeNode::cluster(&[1, 2, 3], &[4], 2), script).await;
+    assert!(res.is_ok(), "{res:?}");
+    assert_eq!(ctx.node.calls(), vec!["promote 4 via 2".to_string()]);
+    assert!(find(&seen, "POST", EVENTS).is_empty());
+    let text = ctx.metrics.render();
+    assert!(text.contains(r#"raftkv_operator_membership_operations_total{action="Promote",result="not_yet"} 1"#), "{text}");
+}
+
+#[tokio::test]
+async fn scale_down_of_the_leader_transfers_leadership_first() {
+    let r = rkv(2, Some(running_status(Some(Operation::new(OperationKind::ScaleDown, 3)))));
+    let mut script = prelude(3, 3, &[0, 1, 2]);
+    script.extend([
+        expect("POST", EVENTS, event_ok()),
+        expect("PATCH", PDB, pdb_ok()),
+        expect("PATCH", RKV_STATUS, echo_rkv(&r)),
+    ]);
+    let (res, seen, ctx) = run_reconcile(r, FakeNode::cluster(&[1, 2, 3], &[], 3), script).await;
+    assert!(res.is_ok(), "{res:?}");
+    let calls = ctx.node.calls();
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    assert!(calls[0].starts_with("transfer ") && calls[0].ends_with("via 3"), "{calls:?}");
+    assert_eq!(find(&seen, "POST", EVENTS)[0].body["reason"], "LeaderTransferred");
+}
+
+#[tokio::test]
+async fn removed_member_claim_is_deleted_after_the_pod_is_gone() {
+    let r = rkv(2, Some(running_status(Some(Operation::new(OperationKind::ScaleDown, 3)))));
+    let mut script = prelude(2, 2, &[0, 1, 2]);
+    script.extend([
+        expect("DELETE", "/api/v1/namespaces/db/persistentvolumeclaims/data-kv-2", pvc_json(2)),
+        expect("POST", EVENTS, event_ok()),
+        expect("PATCH", PDB, pdb_ok()),
+        expect("PATCH", RKV_STATUS, echo_rkv(&r)),
+    ]);
+    let (res, seen, ctx) = run_reconcile(r, FakeNode::cluster(&[1, 2], &[], 1), script).await;
+    assert!(res.is_ok(), "{res:?}");
+    assert!(ctx.node.calls().is_empty());
+    assert_eq!(find(&seen, "PATCH", PDB)[0].body["spec"]["maxUnavailable"], 0, "two voters tolerate no disruption");
+}
+
+#[tokio::test]
+async fn node_failure_is_an_error_with_a_warning_event_and_status_still_written() {
+    struct Refusing(FakeNode);
+    impl NodeApi for Refusing {
+        async fn status(&self, b: &str) -> Result<NodeStatus, NodeError> {
+            self.0.status(b).await
+        }
+        async fn members(&self, b: &str) -> Result<Members, NodeError> {
+            self.0.members(b).await
+        }
+        async fn add_learner(&self, b: &str, _: u64, _: &str) -> Result<(), NodeError> {
+            Err(NodeError::Status { url: b.into(), status: 503, code: "no_leader".into(), message: "x".into() })
+        }
+        async fn promote(&self, b: &str, id: u64) -> Result<Promotion, NodeError> {
+            self.0.promote(b, id).await
+        }
+        async fn remove(&self, b: &str, id: u64) -> Result<(), NodeError> {
+            self.0.remove(b, id).await
+        }
+        async fn transfer_leader(&self, b: &str, to: u64) -> Result<(), NodeError> {
+            self.0.transfer_leader(b, to).await
+        }
+    }
+    let r = rkv(4, Some(running_status(Some(Operation::new(OperationKind::ScaleUp, 4)))));
+    let mut script = prelude(4, 4, &[0, 1, 2, 3]);
+    script.extend([
+        expect("POST", EVENTS, event_ok()),
+        expect("PATCH", PDB, pdb_ok()),
+        expect("PATCH", RKV_STATUS, echo_rkv(&r)),
+    ]);
+    let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(svc, "default");
+    let ctx = Arc::new(Context {
+        recorder: Recorder::new(client.clone(), Reporter { controller: "raftkv-operator".into(), instance: None }),
+        client,
+        node: Refusing(FakeNode::cluster(&[1, 2, 3], &[], 1)),
+        metrics: Arc::new(Metrics::new().expect("metrics")),
+    });
+    let server = tokio::spawn(serve(handle, script));
+    let res = reconcile(Arc::new(r.clone()), ctx.clone()).await;
+    let seen = server.await.expect("server");
+    let err = res.expect_err("step failed");
+    assert_eq!(err.kind(), "node");
+    let ev = find(&seen, "POST", EVENTS)[0];
+    assert_eq!(ev.body["type"], "Warning");
+    assert_eq!(ev.body["reason"], "MembershipStepFailed");
+    let _ = error_policy(Arc::new(r), &err, ctx.clone());
+    assert!(ctx.metrics.render().contains(r#"raftkv_operator_reconcile_errors_total{kind="node"} 1"#));
+}
+
+#[tokio::test]
+async fn amnesiac_member_starts_a_replacement() {
+    let r = rkv(3, Some(running_status(None)));
+    let mut node = FakeNode::cluster(&[1, 2, 3], &[], 1);
+    // Member 2 came back with an empty volume: new incarnation, nothing applied.
+    if let Some(s) = node.statuses.get_mut(&2) {
+        s.incarnation = "ffffffffffffffff".into();
+        s.applied_index = 0;
+    }
+    let mut script = prelude(3, 3, &[0, 1, 2]);
+    script.extend([
+        expect("PATCH", RKV_STATUS, echo_rkv(&r)),
+        expect("POST", EVENTS, event_ok()),
+        expect("PATCH", PDB, pdb_ok()),
+        expect("PATCH", RKV_STATUS, echo_rkv(&r)),
+    ]);
+    let (res, seen, _) = run_reconcile(r, node, script).await;
+    assert!(res.is_ok(), "{res:?}");
+    assert_eq!(
+        find(&seen, "PATCH", RKV_STATUS)[0].body["status"]["operation"],
+        json!({"kind": "ReplaceAmnesiac", "id": 2, "stage": "Started"})
+    );
+    let _ = OperationStage::Started;
+}
+
+#[test]
+fn status_is_never_available_without_quorum() {
+    let r = rkv(3, None);
+    let mut c = ClusterView { leader: 1, commit_index: 5, members: BTreeMap::new() };
+    for id in 1..=3 {
+        c.members.insert(
+            id,
+            crate::membership::MemberView {
+                role: Role::Voter,
+                match_index: Some(5),
+                healthy: id == 1,
+                applied_index: Some(5),
+                incarnation: None,
+            },
+        );
+    }
+    let s = compute_status(&r, Some(&c), None, &Action::Done, true);
+    let avail = s.conditions.iter().find(|c| c.type_ == "Available").expect("Available");
+    assert_eq!(avail.status, "False");
+    assert_eq!(s.phase, Some(Phase::Degraded));
+    c.members.get_mut(&2).expect("m2").healthy = true;
+    let s = compute_status(&r, Some(&c), None, &Action::Done, true);
+    assert_eq!(s.conditions.iter().find(|c| c.type_ == "Available").expect("Available").status, "True");
+    assert_eq!(s.phase, Some(Phase::Degraded), "one member still unhealthy");
+    assert_eq!(s.members.iter().find(|m| m.id == 1).expect("m1").role, "leader");
+    c.leader = 0;
+    let s = compute_status(&r, Some(&c), None, &Action::Done, true);
+    assert_eq!(s.conditions.iter().find(|c| c.type_ == "Available").expect("Available").reason, "NoLeader");
+}

@@ -24,6 +24,8 @@ pub const MAX_REPLICAS: i32 = 9;
 /// Desired state of a raftkv cluster: a replicated key-value store run as a StatefulSet,
 /// one raft member per pod. Changing `replicas` grows or shrinks the raft cluster one
 /// member at a time without losing quorum.
+// Several `printcolumn(...)` entries are intended, not duplicates.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "raftkv.dev",

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use kube::runtime::events::Reporter;
+use kube::runtime::events::{Recorder, Reporter};
 use raftkv_operator::controller::{self, Context};
 use raftkv_operator::leader::LeaseLock;
 use raftkv_operator::metrics::{self, Metrics};
@@ -93,12 +93,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     );
     lock.acquire(Duration::from_secs(2)).await;
     let node = HttpNodeClient::new(Duration::from_secs(args.node_timeout_seconds)).context("building HTTP client")?;
-    let ctx = Arc::new(Context {
-        client,
-        node,
-        metrics,
-        reporter: Reporter { controller: "raftkv-operator".into(), instance: Some(identity) },
-    });
+    let reporter = Reporter { controller: "raftkv-operator".into(), instance: Some(identity) };
+    let ctx = Arc::new(Context { recorder: Recorder::new(client.clone(), reporter), client, node, metrics });
     let renew = Duration::from_secs((args.lease_seconds / 3).max(1));
     let (lost_tx, lost_rx) = tokio::sync::oneshot::channel::<()>();
     let holder = tokio::spawn(async move {
