@@ -87,6 +87,7 @@ serviceMonitor:
   enabled: true
   labels:
     release: prometheus
+watchNamespace: raftkv-e2e
 podAnnotations:
   example.com/a: "b"
 imagePullSecrets:
