@@ -16,6 +16,8 @@
 #   SKIP_BUILD=1         don't build the images (they must already exist locally)
 #   KIND_NODE_IMAGE=...  kind node image (kind's default when unset)
 #   E2E_TIMEOUT=600      seconds allowed for each membership change to converge
+#   INSTALL_WITH=helm    how to install the operator: helm (the chart) or kubectl
+#                        (kubectl apply -k deploy/, the plain manifests)
 set -euo pipefail
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -51,6 +53,11 @@ version="$(bash scripts/build-images.sh --print-version)"
 node_image="raftkv-node:$version"
 operator_image="raftkv-operator:$version"
 e2e_timeout="${E2E_TIMEOUT:-600}"
+install_with="${INSTALL_WITH:-helm}"
+case "$install_with" in
+    helm | kubectl) ;;
+    *) die "INSTALL_WITH must be helm or kubectl, not '$install_with'" ;;
+esac
 
 cluster="raftkv-e2e-$(date +%s)-$$"
 ns=raftkv-e2e
@@ -276,9 +283,14 @@ log "loading $node_image and $operator_image into kind"
 kind load docker-image --name "$cluster" "$node_image" "$operator_image"
 
 # --- 2. operator -------------------------------------------------------------------------------
-log "helm install $release"
-helm install "$release" charts/raftkv-operator --namespace "$operator_ns" --create-namespace \
-    --set image.pullPolicy=Never --wait --timeout 5m
+if [ "$install_with" = helm ]; then
+    log "helm install $release"
+    helm install "$release" charts/raftkv-operator --namespace "$operator_ns" --create-namespace \
+        --set image.pullPolicy=Never --wait --timeout 5m
+else
+    log "kubectl apply -k deploy/"
+    kubectl apply -k deploy/
+fi
 kubectl wait --for=condition=Established crd/raftkvs.raftkv.dev --timeout=60s
 kubectl -n "$operator_ns" rollout status "deployment/$release" --timeout=180s
 
@@ -378,8 +390,14 @@ pods_gone() {
 }
 wait_until "StatefulSet $name garbage-collected" 180 sts_gone
 wait_until "pods of $name gone" 180 pods_gone
-log "helm uninstall $release"
-helm uninstall "$release" --namespace "$operator_ns" --wait --timeout 3m
+if [ "$install_with" = helm ]; then
+    log "helm uninstall $release"
+    helm uninstall "$release" --namespace "$operator_ns" --wait --timeout 3m
+else
+    # Only the operator: the CRD is deleted below, the namespace with it.
+    log "kubectl delete -f deploy/operator.yaml"
+    kubectl delete -f deploy/operator.yaml --wait=true --timeout=180s
+fi
 operator_gone() {
     ! kubectl -n "$operator_ns" get deployments,pods,services,serviceaccounts \
         -l app.kubernetes.io/instance="$release" -o name 2>/dev/null | grep -q .
@@ -390,6 +408,9 @@ if kubectl get clusterrole,clusterrolebinding -o name | grep -q "/$release\$"; t
 fi
 # Helm keeps CRDs on uninstall by design; remove it like a user would.
 kubectl delete crd raftkvs.raftkv.dev --wait=true --timeout=120s
+if [ "$install_with" = kubectl ]; then
+    kubectl delete namespace "$operator_ns" --wait=true --timeout=180s
+fi
 
 succeeded=1
-log "PASS: kind e2e suite (cluster $cluster)"
+log "PASS: kind e2e suite (cluster $cluster, installed with $install_with)"

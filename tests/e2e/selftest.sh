@@ -3,10 +3,11 @@
 # docker/kind/helm/kubectl in tests/e2e/fake/ (a simulated RaftKV and node API) and checks
 #   1. the happy path passes despite broken port-forwards and 503s during writes, and
 #      runs every step (scale 5 and 3, pod deletion, uninstall, cluster deletion);
-#   2. a pod that comes back with a new data dir fails the suite, and the cluster is
+#   2. the kubectl (kustomize) install path works the same way;
+#   3. a pod that comes back with a new data dir fails the suite, and the cluster is
 #      still deleted;
-#   3. without a Docker engine, or without kind, it prints SKIP and exits 0.
-# Needs python3 and curl. About a minute. Usage: bash tests/e2e/selftest.sh
+#   4. without a Docker engine, or without kind, it prints SKIP and exits 0.
+# Needs python3 and curl. About two minutes. Usage: bash tests/e2e/selftest.sh
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -55,6 +56,14 @@ check "helm uninstall" grep -q "^helm uninstall raftkv-operator" "$work/pass.cal
 check "kind cluster deleted" grep -q "^kind delete cluster --name raftkv-e2e-" "$work/pass.calls"
 no_port_forward() { ! pgrep -f "$work/bin/kubectl" >/dev/null; }
 check "no port-forward left running" no_port_forward
+
+echo "== the plain-manifest install path"
+run_suite kubectl INSTALL_WITH=kubectl
+check "exit status 0 (was $rc)" [ "$rc" -eq 0 ]
+check "installed with kubectl apply -k" grep -q "^kubectl apply -k deploy/" "$work/kubectl.calls"
+check "uninstalled with kubectl delete" grep -q "^kubectl delete -f deploy/operator.yaml" "$work/kubectl.calls"
+no_helm() { ! grep -q "^helm " "$work/kubectl.calls"; }
+check "no helm used" no_helm
 
 echo "== a member that loses its data fails the suite"
 run_suite amnesia FAKE_AMNESIA=1

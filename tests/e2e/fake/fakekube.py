@@ -145,7 +145,7 @@ def kubectl(args):
         return port_forward(next(a for a in args[1:] if "/" in a))
     jp = jsonpath(args)
     with Locked() as s:
-        if verb == "apply":
+        if verb == "apply" and "-f" in args and args[args.index("-f") + 1].endswith("examples/raftkv.yaml"):
             s["rkv"] = True
             set_replicas(s, 3)
         elif verb == "scale":
