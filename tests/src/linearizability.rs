@@ -159,6 +159,16 @@ type State = u32;
 /// operation can tell such values apart, so the search treats them as one state.
 const UNSEEN: State = State::MAX;
 
+/// "Any state": the unknown state at the start of a window (see [`check_windows`]).
+/// It stands for every concrete state at once, so steps from it are as permissive as
+/// from any one of them.
+const ANY: State = State::MAX - 1;
+
+/// Operations per window when a long key is checked in windows.
+const WINDOW: usize = 64;
+/// Search steps one window may take before the next is tried.
+const WINDOW_STEPS: u64 = 200_000;
+
 /// One operation of a key's sub-history, with interned values.
 #[derive(Debug, Clone, Copy)]
 struct KeyOp {
@@ -187,6 +197,20 @@ impl Kind {
     /// Applies the operation to `state`: the next state, or `None` when the recorded
     /// result is impossible from `state`.
     fn step(self, state: State) -> Option<State> {
+        if state == ANY {
+            return Some(match self {
+                Kind::Put(v) => v,
+                Kind::Delete => 0,
+                Kind::Get(r) => r,
+                Kind::Cas {
+                    new,
+                    succeeded: Some(true),
+                    ..
+                } => new,
+                // Failed, or either: "any state" still covers every possibility.
+                Kind::Cas { .. } => ANY,
+            });
+        }
         match self {
             Kind::Put(v) => Some(v),
             Kind::Delete => Some(0),
@@ -203,6 +227,25 @@ impl Kind {
                     Some(false) => (!matches).then_some(state),
                 }
             }
+        }
+    }
+
+    /// Like [`Kind::step`], but from [`ANY`] only states marked in `possible` (by value
+    /// id; absent and [`UNSEEN`] always) can be observed.
+    fn step_from(self, state: State, possible: &[bool]) -> Option<State> {
+        if state != ANY {
+            return self.step(state);
+        }
+        let ok =
+            |s: State| s == UNSEEN || s == 0 || possible.get(s as usize).copied().unwrap_or(false);
+        match self {
+            Kind::Get(r) if !ok(r) => None,
+            Kind::Cas {
+                expected,
+                succeeded: Some(true),
+                ..
+            } if !ok(expected) => None,
+            k => k.step(state),
         }
     }
 
@@ -228,12 +271,77 @@ impl<'h> KeyHistory<'h> {
         match s {
             0 => "(absent)".to_string(),
             UNSEEN => "(a value no operation reads)".to_string(),
+            ANY => "(any value: the window starts here)".to_string(),
             id => show_bytes(self.values[id as usize - 1]),
         }
     }
 }
 
 fn check_key(history: &[Event], key: &str, indices: &[usize], deadline: Instant) -> CheckResult {
+    let (kh, raw) = match prepare_key(history, indices) {
+        Ok(prepared) => prepared,
+        Err(explanation) => {
+            return CheckResult::Violation {
+                key: key.to_string(),
+                explanation,
+            }
+        }
+    };
+    // Long keys: the whole-key search gets half the time. Refuting a long concurrent
+    // history as a whole can take exponential time, so if it cannot decide, windows
+    // look for a local proof of the violation (with a local explanation).
+    let windowed = kh.ops.len() > 2 * WINDOW;
+    let now = Instant::now();
+    let full_deadline = if windowed {
+        now + deadline.saturating_duration_since(now) / 2
+    } else {
+        deadline
+    };
+    let outcome = search(&kh.ops, 0, &[], full_deadline, u64::MAX);
+    if windowed
+        && matches!(
+            outcome,
+            Search::OutOfTime { .. } | Search::OutOfMemory { .. }
+        )
+    {
+        if let Some(explanation) = check_windows(history, &kh, raw, WINDOW, deadline) {
+            return CheckResult::Violation {
+                key: key.to_string(),
+                explanation,
+            };
+        }
+    }
+    match outcome {
+        Search::Linearizable => CheckResult::Ok,
+        Search::Violation { order, state } => CheckResult::Violation {
+            key: key.to_string(),
+            explanation: explain(history, &kh, &order, state, 0),
+        },
+        Search::OutOfTime { steps } => CheckResult::Unknown {
+            key: key.to_string(),
+            reason: format!(
+                "time budget ran out after {steps} search steps over {} operations",
+                kh.ops.len()
+            ),
+        },
+        Search::OutOfMemory { entries } => CheckResult::Unknown {
+            key: key.to_string(),
+            reason: format!(
+                "memo table reached {} MiB ({entries} entries) over {} operations",
+                MEMO_LIMIT_BYTES >> 20,
+                kh.ops.len()
+            ),
+        },
+    }
+}
+
+/// Interns a key's values and turns its events into [`KeyOp`]s: the search-ready
+/// history (merged and pruned) and the raw operations (for windows). A read of a value
+/// nothing writes is reported at once (the error is the explanation).
+fn prepare_key<'h>(
+    history: &'h [Event],
+    indices: &[usize],
+) -> Result<(KeyHistory<'h>, Vec<KeyOp>), String> {
     let mut values: Vec<&[u8]> = Vec::new();
     let mut ids: HashMap<&[u8], State> = HashMap::new();
     fn id_of<'h>(
@@ -279,14 +387,11 @@ fn check_key(history: &[Event], key: &str, indices: &[usize], deadline: Instant)
         };
         if let Some(v) = observed {
             if !written.contains_key(v.as_slice()) {
-                return CheckResult::Violation {
-                    key: key.to_string(),
-                    explanation: format!(
-                        "{}\n  observes the value {}, which no operation on this key ever writes.",
-                        describe(i, e),
-                        show_bytes(v)
-                    ),
-                };
+                return Err(format!(
+                    "{}\n  observes the value {}, which no operation on this key ever writes.",
+                    describe(i, e),
+                    show_bytes(v)
+                ));
             }
         }
     }
@@ -332,32 +437,112 @@ fn check_key(history: &[Event], key: &str, indices: &[usize], deadline: Instant)
             complete: e.complete,
         });
     }
+    let raw = ops.clone();
     merge_unseen_values(&mut ops);
     let ops = prune_unobserved_writes(ops);
-    let kh = KeyHistory { ops, values };
+    Ok((KeyHistory { ops, values }, raw))
+}
 
-    match search(&kh.ops, deadline) {
-        Search::Linearizable => CheckResult::Ok,
-        Search::Violation { order, state } => CheckResult::Violation {
-            key: key.to_string(),
-            explanation: explain(history, &kh, &order, state),
-        },
-        Search::OutOfTime { steps } => CheckResult::Unknown {
-            key: key.to_string(),
-            reason: format!(
-                "time budget ran out after {steps} search steps over {} operations",
-                kh.ops.len()
-            ),
-        },
-        Search::OutOfMemory { entries } => CheckResult::Unknown {
-            key: key.to_string(),
-            reason: format!(
-                "memo table reached {} MiB ({entries} entries) over {} operations",
-                MEMO_LIMIT_BYTES >> 20,
-                kh.ops.len()
-            ),
-        },
+/// Looks for a violation inside windows of about [`WINDOW`] operations (by invocation
+/// time, overlapping by half). A window `[S, T]` holds the operations invoked in it;
+/// it starts from [`ANY`] state restricted to values written by an operation invoked
+/// before `S` (or absent); operations that completed before `S` are left out
+/// (their effect is in "any state"); operations invoked before `S` that had not
+/// completed by `S`, and those still running at `T`, become unknown-outcome (reads
+/// among them are dropped). Every linearization of the key restricts to one of the
+/// window, so a window without linearization proves the key has none. The converse
+/// does not hold: `None` proves nothing.
+fn check_windows(
+    history: &[Event],
+    kh: &KeyHistory<'_>,
+    raw: Vec<KeyOp>,
+    window: usize,
+    deadline: Instant,
+) -> Option<String> {
+    let mut by_invoke: Vec<usize> = (0..raw.len()).collect();
+    by_invoke.sort_by_key(|&i| (raw[i].invoke, i));
+    let mut start = 0;
+    while start < raw.len() {
+        let end = (start + window).min(raw.len());
+        let from = raw[by_invoke[start]].invoke;
+        // The last windows have no right edge: nothing is invoked after them.
+        let to = if end == raw.len() {
+            u64::MAX
+        } else {
+            raw[by_invoke[end - 1]].invoke
+        };
+        let mut w: Vec<KeyOp> = Vec::new();
+        for o in &raw {
+            if o.invoke > to || o.complete.is_some_and(|c| c < from) {
+                continue;
+            }
+            let inside = o.invoke >= from && o.complete.is_some_and(|c| c <= to);
+            if inside {
+                w.push(*o);
+                continue;
+            }
+            let optional = |k: Kind| match k {
+                Kind::Cas { expected, new, .. } => Kind::Cas {
+                    expected,
+                    new,
+                    succeeded: None,
+                },
+                k => k,
+            };
+            if !matches!(o.kind, Kind::Get(_)) {
+                w.push(KeyOp {
+                    kind: optional(o.kind),
+                    concrete: optional(o.concrete),
+                    complete: None,
+                    ..*o
+                });
+            }
+        }
+        // The state at `from` was written by an operation invoked before `from`. Also
+        // allowed: what a swap of unknown result writes, because from "any state" such
+        // a swap is never tried (it would change nothing "any state" does not cover).
+        let mut possible = vec![false; kh.values.len() + 1];
+        for o in raw.iter().filter(|o| o.invoke < from) {
+            if let Kind::Put(v) | Kind::Cas { new: v, .. } = o.kind {
+                possible[v as usize] = true;
+            }
+        }
+        for o in &w {
+            if let Kind::Cas {
+                new,
+                succeeded: None,
+                ..
+            } = o.kind
+            {
+                possible[new as usize] = true;
+            }
+        }
+        merge_unseen_values(&mut w);
+        let w = prune_unobserved_writes(w);
+        match search(&w, ANY, &possible, deadline, WINDOW_STEPS) {
+            Search::Linearizable => {}
+            Search::Violation { order, state } => {
+                let sub = KeyHistory {
+                    ops: w,
+                    values: kh.values.clone(),
+                };
+                return Some(format!(
+                    "the operations invoked between {} and {} alone, starting from any state, admit no \
+                     linearization (operations that overlap the window's edges count as optional):\n{}",
+                    show_time(from),
+                    if to == u64::MAX { "the end".to_string() } else { show_time(to) },
+                    explain(history, &sub, &order, state, ANY)
+                ));
+            }
+            // Too hard to decide locally: try the next window while time remains.
+            Search::OutOfTime { .. } | Search::OutOfMemory { .. } if Instant::now() < deadline => {}
+            Search::OutOfTime { .. } | Search::OutOfMemory { .. } => return None,
+        }
+        // Keep sliding past the end: a violation is cheapest to prove near the start
+        // of a window, so the last operations get windows of their own.
+        start += (window / 2).max(1);
     }
+    None
 }
 
 /// Replaces every written value that no get returns and no compare-and-swap expects
@@ -672,7 +857,7 @@ impl Liveness {
             .iter()
             .map(|o| Self::max_state(o.kind))
             .max()
-            .map_or(1, |m| m as usize + 2);
+            .map_or(3, |m| m as usize + 3);
         let mut l = Liveness {
             need: vec![0; slots],
             writers: vec![0; slots],
@@ -699,11 +884,12 @@ impl Liveness {
         }
     }
 
+    /// Slots: one per value id, then [`ANY`], then [`UNSEEN`].
     fn slot(&self, s: State) -> usize {
-        if s == UNSEEN {
-            self.need.len() - 1
-        } else {
-            s as usize
+        match s {
+            UNSEEN => self.need.len() - 1,
+            ANY => self.need.len() - 2,
+            s => s as usize,
         }
     }
 
@@ -752,7 +938,13 @@ impl Liveness {
     }
 }
 
-fn search(ops: &[KeyOp], deadline: Instant) -> Search {
+fn search(
+    ops: &[KeyOp],
+    initial: State,
+    possible: &[bool],
+    deadline: Instant,
+    max_steps: u64,
+) -> Search {
     let n = ops.len();
     let known = ops.iter().filter(|o| o.complete.is_some()).count();
     if known == 0 {
@@ -782,7 +974,7 @@ fn search(ops: &[KeyOp], deadline: Instant) -> Search {
 
     let mut memo = Memo::new(n);
 
-    let mut state: State = 0;
+    let mut state: State = initial;
     let mut linearized = Bits::new(n);
     let mut hash = 0u64;
     let groups = SymmetryGroups::new(ops);
@@ -795,7 +987,7 @@ fn search(ops: &[KeyOp], deadline: Instant) -> Search {
     let mut fresh = false;
     let mut stack: Vec<(usize, State, bool)> = Vec::new();
     let mut done_known = 0usize;
-    let mut best: (Vec<usize>, State) = (Vec::new(), 0);
+    let mut best: (Vec<usize>, State) = (Vec::new(), initial);
     let mut steps = 0u64;
     let mut at = list.next[head];
 
@@ -804,7 +996,7 @@ fn search(ops: &[KeyOp], deadline: Instant) -> Search {
             return Search::Linearizable;
         }
         steps += 1;
-        if steps % CLOCK_EVERY == 0 && Instant::now() >= deadline {
+        if steps % CLOCK_EVERY == 0 && (Instant::now() >= deadline || steps >= max_steps) {
             return Search::OutOfTime { steps };
         }
         let is_call = at != NIL && events[at].1 == 0;
@@ -827,7 +1019,7 @@ fn search(ops: &[KeyOp], deadline: Instant) -> Search {
                     && !(fresh && unconditional)
                     && !live.strands(o, state, *next)
             };
-            if let Some(next_state) = o.kind.step(state).filter(useful) {
+            if let Some(next_state) = o.kind.step_from(state, possible).filter(useful) {
                 let next_fresh = if unconditional {
                     o.complete.is_none()
                 } else {
@@ -892,7 +1084,13 @@ fn search(ops: &[KeyOp], deadline: Instant) -> Search {
 
 /// A readable account of a failed key: the tail of the longest linearizable prefix and
 /// the operations that could come next, none of which fits.
-fn explain(history: &[Event], kh: &KeyHistory<'_>, order: &[usize], state: State) -> String {
+fn explain(
+    history: &[Event],
+    kh: &KeyHistory<'_>,
+    order: &[usize],
+    state: State,
+    initial: State,
+) -> String {
     let ops = &kh.ops;
     let mut out = String::new();
     let known = ops.iter().filter(|o| o.complete.is_some()).count();
@@ -907,7 +1105,7 @@ fn explain(history: &[Event], kh: &KeyHistory<'_>, order: &[usize], state: State
         order.len()
     );
     // Replay the prefix with the real values to show each state.
-    let mut s: State = 0;
+    let mut s: State = initial;
     let mut states = Vec::with_capacity(order.len());
     for &o in order {
         s = ops[o].concrete.step(s).unwrap_or(s);
@@ -1820,5 +2018,166 @@ mod tests {
         assert_ok(&h);
         h.push(ev(9, get("k", Some("0-0")), end + 3, Some(end + 4)));
         assert_violation(&h);
+    }
+
+    fn windows_object(h: &[Event], window: usize) -> Option<String> {
+        let mut by_key: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+        for (i, e) in h.iter().enumerate() {
+            by_key.entry(e.op.key()).or_default().push(i);
+        }
+        by_key.values().find_map(|idx| {
+            let (kh, raw) = prepare_key(h, idx).ok()?;
+            check_windows(h, &kh, raw, window, Instant::now() + BUDGET)
+        })
+    }
+
+    #[test]
+    fn windows_never_reject_true_histories() {
+        for seed in 0..200u64 {
+            let spread = [0, 100, 400][(seed % 3) as usize];
+            let unknown = [0, 10, 30][(seed / 3 % 3) as usize];
+            let h = true_history(seed, 150, 1 + (seed % 2) as usize, spread, unknown);
+            for window in [3, 8, 25] {
+                if let Some(why) = windows_object(&h, window) {
+                    panic!("seed {seed}, window {window}: a true history was rejected:\n{why}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn window_objections_agree_with_brute_force() {
+        let mut rng = StdRng::seed_from_u64(5);
+        let mut objections = 0;
+        for round in 0..3_000 {
+            let h = random_small_history(&mut rng);
+            for window in [2, 3] {
+                if windows_object(&h, window).is_some() {
+                    objections += 1;
+                    assert!(
+                        !brute_force(&h),
+                        "round {round}, window {window}: wrong objection\n{h:#?}"
+                    );
+                }
+            }
+        }
+        assert!(objections > 300, "windows objected only {objections} times");
+    }
+
+    #[test]
+    fn long_history_with_a_buried_stale_read_is_caught_in_a_window() {
+        // 3000 sequential puts and reads on one key, each read concurrent with the next
+        // write; one read in the middle returns a value overwritten long before.
+        let mut h = Vec::new();
+        for i in 0..1_500u64 {
+            let t = 1_000 * i;
+            h.push(ev(1, put("k", &format!("v{i}")), t, Some(t + 400)));
+            h.push(ev(
+                2,
+                get("k", Some(&format!("v{i}"))),
+                t + 500,
+                Some(t + 1_200),
+            ));
+        }
+        assert_ok(&h);
+        h[1_601].op = get("k", Some("v10"));
+        assert_violation(&h);
+        let why = windows_object(&h, WINDOW).expect("a window proves it");
+        assert!(why.contains("alone, starting from any state"), "{why}");
+        assert!(
+            why.contains("#1601 client 2: get -> \"v10\""),
+            "names the read:\n{why}"
+        );
+    }
+
+    /// Timing table for docs/testing.md:
+    /// `cargo test -p raftkv-tests --lib measure_ -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "prints timings; run by hand"]
+    fn measure_checker_speed() {
+        let cases: [(&str, usize, usize, u64, u32); 6] = [
+            ("4k ops, 1 key, ~6 concurrent, 3% unknown", 4_000, 1, 300, 3),
+            (
+                "4k ops, 1 key, ~20 concurrent, 3% unknown",
+                4_000,
+                1,
+                1_000,
+                3,
+            ),
+            ("4k ops, 1 key, sequential, 20% unknown", 4_000, 1, 0, 20),
+            (
+                "20k ops, 10 keys, ~6 concurrent, 5% unknown",
+                20_000,
+                10,
+                300,
+                5,
+            ),
+            (
+                "1k ops, 1 key, ~20 concurrent, 20% unknown",
+                1_000,
+                1,
+                1_000,
+                20,
+            ),
+            (
+                "100k ops, 100 keys, ~6 concurrent, 2% unknown",
+                100_000,
+                100,
+                300,
+                2,
+            ),
+        ];
+        for (name, n, keys, spread, unknown) in cases {
+            let mut worst_ok = Duration::ZERO;
+            let mut worst_bad = Duration::ZERO;
+            let mut verdicts = Vec::new();
+            for seed in 0..5 {
+                let h = true_history(1_000 + seed, n, keys, spread, unknown);
+                let t = Instant::now();
+                let r = check(&h, Duration::from_secs(20)).expect("well-formed");
+                worst_ok = worst_ok.max(t.elapsed());
+                assert!(r.is_ok(), "{name}: {r}");
+                let mut bad = h.clone();
+                if corrupt_future(&mut bad) {
+                    let t = Instant::now();
+                    let r = check(&bad, Duration::from_secs(20)).expect("well-formed");
+                    worst_bad = worst_bad.max(t.elapsed());
+                    verdicts.push(if r.is_violation() { "V" } else { "?" });
+                }
+            }
+            eprintln!("{name}: linearizable worst {worst_ok:?}; corrupted worst {worst_bad:?} {verdicts:?}");
+        }
+    }
+
+    /// More rounds against the brute-force reference:
+    /// `LINCHECK_ROUNDS=200000 cargo test -p raftkv-tests --lib soak_ -- --ignored`.
+    #[test]
+    #[ignore = "long; run by hand"]
+    fn soak_against_brute_force() {
+        let rounds: u64 = std::env::var("LINCHECK_ROUNDS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(100_000);
+        let mut rng = StdRng::seed_from_u64(rounds);
+        let (mut good, mut bad) = (0u64, 0u64);
+        for round in 0..rounds {
+            let mut h = random_small_history(&mut rng);
+            if round % 3 == 0 {
+                h.retain(|e| !matches!(e.op, Op::Cas { .. }));
+            }
+            let expected = brute_force(&h);
+            let got = verdict(&h);
+            assert_eq!(
+                got.is_ok(),
+                expected,
+                "round {round}: checker says {got}, reference {expected}\n{h:#?}"
+            );
+            if expected {
+                good += 1;
+            } else {
+                bad += 1;
+            }
+        }
+        eprintln!("{rounds} rounds: {good} linearizable, {bad} not, all agree");
     }
 }
