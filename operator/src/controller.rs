@@ -163,7 +163,7 @@ fn event_for(action: &Action) -> Option<(&'static str, String)> {
         Action::RemoveMember(id) => ("MemberRemoved", format!("member {id} removed from raft")),
         Action::DeletePvc(o) => ("VolumeClaimDeleted", format!("volume claim of ordinal {o} deleted")),
         Action::DeletePod(o) => ("PodDeleted", format!("pod of ordinal {o} deleted")),
-        Action::RecordIncarnation { .. } | Action::ForgetIncarnation(_) | Action::Wait(_) | Action::Done => return None,
+        Action::RecordIncarnation { .. } | Action::MarkRemoved { .. } | Action::Wait(_) | Action::Done => return None,
     })
 }
 
@@ -171,7 +171,7 @@ fn action_label(action: &Action) -> &'static str {
     match action {
         Action::Record(_) => "Record",
         Action::RecordIncarnation { .. } => "RecordIncarnation",
-        Action::ForgetIncarnation(_) => "ForgetIncarnation",
+        Action::MarkRemoved { .. } => "MarkRemoved",
         Action::ScaleStatefulSet(_) => "ScaleStatefulSet",
         Action::AddLearner(_) => "AddLearner",
         Action::Promote(_) => "Promote",

@@ -58,6 +58,7 @@ impl FakeNode {
                     role: if id == leader { "leader".into() } else { "follower".into() },
                     commit_index: 100,
                     applied_index: 100,
+                    snapshot_index: 50,
                     incarnation: format!("{id:016x}"),
                 },
             );
@@ -496,6 +497,7 @@ fn status_is_never_available_without_quorum() {
                 healthy: id == 1,
                 applied_index: Some(5),
                 incarnation: None,
+                snapshot_index: Some(0),
             },
         );
     }

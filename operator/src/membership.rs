@@ -37,6 +37,8 @@ pub struct MemberView {
     pub applied_index: Option<u64>,
     /// Data-dir incarnation the member itself reports (None when it did not answer).
     pub incarnation: Option<String>,
+    /// Index of the member's latest snapshot (its log starts after it); None when unknown.
+    pub snapshot_index: Option<u64>,
 }
 
 /// The raft cluster as observed through the node API.
@@ -102,6 +104,9 @@ pub enum WaitReason {
     PodTerminating(u32),
     /// A volume claim is being deleted.
     PvcTerminating(u32),
+    /// A voter's log still holds the earlier removal of this id; a new member with the
+    /// same id replaying it would take it for its own removal.
+    LogNotCompacted(u64),
     /// A learner is behind the leader's log.
     LearnerCatchingUp(u64),
     /// The change would leave the voters without a healthy majority.
@@ -118,6 +123,10 @@ impl std::fmt::Display for WaitReason {
             WaitReason::PodNotRunning(o) => write!(f, "waiting for pod ordinal {o} to run"),
             WaitReason::PodTerminating(o) => write!(f, "waiting for pod ordinal {o} to terminate"),
             WaitReason::PvcTerminating(o) => write!(f, "waiting for the volume claim of ordinal {o} to go"),
+            WaitReason::LogNotCompacted(id) => write!(
+                f,
+                "waiting until every voter has compacted its log past the earlier removal of member {id}"
+            ),
             WaitReason::LearnerCatchingUp(id) => write!(f, "learner {id} is catching up"),
             WaitReason::WouldLoseQuorum(id) => {
                 write!(f, "changing member {id} now would leave no healthy voter majority")
@@ -160,8 +169,15 @@ pub enum Action {
     DeletePvc(u32),
     /// Delete the pod of an ordinal (the StatefulSet recreates it).
     DeletePod(u32),
-    /// Forget the recorded incarnation of a member that left.
-    ForgetIncarnation(u64),
+    /// Replace the recorded incarnation of a member that left by a removal marker
+    /// (`removed@<index>`, see [`removal_marker`]): its id must not be re-added before
+    /// every voter compacted its log past index `at`.
+    MarkRemoved {
+        /// Raft id.
+        id: u64,
+        /// A commit index at or after the removal.
+        at: u64,
+    },
     /// Nothing can be done now.
     Wait(WaitReason),
     /// Membership, pods and volumes match the spec.
@@ -177,9 +193,22 @@ impl Action {
                 | Action::Done
                 | Action::Record(_)
                 | Action::RecordIncarnation { .. }
-                | Action::ForgetIncarnation(_)
+                | Action::MarkRemoved { .. }
         )
     }
+}
+
+/// Prefix of a removal marker stored in place of an incarnation.
+pub const REMOVED_PREFIX: &str = "removed@";
+
+/// The index of a removal marker `removed@<index>`, if `recorded` is one.
+pub fn removal_marker(recorded: Option<&String>) -> Option<u64> {
+    recorded.and_then(|r| r.strip_prefix(REMOVED_PREFIX)).and_then(|n| n.parse().ok())
+}
+
+/// Is `recorded` a real incarnation (not absent, not a removal marker).
+fn is_incarnation(recorded: Option<&String>) -> bool {
+    recorded.is_some_and(|r| !r.starts_with(REMOVED_PREFIX))
 }
 
 /// Majority of `n` voters.
@@ -231,6 +260,11 @@ impl ClusterView {
         healthy >= majority(voters.len() + 1)
     }
 
+    /// Every voter reports a snapshot at or past `index` (its log holds nothing older).
+    fn compacted_past(&self, index: u64) -> bool {
+        self.members.values().filter(|m| m.role == Role::Voter).all(|m| m.snapshot_index.is_some_and(|s| s >= index))
+    }
+
     /// The healthy voter other than `not` with the highest match index.
     fn transfer_target(&self, not: u64) -> Option<u64> {
         self.members
@@ -244,7 +278,7 @@ impl ClusterView {
     /// is a voter reporting applied index 0 while the cluster has committed entries.
     fn is_amnesiac(&self, id: u64, recorded: Option<&String>) -> bool {
         let Some(m) = self.members.get(&id) else { return false };
-        if let (Some(seen), Some(rec)) = (m.incarnation.as_ref(), recorded) {
+        if let (Some(seen), Some(rec)) = (m.incarnation.as_ref(), recorded.filter(|r| is_incarnation(Some(r)))) {
             if seen != rec {
                 return true;
             }
@@ -306,6 +340,11 @@ fn scale_up(o: &Observed, c: &ClusterView, id: u64) -> Action {
             if !pod_running(o, ord) {
                 return Action::Wait(WaitReason::PodNotRunning(ord));
             }
+            if let Some(at) = removal_marker(o.incarnations.get(&id)) {
+                if !c.compacted_past(at) {
+                    return Action::Wait(WaitReason::LogNotCompacted(id));
+                }
+            }
             Action::AddLearner(id)
         }
         Some(m) if m.role == Role::Learner => {
@@ -315,7 +354,7 @@ fn scale_up(o: &Observed, c: &ClusterView, id: u64) -> Action {
             Action::Promote(id)
         }
         Some(m) => {
-            if let (Some(inc), None) = (m.incarnation.as_ref(), o.incarnations.get(&id)) {
+            if let Some(inc) = m.incarnation.as_ref().filter(|_| !is_incarnation(o.incarnations.get(&id))) {
                 return Action::RecordIncarnation { id, incarnation: inc.clone() };
             }
             Action::Record(None)
@@ -346,8 +385,8 @@ fn scale_down(o: &Observed, c: &ClusterView, id: u64) -> Action {
     if c.has_member_above(id) {
         // Not the top member: its pod stays (the StatefulSet cannot drop a middle
         // ordinal); the gap repair wipes and re-adds it.
-        if o.incarnations.contains_key(&id) {
-            return Action::ForgetIncarnation(id);
+        if removal_marker(o.incarnations.get(&id)).is_none() {
+            return Action::MarkRemoved { id, at: c.commit_index };
         }
         return Action::Record(None);
     }
@@ -360,8 +399,8 @@ fn scale_down(o: &Observed, c: &ClusterView, id: u64) -> Action {
     if let Some(v) = o.pvcs.get(&ord) {
         return if v.terminating { Action::Wait(WaitReason::PvcTerminating(ord)) } else { Action::DeletePvc(ord) };
     }
-    if o.incarnations.contains_key(&id) {
-        return Action::ForgetIncarnation(id);
+    if removal_marker(o.incarnations.get(&id)).is_none() {
+        return Action::MarkRemoved { id, at: c.commit_index };
     }
     Action::Record(None)
 }
@@ -387,8 +426,8 @@ fn replace_amnesiac(o: &Observed, c: &ClusterView, op: &Operation) -> Action {
         }
         OperationStage::Started => Action::Record(Some(op.at(OperationStage::Removed))),
         OperationStage::Removed => {
-            if o.incarnations.contains_key(&id) {
-                return Action::ForgetIncarnation(id);
+            if removal_marker(o.incarnations.get(&id)).is_none() {
+                return Action::MarkRemoved { id, at: c.commit_index };
             }
             Action::Record(Some(Operation {
                 pod_uid: o.pods.get(&ord).map(|p| p.uid.clone()),
@@ -435,7 +474,7 @@ fn next_operation(o: &Observed, c: &ClusterView) -> Action {
     }
     // Record incarnations of members seen for the first time (bootstrap members).
     for (id, m) in &c.members {
-        if let (Some(inc), None) = (m.incarnation.as_ref(), o.incarnations.get(id)) {
+        if let (Some(inc), false) = (m.incarnation.as_ref(), is_incarnation(o.incarnations.get(id))) {
             if m.role == Role::Voter && (m.applied_index.unwrap_or(0) > 0 || c.commit_index == 0) {
                 return Action::RecordIncarnation { id: *id, incarnation: inc.clone() };
             }

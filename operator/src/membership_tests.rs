@@ -45,6 +45,10 @@ struct Model {
     /// Members whose pods are down (crashed, not yet restarted).
     down: BTreeSet<u64>,
     commit: u64,
+    /// Every voter's latest snapshot index (logs hold only entries after it).
+    snapshot: u64,
+    /// Index at which each id was last removed from raft.
+    removed_at: BTreeMap<u64, u64>,
     operation: Option<Operation>,
     incarnations: BTreeMap<u64, String>,
     next_uid: u64,
@@ -64,6 +68,8 @@ impl Model {
             leader: 1,
             down: BTreeSet::new(),
             commit: 10,
+            snapshot: 10,
+            removed_at: BTreeMap::new(),
             operation: None,
             incarnations: BTreeMap::new(),
             next_uid: 0,
@@ -135,6 +141,7 @@ impl Model {
                             healthy: up,
                             applied_index: up.then_some(applied),
                             incarnation: if up { inc } else { None },
+                            snapshot_index: up.then_some(self.snapshot),
                         },
                     )
                 })
@@ -171,8 +178,8 @@ impl Model {
             Action::RecordIncarnation { id, incarnation } => {
                 self.incarnations.insert(*id, incarnation.clone());
             }
-            Action::ForgetIncarnation(id) => {
-                self.incarnations.remove(id);
+            Action::MarkRemoved { id, at } => {
+                self.incarnations.insert(*id, format!("{REMOVED_PREFIX}{at}"));
             }
             Action::ScaleStatefulSet(n) => self.sts = *n,
             Action::AddLearner(id) => {
@@ -181,6 +188,10 @@ impl Model {
                 }
                 if !self.has_quorum() {
                     return; // 503: no quorum, nothing changes
+                }
+                if self.removed_at.get(id).is_some_and(|r| *r > self.snapshot) {
+                    let what = format!("AddLearner({id}) while logs still hold its removal");
+                    self.violation(what);
                 }
                 let ord = ordinal(*id);
                 match self.pvcs.get_mut(&ord) {
@@ -223,6 +234,7 @@ impl Model {
                 }
                 self.members.remove(id);
                 self.commit += 1;
+                self.removed_at.insert(*id, self.commit);
                 if let Some(v) = self.pvcs.get_mut(&ordinal(*id)) {
                     if self.pods.get(&ordinal(*id)).is_some_and(|p| p.running) {
                         v.data = Data::Tombstone;
@@ -301,11 +313,20 @@ impl Model {
                 self.pods.insert(o, Pod { uid, running: false, terminating: false });
             }
         }
+        // Voters take snapshots as the log grows.
+        self.snapshot = self.commit;
         for (id, (_, caught)) in self.members.iter_mut() {
             if !self.down.contains(id) {
                 *caught = true;
             }
         }
+    }
+
+    /// Runs the pod part of `progress` again without compacting.
+    fn progress_pods_only(&mut self) {
+        let snap = self.snapshot;
+        self.progress();
+        self.snapshot = snap;
     }
 
     fn elect(&mut self) {
@@ -391,6 +412,7 @@ fn scale_up_records_intent_then_grows_adds_learner_promotes() {
             healthy: true,
             applied_index: Some(0),
             incarnation: Some("i4".into()),
+            snapshot_index: Some(0),
         },
     );
     assert_eq!(decide(&o), Action::Promote(4));
@@ -676,4 +698,25 @@ proptest! {
         prop_assert!(done, "no convergence: {:#?}", m);
         prop_assert!(m.converged(), "done but not converged: {:#?}", m);
     }
+}
+
+#[test]
+fn reused_id_waits_until_logs_no_longer_hold_its_removal() {
+    let mut m = Model::new(3);
+    m.desired = 2;
+    run_until_done(&mut m, 50);
+    assert_eq!(m.incarnations.get(&3).map(String::as_str), Some("removed@11"));
+    m.desired = 3;
+    m.snapshot = 5; // compaction has not passed index 11 yet
+    m.operation = Some(Operation::new(OperationKind::ScaleUp, 3));
+    m.sts = 3;
+    m.progress();
+    m.snapshot = 5;
+    m.progress_pods_only();
+    assert_eq!(decide(&m.observe()), Action::Wait(WaitReason::LogNotCompacted(3)));
+    m.snapshot = 11;
+    assert_eq!(decide(&m.observe()), Action::AddLearner(3));
+    run_until_done(&mut m, 50);
+    assert!(m.converged() && m.violations.is_empty(), "{m:#?}");
+    assert!(is_incarnation(m.incarnations.get(&3)), "{:?}", m.incarnations);
 }

@@ -77,6 +77,9 @@ pub struct NodeStatus {
     /// Applied index.
     #[serde(default)]
     pub applied_index: u64,
+    /// Index of the latest snapshot (the log is compacted up to it).
+    #[serde(default)]
+    pub snapshot_index: u64,
     /// Data-dir incarnation (16 hex digits).
     #[serde(default)]
     pub incarnation: String,

@@ -120,6 +120,7 @@ pub async fn observe_cluster<N: NodeApi, A: Addresses>(node: &N, addrs: &A, cand
                         healthy: st.is_some() && m.reachable != Some(false),
                         applied_index: st.map(|s| s.applied_index),
                         incarnation: st.map(|s| s.incarnation.clone()).filter(|i| !i.is_empty()),
+                        snapshot_index: st.map(|s| s.snapshot_index),
                     },
                 )
             })
@@ -146,7 +147,10 @@ pub async fn execute<N: NodeApi, P: Platform, A: Addresses>(
     match action {
         Action::Record(op) => platform.record(op.as_ref()).await?,
         Action::RecordIncarnation { id, incarnation } => platform.record_incarnation(*id, Some(incarnation)).await?,
-        Action::ForgetIncarnation(id) => platform.record_incarnation(*id, None).await?,
+        Action::MarkRemoved { id, at } => {
+            let marker = format!("{}{at}", crate::membership::REMOVED_PREFIX);
+            platform.record_incarnation(*id, Some(&marker)).await?
+        }
         Action::ScaleStatefulSet(n) => platform.scale(*n).await?,
         Action::DeletePvc(o) => platform.delete_pvc(*o).await?,
         Action::DeletePod(o) => platform.delete_pod(*o).await?,

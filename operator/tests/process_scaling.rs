@@ -1,0 +1,461 @@
+//! The membership protocol on real `raftkv-node` processes on 127.0.0.1, driven by the
+//! operator's own `decide` + `observe_cluster` + `execute`. A small simulated
+//! "StatefulSet" stands in for Kubernetes: pod ordinal `i` is a process with raft id
+//! `i+1`, a stable pair of ports, and a data directory standing for its volume claim.
+//!
+//! Under a steady write load the cluster goes 3 -> 5 -> 3 -> 1 -> 3; then the operator
+//! is "killed" right after a raft removal (before the StatefulSet shrinks) and right after
+//! a StatefulSet growth (before the learner is added), restarted, and must converge.
+//! At the end every acknowledged write must be readable.
+//!
+//! Needs the node binary: `cargo build -p raftkv-node` (same target dir) first, or
+//! `RAFTKV_NODE_BIN=/path/to/raftkv-node`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use raftkv_operator::crd::Operation;
+use raftkv_operator::membership::{decide, Action, Observed, PodView, PvcView, Role};
+use raftkv_operator::node_client::HttpNodeClient;
+use raftkv_operator::orchestrate::{execute, observe_cluster, Addresses, Platform, PlatformError};
+use raftkv_tests::{free_port, node_binary, Http, StatusCode};
+
+const INITIAL: u32 = 3;
+const MAX_ORDINALS: u32 = 9;
+
+struct Pod {
+    child: Child,
+    uid: String,
+}
+
+struct Pvc {
+    uid: String,
+    dir: PathBuf,
+    terminating: bool,
+}
+
+/// The simulated Kubernetes side plus the RaftKV status record.
+struct World {
+    root: PathBuf,
+    bin: PathBuf,
+    ports: BTreeMap<u32, (u16, u16)>,
+    sts: u32,
+    pods: BTreeMap<u32, Pod>,
+    pvcs: BTreeMap<u32, Pvc>,
+    operation: Option<Operation>,
+    incarnations: BTreeMap<u64, String>,
+    bootstrapped: bool,
+    next_uid: u64,
+}
+
+impl World {
+    fn uid(&mut self) -> String {
+        self.next_uid += 1;
+        format!("u{}", self.next_uid)
+    }
+
+    fn peer_url(&self, ord: u32) -> String {
+        format!("http://127.0.0.1:{}", self.ports[&ord].1)
+    }
+
+    fn initial_cluster(&self) -> String {
+        (0..INITIAL).map(|o| self.peer_url(o)).collect::<Vec<_>>().join(",")
+    }
+
+    fn spawn(&mut self, ord: u32) -> Child {
+        let (client, peer) = self.ports[&ord];
+        let dir = self.pvcs[&ord].dir.clone();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.root.join(format!("pod-{ord}.log")))
+            .expect("log file");
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("--id")
+            .arg((ord + 1).to_string())
+            .arg("--cluster")
+            .arg(self.initial_cluster())
+            .arg("--port")
+            .arg(client.to_string())
+            .arg("--listen-client-addr")
+            .arg(format!("127.0.0.1:{client}"))
+            .arg("--peer-url")
+            .arg(format!("http://127.0.0.1:{peer}"))
+            .arg("--data-dir")
+            .arg(&dir)
+            .arg("--snapshot-count")
+            .arg("200")
+            .arg("--request-timeout-ms")
+            .arg("3000")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log));
+        // The pod template carries RAFTKV_JOIN=true once the cluster bootstrapped.
+        if self.bootstrapped {
+            cmd.arg("--join");
+        }
+        cmd.spawn().expect("spawn raftkv-node")
+    }
+
+    fn stop(pod: &mut Pod) {
+        // SIGTERM, then SIGKILL after a bounded grace period (the kubelet's behaviour).
+        // SAFETY: kill(2) on a child process we own.
+        unsafe {
+            libc::kill(pod.child.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if matches!(pod.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = pod.child.kill();
+        let _ = pod.child.wait();
+    }
+
+    /// One pass of the StatefulSet controller, the kubelet and PVC protection.
+    // Every child ends up in `pods` and is reaped by `stop` or `Drop`; the replaced ones
+    // were already reaped by `try_wait`.
+    #[allow(clippy::zombie_processes)]
+    fn sync(&mut self) {
+        let extra: Vec<u32> = self.pods.keys().copied().filter(|o| *o >= self.sts).collect();
+        for o in extra {
+            if let Some(mut p) = self.pods.remove(&o) {
+                Self::stop(&mut p);
+            }
+        }
+        // Exited containers restart in place (same pod).
+        let exited: Vec<u32> =
+            self.pods.iter_mut().filter_map(|(o, p)| matches!(p.child.try_wait(), Ok(Some(_))).then_some(*o)).collect();
+        for o in exited {
+            let child = self.spawn(o);
+            if let Some(p) = self.pods.get_mut(&o) {
+                p.child = child;
+            }
+        }
+        let free: Vec<u32> =
+            self.pvcs.iter().filter(|(o, v)| v.terminating && !self.pods.contains_key(o)).map(|(o, _)| *o).collect();
+        for o in free {
+            if let Some(v) = self.pvcs.remove(&o) {
+                let _ = std::fs::remove_dir_all(&v.dir);
+            }
+        }
+        for o in 0..self.sts {
+            if self.pods.contains_key(&o) || self.pvcs.get(&o).is_some_and(|v| v.terminating) {
+                continue;
+            }
+            if !self.pvcs.contains_key(&o) {
+                let uid = self.uid();
+                let dir = self.root.join(format!("data-{o}-{uid}"));
+                self.pvcs.insert(o, Pvc { uid, dir, terminating: false });
+            }
+            let child = self.spawn(o);
+            let uid = self.uid();
+            self.pods.insert(o, Pod { child, uid });
+        }
+    }
+
+    fn running(&mut self) -> Vec<u32> {
+        self.pods.iter_mut().filter_map(|(o, p)| matches!(p.child.try_wait(), Ok(None)).then_some(*o)).collect()
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        for p in self.pods.values_mut() {
+            let _ = p.child.kill();
+            let _ = p.child.wait();
+        }
+    }
+}
+
+/// Shared handle: the Platform the executor drives.
+struct Sim(Mutex<World>);
+
+impl Sim {
+    fn lock(&self) -> MutexGuard<'_, World> {
+        match self.0.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+}
+
+impl Platform for Sim {
+    async fn record(&self, op: Option<&Operation>) -> Result<(), PlatformError> {
+        self.lock().operation = op.cloned();
+        Ok(())
+    }
+    async fn record_incarnation(&self, id: u64, incarnation: Option<&str>) -> Result<(), PlatformError> {
+        let mut w = self.lock();
+        match incarnation {
+            Some(i) => w.incarnations.insert(id, i.to_string()),
+            None => w.incarnations.remove(&id),
+        };
+        Ok(())
+    }
+    async fn scale(&self, replicas: u32) -> Result<(), PlatformError> {
+        if replicas > MAX_ORDINALS {
+            return Err(PlatformError(format!("{replicas} replicas exceed the test's ports")));
+        }
+        self.lock().sts = replicas;
+        Ok(())
+    }
+    async fn delete_pvc(&self, ordinal: u32) -> Result<(), PlatformError> {
+        if let Some(v) = self.lock().pvcs.get_mut(&ordinal) {
+            v.terminating = true;
+        }
+        Ok(())
+    }
+    async fn delete_pod(&self, ordinal: u32) -> Result<(), PlatformError> {
+        let mut w = self.lock();
+        if let Some(mut p) = w.pods.remove(&ordinal) {
+            World::stop(&mut p);
+        }
+        Ok(())
+    }
+}
+
+struct Addrs(BTreeMap<u32, (u16, u16)>);
+
+impl Addresses for Addrs {
+    fn client_url(&self, id: u64) -> String {
+        let o = u32::try_from(id.saturating_sub(1)).unwrap_or(u32::MAX);
+        self.0.get(&o).map_or_else(|| "http://127.0.0.1:9".to_string(), |(c, _)| format!("http://127.0.0.1:{c}"))
+    }
+    fn peer_url(&self, id: u64) -> String {
+        let o = u32::try_from(id.saturating_sub(1)).unwrap_or(u32::MAX);
+        self.0.get(&o).map_or_else(|| "http://127.0.0.1:9".to_string(), |(_, p)| format!("http://127.0.0.1:{p}"))
+    }
+}
+
+/// The operator's loop: sync the fake Kubernetes, observe, decide, execute. Returns the
+/// actions taken; stops early (an operator crash) right after an action `crash_after`
+/// accepts.
+async fn drive(
+    sim: &Sim,
+    addrs: &Addrs,
+    node: &HttpNodeClient,
+    urls: &Mutex<Vec<String>>,
+    desired: u32,
+    timeout: Duration,
+    crash_after: &dyn Fn(&Action) -> bool,
+) -> Vec<Action> {
+    let deadline = Instant::now() + timeout;
+    let mut trace = Vec::new();
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "no convergence to {desired} within {timeout:?}; last steps {:?}",
+            &trace[trace.len().saturating_sub(8)..]
+        );
+        let running = {
+            let mut w = sim.lock();
+            w.sync();
+            w.running()
+        };
+        let candidates: Vec<u64> = running.iter().map(|o| u64::from(*o) + 1).collect();
+        let cluster = observe_cluster(node, addrs, &candidates).await;
+        let observed = {
+            let mut w = sim.lock();
+            if let Some(c) = &cluster {
+                if c.leader != 0 && c.members.len() >= INITIAL as usize {
+                    w.bootstrapped = true;
+                }
+                if let Ok(mut u) = urls.lock() {
+                    *u = c
+                        .members
+                        .iter()
+                        .filter(|(_, m)| m.role == Role::Voter && m.healthy)
+                        .map(|(id, _)| addrs.client_url(*id))
+                        .collect();
+                }
+            }
+            let running = w.running();
+            Observed {
+                desired,
+                sts_replicas: w.sts,
+                pods: w
+                    .pods
+                    .iter()
+                    .map(|(o, p)| (*o, PodView { running: running.contains(o), terminating: false, uid: p.uid.clone() }))
+                    .collect(),
+                pvcs: w
+                    .pvcs
+                    .iter()
+                    .map(|(o, v)| (*o, PvcView { uid: v.uid.clone(), terminating: v.terminating }))
+                    .collect(),
+                cluster: cluster.clone(),
+                operation: w.operation.clone(),
+                incarnations: w.incarnations.clone(),
+            }
+        };
+        let action = decide(&observed);
+        if action == Action::Done {
+            return trace;
+        }
+        let leader = cluster.as_ref().map_or(0, |c| c.leader);
+        if let Err(e) = execute(node, sim, addrs, leader, &action).await {
+            // Transient (a timeout during an election, a 503): the next round retries.
+            eprintln!("step {action:?} failed: {e}");
+        }
+        if trace.last() != Some(&action) {
+            eprintln!("operator: {action:?}");
+        }
+        trace.push(action.clone());
+        if crash_after(&action) {
+            return trace;
+        }
+        if matches!(action, Action::Wait(_)) || trace.iter().rev().take(2).all(|a| *a == action) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// Voters, learners, StatefulSet size and claims as the test sees them.
+async fn shape(sim: &Sim, addrs: &Addrs, node: &HttpNodeClient) -> (Vec<u64>, Vec<u64>, u32, Vec<u32>) {
+    let candidates: Vec<u64> = sim.lock().running().iter().map(|o| u64::from(*o) + 1).collect();
+    let c = observe_cluster(node, addrs, &candidates).await.expect("cluster answers");
+    let voters = c.members.iter().filter(|(_, m)| m.role == Role::Voter).map(|(id, _)| *id).collect();
+    let learners = c.members.iter().filter(|(_, m)| m.role == Role::Learner).map(|(id, _)| *id).collect();
+    let w = sim.lock();
+    (voters, learners, w.sts, w.pvcs.keys().copied().collect())
+}
+
+/// Writes `w-<n>` = `v-<n>` to the healthy voters, round robin, until stopped (bounded);
+/// records the writes that were acknowledged.
+fn writer(urls: Arc<Mutex<Vec<String>>>, stop: Arc<AtomicBool>, acked: Arc<Mutex<Vec<u64>>>) {
+    let http = Http::new(Duration::from_secs(5));
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let mut n: u64 = 0;
+    while !stop.load(Ordering::Relaxed) && n < 50_000 && Instant::now() < deadline {
+        let targets = urls.lock().map(|u| u.clone()).unwrap_or_default();
+        if targets.is_empty() {
+            std::thread::sleep(Duration::from_millis(20));
+            continue;
+        }
+        let url = &targets[(n as usize) % targets.len()];
+        if let Ok(r) = http.put(&format!("{url}/w-{n}"), format!("v-{n}").into_bytes()) {
+            if r.status.is_success() {
+                if let Ok(mut a) = acked.lock() {
+                    a.push(n);
+                }
+            }
+        }
+        n += 1;
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scales_3_5_3_1_3_under_load_and_survives_operator_crashes() {
+    let root = tempfile::Builder::new().prefix("raftkv-operator-test-").tempdir().expect("tempdir");
+    let ports: BTreeMap<u32, (u16, u16)> = (0..MAX_ORDINALS).map(|o| (o, (free_port(), free_port()))).collect();
+    let sim = Sim(Mutex::new(World {
+        root: root.path().to_path_buf(),
+        bin: node_binary(),
+        ports: ports.clone(),
+        sts: INITIAL,
+        pods: BTreeMap::new(),
+        pvcs: BTreeMap::new(),
+        operation: None,
+        incarnations: BTreeMap::new(),
+        bootstrapped: false,
+        next_uid: 0,
+    }));
+    let addrs = Addrs(ports);
+    let node = HttpNodeClient::new(Duration::from_secs(10)).expect("node client");
+    let urls = Arc::new(Mutex::new(Vec::new()));
+    let never = |_: &Action| false;
+    let t = Duration::from_secs(120);
+
+    let result = std::panic::AssertUnwindSafe(async {
+        // Bootstrap the initial three and start the load.
+        drive(&sim, &addrs, &node, &urls, INITIAL, t, &never).await;
+        let stop = Arc::new(AtomicBool::new(false));
+        let acked = Arc::new(Mutex::new(Vec::new()));
+        let load = {
+            let (u, s, a) = (urls.clone(), stop.clone(), acked.clone());
+            std::thread::spawn(move || writer(u, s, a))
+        };
+
+        let mut started = Instant::now();
+        for target in [5u32, 3, 1, 3] {
+            let trace = drive(&sim, &addrs, &node, &urls, target, t, &never).await;
+            let (voters, learners, sts, pvcs) = shape(&sim, &addrs, &node).await;
+            let expect: Vec<u64> = (1..=u64::from(target)).collect();
+            assert_eq!(voters, expect, "voters after scaling to {target}; last steps {:?}", &trace[trace.len().saturating_sub(8)..]);
+            assert!(learners.is_empty(), "learners left: {learners:?}");
+            assert_eq!(sts, target);
+            assert_eq!(pvcs, (0..target).collect::<Vec<_>>(), "claims after scaling to {target}");
+            eprintln!("scaled to {target} in {:?} ({} steps)", started.elapsed(), trace.len());
+            started = Instant::now();
+        }
+
+        // Crash 1: the operator dies right after the raft removal, before the StatefulSet
+        // shrinks; a restarted operator (state only in status) converges.
+        let trace =
+            drive(&sim, &addrs, &node, &urls, 2, t, &|a: &Action| *a == Action::RemoveMember(3)).await;
+        assert_eq!(trace.last(), Some(&Action::RemoveMember(3)), "{trace:?}");
+        let (voters, _, sts, _) = shape(&sim, &addrs, &node).await;
+        assert_eq!((voters, sts), (vec![1, 2], 3), "crash point: removed from raft, StatefulSet unchanged");
+        drive(&sim, &addrs, &node, &urls, 2, t, &never).await;
+        let (voters, _, sts, pvcs) = shape(&sim, &addrs, &node).await;
+        assert_eq!((voters, sts, pvcs), (vec![1, 2], 2, vec![0, 1]));
+
+        // Crash 2: dies right after growing the StatefulSet, before adding the learner.
+        let trace =
+            drive(&sim, &addrs, &node, &urls, 3, t, &|a: &Action| *a == Action::ScaleStatefulSet(3)).await;
+        assert_eq!(trace.last(), Some(&Action::ScaleStatefulSet(3)), "{trace:?}");
+        drive(&sim, &addrs, &node, &urls, 3, t, &never).await;
+        let (voters, learners, sts, pvcs) = shape(&sim, &addrs, &node).await;
+        assert_eq!((voters, learners, sts, pvcs), (vec![1, 2, 3], vec![], 3, vec![0, 1, 2]));
+
+        stop.store(true, Ordering::Relaxed);
+        load.join().expect("writer thread");
+        let acked = acked.lock().map(|a| a.clone()).unwrap_or_default();
+        assert!(acked.len() > 100, "too few writes acknowledged under scaling: {}", acked.len());
+
+        // Every acknowledged write is readable (linearizable reads via the leader).
+        let leader_url = {
+            let candidates: Vec<u64> = sim.lock().running().iter().map(|o| u64::from(*o) + 1).collect();
+            let c = observe_cluster(&node, &addrs, &candidates).await.expect("cluster");
+            addrs.client_url(c.leader)
+        };
+        // The blocking client must live off the async runtime's threads.
+        let to_read = acked.clone();
+        let missing = tokio::task::spawn_blocking(move || {
+            let http = Http::new(Duration::from_secs(10));
+            let mut missing = Vec::new();
+            for n in &to_read {
+                match http.get(&format!("{leader_url}/w-{n}")) {
+                    Ok(r) if r.status == StatusCode::OK && r.text() == format!("v-{n}") => {}
+                    Ok(r) => missing.push(format!("w-{n}: {} {}", r.status, r.text())),
+                    Err(e) => missing.push(format!("w-{n}: {e}")),
+                }
+            }
+            missing
+        })
+        .await
+        .expect("reader task");
+        assert!(missing.is_empty(), "{} of {} acked writes lost: {:?}", missing.len(), acked.len(), &missing[..missing.len().min(10)]);
+        eprintln!("{} acknowledged writes, all readable", acked.len());
+    });
+    let outcome = futures::FutureExt::catch_unwind(result).await;
+    if let Err(payload) = outcome {
+        // Show the node logs before the processes are torn down.
+        for o in 0..MAX_ORDINALS {
+            let p = root.path().join(format!("pod-{o}.log"));
+            if let Ok(text) = std::fs::read_to_string(&p) {
+                let lines: Vec<&str> = text.lines().collect();
+                eprintln!("----- pod {o} -----\n{}", lines[lines.len().saturating_sub(30)..].join("\n"));
+            }
+        }
+        std::panic::resume_unwind(payload);
+    }
+}
