@@ -100,12 +100,24 @@ fn parse_member_id(s: &str) -> Result<u64, ApiError> {
     }
 }
 
+/// Oversized bodies up to this size are read and dropped before the 413 is sent.
+const DRAIN_LIMIT: u64 = 64 * 1024 * 1024;
+
 async fn read_body(req: HttpRequest<Incoming>, limit: usize) -> Result<Bytes, ApiError> {
     let too_big = || ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", format!("request body over {limit} bytes"));
-    if let Some(len) = req.headers().get(hyper::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()) {
-        if len.parse::<u64>().map(|l| l > limit as u64).unwrap_or(false) {
-            return Err(too_big());
+    let declared = req.headers().get(hyper::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|l| l > limit as u64) {
+        // Read (and drop) a moderately oversized body first so the client, which is
+        // still sending it, reads our 413 instead of a reset connection.
+        if declared.is_some_and(|l| l <= DRAIN_LIMIT) {
+            let mut body = req.into_body();
+            while let Some(frame) = body.frame().await {
+                if frame.is_err() {
+                    break;
+                }
+            }
         }
+        return Err(too_big());
     }
     match Limited::new(req.into_body(), limit).collect().await {
         Ok(b) => Ok(b.to_bytes()),
@@ -465,15 +477,25 @@ impl Api {
         Ok((true, Some(cs)))
     }
 
+    /// The role of member `id` ("voter"/"learner") in the leader's view (falls back to
+    /// this node's view when the leader cannot be asked). A follower's own view can lag
+    /// a change that was just committed elsewhere.
+    fn role_in(view: &Json, id: u64) -> Option<String> {
+        view.get("members")?
+            .as_array()?
+            .iter()
+            .find(|m| m.get("id").and_then(Json::as_u64) == Some(id))
+            .and_then(|m| m.get("role").and_then(Json::as_str).map(str::to_string))
+    }
+
     async fn promote(&self, id: u64) -> ApiResult {
         let st = self.status();
-        if st.voters.contains(&id) {
-            return Ok(json(StatusCode::OK, &json!({ "id": id, "role": "voter", "changed": false })));
-        }
-        if !st.learners.contains(&id) {
-            return Err(ApiError::new(StatusCode::NOT_FOUND, "not_member", format!("{id} is not a learner of this cluster")));
-        }
         let view = self.members_view().await?;
+        match Self::role_in(&view, id).as_deref() {
+            Some("voter") => return Ok(json(StatusCode::OK, &json!({ "id": id, "role": "voter", "changed": false }))),
+            Some("learner") => {}
+            _ => return Err(ApiError::new(StatusCode::NOT_FOUND, "not_member", format!("{id} is not a learner of this cluster"))),
+        }
         let commit = view.get("commit_index").and_then(Json::as_u64).unwrap_or(st.commit_index);
         let matched = view
             .get("members")
@@ -497,11 +519,18 @@ impl Api {
 
     async fn remove_member(&self, id: u64) -> Result<Json, ApiError> {
         let st = self.status();
-        let is_voter = st.voters.contains(&id);
-        if !is_voter && !st.learners.contains(&id) {
-            return Err(ApiError::new(StatusCode::NOT_FOUND, "not_member", format!("{id} is not a member")));
-        }
-        if is_voter && st.voters.len() == 1 {
+        let view = self.members_view().await?;
+        let is_voter = match Self::role_in(&view, id).as_deref() {
+            Some("voter") => true,
+            Some(_) => false,
+            None => return Err(ApiError::new(StatusCode::NOT_FOUND, "not_member", format!("{id} is not a member"))),
+        };
+        let voters = view
+            .get("members")
+            .and_then(Json::as_array)
+            .map(|ms| ms.iter().filter(|m| m.get("role").and_then(Json::as_str) == Some("voter")).count())
+            .unwrap_or(st.voters.len());
+        if is_voter && voters == 1 {
             return Err(ApiError::new(StatusCode::CONFLICT, "last_voter", "cannot remove the last voter"));
         }
         if is_voter && st.leader == id {

@@ -149,6 +149,17 @@ pub enum Request {
     TransferLeader(u64),
     /// Stop: hand leadership over if leader, flush, exit.
     Stop,
+    /// The persist thread made every Ready up to `number` durable.
+    Persisted {
+        /// Highest Ready number synced.
+        number: u64,
+        /// How long the fsync took.
+        took: Duration,
+    },
+    /// The persist thread hit a full disk (it keeps retrying).
+    DiskFull,
+    /// The persist thread failed for good.
+    PersistFailed(StorageError),
     /// The snapshot thread finished (or failed) saving the snapshot at `index`.
     SnapshotSaved {
         /// Index of the snapshot.
@@ -252,6 +263,13 @@ pub struct Started {
     pub thread: std::thread::JoinHandle<()>,
 }
 
+/// A Ready whose durability is pending, with the messages that must wait for it.
+struct Unpersisted {
+    number: u64,
+    needs_sync: bool,
+    held: Vec<Message>,
+}
+
 struct PendingRead {
     replies: Vec<ReadReply>,
     issued: Instant,
@@ -269,6 +287,8 @@ struct RaftLoop {
     shutdown: Shutdown,
     rx: Receiver<Request>,
     self_tx: Sender<Request>,
+    persist_tx: Sender<u64>,
+    unpersisted: std::collections::VecDeque<Unpersisted>,
     snapshot_in_flight: bool,
     conf_state: ConfState,
     incarnation: u64,
@@ -281,6 +301,7 @@ struct RaftLoop {
     last_leader: u64,
     stop_deadline: Option<Instant>,
     removed: bool,
+    persist_failed: bool,
 }
 
 fn lock_err<T>(_: T) -> StorageError {
@@ -357,6 +378,14 @@ pub fn start(
     let raw = RawNode::new(&raft_cfg, raft_storage, &crate::logger::raft_logger(cfg.id))?;
     let status: StatusCell = Arc::new(RwLock::new(Arc::new(NodeStatus::default())));
     let kv = Arc::new(RwLock::new(kv));
+    let (persist_tx, persist_rx) = std::sync::mpsc::channel::<u64>();
+    {
+        let (storage, tx, shutdown) = (storage.clone(), tx.clone(), shutdown.clone());
+        std::thread::Builder::new()
+            .name("persist".into())
+            .spawn(move || persist_thread(storage, persist_rx, tx, shutdown))
+            .map_err(|source| StorageError::Io { path: PathBuf::from("<thread>"), source })?;
+    }
     let mut lp = RaftLoop {
         cfg,
         raw,
@@ -368,6 +397,8 @@ pub fn start(
         shutdown,
         rx,
         self_tx: tx.clone(),
+        persist_tx,
+        unpersisted: std::collections::VecDeque::new(),
         snapshot_in_flight: false,
         conf_state,
         incarnation,
@@ -380,6 +411,7 @@ pub fn start(
         last_leader: 0,
         stop_deadline: None,
         removed: false,
+        persist_failed: false,
     };
     lp.publish_status();
     let thread = std::thread::Builder::new()
@@ -417,7 +449,12 @@ impl RaftLoop {
                 self.housekeeping(now);
             }
             self.issue_reads(now);
-            if let Err(e) = self.on_ready() {
+            let ready = if self.persist_failed {
+                Err(StorageError::Io { path: self.cfg.data_dir.clone(), source: std::io::Error::other("WAL fsync failed") })
+            } else {
+                self.on_ready()
+            };
+            if let Err(e) = ready {
                 error!(error = %e, "storage failed; stopping this node");
                 self.fail_all(ProposeError::Stopping);
                 self.shutdown.trigger(Reason::Fatal);
@@ -511,6 +548,12 @@ impl RaftLoop {
             }
             Request::TransferLeader(to) => self.raw.transfer_leader(to),
             Request::SnapshotSaved { index, result } => self.on_snapshot_saved(index, result),
+            Request::Persisted { number, took } => self.on_persisted(number, took),
+            Request::DiskFull => self.fail_all(ProposeError::Refused("disk full".into())),
+            Request::PersistFailed(e) => {
+                error!(error = %e, "WAL fsync failed; stopping this node");
+                self.persist_failed = true;
+            }
             Request::Stop => {
                 if self.stop_deadline.is_none() {
                     self.stop_deadline = Some(Instant::now() + TRANSFER_ON_STOP);
@@ -585,6 +628,8 @@ impl RaftLoop {
         if let Some(ss) = rd.ss() {
             self.on_soft_state(ss.leader_id, ss.raft_state);
         }
+        // A leader's own messages (appends, heartbeats) go out before its fsync: it may
+        // replicate in parallel with its own write (raft thesis 10.2.1).
         if !rd.messages().is_empty() {
             self.transport.send(rd.take_messages());
         }
@@ -598,30 +643,11 @@ impl RaftLoop {
                 self.reads_ready.push((rs.index, p.replies));
             }
         }
-        // Committed entries are already durable here (raft only hands out persisted
-        // ones), so they are applied and answered before this Ready's new entries are
-        // fsynced: a commit never waits behind the next batch's fsync.
+        // Committed entries handed out by raft are already durable here, so they are
+        // applied and answered before this Ready's own entries reach the disk.
         let committed = rd.take_committed_entries();
         self.apply(committed)?;
         self.answer_reads();
-        self.persist(&mut rd)?;
-        if !rd.persisted_messages().is_empty() {
-            self.transport.send(rd.take_persisted_messages());
-        }
-        let mut light = self.raw.advance(rd);
-        self.transport.send(light.take_messages());
-        let committed = light.take_committed_entries();
-        self.apply(committed)?;
-        self.raw.advance_apply();
-        self.answer_reads();
-        self.maybe_snapshot()?;
-        Ok(())
-    }
-
-    /// Entries and hard state to disk, then one fsync when raft needs it. Appends only
-    /// buffer; a full disk fails the fsync (or the snapshot install above), which keep their records and are
-    /// retried (the node stalls, clients get 503 at their deadlines) until space returns.
-    fn persist(&mut self, rd: &mut raft::Ready) -> Result<(), StorageError> {
         if !rd.entries().is_empty() {
             self.storage.append(rd.entries())?;
         }
@@ -629,15 +655,62 @@ impl RaftLoop {
             self.storage.set_hard_state(hs)?;
             metrics().term.set(hs.term as i64);
         }
-        // Only new entries, a snapshot or a term/vote change need an fsync before raft
-        // may go on (etcd's MustSync). A commit-index-only hard state stays buffered and
-        // becomes durable with the next fsync: a lower commit index after a crash is
-        // recovered from the leader.
-        if rd.must_sync() {
+        let number = rd.number();
+        let must_sync = rd.must_sync();
+        let held = rd.take_persisted_messages();
+        if !rd.snapshot().is_empty() {
+            // Rare: persist synchronously, so raft knows the snapshot is durable before
+            // the applied index moves to it. The fsync covers every queued Ready too.
             let took = self.retry_no_space(|lp| lp.storage.sync())?;
-            metrics().wal_fsync_seconds.observe(took.as_secs_f64());
+            self.raw.advance_append_async(rd);
+            self.on_persisted(number, took);
+            self.raw.on_persist_ready(number);
+            self.transport.send(held);
+            self.raw.advance_apply();
+            return self.maybe_snapshot();
         }
+        self.raw.advance_append_async(rd);
+        self.raw.advance_apply();
+        // Only new entries, a snapshot or a term/vote change need an fsync (etcd's
+        // MustSync); a commit-index-only hard state rides along with the next fsync. The
+        // fsync runs on the persist thread while this loop keeps stepping messages,
+        // committing and applying. Messages that vouch for this Ready (a follower's
+        // append response, a vote) wait until it is durable; Readies persist in order.
+        if must_sync || !self.unpersisted.is_empty() {
+            self.unpersisted.push_back(Unpersisted { number, needs_sync: must_sync, held });
+            if must_sync && self.persist_tx.send(number).is_err() {
+                return Err(StorageError::Io {
+                    path: self.cfg.data_dir.clone(),
+                    source: std::io::Error::other("the persist thread has stopped"),
+                });
+            }
+        } else {
+            self.raw.on_persist_ready(number);
+            self.transport.send(held);
+        }
+        self.maybe_snapshot()?;
         Ok(())
+    }
+
+    /// The persist thread made every Ready up to `number` durable.
+    fn on_persisted(&mut self, number: u64, took: Duration) {
+        metrics().wal_fsync_seconds.observe(took.as_secs_f64());
+        let mut durable = 0;
+        while let Some(front) = self.unpersisted.front() {
+            // Readies up to `number` were synced; a Ready right behind them that needed
+            // no fsync of its own is durable as soon as they are.
+            if front.number <= number || !front.needs_sync {
+                durable = front.number;
+                if let Some(u) = self.unpersisted.pop_front() {
+                    self.transport.send(u.held);
+                }
+            } else {
+                break;
+            }
+        }
+        if durable > 0 {
+            self.raw.on_persist_ready(durable);
+        }
     }
 
     fn retry_no_space<T>(&mut self, mut op: impl FnMut(&mut Self) -> Result<T, StorageError>) -> Result<T, StorageError> {
@@ -951,3 +1024,35 @@ impl RaftLoop {
     }
 }
 
+
+/// Makes buffered WAL records durable off the raft loop. Requests (Ready numbers) that
+/// queue up while an fsync runs are served by the next one (group commit); the loop is
+/// told the highest Ready number covered. A full disk is retried until space returns.
+fn persist_thread(storage: DiskStorage, rx: Receiver<u64>, raft: Sender<Request>, shutdown: Shutdown) {
+    while let Ok(mut number) = rx.recv() {
+        while let Ok(n) = rx.try_recv() {
+            number = number.max(n);
+        }
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match storage.sync() {
+                Ok(took) => {
+                    if raft.send(Request::Persisted { number, took }).is_err() {
+                        return;
+                    }
+                    break;
+                }
+                Err(e) if e.is_no_space() && !shutdown.is_triggered() => {
+                    warn!(error = %e, "disk full; retrying the WAL fsync");
+                    let _ = raft.send(Request::DiskFull);
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+                Err(e) => {
+                    let _ = raft.send(Request::PersistFailed(e));
+                    return;
+                }
+            }
+        }
+    }
+}

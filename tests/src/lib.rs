@@ -46,13 +46,17 @@ pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<
     }
 }
 
-/// A free TCP port on 127.0.0.1 outside the kernel's ephemeral range.
+/// A free TCP port on 127.0.0.1 outside the kernel's ephemeral range, never the same
+/// one twice in this process (a stopped node's port stays reserved for its restart).
 pub fn free_port() -> u16 {
     use rand::Rng;
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
     let mut rng = rand::thread_rng();
     for _ in 0..1000 {
         let p = rng.gen_range(20_000..32_000);
-        if TcpListener::bind(("127.0.0.1", p)).is_ok() {
+        let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+        if !given.contains(&p) && TcpListener::bind(("127.0.0.1", p)).is_ok() {
+            given.push(p);
             return p;
         }
     }
