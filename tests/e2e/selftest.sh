@@ -78,11 +78,15 @@ FAKE_STATE="$work/state" FAKE_DOCKER_DOWN=1 PATH="$work/bin:$PATH" \
     bash "$here/run.sh" >"$work/noengine.log" || rc=$?
 check "no engine: exit 0 (was $rc)" [ "$rc" -eq 0 ]
 check "no engine: SKIP message" grep -q "^SKIP: docker/kind not found (docker is installed" "$work/noengine.log"
-rc=0
-FAKE_STATE="$work/state" PATH="$work/bin-nokind:/usr/bin:/bin" \
-    bash "$here/run.sh" >"$work/nokind.log" || rc=$?
-check "no kind: exit 0 (was $rc)" [ "$rc" -eq 0 ]
-check "no kind: SKIP message" grep -q "^SKIP: docker/kind not found (no kind" "$work/nokind.log"
+if [ -e /usr/bin/kind ] || [ -e /bin/kind ]; then
+    echo "skipped: the no-kind case (kind is installed in /usr/bin or /bin)"
+else
+    rc=0
+    FAKE_STATE="$work/state" PATH="$work/bin-nokind:/usr/bin:/bin" \
+        bash "$here/run.sh" >"$work/nokind.log" || rc=$?
+    check "no kind: exit 0 (was $rc)" [ "$rc" -eq 0 ]
+    check "no kind: SKIP message" grep -q "^SKIP: docker/kind not found (no kind" "$work/nokind.log"
+fi
 
 if [ "$failures" -ne 0 ]; then
     echo "selftest: $failures check(s) failed; logs:" >&2
