@@ -725,6 +725,9 @@ impl Bits {
     fn flip(&mut self, i: usize) {
         self.0[i / 64] ^= 1 << (i % 64);
     }
+    fn get(&self, i: usize) -> bool {
+        self.0[i / 64] & (1 << (i % 64)) != 0
+    }
 }
 
 /// The set of explored configurations (linearized set, model state and flags), in one
@@ -806,37 +809,48 @@ fn mix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// Unknown-outcome operations with the same effect (same kind after
-/// [`merge_unseen_values`]), which are interchangeable: if a linearization uses a later
-/// member where an earlier-invoked one is still free, swapping the two gives a
-/// linearization too (neither has a completion to respect, and the earlier one was
-/// already invoked). So the search only ever linearizes the earliest free member, and
-/// each group's linearized members are a prefix of it in invocation order.
+/// Operations with the same effect (same kind after [`merge_unseen_values`]) and the
+/// same kind of outcome (both completed, or both unknown) are interchangeable when one
+/// interval lies no later than the other: if `A` is invoked no later and completes no
+/// later than `B` (unknown = never) and a linearization puts `B` before `A`, swapping
+/// the two is again a linearization (every real-time constraint of either still holds,
+/// and the sequence of effects is unchanged). Repeating such swaps reduces the
+/// inversions against the (invoke, complete) order, so some linearization respects all
+/// of them; the search therefore linearizes an operation only after its nearest
+/// dominating predecessor `pred`. Mixed pairs are not constrained: swapping a completed
+/// and an unknown operation would move an unknown write where the "fresh" rule looks.
 struct SymmetryGroups {
-    /// Per operation: its group and rank in it (invocation order), if it has company.
-    of: Vec<Option<(usize, u32)>>,
-    count: usize,
+    /// Per operation: the operation that must be linearized before it.
+    pred: Vec<Option<usize>>,
 }
 
 impl SymmetryGroups {
+    /// How far back to look for a dominating predecessor (a bound on setup cost; a
+    /// missed constraint only costs search time).
+    const LOOK_BACK: usize = 16;
+
     fn new(ops: &[KeyOp]) -> Self {
-        let mut by_kind: HashMap<Kind, Vec<usize>> = HashMap::new();
+        let mut by_kind: HashMap<(Kind, bool), Vec<usize>> = HashMap::new();
         for (i, o) in ops.iter().enumerate() {
-            if o.complete.is_none() {
-                by_kind.entry(o.kind).or_default().push(i);
-            }
+            by_kind
+                .entry((o.kind, o.complete.is_some()))
+                .or_default()
+                .push(i);
         }
-        let mut of = vec![None; ops.len()];
-        let mut count = 0;
+        let end = |i: usize| ops[i].complete.unwrap_or(u64::MAX);
+        let mut pred = vec![None; ops.len()];
         for mut members in by_kind.into_values().filter(|m| m.len() > 1) {
-            // The same order as the event list (calls sort by time, then index).
-            members.sort_by_key(|&i| (ops[i].invoke, i));
-            for (rank, &i) in members.iter().enumerate() {
-                of[i] = Some((count, rank as u32));
+            members.sort_by_key(|&i| (ops[i].invoke, end(i), i));
+            for k in 1..members.len() {
+                let b = members[k];
+                pred[b] = members[k.saturating_sub(Self::LOOK_BACK)..k]
+                    .iter()
+                    .rev()
+                    .copied()
+                    .find(|&a| end(a) <= end(b));
             }
-            count += 1;
         }
-        SymmetryGroups { of, count }
+        SymmetryGroups { pred }
     }
 }
 
@@ -979,7 +993,6 @@ fn search(
     let mut hash = 0u64;
     let groups = SymmetryGroups::new(ops);
     let mut live = Liveness::new(ops);
-    let mut used = vec![0u32; groups.count];
     // Whether the current state was written by an unknown-outcome operation that no
     // state-dependent operation (get, swap) has looked at yet. Such a write followed
     // directly by a put or delete was useless: leaving it out is at least as good, so
@@ -1002,12 +1015,10 @@ fn search(
         let is_call = at != NIL && events[at].1 == 0;
         if is_call {
             let op = events[at].2;
-            if let Some((g, rank)) = groups.of[op] {
-                if used[g] != rank {
-                    // An earlier member of its group is still free: that one stands in.
-                    at = list.next[at];
-                    continue;
-                }
+            if groups.pred[op].is_some_and(|p| !linearized.get(p)) {
+                // An interchangeable earlier operation is still free: it stands in.
+                at = list.next[at];
+                continue;
             }
             // An unknown-outcome operation that would change nothing here (a swap whose
             // precondition fails, a put of the current state) is never tried: leaving it
@@ -1035,9 +1046,6 @@ fn search(
                     }
                     stack.push((op, state, fresh));
                     fresh = next_fresh;
-                    if let Some((g, _)) = groups.of[op] {
-                        used[g] += 1;
-                    }
                     live.apply(&ops[op], -1);
                     state = next_state;
                     hash ^= zobrist[op];
@@ -1068,9 +1076,6 @@ fn search(
             hash ^= zobrist[op];
             state = prev_state;
             fresh = prev_fresh;
-            if let Some((g, _)) = groups.of[op] {
-                used[g] -= 1;
-            }
             live.apply(&ops[op], 1);
             list.relink(ret_at[op]);
             list.relink(call_at[op]);
@@ -1556,14 +1561,15 @@ mod tests {
 
     #[test]
     fn budget_exhaustion_returns_unknown() {
-        // 15 puts of "a" and 15 of "b", all concurrent, and 31 reads in sequence that
-        // alternate a, b, a, ...: one write short. The values are not unique, so the
-        // search must weigh which subsets of the writes went first (about 2^30).
+        // 15 puts of "a" and 15 of "b", all concurrent with nested intervals (so none
+        // stands in for another), and 31 reads in sequence that alternate a, b, a, ...:
+        // one write short. The values are not unique, so the search must weigh which
+        // subsets of the writes went first (about 2^30).
         let m = 15u64;
         let mut h = Vec::new();
         for i in 0..m {
-            h.push(ev(1 + i, put("k", "a"), 0, Some(10_000)));
-            h.push(ev(100 + i, put("k", "b"), 0, Some(10_000)));
+            h.push(ev(1 + i, put("k", "a"), i, Some(10_000 - i)));
+            h.push(ev(100 + i, put("k", "b"), i, Some(10_000 - i)));
         }
         for r in 0..=2 * m {
             let v = if r % 2 == 0 { "a" } else { "b" };
