@@ -70,17 +70,23 @@ pub enum Outcome {
     Idle,
 }
 
-/// Observes the cluster: asks the members list of the first candidate that answers
-/// (preferring the leader's own view), then each member's `/v1/status`.
+/// Observes the cluster: asks candidates for the members list until one knows a leader
+/// (then re-asks the leader itself), then each member's `/v1/status`.
 /// Returns None when no candidate answers.
 pub async fn observe_cluster<N: NodeApi, A: Addresses>(node: &N, addrs: &A, candidates: &[u64]) -> Option<ClusterView> {
     let mut view = None;
     for id in candidates {
         match node.members(&addrs.client_url(*id)).await {
+            Ok(m) if m.leader == 0 => {
+                // A member cut off from the leader: keep its answer only as a fallback.
+                if view.is_none() {
+                    view = Some(m);
+                }
+            }
             Ok(m) => {
                 let leader = m.leader;
                 view = Some(m);
-                if leader != 0 && leader != *id {
+                if leader != *id {
                     // Re-ask the leader itself: match indexes and reachability are its view.
                     if let Ok(lm) = node.members(&addrs.client_url(leader)).await {
                         view = Some(lm);
@@ -165,4 +171,166 @@ pub async fn execute<N: NodeApi, P: Platform, A: Addresses>(
         Action::Wait(_) | Action::Done => return Ok(Outcome::Idle),
     }
     Ok(Outcome::Applied)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::crd::OperationKind;
+    use crate::membership::WaitReason;
+    use crate::node_client::{Member, Members};
+
+    /// Node `i` answers on `http://n<i>`; per-node members views and statuses.
+    #[derive(Default)]
+    struct Fake {
+        views: BTreeMap<u64, Members>,
+        statuses: BTreeMap<u64, NodeStatus>,
+        calls: Mutex<Vec<String>>,
+        promote_behind: bool,
+    }
+
+    fn id(base: &str) -> u64 {
+        base.trim_start_matches("http://n").parse().unwrap_or(0)
+    }
+
+    fn down(base: &str) -> NodeError {
+        NodeError::Unreachable { url: base.into(), reason: "down".into() }
+    }
+
+    impl Fake {
+        fn log(&self, s: String) {
+            if let Ok(mut c) = self.calls.lock() {
+                c.push(s);
+            }
+        }
+    }
+
+    impl NodeApi for Fake {
+        async fn status(&self, b: &str) -> Result<NodeStatus, NodeError> {
+            self.statuses.get(&id(b)).cloned().ok_or_else(|| down(b))
+        }
+        async fn members(&self, b: &str) -> Result<Members, NodeError> {
+            self.views.get(&id(b)).cloned().ok_or_else(|| down(b))
+        }
+        async fn add_learner(&self, b: &str, m: u64, url: &str) -> Result<(), NodeError> {
+            self.log(format!("add {m} {url} @{}", id(b)));
+            Ok(())
+        }
+        async fn promote(&self, b: &str, m: u64) -> Result<Promotion, NodeError> {
+            self.log(format!("promote {m} @{}", id(b)));
+            Ok(if self.promote_behind { Promotion::Behind } else { Promotion::Done })
+        }
+        async fn remove(&self, b: &str, m: u64) -> Result<(), NodeError> {
+            self.log(format!("remove {m} @{}", id(b)));
+            Ok(())
+        }
+        async fn transfer_leader(&self, b: &str, to: u64) -> Result<(), NodeError> {
+            self.log(format!("transfer {to} @{}", id(b)));
+            Ok(())
+        }
+    }
+
+    struct A;
+    impl Addresses for A {
+        fn client_url(&self, id: u64) -> String {
+            format!("http://n{id}")
+        }
+        fn peer_url(&self, id: u64) -> String {
+            format!("http://p{id}")
+        }
+    }
+
+    #[derive(Default)]
+    struct P(Mutex<Vec<String>>);
+    impl Platform for P {
+        async fn record(&self, op: Option<&Operation>) -> Result<(), PlatformError> {
+            self.0.lock().map_err(|e| PlatformError(e.to_string()))?.push(format!("record {op:?}"));
+            Ok(())
+        }
+        async fn record_incarnation(&self, id: u64, inc: Option<&str>) -> Result<(), PlatformError> {
+            self.0.lock().map_err(|e| PlatformError(e.to_string()))?.push(format!("inc {id} {inc:?}"));
+            Ok(())
+        }
+        async fn scale(&self, n: u32) -> Result<(), PlatformError> {
+            self.0.lock().map_err(|e| PlatformError(e.to_string()))?.push(format!("scale {n}"));
+            Ok(())
+        }
+        async fn delete_pvc(&self, o: u32) -> Result<(), PlatformError> {
+            self.0.lock().map_err(|e| PlatformError(e.to_string()))?.push(format!("pvc {o}"));
+            Ok(())
+        }
+        async fn delete_pod(&self, o: u32) -> Result<(), PlatformError> {
+            self.0.lock().map_err(|e| PlatformError(e.to_string()))?.push(format!("pod {o}"));
+            Ok(())
+        }
+    }
+
+    fn member(id: u64, role: &str, reachable: Option<bool>) -> Member {
+        Member { id, peer_url: format!("http://p{id}"), role: role.into(), match_index: Some(id * 10), reachable, is_leader: false }
+    }
+
+    fn status(id: u64, applied: u64) -> NodeStatus {
+        NodeStatus {
+            id,
+            leader: 3,
+            term: 1,
+            role: "follower".into(),
+            commit_index: 90 + id,
+            applied_index: applied,
+            snapshot_index: 7,
+            incarnation: format!("{id:016x}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn observation_skips_leaderless_members_and_uses_the_leaders_view() {
+        let mut f = Fake::default();
+        f.views.insert(1, Members { leader: 0, members: vec![member(1, "voter", None)] });
+        let leader_view = Members {
+            leader: 3,
+            members: vec![member(1, "voter", Some(false)), member(2, "voter", Some(true)), member(3, "voter", None), member(4, "learner", Some(true))],
+        };
+        f.views.insert(2, Members { leader: 3, members: vec![member(2, "voter", None)] });
+        f.views.insert(3, leader_view);
+        for id in [1, 2, 3] {
+            f.statuses.insert(id, status(id, 50));
+        }
+        let c = observe_cluster(&f, &A, &[1, 2, 3]).await.expect("a view");
+        assert_eq!(c.leader, 3);
+        assert_eq!(c.commit_index, 93, "the leader's commit index");
+        assert_eq!(c.members.len(), 4, "the leader's member list, not node 2's");
+        assert!(!c.members[&1].healthy, "leader cannot reach 1");
+        assert!(c.members[&2].healthy && c.members[&3].healthy);
+        assert!(!c.members[&4].healthy, "4 does not answer its own API");
+        assert_eq!(c.members[&4].role, Role::Learner);
+        assert_eq!(c.members[&2].snapshot_index, Some(7));
+        assert_eq!(c.members[&2].incarnation.as_deref(), Some("0000000000000002"));
+        assert!(observe_cluster(&f, &A, &[7]).await.is_none(), "nobody answers");
+    }
+
+    #[tokio::test]
+    async fn execution_routes_node_steps_to_the_leader_and_platform_steps_to_the_platform() {
+        let f = Fake { promote_behind: true, ..Fake::default() };
+        let p = P::default();
+        let op = Operation::new(OperationKind::ScaleUp, 4);
+        let run = |a: Action, leader: u64| {
+            let (f, p) = (&f, &p);
+            async move { execute(f, p, &A, leader, &a).await }
+        };
+        assert_eq!(run(Action::AddLearner(4), 2).await.expect("add"), Outcome::Applied);
+        assert_eq!(run(Action::Promote(4), 2).await.expect("promote"), Outcome::NotYet);
+        assert_eq!(run(Action::RemoveMember(3), 2).await.expect("remove"), Outcome::Applied);
+        assert_eq!(run(Action::TransferLeader { from: 2, to: 1 }, 2).await.expect("transfer"), Outcome::Applied);
+        assert!(matches!(run(Action::RemoveMember(3), 0).await, Err(StepError::NoLeader(_))));
+        assert_eq!(run(Action::Record(Some(op.clone())), 0).await.expect("record"), Outcome::Applied);
+        assert_eq!(run(Action::MarkRemoved { id: 3, at: 42 }, 0).await.expect("mark"), Outcome::Applied);
+        assert_eq!(run(Action::ScaleStatefulSet(5), 0).await.expect("scale"), Outcome::Applied);
+        assert_eq!(run(Action::Wait(WaitReason::NoLeader), 0).await.expect("wait"), Outcome::Idle);
+        let calls = f.calls.lock().map(|c| c.clone()).unwrap_or_default();
+        assert_eq!(calls, ["add 4 http://p4 @2", "promote 4 @2", "remove 3 @2", "transfer 1 @2"]);
+        let plat = p.0.lock().map(|c| c.clone()).unwrap_or_default();
+        assert_eq!(plat, [format!("record {:?}", Some(&op)), "inc 3 Some(\"removed@42\")".to_string(), "scale 5".to_string()]);
+    }
 }
