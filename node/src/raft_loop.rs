@@ -1,17 +1,26 @@
 //! The raft loop: the only owner of [`RawNode`].
 //!
-//! It runs on a dedicated thread (fsync blocks), takes [`Request`]s from the API and the
-//! transport over a channel, ticks, and handles each `Ready` in this order:
-//! send leader messages; install a received snapshot; append entries and the hard state
-//! to the WAL; **one fsync** (group commit for every proposal gathered since the last
-//! Ready); answer ReadIndex states; apply committed entries and wake their waiters; send
-//! the messages that had to wait for the fsync; advance. Clients are answered only after
-//! their entry is committed and applied, so an acknowledged write is on a quorum's disks.
+//! It runs on a dedicated thread, takes [`Request`]s from the API, the transport and its
+//! helper threads over one channel, ticks, and handles each `Ready` in this order: send
+//! the leader's messages (a leader replicates in parallel with its own write); install a
+//! received snapshot; answer ReadIndex states; apply committed entries (raft only hands
+//! out entries that are already durable here) and wake their waiters; append the new
+//! entries and hard state to the WAL buffer; hand the fsync to the **persist thread**
+//! (raft-rs's async Ready: `advance_append_async`, then `on_persist_ready` when the
+//! fsync is done). Messages that vouch for a Ready — a follower's append response, a
+//! vote — are held until that Ready is durable. While an fsync runs, the loop keeps
+//! stepping messages, committing and applying; proposals that arrive meanwhile share the
+//! next fsync (group commit). Clients are answered only after their entry is committed
+//! and applied, so an acknowledged write is on a quorum's disks.
 //!
 //! Reads use raft's ReadIndex: every read gathered in one loop iteration shares one
 //! `read_index` call (batching); a read is answered once the applied index reaches the
 //! read index. Unanswered read contexts are re-issued, because a leader that has not yet
 //! committed an entry in its term drops them silently.
+//!
+//! Snapshots are taken every `--snapshot-count` applied entries: the state machine is
+//! frozen with an O(1) clone and a **snapshot thread** encodes and saves it; the loop
+//! compacts the log when it reports back.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
