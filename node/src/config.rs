@@ -30,7 +30,7 @@ pub struct Args {
     /// Join an existing cluster: start empty and wait to be added as a member.
     #[arg(long, env = "RAFTKV_JOIN", num_args = 0..=1, default_missing_value = "true")]
     pub join: Option<bool>,
-    /// Data directory (write-ahead log, snapshots). Default: raftkv-<id>.
+    /// Data directory (write-ahead log, snapshots). Default: `raftkv-<id>`.
     #[arg(long, env = "RAFTKV_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
     /// Applied entries between two snapshots (then the log is compacted).
@@ -39,14 +39,14 @@ pub struct Args {
     /// Largest accepted client request body, in bytes (etcd's default, 1.5 MiB).
     #[arg(long, env = "RAFTKV_MAX_REQUEST_BYTES", default_value_t = 1_572_864)]
     pub max_request_bytes: usize,
-    /// This node's advertised peer URL (default: entry <id> of --cluster).
+    /// This node's advertised peer URL (default: entry `<id>` of `--cluster`).
     #[arg(long, env = "RAFTKV_PEER_URL")]
     pub peer_url: Option<String>,
     /// Address the peer listener binds (default: host:port of the peer URL, or
     /// 0.0.0.0:port when the host is a name).
     #[arg(long, env = "RAFTKV_LISTEN_PEER_ADDR")]
     pub listen_peer_addr: Option<SocketAddr>,
-    /// Address the client listener binds (default 0.0.0.0:<port>).
+    /// Address the client listener binds (default `0.0.0.0:<port>`).
     #[arg(long, env = "RAFTKV_LISTEN_CLIENT_ADDR")]
     pub listen_client_addr: Option<SocketAddr>,
     /// How long a request may wait for a leader, a quorum or its commit, in milliseconds.
