@@ -134,6 +134,99 @@ mod tests {
         }
     }
 
+    use http::{Request, Response};
+    use kube::client::Body;
+    use serde_json::{json, Value};
+
+    const LEASE: &str = "/apis/coordination.k8s.io/v1/namespaces/ops/leases/raftkv-operator";
+    const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/ops/leases";
+
+    /// Answers each expected (method, path) in order with (status, body); returns the
+    /// request bodies.
+    async fn scripted(
+        mut handle: tower_test::mock::Handle<Request<Body>, Response<Body>>,
+        script: Vec<(&'static str, &'static str, u16, Value)>,
+    ) -> Vec<Value> {
+        let mut bodies = Vec::new();
+        for (method, path, status, body) in script {
+            let (req, send) = handle.next_request().await.expect("a request");
+            assert_eq!((req.method().as_str(), req.uri().path()), (method, path));
+            let bytes = req.into_body().collect_bytes().await.expect("body");
+            bodies.push(if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).expect("json") });
+            let resp = Response::builder()
+                .status(status)
+                .body(Body::from(serde_json::to_vec(&body).expect("json")))
+                .expect("response");
+            send.send_response(resp);
+        }
+        bodies
+    }
+
+    fn lease_json(holder: &str, renewed_secs_ago: i64, transitions: i32) -> Value {
+        let renew = Timestamp::now() - SignedDuration::from_secs(renewed_secs_ago);
+        json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": {"name": "raftkv-operator", "namespace": "ops", "resourceVersion": "7"},
+            "spec": {"holderIdentity": holder, "leaseDurationSeconds": 15,
+                "renewTime": MicroTime(renew), "leaseTransitions": transitions}})
+    }
+
+    fn not_found() -> Value {
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "nf"})
+    }
+
+    async fn attempt(script: Vec<(&'static str, &'static str, u16, Value)>) -> (Result<bool, kube::Error>, Vec<Value>) {
+        let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let lock = LeaseLock::new(Client::new(svc, "ops"), "ops", "raftkv-operator", "me", Duration::from_secs(15));
+        let server = tokio::spawn(scripted(handle, script));
+        let res = lock.try_acquire_or_renew().await;
+        (res, server.await.expect("server"))
+    }
+
+    #[tokio::test]
+    async fn creates_a_missing_lease() {
+        let (res, bodies) =
+            attempt(vec![("GET", LEASE, 404, not_found()), ("POST", LEASES, 201, lease_json("me", 0, 0))]).await;
+        assert!(res.expect("ok"));
+        assert_eq!(bodies[1]["spec"]["holderIdentity"], "me");
+        assert_eq!(bodies[1]["spec"]["leaseDurationSeconds"], 15);
+    }
+
+    #[tokio::test]
+    async fn leaves_a_live_lease_of_another_replica_alone() {
+        let (res, bodies) = attempt(vec![("GET", LEASE, 200, lease_json("other", 1, 3))]).await;
+        assert!(!res.expect("ok"));
+        assert_eq!(bodies.len(), 1, "no write");
+    }
+
+    #[tokio::test]
+    async fn takes_over_an_expired_lease_counting_the_transition() {
+        let (res, bodies) =
+            attempt(vec![("GET", LEASE, 200, lease_json("other", 60, 3)), ("PUT", LEASE, 200, lease_json("me", 0, 4))])
+                .await;
+        assert!(res.expect("ok"));
+        assert_eq!(bodies[1]["spec"]["holderIdentity"], "me");
+        assert_eq!(bodies[1]["spec"]["leaseTransitions"], 4);
+        assert_eq!(bodies[1]["metadata"]["resourceVersion"], "7", "optimistic concurrency");
+    }
+
+    #[tokio::test]
+    async fn a_lost_race_is_not_leadership() {
+        let conflict = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Conflict", "code": 409, "message": "c"});
+        let (res, _) =
+            attempt(vec![("GET", LEASE, 200, lease_json("other", 60, 3)), ("PUT", LEASE, 409, conflict)]).await;
+        assert!(!res.expect("ok"));
+    }
+
+    #[tokio::test]
+    async fn renews_its_own_lease_keeping_the_acquire_time() {
+        let mut own = lease_json("me", 5, 2);
+        own["spec"]["acquireTime"] = json!("2026-01-01T00:00:00.000000Z");
+        let (res, bodies) = attempt(vec![("GET", LEASE, 200, own), ("PUT", LEASE, 200, lease_json("me", 0, 2))]).await;
+        assert!(res.expect("ok"));
+        assert_eq!(bodies[1]["spec"]["leaseTransitions"], 2);
+        assert_eq!(bodies[1]["spec"]["acquireTime"], "2026-01-01T00:00:00.000000Z");
+    }
+
     #[test]
     fn lease_freedom() {
         let now = Timestamp::now();
