@@ -62,6 +62,10 @@ const TRANSFER_ON_STOP: Duration = Duration::from_secs(3);
 pub struct RaftStorage {
     disk: DiskStorage,
     want_snapshot: Arc<AtomicBool>,
+    /// Index of the conf change that last added each member. A member must never get a
+    /// snapshot from before that point: an id that was removed and added again would
+    /// replay its own old removal from the log and stop.
+    added_at: Arc<std::sync::Mutex<HashMap<u64, u64>>>,
 }
 
 impl Storage for RaftStorage {
@@ -90,8 +94,14 @@ impl Storage for RaftStorage {
             }
             Err(e) => return Err(e),
         };
-        let cs = snap.metadata.as_ref().and_then(|m| m.conf_state.as_ref());
-        if cs.is_some_and(|cs| cs.voters.contains(&to) || cs.learners.contains(&to)) {
+        let meta = snap.metadata.as_ref();
+        let cs = meta.and_then(|m| m.conf_state.as_ref());
+        let added_at = match self.added_at.lock() {
+            Ok(m) => m.get(&to).copied().unwrap_or(0),
+            Err(p) => p.into_inner().get(&to).copied().unwrap_or(0),
+        };
+        let fresh_enough = meta.is_some_and(|m| m.index >= added_at);
+        if fresh_enough && cs.is_some_and(|cs| cs.voters.contains(&to) || cs.learners.contains(&to)) {
             Ok(snap)
         } else {
             self.want_snapshot.store(true, Ordering::Relaxed);
@@ -290,6 +300,7 @@ struct RaftLoop {
     raw: RawNode<RaftStorage>,
     storage: DiskStorage,
     want_snapshot: Arc<AtomicBool>,
+    added_at: Arc<std::sync::Mutex<HashMap<u64, u64>>>,
     kv: Arc<RwLock<KvStore>>,
     transport: Transport,
     status: StatusCell,
@@ -383,7 +394,8 @@ pub fn start(
     };
     raft_cfg.validate()?;
     let want_snapshot = Arc::new(AtomicBool::new(false));
-    let raft_storage = RaftStorage { disk: storage.clone(), want_snapshot: want_snapshot.clone() };
+    let added_at = Arc::new(std::sync::Mutex::new(HashMap::new()));
+    let raft_storage = RaftStorage { disk: storage.clone(), want_snapshot: want_snapshot.clone(), added_at: added_at.clone() };
     let raw = RawNode::new(&raft_cfg, raft_storage, &crate::logger::raft_logger(cfg.id))?;
     let status: StatusCell = Arc::new(RwLock::new(Arc::new(NodeStatus::default())));
     let kv = Arc::new(RwLock::new(kv));
@@ -400,6 +412,7 @@ pub fn start(
         raw,
         storage,
         want_snapshot,
+        added_at,
         kv: kv.clone(),
         transport,
         status: status.clone(),
@@ -423,9 +436,18 @@ pub fn start(
         persist_failed: false,
     };
     lp.publish_status();
+    let fatal = lp.shutdown.clone();
     let thread = std::thread::Builder::new()
         .name("raft-loop".into())
-        .spawn(move || lp.run())
+        .spawn(move || {
+            // raft-rs panics on states it cannot reconcile, typically a member whose log
+            // was lost under it (a wiped data dir rejoining with its old id). Never leave
+            // the process serving without its raft loop.
+            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| lp.run())).is_err() {
+                error!("the raft loop panicked (if this member's data dir was wiped or replaced, remove it from the cluster and add it back as a new member); stopping");
+                fatal.trigger(Reason::Fatal);
+            }
+        })
         .map_err(|source| StorageError::Io { path: PathBuf::from("<thread>"), source })?;
     Ok(Started { handle: RaftHandle { tx }, status, kv, thread })
 }
@@ -829,6 +851,8 @@ impl RaftLoop {
 
     fn apply_conf_change(&mut self, index: u64, cc: &ConfChangeV2, ctx: &[u8]) -> Result<(), StorageError> {
         let ctx = ConfContext::decode(ctx).unwrap_or_default();
+        let was_member = |id: u64, cs: &ConfState| cs.voters.contains(&id) || cs.learners.contains(&id);
+        let before = self.conf_state.clone();
         let result = self.raw.apply_conf_change(cc);
         let mut kv = self.kv.write().map_err(lock_err)?;
         kv.set_applied(index);
@@ -838,6 +862,12 @@ impl RaftLoop {
                     let id = ch.node_id;
                     match ch.get_change_type() {
                         ConfChangeType::AddNode | ConfChangeType::AddLearnerNode => {
+                            if !was_member(id, &before) {
+                                match self.added_at.lock() {
+                                    Ok(mut m) => m.insert(id, index),
+                                    Err(p) => p.into_inner().insert(id, index),
+                                };
+                            }
                             if !ctx.peer_url.is_empty() {
                                 kv.set_member(id, ctx.peer_url.clone());
                                 if id != self.cfg.id {

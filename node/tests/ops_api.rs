@@ -228,3 +228,43 @@ fn a_real_prometheus_scrapes_the_cluster() {
 fn which(name: &str) -> Option<std::path::PathBuf> {
     std::env::var_os("PATH")?.to_str()?.split(':').map(|d| std::path::Path::new(d).join(name)).find(|p| p.exists())
 }
+
+#[test]
+fn a_removed_id_can_be_added_again_with_a_fresh_data_dir() {
+    // The operator reuses ids (pod ordinals): 3 -> 2 -> 3 removes id 3 and adds it back.
+    let mut c = Cluster::start(3);
+    for i in 0..30 {
+        c.put_retry(1, &format!("k{i}"), "v", T);
+    }
+    let leader = c.wait_leader(T);
+    let id = (1..=3).find(|i| *i != leader).unwrap();
+    let r = c.http.delete(&format!("{}/v1/members/{id}", c.url(leader))).unwrap();
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(c.wait_exit(id, T), Some(0));
+    c.put_retry(leader, "between", "removal-and-re-add", T);
+    // Fresh volume, same id, started to wait for its addition.
+    std::fs::remove_dir_all(&c.node(id).data_dir).unwrap();
+    c.nodes[(id - 1) as usize].join = true;
+    c.spawn(id);
+    let body = format!(r#"{{"id":{id},"peer_url":"{}","learner":true}}"#, c.node(id).peer_url());
+    let r = c.http.post(&format!("{}/v1/members", c.url(leader)), body).unwrap();
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text());
+    wait_for(T, "the re-added member to catch up", || {
+        let r = c.http.get(&format!("{}/v1/kv/between?consistency=serializable", c.url(id))).ok()?;
+        (r.status == StatusCode::OK).then_some(())
+    });
+    wait_for(T, "the promotion", || {
+        let r = c.http.post(&format!("{}/v1/members/{id}/promote", c.url(leader)), "").ok()?;
+        (r.status == StatusCode::OK).then_some(())
+    });
+    c.put_retry(leader, "after", "promotion", T);
+    wait_for(T, "the re-added voter to apply new writes", || {
+        let r = c.http.get(&format!("{}/v1/kv/after?consistency=serializable", c.url(id))).ok()?;
+        (r.status == StatusCode::OK).then_some(())
+    });
+    // It did not replay its own old removal: still running, still a voter.
+    let child = c.nodes[(id - 1) as usize].child.as_mut().unwrap();
+    assert!(child.try_wait().unwrap().is_none(), "the re-added member exited");
+    let m = c.http.get(&format!("{}/v1/members", c.url(leader))).unwrap().json();
+    assert_eq!(member(&m, id).unwrap()["role"], "voter");
+}
