@@ -104,9 +104,6 @@ pub enum WaitReason {
     PodTerminating(u32),
     /// A volume claim is being deleted.
     PvcTerminating(u32),
-    /// A voter's log still holds the earlier removal of this id; a new member with the
-    /// same id replaying it would take it for its own removal.
-    LogNotCompacted(u64),
     /// A learner is behind the leader's log.
     LearnerCatchingUp(u64),
     /// The change would leave the voters without a healthy majority.
@@ -123,10 +120,6 @@ impl std::fmt::Display for WaitReason {
             WaitReason::PodNotRunning(o) => write!(f, "waiting for pod ordinal {o} to run"),
             WaitReason::PodTerminating(o) => write!(f, "waiting for pod ordinal {o} to terminate"),
             WaitReason::PvcTerminating(o) => write!(f, "waiting for the volume claim of ordinal {o} to go"),
-            WaitReason::LogNotCompacted(id) => write!(
-                f,
-                "waiting until every voter has compacted its log past the earlier removal of member {id}"
-            ),
             WaitReason::LearnerCatchingUp(id) => write!(f, "learner {id} is catching up"),
             WaitReason::WouldLoseQuorum(id) => {
                 write!(f, "changing member {id} now would leave no healthy voter majority")
@@ -170,8 +163,8 @@ pub enum Action {
     /// Delete the pod of an ordinal (the StatefulSet recreates it).
     DeletePod(u32),
     /// Replace the recorded incarnation of a member that left by a removal marker
-    /// (`removed@<index>`, see [`removal_marker`]): its id must not be re-added before
-    /// every voter compacted its log past index `at`.
+    /// (`removed@<index>`, see [`removal_marker`]), so a later member with the same id is
+    /// told apart from the one that left.
     MarkRemoved {
         /// Raft id.
         id: u64,
@@ -260,11 +253,6 @@ impl ClusterView {
         healthy >= majority(voters.len() + 1)
     }
 
-    /// Every voter reports a snapshot at or past `index` (its log holds nothing older).
-    fn compacted_past(&self, index: u64) -> bool {
-        self.members.values().filter(|m| m.role == Role::Voter).all(|m| m.snapshot_index.is_some_and(|s| s >= index))
-    }
-
     /// The healthy voter other than `not` with the highest match index.
     fn transfer_target(&self, not: u64) -> Option<u64> {
         self.members
@@ -340,11 +328,9 @@ fn scale_up(o: &Observed, c: &ClusterView, id: u64) -> Action {
             if !pod_running(o, ord) {
                 return Action::Wait(WaitReason::PodNotRunning(ord));
             }
-            if let Some(at) = removal_marker(o.incarnations.get(&id)) {
-                if !c.compacted_past(at) {
-                    return Action::Wait(WaitReason::LogNotCompacted(id));
-                }
-            }
+            // A reused id is safe to add at once: the node never hands a member a
+            // snapshot older than its latest addition, so it cannot replay the removal
+            // of the previous member with its id.
             Action::AddLearner(id)
         }
         Some(m) if m.role == Role::Learner => {
