@@ -68,6 +68,36 @@ pub(crate) fn write_atomic(
     sync_dir(dir)
 }
 
+/// Allocates disk blocks for `file` up to `len` bytes (the file's size becomes at least
+/// `len`; new bytes read as zeros), so later writes inside that range need no size
+/// change — `fdatasync` then has less metadata to commit. Returns `Ok(false)` when the
+/// filesystem (or platform) cannot preallocate: the caller falls back to growing files.
+/// Never emulated by writing zeros.
+pub(crate) fn preallocate(file: &File, len: u64) -> std::io::Result<bool> {
+    #[cfg(target_os = "linux")]
+    {
+        let Ok(len) = libc::off_t::try_from(len) else { return Ok(false) };
+        loop {
+            // SAFETY: fallocate on a file descriptor we own; no memory is involved.
+            let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len) };
+            if rc == 0 {
+                return Ok(true);
+            }
+            let err = std::io::Error::last_os_error();
+            match err.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => return Ok(false),
+                _ => return Err(err),
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = (file, len);
+        Ok(false)
+    }
+}
+
 /// An exclusive advisory lock (`flock`) on a file; released when dropped.
 #[derive(Debug)]
 pub(crate) struct DirLock {

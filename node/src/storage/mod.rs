@@ -7,7 +7,8 @@
 //!   `set_hard_state` only buffer; [`DiskStorage::sync`] makes them durable with one
 //!   write and one `fdatasync` (group commit: once per raft `Ready`).
 //! * `dir/snap/` — snapshot files ([`snapshot`]), written atomically, referenced by WAL
-//!   records, read back on demand (the data is never kept in memory).
+//!   records. The newest one's bytes are cached after the first read for a follower
+//!   (dropped when a newer snapshot is saved or installed); see [`DiskStorage::snapshot`].
 //! * `dir/tombstone`, `dir/incarnation` — markers ([`write_tombstone`],
 //!   [`data_dir_incarnation`]); `dir/LOCK` keeps a second process out.
 //!
@@ -48,11 +49,14 @@ const KEEP_SNAPSHOTS: usize = 2;
 pub struct StorageOptions {
     /// A WAL segment that reached this size is closed and a new one started (64 MiB).
     pub segment_bytes: u64,
+    /// Preallocate each segment to `segment_bytes` (`fallocate`) so that syncs do not
+    /// change the file size (true). Ignored where the filesystem cannot do it.
+    pub preallocate: bool,
 }
 
 impl Default for StorageOptions {
     fn default() -> Self {
-        StorageOptions { segment_bytes: 64 << 20 }
+        StorageOptions { segment_bytes: 64 << 20, preallocate: true }
     }
 }
 
@@ -64,9 +68,15 @@ pub struct DiskStorage {
 
 struct Inner {
     snap_dir: PathBuf,
-    /// Lock order: `core` before `wal`.
+    /// Held while a snapshot file is written and recorded (`save_snapshot`,
+    /// `apply_snapshot`): one snapshot writer at a time, without blocking log appends.
+    /// Lock order: `snap_write`, then `core`, then `wal`. `cache` is taken with none of
+    /// them held (it may take `core` itself).
+    snap_write: Mutex<()>,
     core: RwLock<Core>,
     wal: Mutex<Wal>,
+    /// The newest snapshot's content, once read (see [`DiskStorage::snapshot`]).
+    cache: Mutex<Option<Arc<Snapshot>>>,
     fresh: bool,
     wal_bytes: Arc<AtomicU64>,
     snap_bytes: AtomicU64,
@@ -103,7 +113,7 @@ impl DiskStorage {
             ));
         }
         let wal_bytes = Arc::new(AtomicU64::new(0));
-        let recovered = wal::recover(&wal_dir, opts.segment_bytes, wal_bytes.clone())?;
+        let recovered = wal::recover(&wal_dir, opts.segment_bytes, opts.preallocate, wal_bytes.clone())?;
         let mut log = recovered.log;
 
         // Snapshot files newer than the WAL's snapshot: a crash between file and record.
@@ -123,13 +133,15 @@ impl DiskStorage {
         if orphans {
             fsutil::sync_dir(&snap_dir)?;
         }
+        let mut cached = None;
         if log.snap_index > 0 {
             let path = snap_dir.join(snapshot::file_name(log.snap_term, log.snap_index));
             if !snap_files.iter().any(|f| f.path == path) {
                 return Err(corrupt(&path, 0, "snapshot file referenced by the WAL is missing"));
             }
-            let snap = snapshot::read(&path, false)?;
-            let meta = snap.metadata.unwrap_or_default();
+            // Read (and checked) once here; `latest_snapshot` hands these bytes over.
+            let snap = snapshot::read(&path, true)?;
+            let meta = snap.metadata.clone().unwrap_or_default();
             if (meta.index, meta.term) != (log.snap_index, log.snap_term) {
                 return Err(corrupt(
                     &path,
@@ -138,6 +150,7 @@ impl DiskStorage {
                 ));
             }
             log.conf_state = meta.conf_state.unwrap_or_default();
+            cached = Some(Arc::new(snap));
         }
         let fresh = log.hs == HardState::default() && log.snap_index == 0 && log.entries.is_empty();
         let snap_total: u64 = snap_files.iter().map(|f| f.size).sum();
@@ -154,8 +167,10 @@ impl DiskStorage {
         Ok(DiskStorage {
             inner: Arc::new(Inner {
                 snap_dir,
+                snap_write: Mutex::new(()),
                 core: RwLock::new(Core { log, snap_files }),
                 wal: Mutex::new(recovered.wal),
+                cache: Mutex::new(cached),
                 fresh,
                 wal_bytes,
                 snap_bytes: AtomicU64::new(snap_total),
@@ -174,6 +189,23 @@ impl DiskStorage {
 
     fn wal(&self) -> Result<MutexGuard<'_, Wal>, StorageError> {
         self.inner.wal.lock().map_err(|_| StorageError::Poisoned)
+    }
+
+    fn snap_writer(&self) -> Result<MutexGuard<'_, ()>, StorageError> {
+        self.inner.snap_write.lock().map_err(|_| StorageError::Poisoned)
+    }
+
+    fn cache(&self) -> Result<MutexGuard<'_, Option<Arc<Snapshot>>>, StorageError> {
+        self.inner.cache.lock().map_err(|_| StorageError::Poisoned)
+    }
+
+    /// Drops the cached snapshot content (a newer snapshot is in force). Call with no
+    /// other lock held.
+    fn drop_cache(&self) {
+        match self.inner.cache.lock() {
+            Ok(mut c) => *c = None,
+            Err(p) => *p.into_inner() = None,
+        }
     }
 
     /// True when the directory held no raft state at open (no WAL records, no snapshot).
@@ -225,6 +257,7 @@ impl DiskStorage {
         if meta.index == 0 {
             return Err(StorageError::InvalidSnapshot("no metadata or index 0".into()));
         }
+        let _writer = self.snap_writer()?;
         let mut core = self.wl()?;
         let log = &core.log;
         let again = log.snap_index > 0 && (meta.index, meta.term) == (log.snap_index, log.snap_term);
@@ -245,7 +278,13 @@ impl DiskStorage {
         let mut wal = self.wal()?;
         wal.push_snapshot(true, meta.index, meta.term)?;
         core.log.reset_to_snapshot(meta.index, meta.term, meta.conf_state.clone().unwrap_or_default());
-        wal.sync()?;
+        drop(core);
+        let synced = wal.sync();
+        drop(wal);
+        if !again {
+            self.drop_cache();
+        }
+        synced?;
         info!(index = meta.index, term = meta.term, "snapshot installed");
         Ok(())
     }
@@ -255,8 +294,19 @@ impl DiskStorage {
     /// synced. Keeps entries. Returns the duration. It becomes what
     /// `raft::Storage::snapshot()` hands out (read from the file on demand). Saving at the
     /// current snapshot's index again is a no-op.
+    ///
+    /// Meant to run on a background thread while the raft thread keeps appending and
+    /// syncing: the file is written and fdatasynced holding only the snapshot-writer lock
+    /// (appends, syncs and reads go on); then, under the log locks for a moment, the
+    /// index is checked again and the `SnapshotSaved` record is buffered *after* whatever
+    /// the raft thread buffered before it, and synced. Every entry up to `index` is in
+    /// the log at that point, so on disk each is either durable already or earlier in
+    /// the same write as the record: a crash can never leave the record without them.
+    /// If the log changed meanwhile (a leader's snapshot was installed), the file is
+    /// removed and `SnapshotOutOfDate` returned.
     pub fn save_snapshot(&self, index: u64, conf_state: &ConfState, data: Vec<u8>) -> Result<Duration, StorageError> {
         let start = Instant::now();
+        let _writer = self.snap_writer()?;
         let check = |log: &MemLog| -> Result<Option<u64>, StorageError> {
             if index == log.snap_index {
                 return Ok(None);
@@ -279,9 +329,16 @@ impl DiskStorage {
         let (path, size) = snapshot::write(&self.inner.snap_dir, &meta, &data)?;
         drop(data);
         let mut core = self.wl()?;
-        if check(&core.log)? != Some(term) {
-            // The log changed under us (a leader's snapshot arrived): the file is stale and
-            // older than the snapshot in force; compaction removes it.
+        if check(&core.log).ok().flatten() != Some(term) {
+            // The log changed under us (a leader's snapshot arrived): the file is stale.
+            // It is not the file in force (that one has another index or term), unless
+            // a leader's snapshot with the very same index and term was installed.
+            let in_force = (core.log.snap_index, core.log.snap_term) == (index, term);
+            if !in_force {
+                if let Err(e) = std::fs::remove_file(&path) {
+                    warn!(file = %path.display(), error = %e, "cannot remove a stale snapshot file");
+                }
+            }
             return Err(StorageError::SnapshotOutOfDate {
                 given: index,
                 current: core.log.snap_index,
@@ -297,7 +354,10 @@ impl DiskStorage {
         core.log.snap_term = term;
         core.log.conf_state = conf_state.clone();
         drop(core);
-        wal.sync()?;
+        let synced = wal.sync();
+        drop(wal);
+        self.drop_cache();
+        synced?;
         Ok(start.elapsed())
     }
 
@@ -332,20 +392,55 @@ impl DiskStorage {
     }
 
     /// The newest snapshot (metadata + data) or None — used at start to restore the KV.
+    ///
+    /// The first call after `open` gets the bytes `open` read and checked, moved out of
+    /// the cache (no second read, no copy; the cache is empty afterwards, so the blob is
+    /// not held twice while the caller restores from it). Later calls read the file.
     pub fn latest_snapshot(&self) -> Result<Option<Snapshot>, StorageError> {
-        match self.latest_snapshot_path()? {
-            None => Ok(None),
-            Some(path) => snapshot::read(&path, true).map(Some),
+        let mut cache = self.cache()?;
+        let Some((term, index)) = self.current_snapshot()? else { return Ok(None) };
+        if let Some(c) = cache.take() {
+            if snap_key(&c) == (term, index) {
+                match Arc::try_unwrap(c) {
+                    Ok(s) => return Ok(Some(s)),
+                    Err(shared) => return Ok(Some((*shared).clone())),
+                }
+            }
         }
+        drop(cache);
+        let path = self.inner.snap_dir.join(snapshot::file_name(term, index));
+        snapshot::read(&path, true).map(Some)
     }
 
-    /// Path of the newest snapshot file (files are immutable, so it is read unlocked).
-    fn latest_snapshot_path(&self) -> Result<Option<PathBuf>, StorageError> {
+    /// (term, index) of the snapshot in force, None when there is none.
+    fn current_snapshot(&self) -> Result<Option<(u64, u64)>, StorageError> {
         let core = self.rl()?;
-        if core.log.snap_index == 0 {
+        Ok((core.log.snap_index > 0).then_some((core.log.snap_term, core.log.snap_index)))
+    }
+
+    /// The newest snapshot for a follower: from the cache, else read from its file
+    /// (checked) and cached. None when there is no snapshot or it is older than
+    /// `request_index`. The cache lock is held while the file is read, so concurrent
+    /// callers read it once.
+    fn cached_snapshot(&self, request_index: u64) -> Result<Option<Arc<Snapshot>>, StorageError> {
+        let mut cache = self.cache()?;
+        let Some((term, index)) = self.current_snapshot()? else { return Ok(None) };
+        if index < request_index {
             return Ok(None);
         }
-        Ok(Some(self.inner.snap_dir.join(snapshot::file_name(core.log.snap_term, core.log.snap_index))))
+        if let Some(c) = cache.as_ref() {
+            if snap_key(c) == (term, index) {
+                return Ok(Some(c.clone()));
+            }
+        }
+        *cache = None; // drop a stale blob before reading the new one
+        let path = self.inner.snap_dir.join(snapshot::file_name(term, index));
+        let snap = Arc::new(snapshot::read(&path, true)?);
+        // Keep it only if it is still the newest (a save may have finished meanwhile).
+        if self.current_snapshot()? == Some((term, index)) {
+            *cache = Some(snap.clone());
+        }
+        Ok(Some(snap))
     }
 
     /// Test hook: the next WAL write (`at_sync == false`) or fdatasync fails with `errno`.
@@ -366,7 +461,8 @@ impl DiskStorage {
         self.rl().map(|c| c.log.hs.clone()).unwrap_or_default()
     }
 
-    /// Bytes of WAL segments on disk.
+    /// Bytes of WAL records written to the segments on disk (the segments' preallocated
+    /// but unwritten tails are not counted; each segment allocates up to `segment_bytes`).
     pub fn wal_bytes(&self) -> u64 {
         self.inner.wal_bytes.load(Ordering::Relaxed)
     }
@@ -375,6 +471,11 @@ impl DiskStorage {
     pub fn snapshot_bytes(&self) -> u64 {
         self.inner.snap_bytes.load(Ordering::Relaxed)
     }
+}
+
+/// (term, index) of a snapshot.
+fn snap_key(s: &Snapshot) -> (u64, u64) {
+    s.metadata.as_ref().map(|m| (m.term, m.index)).unwrap_or((0, 0))
 }
 
 impl raft::Storage for DiskStorage {
@@ -405,20 +506,17 @@ impl raft::Storage for DiskStorage {
         Ok(self.rl()?.log.last_index())
     }
 
-    /// The newest snapshot, read from its file. `SnapshotTemporarilyUnavailable` when
-    /// there is none, when it is older than `request_index`, or when the file cannot be
-    /// read (logged; raft-rs retries later instead of panicking).
+    /// The newest snapshot. Its content is read from the file (and its checksum checked)
+    /// once, then served from memory until a newer snapshot is saved or installed; each
+    /// call still copies the data (raft-rs wants an owned `Vec`), which is far cheaper
+    /// than reading and checking the file. `SnapshotTemporarilyUnavailable` when there
+    /// is none, when it is older than `request_index`, or when the file cannot be read
+    /// (logged; raft-rs retries later instead of panicking).
     fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
         let unavailable = || raft::Error::Store(raft::StorageError::SnapshotTemporarilyUnavailable);
-        let path = {
-            let core = self.rl()?;
-            if core.log.snap_index == 0 || core.log.snap_index < request_index {
-                return Err(unavailable());
-            }
-            self.inner.snap_dir.join(snapshot::file_name(core.log.snap_term, core.log.snap_index))
-        };
-        match snapshot::read(&path, true) {
-            Ok(s) => Ok(s),
+        match self.cached_snapshot(request_index) {
+            Ok(Some(s)) => Ok((*s).clone()),
+            Ok(None) => Err(unavailable()),
             Err(e) => {
                 error!(error = %e, to, "cannot read the snapshot for a follower");
                 Err(unavailable())

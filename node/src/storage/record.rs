@@ -169,6 +169,13 @@ pub(crate) fn scan(data: &[u8], off: usize) -> Scan<'_> {
     if rest.is_empty() {
         return Scan::End;
     }
+    // Zeros from here to the end of the file: the normal end of a preallocated segment.
+    // A real record never starts with 12 zero bytes (`len >= 1`, and `len_crc` of a zero
+    // length is not zero), so this cannot hide a record.
+    let head = &rest[..rest.len().min(HEADER_LEN)];
+    if all_zero(head) && all_zero(rest) {
+        return Scan::End;
+    }
     if rest.len() < HEADER_LEN {
         return Scan::Torn("incomplete record header at end of file");
     }
@@ -293,10 +300,14 @@ mod tests {
         for cut in first_end + 1..full.len() {
             assert!(matches!(scan(&full[..cut], first_end), Scan::Torn(_)), "cut {cut}");
         }
-        // Zeroes after the last record are a torn tail too.
+        // Zeroes after the last record are the end (a preallocated segment).
         let mut z = full.clone();
         z.extend_from_slice(&[0u8; 40]);
-        assert!(matches!(scan(&z, full.len()), Scan::Torn(_)));
+        assert_eq!(scan(&z, full.len()), Scan::End);
+        // A header cut after its first bytes, zeros after it: torn.
+        let mut z = full[..first_end + 3].to_vec();
+        z.extend_from_slice(&[0u8; 40]);
+        assert!(matches!(scan(&z, first_end), Scan::Torn(_)));
         // A bad body crc on the last record: torn; with data after it: corrupt.
         let mut flipped = full.clone();
         let last = flipped.len() - 1;
@@ -309,6 +320,27 @@ mod tests {
         let mut badlen = full.clone();
         badlen[0] ^= 0x40;
         assert!(matches!(scan(&badlen, 0), Scan::Corrupt(_)));
+    }
+
+    #[test]
+    fn zeros_after_the_last_record_end_the_log_but_zeros_before_data_are_corrupt() {
+        let mut buf = Vec::new();
+        push_hard_state(&mut buf, &HardState { term: 1, vote: 1, commit: 0 }).expect("hs");
+        let end = buf.len();
+        for pad in [0usize, 1, 5, 11, 12, 13, 4096] {
+            let mut z = buf.clone();
+            z.resize(end + pad, 0);
+            assert_eq!(scan(&z, end), Scan::End, "pad {pad}");
+        }
+        // A zero header followed by anything non-zero is not the end.
+        let mut z = buf.clone();
+        z.resize(end + 100, 0);
+        z[end + 60] = 1;
+        assert!(matches!(scan(&z, end), Scan::Corrupt(_)));
+        // A short non-zero remainder is an incomplete header.
+        let mut z = buf.clone();
+        z.extend_from_slice(&[0, 0, 3]);
+        assert!(matches!(scan(&z, end), Scan::Torn(_)));
     }
 
     #[test]

@@ -116,23 +116,72 @@ pub(crate) fn write(dir: &Path, meta: &SnapshotMetadata, data: &[u8]) -> Result<
     Ok((path, HEADER_LEN as u64 + payload_len))
 }
 
-/// Reads and verifies a snapshot file. With `with_data == false` the data is skipped
-/// (the returned snapshot has empty data) — used at open to check the file and learn its
-/// conf state.
+/// Reads and verifies a snapshot file (header, lengths, payload crc, metadata). With
+/// `with_data == false` the data is not kept (the returned snapshot has empty data) —
+/// the file is still read and checked in full.
+///
+/// The data is read straight into its own exact-size buffer (`pread` of the pieces
+/// around it), so a large snapshot costs one read and one allocation, never a copy.
 pub(crate) fn read(path: &Path, with_data: bool) -> Result<Snapshot, StorageError> {
-    let buf = fs::read(path).map_err(io_err(path))?;
-    decode_file(path, buf, with_data)
+    use std::os::unix::fs::FileExt;
+    let f = fs::File::open(path).map_err(io_err(path))?;
+    let file_len = f.metadata().map_err(io_err(path))?.len();
+    let read_at = |buf: &mut [u8], off: u64| f.read_exact_at(buf, off).map_err(io_err(path));
+    if file_len < HEADER_LEN as u64 {
+        return Err(corrupt(path, 0, format!("file of {file_len} bytes is shorter than the header")));
+    }
+    let mut header = [0u8; HEADER_LEN];
+    read_at(&mut header, 0)?;
+    let (payload_len, payload_crc) = check_header(path, &header, file_len)?;
+    // The data field (1) comes first in files we write; locate it from a short prefix.
+    let mut head = vec![0u8; (payload_len.min(16)) as usize];
+    read_at(&mut head, HEADER_LEN as u64)?;
+    let data_at = data_field(&head).filter(|&(start, len)| start as u64 + len <= payload_len);
+    let Some((start, len)) = data_at else {
+        // Some other field order: read the payload whole and parse it.
+        let mut payload = vec![0u8; payload_len as usize];
+        read_at(&mut payload, HEADER_LEN as u64)?;
+        if crc32fast::hash(&payload) != payload_crc {
+            return Err(corrupt(path, HEADER_LEN as u64, "payload crc mismatch"));
+        }
+        let (meta, range) = parse_payload(&payload).map_err(|r| corrupt(path, HEADER_LEN as u64, r))?;
+        let data = match (with_data, range) {
+            (true, Some((s, e))) => payload[s..e].to_vec(),
+            _ => Vec::new(),
+        };
+        return Ok(Snapshot { data, metadata: Some(meta) });
+    };
+    let len = usize::try_from(len).map_err(|_| corrupt(path, HEADER_LEN as u64, "data field too long"))?;
+    let mut data = vec![0u8; len];
+    let data_off = HEADER_LEN as u64 + start as u64;
+    read_at(&mut data, data_off)?;
+    let rest_off = data_off + len as u64;
+    let mut rest = vec![0u8; (file_len - rest_off) as usize];
+    read_at(&mut rest, rest_off)?;
+    let mut h = crc32fast::Hasher::new();
+    h.update(&head[..start]);
+    h.update(&data);
+    h.update(&rest);
+    if h.finalize() != payload_crc {
+        return Err(corrupt(path, HEADER_LEN as u64, "payload crc mismatch"));
+    }
+    let (meta, more_data) = parse_payload(&rest).map_err(|r| corrupt(path, rest_off, r))?;
+    if more_data.is_some() {
+        return Err(corrupt(path, rest_off, "bad payload: a second data field"));
+    }
+    if !with_data {
+        data = Vec::new();
+    }
+    Ok(Snapshot { data, metadata: Some(meta) })
 }
 
-fn decode_file(path: &Path, mut buf: Vec<u8>, with_data: bool) -> Result<Snapshot, StorageError> {
-    if buf.len() < HEADER_LEN {
-        return Err(corrupt(path, 0, format!("file of {} bytes is shorter than the header", buf.len())));
-    }
-    if buf[0..8] != MAGIC {
+/// Checks the 28-byte header against the file length; returns (payload length, crc).
+fn check_header(path: &Path, h: &[u8; HEADER_LEN], file_len: u64) -> Result<(u64, u32), StorageError> {
+    if h[0..8] != MAGIC {
         return Err(corrupt(path, 0, "bad magic (not a raftkv snapshot file)"));
     }
-    let u32_at = |at: usize| u32::from_le_bytes([buf[at], buf[at + 1], buf[at + 2], buf[at + 3]]);
-    if crc32fast::hash(&buf[0..24]) != u32_at(24) {
+    let u32_at = |at: usize| u32::from_le_bytes([h[at], h[at + 1], h[at + 2], h[at + 3]]);
+    if crc32fast::hash(&h[0..24]) != u32_at(24) {
         return Err(corrupt(path, 0, "header checksum mismatch"));
     }
     let version = u32_at(8);
@@ -140,9 +189,9 @@ fn decode_file(path: &Path, mut buf: Vec<u8>, with_data: bool) -> Result<Snapsho
         return Err(corrupt(path, 8, format!("unsupported snapshot format version {version}")));
     }
     let mut lb = [0u8; 8];
-    lb.copy_from_slice(&buf[12..20]);
+    lb.copy_from_slice(&h[12..20]);
     let payload_len = u64::from_le_bytes(lb);
-    let actual = (buf.len() - HEADER_LEN) as u64;
+    let actual = file_len - HEADER_LEN as u64;
     if payload_len != actual {
         return Err(corrupt(
             path,
@@ -150,22 +199,19 @@ fn decode_file(path: &Path, mut buf: Vec<u8>, with_data: bool) -> Result<Snapsho
             format!("payload is {actual} bytes, header says {payload_len}"),
         ));
     }
-    if crc32fast::hash(&buf[HEADER_LEN..]) != u32_at(20) {
-        return Err(corrupt(path, HEADER_LEN as u64, "payload crc mismatch"));
+    Ok((payload_len, u32_at(20)))
+}
+
+/// If `head` (the payload's first bytes) starts with the data field (1, length
+/// delimited), returns where its bytes start and how many there are.
+fn data_field(head: &[u8]) -> Option<(usize, u64)> {
+    let mut rest = head;
+    let (tag, wt) = decode_key(&mut rest).ok()?;
+    if (tag, wt) != (1, WireType::LengthDelimited) {
+        return None;
     }
-    let (meta, data_range) =
-        parse_payload(&buf[HEADER_LEN..]).map_err(|r| corrupt(path, HEADER_LEN as u64, r))?;
-    let data = match (with_data, data_range) {
-        (true, Some((start, end))) => {
-            // Reuse the read buffer for the data: no second copy of a large snapshot.
-            buf.truncate(HEADER_LEN + end);
-            buf.drain(..HEADER_LEN + start);
-            buf.shrink_to_fit();
-            buf
-        }
-        _ => Vec::new(),
-    };
-    Ok(Snapshot { data, metadata: Some(meta) })
+    let len = decode_varint(&mut rest).ok()?;
+    Some((head.len() - rest.len(), len))
 }
 
 /// Walks the protobuf fields of a `Snapshot`: decodes the metadata, locates the data.

@@ -35,7 +35,7 @@ fn open(dir: &Path) -> DiskStorage {
 }
 
 fn open_small(dir: &Path, segment_bytes: u64) -> DiskStorage {
-    DiskStorage::open(dir, StorageOptions { segment_bytes }).expect("open")
+    DiskStorage::open(dir, StorageOptions { segment_bytes, ..StorageOptions::default() }).expect("open")
 }
 
 fn all_entries(s: &DiskStorage) -> Vec<Entry> {
@@ -53,8 +53,15 @@ fn segments(dir: &Path) -> Vec<PathBuf> {
     v
 }
 
+/// Bytes of a segment up to the end of its last intact record (segments are
+/// preallocated, so this is not the file's size).
 fn file_len(p: &Path) -> u64 {
-    fs::metadata(p).expect("stat").len()
+    let data = fs::read(p).expect("read segment");
+    let mut off = wal::SEGMENT_HEADER_LEN;
+    while let record::Scan::Record { next, .. } = record::scan(&data, off) {
+        off = next;
+    }
+    off as u64
 }
 
 #[test]
@@ -210,7 +217,7 @@ fn bad_record_in_a_non_final_segment_is_corrupt() {
     let first = &segs[0];
     let data = fs::read(first).expect("read");
     fs::write(first, &data[..data.len() - 5]).expect("cut");
-    let err = DiskStorage::open(d.path(), StorageOptions { segment_bytes: 300 }).err().expect("must fail");
+    let err = DiskStorage::open(d.path(), StorageOptions { segment_bytes: 300, ..StorageOptions::default() }).err().expect("must fail");
     assert!(matches!(&err, StorageError::Corrupt { path, .. } if path == first), "{err}");
 }
 
@@ -406,6 +413,7 @@ fn wal_rejects_a_gap_in_entry_indexes() {
     let seg = segments(d.path()).pop().expect("seg");
     let len = file_len(&seg);
     let mut data = fs::read(&seg).expect("read");
+    data.truncate(len as usize);
     record::push_entries(&mut data, &ents(5, 6, 1)).expect("encode");
     fs::write(&seg, &data).expect("write");
     let err = DiskStorage::open(d.path(), StorageOptions::default()).err().expect("must fail");
@@ -524,7 +532,7 @@ proptest! {
     #[test]
     fn behaves_like_memstorage(ops in proptest::collection::vec(op(), 1..40), seg in 200u64..2000) {
         let d = tempfile::tempdir().expect("tempdir");
-        let opts = || StorageOptions { segment_bytes: seg };
+        let opts = || StorageOptions { segment_bytes: seg, ..StorageOptions::default() };
         let mut disk = Some(DiskStorage::open(d.path(), opts()).expect("open"));
         let mem = MemStorage::new();
         let mut term = 1u64;
@@ -631,7 +639,7 @@ proptest! {
         seg in 300u64..1500,
     ) {
         let d = tempfile::tempdir().expect("tempdir");
-        let opts = || StorageOptions { segment_bytes: seg };
+        let opts = || StorageOptions { segment_bytes: seg, ..StorageOptions::default() };
         // (entries from index 1, hard state) after each synced operation
         let mut states: Vec<(Vec<Entry>, HardState)> = vec![(vec![], HardState::default())];
         // (segment count, length of the last segment) after each operation
@@ -691,7 +699,7 @@ proptest! {
 fn crash_child() {
     let Some(dir) = std::env::var_os("RAFTKV_CRASH_DIR") else { return };
     use std::io::Write as _;
-    let s = DiskStorage::open(Path::new(&dir), StorageOptions { segment_bytes: 16 << 10 }).expect("child open");
+    let s = DiskStorage::open(Path::new(&dir), StorageOptions { segment_bytes: 16 << 10, ..StorageOptions::default() }).expect("child open");
     if s.is_fresh() {
         s.apply_snapshot(snap(1, 1, b"boot")).expect("boot");
     }

@@ -4,6 +4,10 @@
 //! index, crc) and a `Meta` record; then framed records (see [`super::record`]). Writes
 //! are buffered in one `Vec` and reach the disk in [`Wal::sync`]: one `pwrite` plus one
 //! `fdatasync`. Recovery ([`recover`]) replays all segments in order.
+//!
+//! Segments are preallocated (`fallocate`) to the segment size when created, so a sync
+//! inside that range does not change the file size; zeros after the last record are the
+//! normal end of a segment. Filesystems that cannot preallocate get growing files.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -124,6 +128,8 @@ impl WalState {
 pub(crate) struct Wal {
     dir: PathBuf,
     segment_bytes: u64,
+    /// Preallocate segments (asked for, and the filesystem has not refused yet).
+    prealloc: bool,
     /// Oldest first; the last one is the active segment.
     segments: Vec<Segment>,
     file: File,
@@ -249,6 +255,12 @@ impl Wal {
         } else {
             warn!(error = %err, "WAL write failed for lack of space; records kept for a retry");
         }
+        if self.broken.is_none() && self.prealloc {
+            // The rollback cut the preallocated zeros off; put them back if there is room.
+            if let Err(e) = fsutil::preallocate(&self.file, self.segment_bytes) {
+                debug!(error = %e, "cannot preallocate the segment again after a rollback");
+            }
+        }
         err
     }
 
@@ -262,11 +274,18 @@ impl Wal {
         &mut self.segments[i]
     }
 
-    /// Starts a new segment: header + `Meta` of the durable state, written atomically.
+    /// Starts a new segment: header + `Meta` of the durable state, written atomically,
+    /// preallocated to the segment size (one `fallocate` of unwritten extents: no data is
+    /// written, so this adds little to the sync that rotates).
     fn rotate(&mut self) -> Result<(), StorageError> {
         let seq = self.active().seq + 1;
         let first_index = self.written.last_index + 1;
-        let seg = create_segment(&self.dir, seq, first_index, &self.written.meta())?;
+        let prealloc = self.prealloc.then_some(self.segment_bytes);
+        let (seg, preallocated) = create_segment(&self.dir, seq, first_index, &self.written.meta(), prealloc)?;
+        if self.prealloc && !preallocated {
+            warn!(dir = %self.dir.display(), "the filesystem cannot preallocate; WAL segments grow as written");
+            self.prealloc = false;
+        }
         let file = OpenOptions::new().write(true).open(&seg.path).map_err(io_err(&seg.path))?;
         debug!(segment = %seg.path.display(), "WAL segment rotated");
         self.bytes.fetch_add(seg.size, Ordering::Relaxed);
@@ -287,6 +306,10 @@ impl Wal {
         if n < 2 {
             return Ok(0);
         }
+        // Never beyond what the durable snapshot covers: a snapshot record that is still
+        // pending (its sync failed) must not let replay lose the entries after the
+        // durable one.
+        let first_needed = first_needed.min(self.written.snap_index + 1);
         let nothing_needed = first_needed > self.written.last_index;
         // suffix_min[j] = min of min_index over segments j+1..n
         let mut deletable = 0;
@@ -330,13 +353,27 @@ impl Wal {
     }
 }
 
-/// Creates a segment file atomically with its header and `Meta` record.
-fn create_segment(dir: &Path, seq: u64, first_index: u64, meta: &MetaRecord) -> Result<Segment, StorageError> {
+/// Creates a segment file atomically with its header and `Meta` record, preallocated to
+/// `prealloc` bytes if given. Returns whether it was preallocated (false: not asked, or
+/// the filesystem does not support it).
+fn create_segment(
+    dir: &Path,
+    seq: u64,
+    first_index: u64,
+    meta: &MetaRecord,
+    prealloc: Option<u64>,
+) -> Result<(Segment, bool), StorageError> {
     let path = dir.join(segment_name(seq, first_index));
     let mut buf = segment_header(seq, first_index);
     record::push_meta(&mut buf, meta)?;
-    write_atomic(&path, |f| f.write_all(&buf))?;
-    Ok(Segment { seq, first_index, path, size: buf.len() as u64, min_index: u64::MAX })
+    let mut preallocated = false;
+    write_atomic(&path, |f| {
+        if let Some(len) = prealloc {
+            preallocated = fsutil::preallocate(f, len)?;
+        }
+        f.write_all(&buf)
+    })?;
+    Ok((Segment { seq, first_index, path, size: buf.len() as u64, min_index: u64::MAX }, preallocated))
 }
 
 /// Replays records into a log, with the checks recovery makes.
@@ -470,10 +507,19 @@ fn truncate_file(path: &Path, len: u64) -> Result<(), StorageError> {
 
 /// Opens the WAL in `dir` (which must exist): replays every segment, cuts a torn tail
 /// off the last one, validates the result. An empty directory gets its first segment.
-pub(crate) fn recover(dir: &Path, segment_bytes: u64, bytes: Arc<AtomicU64>) -> Result<Recovered, StorageError> {
+///
+/// With `preallocate`, the active segment is (re)extended to `segment_bytes` with
+/// `fallocate` (unless the filesystem refuses).
+pub(crate) fn recover(
+    dir: &Path,
+    segment_bytes: u64,
+    preallocate: bool,
+    bytes: Arc<AtomicU64>,
+) -> Result<Recovered, StorageError> {
+    let segment_bytes = segment_bytes.max(1);
     let mut segments = list_segments(dir)?;
     if segments.is_empty() {
-        let seg = create_segment(dir, 1, 1, &WalState::default().meta())?;
+        let (seg, _) = create_segment(dir, 1, 1, &WalState::default().meta(), preallocate.then_some(segment_bytes))?;
         info!(segment = %seg.path.display(), "created a new WAL");
         segments.push(seg);
     }
@@ -549,6 +595,19 @@ pub(crate) fn recover(dir: &Path, segment_bytes: u64, bytes: Arc<AtomicU64>) -> 
     }
     let active = &segments[n - 1];
     let file = OpenOptions::new().write(true).open(&active.path).map_err(io_err(&active.path))?;
+    let mut prealloc = preallocate;
+    if prealloc && active.size < segment_bytes {
+        let len = file.metadata().map_err(io_err(&active.path))?.len();
+        if len < segment_bytes {
+            // A new WAL, a truncated torn tail, or a segment written without preallocation.
+            prealloc = fsutil::preallocate(&file, segment_bytes).map_err(io_err(&active.path))?;
+            if prealloc {
+                file.sync_data().map_err(io_err(&active.path))?;
+            } else {
+                warn!(dir = %dir.display(), "the filesystem cannot preallocate; WAL segments grow as written");
+            }
+        }
+    }
     let total: u64 = segments.iter().map(|s| s.size).sum();
     bytes.store(total, Ordering::Relaxed);
     let state = WalState {
@@ -559,7 +618,8 @@ pub(crate) fn recover(dir: &Path, segment_bytes: u64, bytes: Arc<AtomicU64>) -> 
     };
     let wal = Wal {
         dir: dir.to_path_buf(),
-        segment_bytes: segment_bytes.max(1),
+        segment_bytes,
+        prealloc,
         segments,
         file,
         pending: Vec::with_capacity(64 << 10),
@@ -583,7 +643,7 @@ mod tests {
     }
 
     fn open(dir: &Path, seg: u64) -> Recovered {
-        recover(dir, seg, Arc::new(AtomicU64::new(0))).expect("recover")
+        recover(dir, seg, true, Arc::new(AtomicU64::new(0))).expect("recover")
     }
 
     #[test]
@@ -623,7 +683,7 @@ mod tests {
             assert!(segs.len() >= 3);
             fs::remove_file(&segs[1].path).expect("rm");
         }
-        let err = recover(d.path(), 512, Arc::new(AtomicU64::new(0))).err().expect("must fail");
+        let err = recover(d.path(), 512, true, Arc::new(AtomicU64::new(0))).err().expect("must fail");
         assert!(err.to_string().contains("missing"), "{err}");
     }
 
