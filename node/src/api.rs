@@ -173,6 +173,13 @@ impl Api {
     async fn route(&self, req: HttpRequest<Incoming>) -> ApiResult {
         let path = req.uri().path().to_string();
         let method = req.method().clone();
+        if let Some(token) = &self.cfg.admin_token {
+            if is_admin_route(&method, &path) {
+                if let Some(refused) = admin_refusal(token.check(req.headers())) {
+                    return Ok(refused);
+                }
+            }
+        }
         match (method.clone(), path.as_str()) {
             (Method::GET, "/healthz") => Ok(response(StatusCode::OK, "text/plain", "ok\n")),
             (Method::GET, "/readyz") => Ok(self.readyz()),
@@ -430,7 +437,7 @@ impl Api {
         }
         if st.leader != 0 {
             if let Some(url) = st.member_urls.iter().find(|(id, _)| *id == st.leader).map(|(_, u)| u.clone()) {
-                if let Ok(v) = fetch_json(&format!("{url}/members")).await {
+                if let Ok(v) = fetch_json(&self.cfg, &format!("{url}/members")).await {
                     return Ok(v);
                 }
             }
@@ -459,6 +466,7 @@ impl Api {
     /// Adds a member; Ok(false) when it already was one with the same URL and role.
     async fn add_member(&self, id: u64, url: String, learner: bool) -> Result<(bool, Option<ConfState>), ApiError> {
         parse_peer_url(&url).map_err(|e| ApiError::bad(e.to_string()))?;
+        crate::config::check_peer_scheme(&url, self.cfg.peer_tls.is_some()).map_err(|e| ApiError::bad(e.to_string()))?;
         let st = self.status();
         let is_voter = st.voters.contains(&id);
         let is_learner = st.learners.contains(&id);
@@ -711,8 +719,36 @@ pub fn members_json(st: &NodeStatus) -> Json {
     json!({ "leader": st.leader, "term": st.term, "commit_index": st.commit_index, "members": members })
 }
 
-async fn fetch_json(url: &str) -> Result<Json, ApiError> {
-    let client = crate::transport::http_client();
+/// Whether a route changes membership or leadership (needs the admin token when one is
+/// configured): raftexample's `POST`/`DELETE /<id>`, `POST /v1/members`,
+/// `/v1/members/<id>[/promote]` and `/v1/leader/transfer`. Reads and key writes are not.
+pub fn is_admin_route(method: &Method, path: &str) -> bool {
+    match path {
+        "/healthz" | "/readyz" | "/metrics" => false,
+        "/v1/members" => method != Method::GET,
+        "/v1/leader/transfer" => true,
+        p if p.starts_with("/v1/members/") => true,
+        p if p.starts_with("/v1/") || p == "/v1" => false,
+        _ => method == Method::POST || method == Method::DELETE,
+    }
+}
+
+/// The response refusing an admin request, if it must be refused.
+fn admin_refusal(check: crate::auth::Check) -> Option<Resp> {
+    use crate::auth::Check;
+    match check {
+        Check::Allowed => None,
+        Check::Missing => {
+            let mut r = error(StatusCode::UNAUTHORIZED, "unauthenticated", "this route needs the admin token: Authorization: Bearer <token>");
+            r.headers_mut().insert(hyper::header::WWW_AUTHENTICATE, hyper::header::HeaderValue::from_static("Bearer realm=\"raftkv\""));
+            Some(r)
+        }
+        Check::Wrong => Some(error(StatusCode::FORBIDDEN, "permission_denied", "wrong admin token")),
+    }
+}
+
+async fn fetch_json(cfg: &Config, url: &str) -> Result<Json, ApiError> {
+    let client = crate::transport::peer_client(cfg.peer_tls.as_ref());
     let req = HttpRequest::get(url).body(Full::new(Bytes::new())).map_err(|e| ApiError::bad(e.to_string()))?;
     let resp = tokio::time::timeout(Duration::from_secs(2), client.request(req))
         .await
@@ -749,6 +785,34 @@ mod tests {
         assert!(parse_member_id("0").is_err());
         assert!(parse_member_id("x").is_err());
         assert!(parse_member_id("").is_err());
+    }
+
+    #[test]
+    fn admin_routes() {
+        for (m, p) in [
+            (Method::POST, "/4"),
+            (Method::DELETE, "/4"),
+            (Method::POST, "/v1/members"),
+            (Method::DELETE, "/v1/members/4"),
+            (Method::POST, "/v1/members/4/promote"),
+            (Method::POST, "/v1/leader/transfer"),
+            (Method::GET, "/v1/leader/transfer"),
+        ] {
+            assert!(is_admin_route(&m, p), "{m} {p}");
+        }
+        for (m, p) in [
+            (Method::GET, "/k"),
+            (Method::PUT, "/k"),
+            (Method::GET, "/v1/members"),
+            (Method::PUT, "/v1/kv/k"),
+            (Method::DELETE, "/v1/kv/k"),
+            (Method::GET, "/v1/status"),
+            (Method::GET, "/healthz"),
+            (Method::GET, "/readyz"),
+            (Method::GET, "/metrics"),
+        ] {
+            assert!(!is_admin_route(&m, p), "{m} {p}");
+        }
     }
 
     #[test]

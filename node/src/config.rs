@@ -9,7 +9,12 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use clap::Parser;
+
+use crate::auth::AdminToken;
+use crate::tls::{ClientAuth, PeerTls, ServerFiles};
 
 /// Raw flags as parsed by clap. Use [`Args::into_config`] to validate them.
 #[derive(Debug, Parser)]
@@ -58,6 +63,31 @@ pub struct Args {
     /// A learner is promotable when its match index is at most this far behind the commit index.
     #[arg(long, env = "RAFTKV_PROMOTE_MAX_LAG", default_value_t = 1_000)]
     pub promote_max_lag: u64,
+    /// Client listener TLS certificate chain (PEM). With --key-file, clients must use https.
+    #[arg(long, env = "RAFTKV_CERT_FILE")]
+    pub cert_file: Option<PathBuf>,
+    /// Client listener TLS private key (PEM).
+    #[arg(long, env = "RAFTKV_KEY_FILE")]
+    pub key_file: Option<PathBuf>,
+    /// CA bundle (PEM) for client certificates on the client listener.
+    #[arg(long, env = "RAFTKV_TRUSTED_CA_FILE")]
+    pub trusted_ca_file: Option<PathBuf>,
+    /// Require client certificates signed by --trusted-ca-file on the client listener.
+    #[arg(long, env = "RAFTKV_CLIENT_CERT_AUTH", num_args = 0..=1, default_missing_value = "true")]
+    pub client_cert_auth: Option<bool>,
+    /// Peer TLS certificate (PEM), presented by the peer listener and the peer client.
+    #[arg(long, env = "RAFTKV_PEER_CERT_FILE")]
+    pub peer_cert_file: Option<PathBuf>,
+    /// Peer TLS private key (PEM).
+    #[arg(long, env = "RAFTKV_PEER_KEY_FILE")]
+    pub peer_key_file: Option<PathBuf>,
+    /// Peer CA bundle (PEM): peers must present certificates it signed (mutual TLS).
+    #[arg(long, env = "RAFTKV_PEER_TRUSTED_CA_FILE")]
+    pub peer_trusted_ca_file: Option<PathBuf>,
+    /// File holding the admin bearer token for membership and leadership routes
+    /// (required with client TLS).
+    #[arg(long, env = "RAFTKV_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
 }
 
 /// Validated configuration of one node.
@@ -87,6 +117,12 @@ pub struct Config {
     pub tick: Duration,
     /// Promotion lag bound for learners.
     pub promote_max_lag: u64,
+    /// TLS for the client listener (`None`: plaintext).
+    pub client_tls: Option<Arc<rustls::ServerConfig>>,
+    /// Mutual TLS between peers (`None`: plaintext peer traffic).
+    pub peer_tls: Option<PeerTls>,
+    /// Bearer token the membership and leadership routes require (`None`: open).
+    pub admin_token: Option<AdminToken>,
 }
 
 /// A flag value that does not make sense.
@@ -185,7 +221,7 @@ impl Args {
                 return err(format!("--cluster lists {u} twice"));
             }
         }
-        let peer_url = match self.peer_url {
+        let peer_url = match self.peer_url.clone() {
             Some(u) => {
                 parse_peer_url(&u)?;
                 u
@@ -231,6 +267,7 @@ impl Args {
         if self.tick_ms == 0 || self.tick_ms > 10_000 {
             return err("--tick-ms must be between 1 and 10000");
         }
+        let security = Security::load(&self, &urls, &peer_url)?;
         let data_dir = self.data_dir.unwrap_or_else(|| PathBuf::from(format!("raftkv-{id}")));
         Ok(Config {
             id,
@@ -245,7 +282,95 @@ impl Args {
             request_timeout: Duration::from_millis(self.request_timeout_ms),
             tick: Duration::from_millis(self.tick_ms),
             promote_max_lag: self.promote_max_lag,
+            client_tls: security.client_tls,
+            peer_tls: security.peer_tls,
+            admin_token: security.admin_token,
         })
+    }
+}
+
+/// Checks that a peer URL's scheme fits the peer transport: `https://` exactly when
+/// peer TLS is configured.
+pub fn check_peer_scheme(url: &str, peer_tls: bool) -> Result<(), ConfigError> {
+    match (url.starts_with("https://"), peer_tls) {
+        (true, true) | (false, false) => Ok(()),
+        (true, false) => err(format!(
+            "peer URL {url} is https:// but peer TLS is not configured (give --peer-cert-file, --peer-key-file and --peer-trusted-ca-file)"
+        )),
+        (false, true) => err(format!("peer URL {url} must be https:// when peer TLS is configured")),
+    }
+}
+
+/// The TLS and credential part of the configuration, loaded from its files.
+struct Security {
+    client_tls: Option<Arc<rustls::ServerConfig>>,
+    peer_tls: Option<PeerTls>,
+    admin_token: Option<AdminToken>,
+}
+
+impl Security {
+    fn load(a: &Args, urls: &[String], peer_url: &str) -> Result<Security, ConfigError> {
+        let cert_auth = a.client_cert_auth.unwrap_or(false);
+        let client_tls = match (&a.cert_file, &a.key_file) {
+            (Some(cert), Some(key)) => {
+                if cert_auth && a.trusted_ca_file.is_none() {
+                    return err("--client-cert-auth needs --trusted-ca-file (the CA that signs client certificates)");
+                }
+                let auth = match (cert_auth, a.trusted_ca_file.is_some()) {
+                    (true, _) => ClientAuth::Required,
+                    (false, true) => ClientAuth::Optional,
+                    (false, false) => ClientAuth::None,
+                };
+                let files = ServerFiles {
+                    flags: ("--cert-file", "--key-file", "--trusted-ca-file"),
+                    cert,
+                    key,
+                    ca: a.trusted_ca_file.as_deref(),
+                    auth,
+                };
+                Some(crate::tls::server_config(&files).map_err(|e| ConfigError(e.to_string()))?)
+            }
+            (None, None) => {
+                if cert_auth || a.trusted_ca_file.is_some() {
+                    return err("--trusted-ca-file and --client-cert-auth need client TLS (--cert-file and --key-file)");
+                }
+                None
+            }
+            (Some(_), None) => return err("--cert-file needs --key-file"),
+            (None, Some(_)) => return err("--key-file needs --cert-file"),
+        };
+        let peer_tls = match (&a.peer_cert_file, &a.peer_key_file, &a.peer_trusted_ca_file) {
+            (Some(cert), Some(key), Some(ca)) => {
+                Some(crate::tls::peer_tls(cert, key, ca).map_err(|e| ConfigError(e.to_string()))?)
+            }
+            (None, None, None) => None,
+            (c, k, ca) => {
+                let missing: Vec<&str> = [
+                    (c.is_none(), "--peer-cert-file"),
+                    (k.is_none(), "--peer-key-file"),
+                    (ca.is_none(), "--peer-trusted-ca-file"),
+                ]
+                .iter()
+                .filter(|(m, _)| *m)
+                .map(|(_, f)| *f)
+                .collect();
+                return err(format!(
+                    "peer TLS is mutual and needs --peer-cert-file, --peer-key-file and --peer-trusted-ca-file; missing {}",
+                    missing.join(", ")
+                ));
+            }
+        };
+        for u in urls.iter().map(String::as_str).chain(std::iter::once(peer_url)) {
+            check_peer_scheme(u, peer_tls.is_some())?;
+        }
+        let admin_token = match &a.admin_token_file {
+            Some(p) => Some(AdminToken::from_file(p).map_err(|e| ConfigError(e.to_string()))?),
+            None if client_tls.is_some() => {
+                return err("client TLS (--cert-file) needs --admin-token-file: the membership and leadership routes require the admin token when TLS is on")
+            }
+            None => None,
+        };
+        Ok(Security { client_tls, peer_tls, admin_token })
     }
 }
 
@@ -296,6 +421,49 @@ mod tests {
         assert!(parse(&["--snapshot-count", "0"]).is_err());
         assert!(parse(&["--port", "9021"]).unwrap_err().contains("peer port"));
         assert!(parse(&["--bogus"]).is_err());
+    }
+
+    fn all<'a>(parts: &[&[&'a str]]) -> Vec<&'a str> {
+        parts.concat()
+    }
+
+    #[test]
+    fn tls_flags_are_checked_together() {
+        let k = crate::tls::Pki::new();
+        let f = |n: &str| k.p(n).display().to_string();
+        std::fs::write(k.p("token"), "0123456789abcdef-admin\n").unwrap();
+        let peer = ["--peer-cert-file", &f("cert.pem"), "--peer-key-file", &f("key.pem"), "--peer-trusted-ca-file", &f("ca.pem")];
+        let https = ["--cluster", "https://127.0.0.1:7001"];
+        let client = ["--cert-file", &f("cert.pem"), "--key-file", &f("key.pem")];
+        let token = ["--admin-token-file", &f("token")];
+
+        let c = parse(&all(&[&https, &peer, &client, &token])).unwrap();
+        assert!(c.peer_tls.is_some() && c.client_tls.is_some() && c.admin_token.is_some());
+        let c = parse(&all(&[&https, &peer])).unwrap();
+        assert!(c.peer_tls.is_some() && c.client_tls.is_none() && c.admin_token.is_none());
+
+        let e = parse(&all(&[&https, &peer, &client])).unwrap_err();
+        assert!(e.contains("--admin-token-file"), "{e}");
+        let e = parse(&all(&[&https, &peer[..4]])).unwrap_err();
+        assert!(e.contains("missing --peer-trusted-ca-file"), "{e}");
+        let e = parse(&peer).unwrap_err();
+        assert!(e.contains("must be https://"), "{e}");
+        let e = parse(&https).unwrap_err();
+        assert!(e.contains("peer TLS is not configured"), "{e}");
+        let e = parse(&all(&[&client[..2], &token])).unwrap_err();
+        assert!(e.contains("--cert-file needs --key-file"), "{e}");
+        let e = parse(&all(&[&client[2..], &token])).unwrap_err();
+        assert!(e.contains("--key-file needs --cert-file"), "{e}");
+        let e = parse(&all(&[&client, &token, &["--client-cert-auth"]])).unwrap_err();
+        assert!(e.contains("--trusted-ca-file"), "{e}");
+        let e = parse(&["--trusted-ca-file", &f("ca.pem")]).unwrap_err();
+        assert!(e.contains("need client TLS"), "{e}");
+        let e = parse(&all(&[&client, &["--admin-token-file", &f("nope")]])).unwrap_err();
+        assert!(e.contains("--admin-token-file") && e.contains("cannot read"), "{e}");
+        let e = parse(&all(&[&["--cert-file", &f("garbage.pem"), "--key-file", &f("key.pem")], &token])).unwrap_err();
+        assert!(e.contains("--cert-file") && e.contains("garbage.pem"), "{e}");
+        let c = parse(&all(&[&client, &token, &["--trusted-ca-file", &f("ca.pem"), "--client-cert-auth"]])).unwrap();
+        assert!(c.client_tls.is_some());
     }
 
     #[test]

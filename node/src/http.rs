@@ -1,8 +1,10 @@
 //! Small HTTP plumbing shared by the client API and the peer listener: an accept loop
-//! with graceful stop, and response builders.
+//! with graceful stop and optional TLS, and response builders.
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -12,7 +14,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn};
 
 use crate::shutdown::Shutdown;
@@ -42,38 +44,50 @@ pub fn error(status: StatusCode, code: &str, message: impl std::fmt::Display) ->
     json(status, &serde_json::json!({ "error": message.to_string(), "code": code }))
 }
 
-/// Serves HTTP/1.1 on `listener` until `shutdown` fires. Each connection runs in its own
-/// task; a connection sending garbage gets closed by hyper and nothing else happens.
+/// Serves plaintext HTTP/1.1 on `listener` until `shutdown` fires; see [`serve_tls`].
 pub async fn serve<F, Fut>(listener: TcpListener, shutdown: Shutdown, handler: F)
 where
     F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Resp> + Send + 'static,
 {
+    serve_tls(listener, None, shutdown, handler).await
+}
+
+/// How long a new connection may take to start and finish its TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves HTTP/1.1 on `listener` until `shutdown` fires, over TLS when `tls` is given.
+/// Each connection runs in its own task; a connection sending garbage, failing the TLS
+/// handshake (a stranger's certificate, none where one is required) or speaking
+/// plaintext to a TLS listener gets closed and nothing else happens.
+pub async fn serve_tls<F, Fut>(listener: TcpListener, tls: Option<Arc<rustls::ServerConfig>>, shutdown: Shutdown, handler: F)
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Resp> + Send + 'static,
+{
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     loop {
         let accepted = tokio::select! {
             _ = shutdown.wait() => break,
             a = listener.accept() => a,
         };
         match accepted {
-            Ok((stream, _)) => {
+            Ok((stream, remote)) => {
                 let _ = stream.set_nodelay(true);
                 let handler = handler.clone();
                 let stop = shutdown.clone();
+                let acceptor = acceptor.clone();
                 tokio::spawn(async move {
-                    let svc = service_fn(move |req| {
-                        let h = handler.clone();
-                        async move { Ok::<_, Infallible>(h(req).await) }
-                    });
-                    let conn = http1::Builder::new()
-                        .timer(hyper_util::rt::TokioTimer::new())
-                        .header_read_timeout(Duration::from_secs(30))
-                        .serve_connection(TokioIo::new(stream), svc);
-                    tokio::pin!(conn);
-                    tokio::select! {
-                        r = conn.as_mut() => if let Err(e) = r { debug!(error = %e, "connection ended with an error") },
-                        _ = stop.wait() => {
-                            conn.as_mut().graceful_shutdown();
-                            let _ = tokio::time::timeout(Duration::from_secs(2), conn).await;
+                    match acceptor {
+                        None => serve_connection(stream, stop, handler).await,
+                        Some(acceptor) => {
+                            let handshake = tokio::select! {
+                                h = tls_handshake(stream, &acceptor, remote) => h,
+                                _ = stop.wait() => None,
+                            };
+                            if let Some(tls_stream) = handshake {
+                                serve_connection(tls_stream, stop, handler).await
+                            }
                         }
                     }
                 });
@@ -84,5 +98,111 @@ where
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
+    }
+}
+
+/// The answer to plaintext HTTP on a TLS listener.
+fn plaintext_reply() -> Vec<u8> {
+    let body = "{\"error\":\"this listener speaks TLS only: use https://\",\"code\":\"tls_required\"}\n";
+    format!(
+        "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// Runs the server side of a TLS handshake (bounded). A client that sends plaintext
+/// HTTP instead gets a 400 naming the problem, like Go's servers do.
+async fn tls_handshake(
+    stream: TcpStream,
+    acceptor: &tokio_rustls::TlsAcceptor,
+    remote: SocketAddr,
+) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, stream.peek(&mut first)).await {
+        Ok(Ok(1)) if first[0] != TLS_HANDSHAKE_RECORD => {
+            debug!(%remote, "plaintext request on a TLS listener");
+            reject_plaintext(stream).await;
+            return None;
+        }
+        Ok(Ok(1)) => {}
+        Ok(Ok(_)) | Ok(Err(_)) | Err(_) => return None,
+    }
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+        Ok(Ok(s)) => Some(s),
+        Ok(Err(e)) => {
+            warn!(%remote, error = %e, "TLS handshake failed; connection refused");
+            None
+        }
+        Err(_) => {
+            debug!(%remote, "TLS handshake timed out");
+            None
+        }
+    }
+}
+
+/// First byte of a TLS handshake record.
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+async fn reject_plaintext(mut stream: TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // Read the request head first (bounded): closing a socket with unread input resets
+    // the connection, and the client would never see the reply.
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut seen = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while seen < buf.len() && !buf[..seen].windows(4).any(|w| w == b"\r\n\r\n") {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf[seen..])).await {
+            Ok(Ok(n)) if n > 0 => seen += n,
+            _ => break,
+        }
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(2), stream.write_all(&plaintext_reply())).await;
+    let _ = stream.shutdown().await;
+    // Let the client read the reply; drop whatever else it sends (bounded).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while let Ok(Ok(n)) = tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+        if n == 0 {
+            break;
+        }
+    }
+}
+
+async fn serve_connection<I, F, Fut>(io: I, stop: Shutdown, handler: F)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Resp> + Send + 'static,
+{
+    let svc = service_fn(move |req| {
+        let h = handler.clone();
+        async move { Ok::<_, Infallible>(h(req).await) }
+    });
+    let conn = http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(30))
+        .serve_connection(TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => if let Err(e) = r { debug!(error = %e, "connection ended with an error") },
+        _ = stop.wait() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(Duration::from_secs(2), conn).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plaintext_reply_is_well_formed() {
+        let reply = plaintext_reply();
+        let text = std::str::from_utf8(&reply).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(head.contains(&format!("content-length: {}", body.len())), "{head} / {}", body.len());
+        let v: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(v["code"], "tls_required");
     }
 }

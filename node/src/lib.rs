@@ -17,13 +17,16 @@
 //! * [`api`] — the client HTTP API: raftexample's routes, `/v1`, probes, `/metrics`.
 //! * [`metrics`] — Prometheus metrics in etcd's naming style.
 //! * [`shutdown`] — one signal for SIGTERM, removal and fatal errors.
-//! * [`http`] — the accept loop and response helpers both listeners share.
+//! * [`http`] — the accept loop (plaintext or TLS) and response helpers both listeners share.
+//! * [`tls`] — certificates and keys for the listeners and the peer client (mutual TLS).
+//! * [`auth`] — the admin bearer token of the membership and leadership routes.
 //! * [`logger`] — raft-rs's slog output routed into `tracing`.
 //!
 //! [`run`] wires them together: bind both listeners, open storage and start the raft
 //! loop, serve until shutdown, hand leadership over, flush, return.
 
 pub mod api;
+pub mod auth;
 pub mod config;
 pub mod http;
 pub mod kv;
@@ -32,6 +35,7 @@ pub mod metrics;
 pub mod raft_loop;
 pub mod shutdown;
 pub mod storage;
+pub mod tls;
 pub mod transport;
 
 use std::sync::Arc;
@@ -69,7 +73,7 @@ pub async fn run(cfg: Config, shutdown: Shutdown) -> Result<Reason, RunError> {
         .await
         .map_err(|source| RunError::Bind { addr: cfg.listen_client_addr, source })?;
     let (tx, rx) = std::sync::mpsc::channel();
-    let transport = Transport::new(cfg.id, cfg.peer_url.clone(), tx.clone(), tokio::runtime::Handle::current());
+    let transport = Transport::new(cfg.id, cfg.peer_url.clone(), cfg.peer_tls.as_ref(), tx.clone(), tokio::runtime::Handle::current());
     let started = {
         let (c, transport, shutdown, tx) = (cfg.clone(), transport.clone(), shutdown.clone(), tx.clone());
         tokio::task::spawn_blocking(move || raft_loop::start(c, transport, shutdown, tx, rx))
@@ -93,7 +97,7 @@ pub async fn run(cfg: Config, shutdown: Shutdown) -> Result<Reason, RunError> {
     let peer_server = {
         let (id, tx, transport, kv, status) =
             (cfg.id, tx.clone(), transport.clone(), started.kv.clone(), started.status.clone());
-        tokio::spawn(http::serve(peer_listener, peer_stop.clone(), move |req| {
+        tokio::spawn(http::serve_tls(peer_listener, cfg.peer_tls.as_ref().map(|t| t.server.clone()), peer_stop.clone(), move |req| {
             let (tx, transport, kv, status) = (tx.clone(), transport.clone(), kv.clone(), status.clone());
             async move {
                 let members = move || {
@@ -108,7 +112,7 @@ pub async fn run(cfg: Config, shutdown: Shutdown) -> Result<Reason, RunError> {
         }))
     };
     let api = api::Api { cfg: Arc::new(cfg.clone()), raft: started.handle.clone(), status: started.status.clone(), kv: started.kv.clone() };
-    let client_server = tokio::spawn(http::serve(client_listener, shutdown.clone(), move |req| api.clone().handle(req)));
+    let client_server = tokio::spawn(http::serve_tls(client_listener, cfg.client_tls.clone(), shutdown.clone(), move |req| api.clone().handle(req)));
 
     shutdown.wait().await;
     let reason = shutdown.reason();

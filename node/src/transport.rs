@@ -1,4 +1,6 @@
-//! Peer transport: raft messages over HTTP/1.1 with hyper.
+//! Peer transport: raft messages over HTTP/1.1 with hyper (HTTPS with mutual TLS when
+//! peer TLS is configured; a stranger without a certificate from the peer CA is refused
+//! at the handshake, in [`crate::http::serve_tls`], and never reaches this code).
 //!
 //! Outgoing: one task and one bounded queue per peer. A task takes every message queued
 //! for its peer (batching), frames them (`u32` little-endian length + prost-encoded
@@ -23,6 +25,7 @@ use hyper::{Method, Request as HttpRequest, Response, StatusCode};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use prost::Message as _;
 use raft::eraftpb::{Message, MessageType};
 use tokio::sync::mpsc;
@@ -31,6 +34,7 @@ use tracing::{debug, warn};
 use crate::kv::KvStore;
 use crate::metrics::metrics;
 use crate::raft_loop::Request;
+use crate::tls::PeerTls;
 
 /// Messages queued per peer before new ones are dropped.
 const PEER_QUEUE: usize = 8192;
@@ -43,7 +47,8 @@ pub const FROM_HEADER: &str = "x-raftkv-from";
 /// Header carrying the sender's peer URL (lets a joining node answer a leader it never heard of).
 pub const URL_HEADER: &str = "x-raftkv-peer-url";
 
-type HttpClient = Client<HttpConnector, Full<Bytes>>;
+/// The peer HTTP client: plain HTTP, or HTTPS with the node's peer certificate.
+pub type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
 struct Peer {
     url: String,
@@ -65,11 +70,19 @@ pub struct Transport {
     inner: Arc<Inner>,
 }
 
-/// A plain HTTP client with keep-alive, shared by the transport and API forwarding.
-pub fn http_client() -> HttpClient {
+/// The peer client with keep-alive, shared by the transport and API forwarding. With
+/// peer TLS it speaks only `https://`, presents the peer certificate and trusts only the
+/// peer CA (hostname/IP SANs are verified); without, only `http://`.
+pub fn peer_client(tls: Option<&PeerTls>) -> HttpClient {
     let mut conn = HttpConnector::new();
     conn.set_nodelay(true);
     conn.set_connect_timeout(Some(Duration::from_secs(2)));
+    conn.enforce_http(false);
+    let builder = match tls {
+        Some(t) => HttpsConnectorBuilder::new().with_tls_config((*t.client).clone()).https_only(),
+        None => HttpsConnectorBuilder::new().with_tls_config((*crate::tls::untrusting_client_config()).clone()).https_or_http(),
+    };
+    let conn = builder.enable_http1().wrap_connector(conn);
     Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(60)).build(conn)
 }
 
@@ -122,10 +135,10 @@ pub fn decode_frames(mut body: &[u8]) -> Result<Vec<Message>, FrameError> {
 
 impl Transport {
     /// A transport for node `id` advertising `self_url`; feedback goes to `raft`.
-    pub fn new(id: u64, self_url: String, raft: Sender<Request>, rt: tokio::runtime::Handle) -> Self {
-        Transport {
-            inner: Arc::new(Inner { id, self_url, peers: RwLock::new(HashMap::new()), raft, client: http_client(), rt }),
-        }
+    /// `tls` is the peer TLS of the node (`None`: plaintext peers).
+    pub fn new(id: u64, self_url: String, tls: Option<&PeerTls>, raft: Sender<Request>, rt: tokio::runtime::Handle) -> Self {
+        let client = peer_client(tls);
+        Transport { inner: Arc::new(Inner { id, self_url, peers: RwLock::new(HashMap::new()), raft, client, rt }) }
     }
 
     /// Adds or updates a peer's URL (starting its sender task).

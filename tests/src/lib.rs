@@ -7,6 +7,7 @@
 //! On a panic the cluster prints the tail of every node's log before it is torn down.
 
 pub mod linearizability;
+pub mod tls;
 
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
