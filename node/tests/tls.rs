@@ -196,6 +196,24 @@ fn admin_routes_need_the_token_and_plaintext_clients_are_refused() {
     assert_eq!(c.http.get(&format!("{}/healthz", c.url(follower))).unwrap().status, StatusCode::OK);
 }
 
+#[test]
+fn client_cert_auth_requires_a_client_certificate_from_the_ca() {
+    let c = TlsCluster::start_with(1, |pki| {
+        vec!["--trusted-ca-file".into(), pki.ca_file().display().to_string(), "--client-cert-auth".into()]
+    });
+    let url = format!("{}/v1/status", c.url(1));
+    // The cluster's client (it presents a certificate from the CA) is served.
+    assert_eq!(c.http.get(&url).unwrap().status, StatusCode::OK);
+    // No certificate, or one from another CA: refused at the handshake.
+    let other = Pki::new(c.dir.path(), "other-client").issue("client", &["client.raftkv.test"]);
+    for (what, cert) in [("no certificate", None), ("other CA", Some(&other))] {
+        let http = https_client(&c.pki.ca_pem(), cert, Duration::from_secs(5));
+        let r = http.get(&url);
+        assert!(r.is_err(), "{what}: served {:?}", r.map(|r| r.status));
+    }
+    assert!(c.http.get(&format!("{}/healthz", c.url(1))).unwrap().status.is_success());
+}
+
 /// Runs the node binary with `args`; returns (exit code, stderr).
 fn run_node(args: &[String]) -> (Option<i32>, String) {
     let out = Command::new(node_binary()).args(args).output().expect("run raftkv-node");

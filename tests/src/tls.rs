@@ -136,14 +136,24 @@ pub struct TlsCluster {
     pub peer_cert: CertFiles,
     /// Client listener certificate.
     pub server_cert: CertFiles,
-    /// An https client trusting the cluster CA, without a client certificate.
+    /// A client certificate from the cluster CA.
+    pub client_cert: CertFiles,
+    /// An https client trusting the cluster CA and presenting `client_cert`.
     pub http: Http,
+    /// Extra flags every node gets.
+    pub extra_args: Vec<String>,
     initial: usize,
 }
 
 impl TlsCluster {
     /// Starts `n` TLS nodes and waits until they agree on a leader.
     pub fn start(n: usize) -> TlsCluster {
+        Self::start_with(n, |_| Vec::new())
+    }
+
+    /// Starts `n` TLS nodes with extra flags (made from the cluster's CA) and waits
+    /// until they agree on a leader.
+    pub fn start_with(n: usize, extra: impl FnOnce(&Pki) -> Vec<String>) -> TlsCluster {
         let dir = tempfile::Builder::new().prefix("raftkv-tls-test-").tempdir().expect("tempdir");
         let pki = Pki::new(dir.path(), "cluster");
         let peer_cert = pki.issue("peer", &["127.0.0.1", "localhost"]);
@@ -151,9 +161,11 @@ impl TlsCluster {
         let token = format!("admin-{:032x}", rand::random::<u128>());
         let token_file = dir.path().join("admin-token");
         std::fs::write(&token_file, format!("{token}\n")).expect("write token");
-        let http = https_client(&pki.ca_pem(), None, Duration::from_secs(15));
+        let client_cert = pki.issue("client", &["client.raftkv.test"]);
+        let http = https_client(&pki.ca_pem(), Some(&client_cert), Duration::from_secs(15));
         let nodes = (1..=n as u64).map(|id| Self::new_node(dir.path(), id, false)).collect();
-        let mut c = TlsCluster { nodes, dir, pki, token, token_file, peer_cert, server_cert, http, initial: n };
+        let extra_args = extra(&pki);
+        let mut c = TlsCluster { nodes, dir, pki, token, token_file, peer_cert, server_cert, client_cert, http, extra_args, initial: n };
         for id in 1..=n as u64 {
             c.spawn(id);
         }
@@ -210,7 +222,8 @@ impl TlsCluster {
     /// Starts node `id`'s process.
     pub fn spawn(&mut self, id: u64) {
         let cluster = (1..=self.initial as u64).map(|i| self.peer_url(i)).collect::<Vec<_>>().join(",");
-        let args = self.tls_args();
+        let mut args = self.tls_args();
+        args.extend(self.extra_args.iter().cloned());
         let peer_url = self.peer_url(id);
         let n = &mut self.nodes[(id - 1) as usize];
         assert!(n.child.is_none(), "node {id} is already running");
