@@ -208,6 +208,7 @@ async fn run_peer(inner: Arc<Inner>, id: u64, url: String, mut rx: mpsc::Receive
     let label = id.to_string();
     let mut batch = Vec::new();
     let mut backoff = Duration::from_millis(50);
+    let mut last_tls_warning: Option<Instant> = None;
     while let Some(m) = rx.recv().await {
         batch.push(m);
         while batch.len() < MAX_BATCH {
@@ -254,7 +255,15 @@ async fn run_peer(inner: Arc<Inner>, id: u64, url: String, mut rx: mpsc::Receive
                 false
             }
             Ok(Err(e)) => {
-                debug!(peer = id, error = %e, "peer unreachable");
+                match tls_error_in(&e) {
+                    // A refused certificate is configuration, not a network blip: say so
+                    // (at most every 30 s per peer).
+                    Some(tls) if last_tls_warning.is_none_or(|t| t.elapsed() >= TLS_WARN_EVERY) => {
+                        warn!(peer = id, url = %url, error = %tls, "peer TLS handshake failed (check the peer certificates, CA and SANs)");
+                        last_tls_warning = Some(Instant::now());
+                    }
+                    _ => debug!(peer = id, error = %e, "peer unreachable"),
+                }
                 false
             }
             Err(_) => {
@@ -275,6 +284,26 @@ async fn run_peer(inner: Arc<Inner>, id: u64, url: String, mut rx: mpsc::Receive
             while rx.try_recv().is_ok() {}
         }
     }
+}
+
+/// How often a peer's TLS failure is logged as a warning.
+const TLS_WARN_EVERY: Duration = Duration::from_secs(30);
+
+/// The TLS failure (a rustls error, or an alert from the other side) behind a client
+/// error, if that is what it was.
+pub fn tls_error_in(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(t) = err.downcast_ref::<rustls::Error>() {
+            return Some(t.to_string());
+        }
+        // An io::Error's source() skips the error it wraps; look inside it directly.
+        cur = match err.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()) {
+            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+            None => err.source(),
+        };
+    }
+    None
 }
 
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
@@ -343,6 +372,42 @@ pub async fn handle_peer_request(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Serves `/ok` over mutual TLS with the test PKI; returns the port.
+    async fn tls_server(tls: &PeerTls) -> u16 {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let stop = crate::shutdown::Shutdown::new();
+        tokio::spawn(crate::http::serve_tls(listener, Some(tls.server.clone()), stop, |_req| async {
+            text(StatusCode::OK, "ok")
+        }));
+        port
+    }
+
+    async fn get(client: &HttpClient, url: &str) -> Result<StatusCode, hyper_util::client::legacy::Error> {
+        let req = HttpRequest::get(url).body(Full::new(Bytes::new())).unwrap();
+        client.request(req).await.map(|r| r.status())
+    }
+
+    #[tokio::test]
+    async fn peer_client_verifies_the_server_name_and_presents_its_certificate() {
+        let k = crate::tls::Pki::new();
+        let tls = crate::tls::peer_tls(&k.p("cert.pem"), &k.p("key.pem"), &k.p("ca.pem")).unwrap();
+        let port = tls_server(&tls).await;
+        let client = peer_client(Some(&tls));
+        assert_eq!(get(&client, &format!("https://127.0.0.1:{port}/ok")).await.unwrap(), StatusCode::OK);
+        // The certificate names 127.0.0.1 only: "localhost" is refused by name.
+        let e = get(&client, &format!("https://localhost:{port}/ok")).await.unwrap_err();
+        let why = tls_error_in(&e).unwrap_or_else(|| panic!("not a TLS error: {e:?}"));
+        assert!(why.contains("not valid for name") || why.contains("NotValidForName"), "{why}");
+        // A TLS peer client never speaks plaintext.
+        assert!(get(&client, &format!("http://127.0.0.1:{port}/ok")).await.is_err());
+        // A plaintext cluster's client cannot talk to the TLS listener at all.
+        let plain = peer_client(None);
+        let e = get(&plain, &format!("https://127.0.0.1:{port}/ok")).await.unwrap_err();
+        assert!(tls_error_in(&e).is_some(), "{e:?}");
+        assert!(tls_error_in(&std::io::Error::other("plain")).is_none());
+    }
 
     #[test]
     fn frames_round_trip_and_reject_garbage() {
