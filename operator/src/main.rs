@@ -102,9 +102,19 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         let _ = lost_tx.send(());
     });
     let shutdown = async move {
+        // Kubernetes stops pods with SIGTERM; a terminal sends SIGINT.
+        let term = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
         tokio::select! {
             _ = lost_rx => tracing::error!("lost the lease; stopping"),
             _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; stopping"),
+            _ = term => tracing::info!("SIGTERM; stopping"),
         }
     };
     controller::run(ctx, args.watch_namespace, shutdown).await;

@@ -6,9 +6,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy};
 use k8s_openapi::api::core::v1::{
-    Affinity, Container, ContainerPort, EnvVar, HTTPGetAction, PersistentVolumeClaim, PersistentVolumeClaimSpec,
-    PodAffinityTerm, PodAntiAffinity, PodSpec, PodTemplateSpec, Probe, Service, ServicePort, ServiceSpec,
-    VolumeMount, VolumeResourceRequirements, WeightedPodAffinityTerm,
+    Affinity, Capabilities, Container, ContainerPort, EnvVar, HTTPGetAction, PersistentVolumeClaim, PersistentVolumeClaimSpec, PodAffinityTerm, PodAntiAffinity, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, SecurityContext, Service, ServicePort, ServiceSpec, VolumeMount, VolumeResourceRequirements, WeightedPodAffinityTerm,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -266,6 +264,13 @@ pub fn statefulset(rkv: &RaftKV, replicas: u32, initial_cluster: &[String], boot
             mount_path: DATA_DIR.to_string(),
             ..VolumeMount::default()
         }]),
+        // The node writes only to its data volume.
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), ..Capabilities::default() }),
+            ..SecurityContext::default()
+        }),
         ..Container::default()
     };
     let annotations = BTreeMap::from([
@@ -310,6 +315,17 @@ pub fn statefulset(rkv: &RaftKV, replicas: u32, initial_cluster: &[String], boot
                     tolerations: spec.tolerations.clone(),
                     affinity: affinity(rkv),
                     termination_grace_period_seconds: Some(30),
+                    // The image runs as 65532; fsGroup makes a fresh volume writable for it
+                    // on storage that hands out root-owned volumes.
+                    security_context: Some(PodSecurityContext {
+                        run_as_non_root: Some(true),
+                        run_as_user: Some(NODE_UID),
+                        run_as_group: Some(NODE_UID),
+                        fs_group: Some(NODE_UID),
+                        fs_group_change_policy: Some("OnRootMismatch".into()),
+                        seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), ..SeccompProfile::default() }),
+                        ..PodSecurityContext::default()
+                    }),
                     ..PodSpec::default()
                 }),
             },
@@ -320,10 +336,28 @@ pub fn statefulset(rkv: &RaftKV, replicas: u32, initial_cluster: &[String], boot
     }
 }
 
+/// The uid and gid the node image runs as (images/node.Dockerfile).
+pub const NODE_UID: i64 = 65532;
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::crd::{RaftKVSpec, StorageSpec};
+
+    #[test]
+    fn node_pods_run_restricted_and_own_their_volume() {
+        let init = vec!["http://kv-0.kv-peer.ns.svc:2380".to_string()];
+        let sts = statefulset(&rkv(), 1, &init, false);
+        let pod = sts.spec.template.spec.unwrap();
+        let psc = pod.security_context.unwrap();
+        assert_eq!(psc.fs_group, Some(NODE_UID));
+        assert_eq!(psc.run_as_non_root, Some(true));
+        assert_eq!(psc.seccomp_profile.unwrap().type_, "RuntimeDefault");
+        let csc = pod.containers[0].security_context.clone().unwrap();
+        assert_eq!(csc.allow_privilege_escalation, Some(false));
+        assert_eq!(csc.read_only_root_filesystem, Some(true));
+        assert_eq!(csc.capabilities.unwrap().drop, Some(vec!["ALL".to_string()]));
+    }
 
     fn rkv() -> RaftKV {
         let mut r = RaftKV::new(
