@@ -527,3 +527,5 @@ impl raft::Storage for DiskStorage {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod perf_tests;

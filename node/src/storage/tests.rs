@@ -593,38 +593,49 @@ proptest! {
 #[ignore]
 fn bench_write_path() {
     let base = std::env::var_os("RAFTKV_BENCH_DIR").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
-    let d = tempfile::tempdir_in(base).expect("tempdir");
-    let value = vec![0x5au8; 256];
-    let s = open(d.path());
-    let mut next = 1u64;
-    for (batch, rounds) in [(1u64, 2000u64), (16, 1000), (128, 300)] {
-        let mut fsync = Vec::with_capacity(rounds as usize);
-        let start = std::time::Instant::now();
-        for _ in 0..rounds {
-            let b: Vec<Entry> = (next..next + batch)
-                .map(|i| Entry { index: i, term: 1, data: value.clone(), ..Default::default() })
-                .collect();
-            s.append(&b).expect("append");
-            s.set_hard_state(&HardState { term: 1, vote: 1, commit: next }).expect("hs");
-            fsync.push(s.sync().expect("sync"));
-            next += batch;
+    for preallocate in [false, true] {
+        println!("preallocate: {preallocate} (8 MiB segments)");
+        let d = tempfile::tempdir_in(&base).expect("tempdir");
+        let value = vec![0x5au8; 256];
+        let opts = || StorageOptions { segment_bytes: 8 << 20, preallocate };
+        let s = DiskStorage::open(d.path(), opts()).expect("open");
+        let mut next = 1u64;
+        for (batch, rounds) in [(1u64, 2000u64), (16, 1000), (128, 300)] {
+            let mut fsync = Vec::with_capacity(rounds as usize);
+            let mut whole = Vec::with_capacity(rounds as usize);
+            let start = std::time::Instant::now();
+            for _ in 0..rounds {
+                let b: Vec<Entry> = (next..next + batch)
+                    .map(|i| Entry { index: i, term: 1, data: value.clone(), ..Default::default() })
+                    .collect();
+                s.append(&b).expect("append");
+                s.set_hard_state(&HardState { term: 1, vote: 1, commit: next }).expect("hs");
+                let t = std::time::Instant::now();
+                fsync.push(s.sync().expect("sync"));
+                whole.push(t.elapsed());
+                next += batch;
+            }
+            let secs = start.elapsed().as_secs_f64();
+            fsync.sort();
+            whole.sort();
+            println!(
+                "  batch {batch:>3}: {:>6.0} syncs/s {:>7.0} entries/s ({:.1} MB/s); fdatasync p50 {:?} p99 {:?}; \
+                 sync() max {:?} (rotations included)",
+                rounds as f64 / secs,
+                (rounds * batch) as f64 / secs,
+                (rounds * batch * 256) as f64 / secs / 1e6,
+                fsync[fsync.len() / 2],
+                fsync[fsync.len() * 99 / 100],
+                whole[whole.len() - 1],
+            );
         }
-        let secs = start.elapsed().as_secs_f64();
-        fsync.sort();
-        println!(
-            "batch {batch:>3}: {:>8.0} syncs/s {:>9.0} entries/s ({:.1} MB/s); fdatasync p50 {:?} p99 {:?}",
-            rounds as f64 / secs,
-            (rounds * batch) as f64 / secs,
-            (rounds * batch * 256) as f64 / secs / 1e6,
-            fsync[fsync.len() / 2],
-            fsync[fsync.len() * 99 / 100],
-        );
+        println!("  segments: {}", segments(d.path()).len());
+        let start = std::time::Instant::now();
+        drop(s);
+        let s = DiskStorage::open(d.path(), opts()).expect("reopen");
+        println!("  reopen with {} entries: {:?}", next - 1, start.elapsed());
+        assert_eq!(s.last_index().expect("last"), next - 1);
     }
-    let start = std::time::Instant::now();
-    drop(s);
-    let s = open(d.path());
-    println!("reopen with {} entries: {:?}", next - 1, start.elapsed());
-    assert_eq!(s.last_index().expect("last"), next - 1);
 }
 
 proptest! {
