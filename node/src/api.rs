@@ -499,6 +499,11 @@ impl Api {
     async fn promote(&self, id: u64) -> ApiResult {
         let st = self.status();
         let view = self.members_view().await?;
+        // Either view showing a voter settles it: conf changes apply in log order, and the
+        // leader's published view can trail a change this node has just applied.
+        if st.voters.contains(&id) {
+            return Ok(json(StatusCode::OK, &json!({ "id": id, "role": "voter", "changed": false })));
+        }
         match Self::role_in(&view, id).as_deref() {
             Some("voter") => return Ok(json(StatusCode::OK, &json!({ "id": id, "role": "voter", "changed": false }))),
             Some("learner") => {}

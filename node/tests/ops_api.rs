@@ -39,7 +39,7 @@ fn learner_catches_up_is_promoted_then_a_voter_is_removed_and_leadership_moves()
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
     assert_eq!(r.json()["changed"], true);
     let r = c.http.post(&format!("{}/v1/members/{id}/promote", c.url(1)), "").unwrap();
-    assert_eq!(r.json()["changed"], false);
+    assert_eq!(r.json()["changed"], false, "{}", r.text());
     let m = c.http.get(&format!("{}/v1/members", c.url(id))).unwrap().json();
     assert_eq!(member(&m, id).unwrap()["role"], "voter");
     // Transfer leadership to the new voter, explicitly.
