@@ -648,6 +648,7 @@ proptest! {
         ops in proptest::collection::vec((0u64..3, 1u64..4, any::<bool>()), 1..60),
         cut in any::<prop::sample::Index>(),
         seg in 300u64..1500,
+        zero_fill in any::<bool>(),
     ) {
         let d = tempfile::tempdir().expect("tempdir");
         let opts = || StorageOptions { segment_bytes: seg, ..StorageOptions::default() };
@@ -681,8 +682,17 @@ proptest! {
         let h = wal::SEGMENT_HEADER_LEN;
         let meta_len = u32::from_le_bytes([data[h], data[h + 1], data[h + 2], data[h + 3]]) as usize;
         let min = h + record::HEADER_LEN + meta_len;
-        let keep = if data.len() > min { min + cut.index(data.len() - min) } else { data.len() };
-        fs::write(last, &data[..keep]).expect("cut");
+        let written = file_len(last) as usize;
+        let keep = if written > min { min + cut.index(written - min + 1) } else { written };
+        if zero_fill {
+            // A crash in a preallocated segment: the unwritten part reads as zeros and
+            // the file keeps its size.
+            let mut z = data.clone();
+            z[keep..written].fill(0);
+            fs::write(last, &z).expect("zero fill");
+        } else {
+            fs::write(last, &data[..keep]).expect("cut");
+        }
         let s = DiskStorage::open(d.path(), opts()).expect("reopen after a torn tail");
         let got = all_entries(&s);
         let hs = s.hard_state();
