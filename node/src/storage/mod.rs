@@ -250,7 +250,8 @@ impl DiskStorage {
     /// index 1): writes the snapshot file atomically (tmp, fsync, rename, dir fsync),
     /// then a WAL record, syncs; clears in-memory entries; first_index = index + 1.
     /// Rejects a snapshot older than the current one (SnapshotOutOfDate). Installing the
-    /// current snapshot again (a retry after a failed sync) is allowed.
+    /// current snapshot again (a retry after a failed sync) is allowed. Waits for a
+    /// `save_snapshot` in progress on another thread.
     pub fn apply_snapshot(&self, snap: Snapshot) -> Result<(), StorageError> {
         let Snapshot { data, metadata } = snap;
         let meta = metadata.unwrap_or_default();
@@ -302,8 +303,9 @@ impl DiskStorage {
     /// the raft thread buffered before it, and synced. Every entry up to `index` is in
     /// the log at that point, so on disk each is either durable already or earlier in
     /// the same write as the record: a crash can never leave the record without them.
-    /// If the log changed meanwhile (a leader's snapshot was installed), the file is
-    /// removed and `SnapshotOutOfDate` returned.
+    /// `apply_snapshot` waits for a save in progress (one snapshot writer at a time);
+    /// should the log nevertheless no longer hold `index` with its term at the end, the
+    /// file is removed and `SnapshotOutOfDate` returned. Locking: docs/storage.md.
     pub fn save_snapshot(&self, index: u64, conf_state: &ConfState, data: Vec<u8>) -> Result<Duration, StorageError> {
         let start = Instant::now();
         let _writer = self.snap_writer()?;
