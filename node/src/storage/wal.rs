@@ -510,6 +510,47 @@ fn truncate_file(path: &Path, len: u64) -> Result<(), StorageError> {
 ///
 /// With `preallocate`, the active segment is (re)extended to `segment_bytes` with
 /// `fallocate` (unless the filesystem refuses).
+/// Reads a segment up to the end of what was written. A preallocated segment is mostly
+/// zeros past its records; reading all of it would cost `segment_bytes` of memory at
+/// every start. The end is found by hopping over record headers (length + length
+/// checksum) from the segment header; anything non-zero beyond the first header that does
+/// not check out is read too, so the recovery rules (torn tail vs corruption) see every
+/// byte that matters. Only a run of zeros at the very end is left out.
+fn read_written(path: &Path) -> std::io::Result<Vec<u8>> {
+    const BLOCK: u64 = 1 << 20;
+    let hl = record::HEADER_LEN as u64;
+    let f = File::open(path)?;
+    let len = f.metadata()?.len();
+    let mut off = SEGMENT_HEADER_LEN as u64;
+    let mut hdr = [0u8; record::HEADER_LEN];
+    while off + hl <= len {
+        f.read_exact_at(&mut hdr, off)?;
+        let body = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]) as u64;
+        let check = u32::from_le_bytes([hdr[4], hdr[5], hdr[6], hdr[7]]);
+        if body == 0 || crc32fast::hash(&hdr[0..4]) != check {
+            break;
+        }
+        off += hl + body;
+    }
+    let mut end = (off + hl).min(len);
+    // Non-zero bytes after that point (corruption, or a torn record) are kept.
+    let mut buf = vec![0u8; BLOCK as usize];
+    let mut hi = len;
+    while hi > end {
+        let lo = hi.saturating_sub(BLOCK).max(end);
+        let chunk = &mut buf[..(hi - lo) as usize];
+        f.read_exact_at(chunk, lo)?;
+        if let Some(i) = chunk.iter().rposition(|b| *b != 0) {
+            end = lo + i as u64 + 1;
+            break;
+        }
+        hi = lo;
+    }
+    let mut data = vec![0u8; end as usize];
+    f.read_exact_at(&mut data, 0)?;
+    Ok(data)
+}
+
 pub(crate) fn recover(
     dir: &Path,
     segment_bytes: u64,
@@ -527,7 +568,7 @@ pub(crate) fn recover(
     let n = segments.len();
     for (i, seg) in segments.iter_mut().enumerate() {
         let is_last = i + 1 == n;
-        let data = fs::read(&seg.path).map_err(io_err(&seg.path))?;
+        let data = read_written(&seg.path).map_err(io_err(&seg.path))?;
         check_segment_header(&seg.path, &data, seg.seq, seg.first_index)?;
         let mut off = SEGMENT_HEADER_LEN;
         let mut first = true;
