@@ -194,10 +194,12 @@ for f in glob.glob(os.path.join(out, "*.json")):
     r = rows.setdefault(key, {"tput": [], "p99": [], "rss": [], "cpu_per_op": []})
     r["tput"].append(d["throughput"])
     r["p99"].append(d["latency"]["p99_us"] / 1000)
-    r["rss"].append(d["server_peak_rss_kib_sum"] / 1024)
-    ops = max(d["ok"], 1)
-    r["cpu_per_op"].append(d["server_cpu_seconds_sum"] / ops * 1e6)
-med = {k: {m: statistics.median(v) for m, v in r.items()} for k, r in rows.items()}
+    # Missing when a server process could not be sampled (e.g. it died): skip the value.
+    if d.get("server_peak_rss_kib_sum") is not None:
+        r["rss"].append(d["server_peak_rss_kib_sum"] / 1024)
+    if d.get("server_cpu_seconds_sum") is not None:
+        r["cpu_per_op"].append(d["server_cpu_seconds_sum"] / max(d["ok"], 1) * 1e6)
+med = {k: {m: (statistics.median(v) if v else float("nan")) for m, v in r.items()} for k, r in rows.items()}
 print(f"{'system':12} {'workload':17} {'ops/s':>9} {'p99 ms':>8} {'peak RSS MiB':>13} {'server CPU us/op':>17}")
 for (s, w) in sorted(med):
     m = med[(s, w)]
