@@ -60,7 +60,15 @@ fi
 raftexample=$(OUT_DIR="$work/anchors" bash "$shared" | tail -1)
 snapshot_count=10000
 
-stop_all() {
+stop_all() { # SIGTERM, up to 10 s to exit, then SIGKILL; only the processes we started
+  local p
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  for _ in $(seq 1 100); do
+    local alive=0
+    for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
+    [ "$alive" = 0 ] && break
+    sleep 0.1
+  done
   for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
   for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
   pids=()
@@ -143,6 +151,10 @@ for rep in $(seq 1 "$repeat"); do
     echo "== $sys (repeat $rep of $repeat)"
     "start_$sys"
     "$bench" --target "$sys" --endpoints "$endpoints" --workload load --keys "$keys" --connections 32 >/dev/null 2>&1 || true
+    if [ "$sys" = raftexample ]; then # it acks before commit: wait until the last key is everywhere
+      last=$(printf '%08d' $((keys - 1)))
+      for i in 1 2 3; do wait_200 "http://127.0.0.1:1742$i/$last"; done
+    fi
     if [ "$sys" = raftexample ]; then
       workloads="put get mix"   # raftexample's GET is a local read: its only kind
     else
