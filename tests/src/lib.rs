@@ -6,6 +6,7 @@
 //! and [`wait_for`] polls a condition until a deadline (tests never sleep blindly).
 //! On a panic the cluster prints the tail of every node's log before it is torn down.
 
+pub mod faultkit;
 pub mod linearizability;
 pub mod tls;
 
