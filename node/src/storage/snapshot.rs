@@ -39,17 +39,12 @@ pub(crate) struct SnapFile {
 
 /// The file name of the snapshot at (`term`, `index`).
 pub(crate) fn file_name(term: u64, index: u64) -> String {
-    format!("{term:016x}-{index:016x}.snap")
+    super::fsutil::pair_name(term, index, "snap")
 }
 
 /// Parses a snapshot file name into (term, index).
 pub(crate) fn parse_name(name: &str) -> Option<(u64, u64)> {
-    let stem = name.strip_suffix(".snap")?;
-    let (t, i) = stem.split_once('-')?;
-    if t.len() != 16 || i.len() != 16 {
-        return None;
-    }
-    Some((u64::from_str_radix(t, 16).ok()?, u64::from_str_radix(i, 16).ok()?))
+    super::fsutil::parse_pair_name(name, "snap")
 }
 
 /// Lists the snapshot files in `dir`, oldest (lowest index) first. Leftover temporary

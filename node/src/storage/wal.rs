@@ -51,17 +51,12 @@ pub(crate) struct Segment {
 
 /// The segment file name for (`seq`, `first_index`).
 pub(crate) fn segment_name(seq: u64, first_index: u64) -> String {
-    format!("{seq:016x}-{first_index:016x}.wal")
+    fsutil::pair_name(seq, first_index, "wal")
 }
 
 /// Parses a segment file name into (seq, first_index).
 pub(crate) fn parse_segment_name(name: &str) -> Option<(u64, u64)> {
-    let stem = name.strip_suffix(".wal")?;
-    let (s, i) = stem.split_once('-')?;
-    if s.len() != 16 || i.len() != 16 {
-        return None;
-    }
-    Some((u64::from_str_radix(s, 16).ok()?, u64::from_str_radix(i, 16).ok()?))
+    fsutil::parse_pair_name(name, "wal")
 }
 
 fn segment_header(seq: u64, first_index: u64) -> Vec<u8> {
