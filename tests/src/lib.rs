@@ -171,6 +171,33 @@ impl NodeProc {
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
     }
+
+    /// Starts this node's process: raftexample-style flags (`--id --cluster --port`),
+    /// its data dir, a client listener on 127.0.0.1, `args`, and `--join --peer-url
+    /// <peer_url>` for a joiner. Its stderr goes to its log file.
+    pub fn start(&mut self, cluster: &str, peer_url: &str, args: &[String]) {
+        assert!(self.child.is_none(), "node {} is already running", self.id);
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log file");
+        let mut cmd = Command::new(node_binary());
+        cmd.arg("--id")
+            .arg(self.id.to_string())
+            .arg("--cluster")
+            .arg(cluster)
+            .arg("--port")
+            .arg(self.client_port.to_string())
+            .arg("--listen-client-addr")
+            .arg(format!("127.0.0.1:{}", self.client_port))
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .args(args)
+            .env("RUST_LOG", std::env::var("RAFTKV_TEST_LOG").unwrap_or_else(|_| "info".into()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log));
+        if self.join {
+            cmd.arg("--join").arg("--peer-url").arg(peer_url);
+        }
+        self.child = Some(cmd.spawn().expect("spawn raftkv-node"));
+    }
 }
 
 /// Options for a test cluster.
@@ -250,35 +277,18 @@ impl Cluster {
 
     /// Starts (or restarts) node `id`'s process with the same flags.
     pub fn spawn(&mut self, id: u64) {
-        let bin = node_binary();
         let cluster = self.cluster_flag();
         let opts = self.opts.clone();
+        let mut args = vec![
+            "--snapshot-count".to_string(),
+            opts.snapshot_count.to_string(),
+            "--request-timeout-ms".to_string(),
+            opts.request_timeout_ms.to_string(),
+        ];
+        args.extend(opts.extra_args);
         let n = &mut self.nodes[(id - 1) as usize];
-        assert!(n.child.is_none(), "node {id} is already running");
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&n.log).expect("log file");
-        let mut cmd = Command::new(bin);
-        cmd.arg("--id")
-            .arg(id.to_string())
-            .arg("--cluster")
-            .arg(&cluster)
-            .arg("--port")
-            .arg(n.client_port.to_string())
-            .arg("--listen-client-addr")
-            .arg(format!("127.0.0.1:{}", n.client_port))
-            .arg("--data-dir")
-            .arg(&n.data_dir)
-            .arg("--snapshot-count")
-            .arg(opts.snapshot_count.to_string())
-            .arg("--request-timeout-ms")
-            .arg(opts.request_timeout_ms.to_string())
-            .args(&opts.extra_args)
-            .env("RUST_LOG", std::env::var("RAFTKV_TEST_LOG").unwrap_or_else(|_| "info".into()))
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(log));
-        if n.join {
-            cmd.arg("--join").arg("--peer-url").arg(n.peer_url());
-        }
-        n.child = Some(cmd.spawn().expect("spawn raftkv-node"));
+        let peer_url = n.peer_url();
+        n.start(&cluster, &peer_url, &args);
     }
 
     /// Adds a node process that starts with `--join` (not yet a raft member). Returns its id.

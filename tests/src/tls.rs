@@ -5,10 +5,9 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use crate::{free_port, node_binary, wait_for, Http, NodeProc, Resp, StatusCode};
+use crate::{free_port, wait_for, Http, NodeProc, Resp, StatusCode};
 
 /// A certificate authority whose certificates and keys live as PEM files in a folder.
 pub struct Pki {
@@ -222,33 +221,11 @@ impl TlsCluster {
     /// Starts node `id`'s process.
     pub fn spawn(&mut self, id: u64) {
         let cluster = (1..=self.initial as u64).map(|i| self.peer_url(i)).collect::<Vec<_>>().join(",");
-        let mut args = self.tls_args();
+        let mut args = vec!["--request-timeout-ms".to_string(), "3000".to_string()];
+        args.extend(self.tls_args());
         args.extend(self.extra_args.iter().cloned());
         let peer_url = self.peer_url(id);
-        let n = &mut self.nodes[(id - 1) as usize];
-        assert!(n.child.is_none(), "node {id} is already running");
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&n.log).expect("log file");
-        let mut cmd = Command::new(node_binary());
-        cmd.arg("--id")
-            .arg(id.to_string())
-            .arg("--cluster")
-            .arg(&cluster)
-            .arg("--port")
-            .arg(n.client_port.to_string())
-            .arg("--listen-client-addr")
-            .arg(format!("127.0.0.1:{}", n.client_port))
-            .arg("--data-dir")
-            .arg(&n.data_dir)
-            .arg("--request-timeout-ms")
-            .arg("3000")
-            .args(&args)
-            .env("RUST_LOG", std::env::var("RAFTKV_TEST_LOG").unwrap_or_else(|_| "info".into()))
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(log));
-        if n.join {
-            cmd.arg("--join").arg("--peer-url").arg(peer_url);
-        }
-        n.child = Some(cmd.spawn().expect("spawn raftkv-node"));
+        self.nodes[(id - 1) as usize].start(&cluster, &peer_url, &args);
     }
 
     /// Adds a node process started with `--join` (not yet a member). Returns its id.
