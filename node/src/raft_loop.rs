@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use prost::Message as _;
 use raft::eraftpb::{
     ConfChange, ConfChangeSingle, ConfChangeType, ConfChangeV2, ConfState, Entry, EntryType, Message,
-    Snapshot, SnapshotMetadata,
+    MessageType, Snapshot, SnapshotMetadata,
 };
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -321,7 +321,8 @@ struct RaftLoop {
     last_leader: u64,
     stop_deadline: Option<Instant>,
     removed: bool,
-    persist_failed: bool,
+    /// Set when this node must stop: why (a failed fsync, a log that lost entries).
+    fatal: Option<&'static str>,
 }
 
 fn lock_err<T>(_: T) -> StorageError {
@@ -433,7 +434,7 @@ pub fn start(
         last_leader: 0,
         stop_deadline: None,
         removed: false,
-        persist_failed: false,
+        fatal: None,
     };
     lp.publish_status();
     let fatal = lp.shutdown.clone();
@@ -480,8 +481,8 @@ impl RaftLoop {
                 self.housekeeping(now);
             }
             self.issue_reads(now);
-            let ready = if self.persist_failed {
-                Err(StorageError::Io { path: self.cfg.data_dir.clone(), source: std::io::Error::other("WAL fsync failed") })
+            let ready = if let Some(why) = self.fatal {
+                Err(StorageError::Io { path: self.cfg.data_dir.clone(), source: std::io::Error::other(why) })
             } else {
                 self.on_ready()
             };
@@ -564,6 +565,9 @@ impl RaftLoop {
             }
             Request::Read { reply } => self.new_reads.push(reply),
             Request::Raft(m) => {
+                if self.lost_acknowledged_entries(&m) {
+                    return;
+                }
                 if let Err(e) = self.raw.step(*m) {
                     debug!(error = %e, "raft refused a peer message");
                 }
@@ -583,7 +587,7 @@ impl RaftLoop {
             Request::DiskFull => self.fail_all(ProposeError::Refused("disk full".into())),
             Request::PersistFailed(e) => {
                 error!(error = %e, "WAL fsync failed; stopping this node");
-                self.persist_failed = true;
+                self.fatal = Some("WAL fsync failed");
             }
             Request::Stop => {
                 if self.stop_deadline.is_none() {
@@ -597,6 +601,35 @@ impl RaftLoop {
                 }
             }
         }
+    }
+
+    /// A leader's heartbeat carries `min(match, commit)` for this member, and this
+    /// member reports a match only for entries it has made durable. A heartbeat commit
+    /// beyond the last index of the log means this member's disk lost entries it had
+    /// acknowledged (a WAL cut short by something other than a torn last write, a
+    /// restored backup, a replaced volume). raft-rs would panic on it; continuing would
+    /// let this member vote and count towards quorums without data it promised to keep.
+    /// Stops the node with a message that says how to recover.
+    fn lost_acknowledged_entries(&mut self, m: &Message) -> bool {
+        let last = self.raw.raft.raft_log.last_index();
+        if m.get_msg_type() != MessageType::MsgHeartbeat || m.term < self.raw.raft.term || m.commit <= last {
+            return false;
+        }
+        error!(
+            leader = m.from,
+            leader_commit = m.commit,
+            last_index = last,
+            data_dir = %self.cfg.data_dir.display(),
+            "this member's log lost entries it acknowledged: the leader's commit for it is {} but the log ends at {}; \
+             the data dir was truncated, restored from a backup or replaced. Refusing to go on: \
+             remove this member (DELETE /v1/members/{}), wipe its data dir and add it back (docs/storage.md, \
+             \"Recovering a damaged member\")",
+            m.commit,
+            last,
+            self.cfg.id
+        );
+        self.fatal = Some("this member's log lost acknowledged entries");
+        true
     }
 
     /// The most caught-up other voter that answered recently.
