@@ -8,6 +8,7 @@
 
 pub mod faultkit;
 pub mod linearizability;
+pub mod netns;
 pub mod tls;
 
 use std::io::{BufRead, BufReader};
