@@ -1,34 +1,227 @@
-//! Fault suite: faults injected into real raftkv-node clusters on 127.0.0.1.
+//! Fault suite: disk faults injected into real raftkv-node clusters on 127.0.0.1.
+//!
+//! * a torn WAL tail (an append that never completed) is cut off at start-up;
+//! * a WAL that lost synced, acknowledged entries makes the node stop with a message;
+//! * a corrupted WAL record or snapshot file makes the node refuse to start, naming the
+//!   file and the offset; the member is then recovered by the documented procedure
+//!   (docs/storage.md, "Recovering a damaged member"): wipe, remove, re-add, promote;
+//! * a full disk (ENOSPC on a real, size-limited tmpfs; needs root).
+//!
+//! Each test prints "operations checked: N".
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use raftkv_tests::{faultkit, Cluster, StatusCode};
+use raftkv_tests::faultkit::{self, TornWrite};
+use raftkv_tests::{wait_for, Cluster, Options, StatusCode};
 
-/// Torn WAL tail: a follower is killed with -9, its last segment loses a few bytes of
-/// its written part; it must restart, and every acked write must be readable from it.
-#[test]
-#[ignore = "bug: cutting 5 bytes off the last synced WAL record of a killed follower makes the restarted node start with a log shorter than the commit the leader sends; the raft loop panics in raft-0.7 RaftLog::commit_to (to_commit out of range) instead of refusing to start with a clear error naming the file and offset"]
-fn torn_wal_tail_restarts_with_all_data() {
-    let mut c = Cluster::start(3);
-    let leader = c.wait_leader(Duration::from_secs(20));
-    let n = 60;
-    for i in 0..n {
-        c.put_retry(leader, &format!("torn-{i}"), &format!("v{i}"), Duration::from_secs(10));
-    }
-    let victim = if leader == 1 { 2 } else { 1 };
-    let dir = c.node(victim).data_dir.clone();
-    c.kill(victim);
-    let segs = faultkit::wal_segments(&dir);
-    let last = segs.last().expect("victim has WAL segments");
-    let len = faultkit::tear_tail(last, 5).expect("tear tail");
-    println!("tore {} to {len} bytes", last.display());
-    c.spawn(victim);
-    for i in 0..n {
-        let url = format!("{}/v1/kv/torn-{i}?consistency=serializable", c.url(victim));
-        raftkv_tests::wait_for(Duration::from_secs(30), &format!("torn-{i} on node {victim}"), || {
+const T: Duration = Duration::from_secs(30);
+
+/// PUTs `n` keys `<prefix>-<i>` = `v<i>-<prefix>` through node `via` (retried until
+/// acknowledged); returns them.
+fn write_keys(c: &Cluster, via: u64, prefix: &str, n: usize) -> Vec<(String, String)> {
+    (0..n)
+        .map(|i| {
+            let (k, v) = (format!("{prefix}-{i}"), format!("v{i}-{prefix}"));
+            c.put_retry(via, &k, &v, T);
+            (k, v)
+        })
+        .collect()
+}
+
+/// Waits until node `id` serves every key with its value (serializable reads: what the
+/// node itself has applied). Returns how many were checked.
+fn check_keys(c: &Cluster, id: u64, keys: &[(String, String)]) -> usize {
+    for (k, v) in keys {
+        let url = format!("{}/v1/kv/{k}?consistency=serializable", c.url(id));
+        let got = wait_for(T, &format!("{k} on node {id}"), || {
             let r = c.http.get(&url).ok()?;
-            (r.status == StatusCode::OK).then(|| r.json())
+            (r.status == StatusCode::OK).then(|| r.json()["value"].as_str().map(str::to_owned)).flatten()
         });
+        assert_eq!(&got, v, "node {id} has a wrong value for {k}");
     }
-    println!("operations checked: {n} acked writes read back from the restarted node");
+    keys.len()
+}
+
+/// Waits until the leader reports that follower `id` has made everything committed
+/// durable (its match index equals the commit index).
+fn wait_replicated(c: &Cluster, leader: u64, id: u64) {
+    wait_for(T, &format!("node {id} to match the leader's commit"), || {
+        let m = c.http.get(&format!("{}/v1/members", c.url(leader))).ok()?.json();
+        let commit = m["commit_index"].as_u64()?;
+        let matched = m["members"].as_array()?.iter().find(|x| x["id"] == id)?["match_index"].as_u64()?;
+        (matched == commit).then_some(())
+    });
+}
+
+/// Waits (bounded) for node `id` to exit by itself and returns its exit code; panics
+/// with the log's tail when it keeps running.
+fn expect_exit(c: &mut Cluster, id: u64, timeout: Duration) -> Option<i32> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let child = c.nodes[(id - 1) as usize].child.as_mut().expect("node was started");
+        if let Ok(Some(st)) = child.try_wait() {
+            c.nodes[(id - 1) as usize].child = None;
+            return st.code();
+        }
+        assert!(Instant::now() < deadline, "node {id} kept running (expected it to refuse)");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The recovery procedure of docs/storage.md ("Recovering a damaged member"), step by
+/// step: wipe the data dir, remove the member on the leader, start the node again with
+/// `--join` (same id, empty data dir), add it as a learner, promote it once it caught up.
+fn recover_member(c: &mut Cluster, leader: u64, id: u64) {
+    std::fs::remove_dir_all(&c.node(id).data_dir).expect("wipe the data dir");
+    let r = c.http.delete(&format!("{}/v1/members/{id}", c.url(leader))).expect("DELETE member");
+    assert_eq!(r.status, StatusCode::OK, "remove member {id}: {}", r.text());
+    c.nodes[(id - 1) as usize].join = true;
+    c.spawn(id);
+    let body = format!(r#"{{"id":{id},"peer_url":"{}","learner":true}}"#, c.node(id).peer_url());
+    let r = c.http.post(&format!("{}/v1/members", c.url(leader)), body).expect("POST member");
+    assert_eq!(r.status, StatusCode::CREATED, "add learner {id}: {}", r.text());
+    wait_for(T, &format!("promotion of {id}"), || {
+        let r = c.http.post(&format!("{}/v1/members/{id}/promote", c.url(leader)), "").ok()?;
+        (r.status == StatusCode::OK).then_some(())
+    });
+    let m = c.http.get(&format!("{}/v1/members", c.url(leader))).expect("members").json();
+    let me = m["members"].as_array().and_then(|a| a.iter().find(|x| x["id"] == id).cloned());
+    assert_eq!(me.map(|x| x["role"].clone()), Some("voter".into()), "{m}");
+}
+
+fn follower_of(leader: u64) -> u64 {
+    if leader == 1 {
+        2
+    } else {
+        1
+    }
+}
+
+/// Torn WAL tail: a follower is killed with -9 and an incomplete record (half of a copy
+/// of its last record, or a header promising more bytes than follow) is appended to the
+/// written part of its last segment — what a crash in the middle of an unacknowledged
+/// append leaves. It must start, cut the tail off (logged), and serve every acked write.
+#[test]
+fn torn_wal_tail_is_cut_off_and_the_node_has_every_acked_write() {
+    let mut c = Cluster::start(3);
+    let leader = c.wait_leader(T);
+    let mut keys = write_keys(&c, leader, "torn", 40);
+    let victim = follower_of(leader);
+    let mut checked = 0;
+    for (round, how) in [TornWrite::HalfOfLastRecord, TornWrite::HeaderClaimingMore].into_iter().enumerate() {
+        wait_replicated(&c, leader, victim);
+        c.kill(victim);
+        let seg = faultkit::wal_segments(&c.node(victim).data_dir).pop().expect("victim has WAL segments");
+        let (off, n) = faultkit::append_torn_record(&seg, how).expect("append a torn record");
+        println!("{how:?}: {n} bytes at offset {off} of {}", seg.display());
+        c.spawn(victim);
+        let log = c.node(victim).log.clone();
+        faultkit::wait_log(&log, &format!("offset={off}"), T);
+        assert!(faultkit::log_contains(&log, "truncating the torn tail"), "no truncation logged");
+        checked += check_keys(&c, victim, &keys);
+        // It goes on working: new writes reach it, and the cut tail is gone for good.
+        let more = write_keys(&c, leader, &format!("after-{round}"), 10);
+        checked += check_keys(&c, victim, &more);
+        keys.extend(more);
+    }
+    // A third, clean restart: nothing left to cut, nothing lost.
+    wait_replicated(&c, leader, victim);
+    c.kill(victim);
+    c.spawn(victim);
+    checked += check_keys(&c, victim, &keys);
+    println!("operations checked: {checked} reads of acked writes on the restarted follower");
+}
+
+/// Synced, acknowledged entries cut off a follower's WAL (not a torn write: data loss,
+/// e.g. a disk that dropped writes it confirmed). The storage cannot tell this from a
+/// torn tail and opens; the leader's commit for this member is then beyond its log, and
+/// the node must stop with exit code != 0 and a message saying how to recover — never
+/// panic, never vote or ack without the data.
+#[test]
+#[ignore = "waiting for: the raft loop's lost-entries check (node/src/raft_loop.rs, the lead's uncommitted change); passes with it"]
+fn acked_entries_cut_off_a_wal_stop_the_node_with_a_message() {
+    let mut c = Cluster::start(3);
+    let leader = c.wait_leader(T);
+    let keys = write_keys(&c, leader, "lost", 30);
+    let victim = follower_of(leader);
+    wait_replicated(&c, leader, victim);
+    c.kill(victim);
+    let seg = faultkit::wal_segments(&c.node(victim).data_dir).pop().expect("victim has WAL segments");
+    let off = faultkit::lose_last_entries(&seg).expect("cut the last entries");
+    println!("zeroed {} from inside the Entries record at offset {off}", seg.display());
+    c.spawn(victim);
+    let code = expect_exit(&mut c, victim, T);
+    assert!(code.is_some_and(|x| x != 0), "exit code {code:?}");
+    let log = c.node(victim).log.clone();
+    assert!(faultkit::log_contains(&log, "lost entries it acknowledged"), "no lost-entries message in the log");
+    assert!(faultkit::log_contains(&log, "Recovering a damaged member"), "the message does not point at the procedure");
+    // The other two go on; the member comes back by the documented procedure.
+    recover_member(&mut c, leader, victim);
+    let n = check_keys(&c, victim, &keys);
+    println!("operations checked: {n} acked writes read back after the recovery (exit code {code:?})");
+}
+
+/// A byte flipped inside an early WAL record of a stopped follower: a restart refuses
+/// (exit code != 0) naming the file and the record's offset; the documented recovery
+/// brings the member back with all data.
+#[test]
+fn corrupted_wal_record_refuses_to_start_then_the_member_is_recovered() {
+    let mut c = Cluster::start(3);
+    let leader = c.wait_leader(T);
+    let mut keys = write_keys(&c, leader, "walrot", 50);
+    let victim = follower_of(leader);
+    wait_replicated(&c, leader, victim);
+    c.terminate(victim, T);
+    let seg = faultkit::wal_segments(&c.node(victim).data_dir).pop().expect("victim has WAL segments");
+    let recs = faultkit::wal_records(&seg).expect("records");
+    // An early Entries record with good records after it: damage, not a torn write.
+    let rec = *recs.iter().filter(|r| r.kind == faultkit::REC_ENTRIES).nth(2).expect("a third Entries record");
+    assert!(recs.last().is_some_and(|l| l.offset > rec.offset + 1000), "the record is not early enough");
+    faultkit::flip_byte(&seg, rec.offset + faultkit::RECORD_HEADER_LEN + 3).expect("flip");
+    c.spawn(victim);
+    let code = expect_exit(&mut c, victim, T);
+    assert!(code.is_some_and(|x| x != 0), "exit code {code:?}");
+    let log = c.node(victim).log.clone();
+    let expected = format!("WAL corrupt: {} at offset {}", seg.display(), rec.offset);
+    assert!(faultkit::log_contains(&log, &expected), "log lacks {expected:?}");
+    // Writes go on with two of three.
+    keys.extend(write_keys(&c, leader, "walrot-degraded", 10));
+    recover_member(&mut c, leader, victim);
+    let mut checked = check_keys(&c, victim, &keys);
+    // A restart of the recovered member keeps everything.
+    c.kill(victim);
+    c.spawn(victim);
+    checked += check_keys(&c, victim, &keys);
+    println!("operations checked: {checked} reads of acked writes on the recovered member (refused with exit code {code:?})");
+}
+
+/// A byte flipped in a stopped follower's newest snapshot file: a restart refuses
+/// (exit code != 0) naming the file; the documented recovery brings it back.
+#[test]
+fn corrupted_snapshot_refuses_to_start_then_the_member_is_recovered() {
+    let opts = Options { snapshot_count: 50, ..Options::default() };
+    let mut c = Cluster::start_with(3, opts);
+    let leader = c.wait_leader(T);
+    let mut keys = write_keys(&c, leader, "snaprot", 300);
+    let victim = follower_of(leader);
+    wait_replicated(&c, leader, victim);
+    c.terminate(victim, T);
+    let snaps = faultkit::snapshot_files(&c.node(victim).data_dir);
+    let newest = snaps.last().expect("the follower saved snapshots").clone();
+    let len = std::fs::metadata(&newest).expect("snapshot size").len();
+    println!("{} snapshot files; flipping a byte in {} ({len} bytes)", snaps.len(), newest.display());
+    faultkit::flip_byte(&newest, len / 2).expect("flip");
+    c.spawn(victim);
+    let code = expect_exit(&mut c, victim, T);
+    assert!(code.is_some_and(|x| x != 0), "exit code {code:?}");
+    let log = c.node(victim).log.clone();
+    let expected = format!("snapshot corrupt: {} at offset", newest.display());
+    assert!(faultkit::log_contains(&log, &expected), "log lacks {expected:?}");
+    keys.extend(write_keys(&c, leader, "snaprot-degraded", 10));
+    recover_member(&mut c, leader, victim);
+    let mut checked = check_keys(&c, victim, &keys);
+    c.kill(victim);
+    c.spawn(victim);
+    checked += check_keys(&c, victim, &keys);
+    println!("operations checked: {checked} reads of acked writes on the recovered member (refused with exit code {code:?})");
 }
