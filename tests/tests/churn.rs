@@ -1,0 +1,505 @@
+//! Membership churn under load and faults, checked for linearizability.
+//!
+//! Six clients read and write through every current member while the test repeatedly
+//! grows and shrinks the cluster the way an operator does: start a fresh process with
+//! `--join`, add it as a learner (`POST /v1/members`), wait until it has caught up,
+//! promote it, then remove another member (a follower, and every other round the
+//! leader, which first hands leadership over). Faults are interleaved: a random member
+//! is killed with SIGKILL and restarted while a membership request is in flight and
+//! between steps, and the leader is paused with SIGSTOP once during a promotion. At most
+//! one member is down at a time and never the one being removed, so a quorum of the
+//! voters (3 → 4 → 3) stays alive. Membership requests that answer 503 or 409
+//! (`change_in_progress`, `learner_behind`) are retried until a deadline, as the
+//! operator does.
+//!
+//! At the end every key is read once more (linearizable) into the history, the checker
+//! decides, the member list must be exactly the expected voters, every removed member
+//! must have exited 0 by itself, and every remaining member must serve the final values
+//! from its own state. `RAFTKV_SOAK=1` runs more rounds; `RAFTKV_CHURN_SEED=<n>`
+//! replays a fault schedule.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use raftkv_tests::linearizability::history::{Op, Recorder};
+use raftkv_tests::linearizability::{check, CheckResult};
+use raftkv_tests::{wait_for, Cluster, Http, Options, StatusCode};
+use serde_json::Value;
+
+const KEYS: usize = 100;
+const CLIENTS: u64 = 6;
+/// Deadline of one membership step, retries included (the operator's patience).
+const STEP_DEADLINE: Duration = Duration::from_secs(60);
+/// Deadline for the cluster to settle after a fault (leader, restart, exit).
+const SETTLE: Duration = Duration::from_secs(30);
+/// How long a killed member stays down, and a paused leader stays paused.
+const HOLD_DOWN: Duration = Duration::from_millis(800);
+const HOLD_PAUSED: Duration = Duration::from_millis(1500);
+/// Client id of the final reads in the history.
+const FINAL_READER: u64 = 99;
+
+/// Client URLs of the current members; the load threads pick from it on every request.
+type Targets = Arc<RwLock<Vec<String>>>;
+
+/// Sets the stop flag when dropped, so a failing test does not leave load threads
+/// spinning against dead nodes.
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+fn client_loop(targets: Targets, rec: Arc<Recorder>, stop: Arc<AtomicBool>, client: u64) {
+    let http = Http::new(Duration::from_secs(4));
+    let mut rng = StdRng::seed_from_u64(client);
+    let mut seq = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        let key = format!("k{}", rng.gen_range(0..KEYS));
+        let base = {
+            let t = targets.read().unwrap_or_else(|e| e.into_inner());
+            t[rng.gen_range(0..t.len())].clone()
+        };
+        let url = format!("{base}/{key}");
+        if rng.gen_bool(0.5) {
+            seq += 1;
+            let value = format!("{client}-{seq}").into_bytes();
+            let p = rec.begin(client, Op::Put { key, value: value.clone() });
+            match http.put(&url, value) {
+                Ok(r) if r.status.is_success() => p.ok().expect("completion"),
+                Ok(r) if r.status.is_client_error() => p.failed(),
+                // 503 after the proposal may have been made, timeouts, resets, a node
+                // that was removed or killed mid-request: unknown.
+                _ => p.unknown(),
+            }
+        } else {
+            let p = rec.begin(client, Op::Get { key, result: None });
+            match http.get(&url) {
+                Ok(r) if r.status == StatusCode::OK => p.read(Some(r.body)).expect("completion"),
+                Ok(r) if r.status == StatusCode::NOT_FOUND => p.read(None).expect("completion"),
+                _ => p.failed(), // a read that failed observed nothing
+            }
+        }
+    }
+}
+
+/// One membership change, as the operator sends it.
+#[derive(Clone, Debug)]
+enum Change {
+    AddLearner { id: u64, peer_url: String },
+    Promote(u64),
+    Remove(u64),
+}
+
+impl Change {
+    fn request(&self) -> (&'static str, String, Option<Vec<u8>>) {
+        match self {
+            Change::AddLearner { id, peer_url } => (
+                "POST",
+                "/v1/members".into(),
+                Some(format!(r#"{{"id":{id},"peer_url":"{peer_url}","learner":true}}"#).into_bytes()),
+            ),
+            Change::Promote(id) => ("POST", format!("/v1/members/{id}/promote"), Some(Vec::new())),
+            Change::Remove(id) => ("DELETE", format!("/v1/members/{id}"), None),
+        }
+    }
+}
+
+/// Sends `change` to random members of `urls` until it is done, retrying transport
+/// errors, 503 and the retryable 409s until [`STEP_DEADLINE`]. Err describes an answer
+/// the API must not give, or the deadline.
+fn run_change(http: &Http, urls: &[String], change: &Change, seed: u64) -> Result<u32, String> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let (method, path, body) = change.request();
+    let deadline = Instant::now() + STEP_DEADLINE;
+    // Whether an earlier attempt may have taken effect without us hearing about it.
+    let mut ambiguous = false;
+    let mut attempts = 0u32;
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        attempts += 1;
+        let url = format!("{}{path}", urls[rng.gen_range(0..urls.len())]);
+        match http.call(method, &url, body.clone()) {
+            Err(e) => {
+                ambiguous = true;
+                last = format!("{url}: {e}");
+            }
+            Ok(r) => {
+                let code = serde_json::from_slice::<Value>(&r.body)
+                    .ok()
+                    .and_then(|v| v["code"].as_str().map(str::to_owned))
+                    .unwrap_or_default();
+                let done = match (change, r.status.as_u16()) {
+                    (Change::AddLearner { .. }, 200 | 201) => true,
+                    (Change::Promote(_), 200) => {
+                        let role = r.json()["role"].clone();
+                        assert_eq!(role, "voter", "promote answered 200 without a voter role: {}", r.text());
+                        true
+                    }
+                    (Change::Remove(_), 200) => true,
+                    // The removal was applied by an attempt whose answer we lost.
+                    (Change::Remove(_), 404) if ambiguous && code == "not_member" => true,
+                    (_, 503) => {
+                        ambiguous = true;
+                        false
+                    }
+                    (_, 409) if code == "change_in_progress" => false,
+                    (Change::Promote(_), 409) if code == "learner_behind" => false,
+                    (_, s) => {
+                        return Err(format!("{change:?} via {url}: unexpected answer {s} {}", r.text()));
+                    }
+                };
+                if done {
+                    return Ok(attempts);
+                }
+                last = format!("{url}: {} {}", r.status, r.text());
+            }
+        }
+        // Poll interval between retries (the operator requeues too).
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Err(format!("{change:?} not done after {STEP_DEADLINE:?} ({attempts} attempts); last answer {last}"))
+}
+
+/// A fault held while a membership request is in flight.
+#[derive(Clone, Copy, Debug)]
+enum Fault {
+    /// `kill -9` this node, hold it down, restart it.
+    Kill(u64),
+    /// SIGSTOP the leader, hold, SIGCONT.
+    PauseLeader,
+}
+
+/// The test's model of the cluster and its fault schedule.
+struct Churn {
+    c: Cluster,
+    /// Ids of the current members (voters, and the learner between add and promote).
+    members: BTreeSet<u64>,
+    targets: Targets,
+    http: Http,
+    rng: StdRng,
+    changes: usize,
+    kills: usize,
+    pauses: usize,
+}
+
+impl Churn {
+    fn member_urls(&self) -> Vec<String> {
+        self.members.iter().map(|id| self.c.url(*id)).collect()
+    }
+
+    fn publish_targets(&self) {
+        *self.targets.write().unwrap_or_else(|e| e.into_inner()) = self.member_urls();
+    }
+
+    /// `GET /v1/status` of node `id`, with a short timeout.
+    fn status(&self, id: u64) -> Option<Value> {
+        let r = self.http.get(&format!("{}/v1/status", self.c.url(id))).ok()?;
+        (r.status == StatusCode::OK).then(|| r.json())
+    }
+
+    /// Waits until every running member names the same leader, a running member.
+    fn wait_leader(&self) -> u64 {
+        wait_for(SETTLE, "the members to agree on a leader", || {
+            let running: Vec<u64> = self.members.iter().copied().filter(|id| self.c.node(*id).child.is_some()).collect();
+            let mut leader = None;
+            for id in &running {
+                let l = self.status(*id)?["leader"].as_u64()?;
+                if l == 0 || leader.is_some_and(|x| x != l) {
+                    return None;
+                }
+                leader = Some(l);
+            }
+            leader.filter(|l| running.contains(l))
+        })
+    }
+
+    /// A random member other than `except`, to be killed.
+    fn kill_victim(&mut self, extra: Option<u64>, except: Option<u64>) -> u64 {
+        let pool: Vec<u64> = self.members.iter().copied().chain(extra).filter(|id| Some(*id) != except).collect();
+        pool[self.rng.gen_range(0..pool.len())]
+    }
+
+    /// Restarts a killed node and waits until it serves again (a member: knows the
+    /// leader; a joiner not yet added: answers `/healthz`).
+    fn restart(&mut self, id: u64) {
+        self.c.spawn(id);
+        let member = self.members.contains(&id);
+        wait_for(SETTLE, &format!("node {id} to serve again after its restart"), || {
+            if member {
+                (self.status(id)?["leader"].as_u64()? != 0).then_some(())
+            } else {
+                let r = self.http.get(&format!("{}/healthz", self.c.url(id))).ok()?;
+                (r.status == StatusCode::OK).then_some(())
+            }
+        });
+    }
+
+    /// Kills `id`, holds it down, restarts it: a fault between membership steps.
+    fn kill_and_restart(&mut self, id: u64) {
+        eprintln!("  kill -9 node {id} (between steps)");
+        self.c.kill(id);
+        self.kills += 1;
+        std::thread::sleep(HOLD_DOWN);
+        self.restart(id);
+    }
+
+    /// Runs `change` on another thread while `fault` is injected after a random delay.
+    fn change_under(&mut self, change: Change, fault: Option<Fault>) {
+        let urls = self.member_urls();
+        let http = self.http.clone();
+        let seed = self.rng.gen();
+        let ch = change.clone();
+        let started = Instant::now();
+        let worker = std::thread::spawn(move || run_change(&http, &urls, &ch, seed));
+        match fault {
+            None => {}
+            Some(Fault::Kill(id)) => {
+                // Holding: the fault lands somewhere inside the request, not after it.
+                std::thread::sleep(Duration::from_millis(self.rng.gen_range(0..300)));
+                eprintln!("  kill -9 node {id} during {change:?}");
+                self.c.kill(id);
+                self.kills += 1;
+                std::thread::sleep(HOLD_DOWN);
+                self.restart(id);
+            }
+            Some(Fault::PauseLeader) => {
+                let leader = self.wait_leader();
+                eprintln!("  SIGSTOP leader {leader} during {change:?}");
+                self.c.signal(leader, libc::SIGSTOP);
+                self.pauses += 1;
+                std::thread::sleep(HOLD_PAUSED);
+                self.c.signal(leader, libc::SIGCONT);
+                self.wait_leader();
+            }
+        }
+        let attempts = worker.join().expect("membership request thread").unwrap_or_else(|e| panic!("{e}"));
+        self.changes += 1;
+        eprintln!("  {change:?} done in {:?} ({attempts} attempts)", started.elapsed());
+    }
+
+    /// Waits until the leader reports learner `id` reachable with a match index within a
+    /// few entries of the commit index (what the operator waits for before promoting).
+    fn wait_caught_up(&self, id: u64) {
+        wait_for(STEP_DEADLINE, &format!("learner {id} to catch up"), || {
+            let r = self.http.get(&format!("{}/v1/members", self.c.url(*self.members.first()?))).ok()?;
+            if r.status != StatusCode::OK {
+                return None;
+            }
+            let m = r.json();
+            let commit = m["commit_index"].as_u64()?;
+            let l = m["members"].as_array()?.iter().find(|x| x["id"] == id)?;
+            let matched = l["match_index"].as_u64()?;
+            (matched > 0 && matched + 20 >= commit).then_some(())
+        });
+    }
+
+    /// Moves leadership to `to` (`POST /v1/leader/transfer`), retrying 503 and transport
+    /// errors; returns the leader the members agree on afterwards (normally `to`).
+    fn transfer_leader(&self, to: u64) -> u64 {
+        eprintln!("  leader transfer to node {to}");
+        wait_for(STEP_DEADLINE, &format!("leadership to move to node {to}"), || {
+            let from = *self.members.first()?;
+            let r = self.http.post(&format!("{}/v1/leader/transfer", self.c.url(from)), format!(r#"{{"to":{to}}}"#)).ok()?;
+            match r.status {
+                StatusCode::OK => Some(()),
+                StatusCode::SERVICE_UNAVAILABLE => None,
+                s => panic!("leader transfer to {to}: unexpected answer {s} {}", r.text()),
+            }
+        });
+        self.wait_leader()
+    }
+
+    /// One round: join, add as learner, catch up, promote, remove `victim`.
+    fn round(&mut self, round: usize, remove_leader: bool) {
+        let joiner = self.c.spawn_joiner();
+        let peer_url = self.c.node(joiner).peer_url();
+        eprintln!("round {round}: node {joiner} joins; members {:?}", self.members);
+
+        // Add as learner while a random member (or the joiner itself) is killed.
+        let k = self.kill_victim(Some(joiner), None);
+        self.change_under(Change::AddLearner { id: joiner, peer_url }, Some(Fault::Kill(k)));
+        self.members.insert(joiner);
+        self.publish_targets();
+
+        // Between add and promote: kill someone (the learner too) and restart it.
+        let k = self.kill_victim(None, None);
+        self.kill_and_restart(k);
+        self.wait_caught_up(joiner);
+
+        // Promote, with the leader paused once, else a kill in flight.
+        let fault = if round == 0 { Fault::PauseLeader } else { Fault::Kill(self.kill_victim(None, None)) };
+        self.change_under(Change::Promote(joiner), Some(fault));
+
+        // Remove the leader, or a follower other than the newcomer; never kill it meanwhile.
+        let mut leader = self.wait_leader();
+        for _ in 0..5 {
+            if !(remove_leader && leader == joiner) {
+                break;
+            }
+            // The newcomer won an election; remove an older leader instead.
+            let others: Vec<u64> = self.members.iter().copied().filter(|id| *id != joiner).collect();
+            let to = others[self.rng.gen_range(0..others.len())];
+            leader = self.transfer_leader(to);
+        }
+        assert!(!(remove_leader && leader == joiner), "leadership never moved off the newcomer {joiner}");
+        let victim = if remove_leader {
+            leader
+        } else {
+            let followers: Vec<u64> = self.members.iter().copied().filter(|id| *id != leader && *id != joiner).collect();
+            followers[self.rng.gen_range(0..followers.len())]
+        };
+        let k = self.kill_victim(None, Some(victim));
+        eprintln!("  removing node {victim} ({})", if victim == leader { "the leader" } else { "a follower" });
+        self.change_under(Change::Remove(victim), Some(Fault::Kill(k)));
+        self.members.remove(&victim);
+        self.publish_targets();
+        let code = self.c.wait_exit(victim, SETTLE);
+        assert_eq!(code, Some(0), "removed node {victim} must stop by itself with exit code 0");
+        self.wait_leader();
+    }
+}
+
+/// The final value of every key: read once more through the members (linearizable),
+/// recorded into the history.
+fn final_reads(rec: &Recorder, http: &Http, urls: &[String]) -> BTreeMap<String, Option<Vec<u8>>> {
+    let mut values = BTreeMap::new();
+    for k in 0..KEYS {
+        let key = format!("k{k}");
+        let url = format!("{}/{key}", urls[k % urls.len()]);
+        let v = wait_for(SETTLE, &format!("a final read of {key}"), || {
+            let p = rec.begin(FINAL_READER, Op::Get { key: key.clone(), result: None });
+            match http.get(&url) {
+                Ok(r) if r.status == StatusCode::OK || r.status == StatusCode::NOT_FOUND => {
+                    let v = (r.status == StatusCode::OK).then(|| r.body.clone());
+                    p.read(v.clone()).expect("completion");
+                    Some(v)
+                }
+                _ => {
+                    p.failed();
+                    None
+                }
+            }
+        });
+        values.insert(key, v);
+    }
+    values
+}
+
+#[test]
+fn membership_churn_under_load_and_faults_stays_linearizable() {
+    let seed: u64 = std::env::var("RAFTKV_CHURN_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(11);
+    let rounds = if std::env::var("RAFTKV_SOAK").is_ok() { 16 } else { 4 };
+    eprintln!("churn: seed {seed}, {rounds} rounds");
+    let started = Instant::now();
+    // Frequent snapshots: learners catch up from a snapshot as well as from the log.
+    let opts = Options { snapshot_count: 300, ..Options::default() };
+    let c = Cluster::start_with(3, opts);
+    let targets: Targets = Arc::new(RwLock::new(Vec::new()));
+    let mut churn = Churn {
+        c,
+        members: (1..=3).collect(),
+        targets: targets.clone(),
+        http: Http::new(Duration::from_secs(5)),
+        rng: StdRng::seed_from_u64(seed),
+        changes: 0,
+        kills: 0,
+        pauses: 0,
+    };
+    churn.publish_targets();
+    let rec = Arc::new(Recorder::new());
+    let stop = Arc::new(AtomicBool::new(false));
+    let _stop_guard = StopOnDrop(stop.clone());
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|client| {
+            let (targets, rec, stop) = (targets.clone(), rec.clone(), stop.clone());
+            std::thread::spawn(move || client_loop(targets, rec, stop, client))
+        })
+        .collect();
+
+    for round in 0..rounds {
+        churn.round(round, round % 2 == 1);
+        eprintln!("round {round} done at {:?}: members {:?}, {} ops so far", started.elapsed(), churn.members, rec.len());
+    }
+
+    stop.store(true, Ordering::Relaxed);
+    for t in clients {
+        t.join().expect("client thread");
+    }
+    // A write that answered 503 may still commit: a write acked by the current leader
+    // in its term commits everything before it, so nothing changes after the final reads.
+    let leader = churn.wait_leader();
+    churn.c.put_retry(leader, "churn-barrier", "done", SETTLE);
+    let urls = churn.member_urls();
+    let values = final_reads(&rec, &churn.http, &urls);
+
+    let events = rec.events();
+    let writes_acked = events.iter().filter(|e| e.op.is_write() && e.complete.is_some()).count();
+    let operations = events.len();
+    eprintln!(
+        "{operations} operations ({writes_acked} acknowledged writes), {} membership changes, {} kills, {} pauses in {:?}",
+        churn.changes,
+        churn.kills,
+        churn.pauses,
+        started.elapsed()
+    );
+    assert!(writes_acked > 200, "too little load got through: {writes_acked} acknowledged writes");
+    let checking = Instant::now();
+    match check(&events, Duration::from_secs(60)).expect("well-formed history") {
+        CheckResult::Ok => eprintln!("linearizable (checked in {:?})", checking.elapsed()),
+        other => panic!("history of {operations} operations is not proven linearizable: {other}"),
+    }
+
+    // The member list: exactly the expected voters, in the leader's view and each member's.
+    let expected: Vec<u64> = churn.members.iter().copied().collect();
+    let leader = churn.wait_leader();
+    let m = churn.http.get(&format!("{}/v1/members", churn.c.url(leader))).expect("GET /v1/members").json();
+    let listed: Vec<(u64, String)> = m["members"]
+        .as_array()
+        .expect("members array")
+        .iter()
+        .map(|x| (x["id"].as_u64().expect("member id"), x["role"].as_str().unwrap_or_default().to_owned()))
+        .collect();
+    let want: Vec<(u64, String)> = expected.iter().map(|id| (*id, "voter".to_owned())).collect();
+    assert_eq!(listed, want, "the leader's member list");
+    for id in &expected {
+        let st = churn.status(*id).unwrap_or_else(|| panic!("status of member {id}"));
+        let mut ids: Vec<u64> =
+            st["members"].as_array().expect("members in status").iter().filter_map(|x| x["id"].as_u64()).collect();
+        ids.sort_unstable();
+        assert_eq!(ids, expected, "member {id}'s own member list");
+    }
+
+    // Every remaining member serves the final values from its own state.
+    let commit = churn.status(leader).and_then(|s| s["commit_index"].as_u64()).expect("leader commit index");
+    for id in &expected {
+        wait_for(SETTLE, &format!("member {id} to apply index {commit}"), || {
+            (churn.status(*id)?["applied_index"].as_u64()? >= commit).then_some(())
+        });
+        for (key, want) in &values {
+            let r = churn
+                .http
+                .get(&format!("{}/v1/kv/{key}?consistency=serializable", churn.c.url(*id)))
+                .unwrap_or_else(|e| panic!("serializable GET {key} on member {id}: {e}"));
+            let got = match r.status {
+                StatusCode::OK => Some(r.json()["value"].as_str().expect("utf-8 value").as_bytes().to_vec()),
+                StatusCode::NOT_FOUND => None,
+                s => panic!("serializable GET {key} on member {id}: {s} {}", r.text()),
+            };
+            assert_eq!(
+                got.as_deref().map(String::from_utf8_lossy),
+                want.as_deref().map(String::from_utf8_lossy),
+                "member {id}'s value of {key}"
+            );
+        }
+    }
+    println!(
+        "operations checked: {operations} (acked writes {writes_acked}), membership changes: {}",
+        churn.changes
+    );
+}
