@@ -304,30 +304,18 @@ impl ImageSource {
         self.applied
     }
 
-    /// Encodes a [`SnapshotImage`] straight from the map, without building the
-    /// intermediate message (which would double the memory for a large store).
+    /// Encodes the [`SnapshotImage`] into one buffer (small stores, tests, the bootstrap
+    /// image). Large images are streamed with [`ImageSource::encode_to`] instead.
     pub fn encode(&self) -> Vec<u8> {
-        fn value_len(k: &str, v: &Value) -> usize {
-            let mut n = 0;
-            if !k.is_empty() {
-                n += key_len(1) + encoded_len_varint(k.len() as u64) + k.len();
-            }
-            if !v.data.is_empty() {
-                n += key_len(2) + encoded_len_varint(v.data.len() as u64) + v.data.len();
-            }
-            if v.revision != 0 {
-                n += key_len(3) + encoded_len_varint(v.revision);
-            }
-            n
-        }
-        let header = SnapshotImage {
-            version: 1,
-            applied_index: self.applied,
-            values: Vec::new(),
-            members: self.members.iter().map(|(id, url)| MemberRecord { id: *id, peer_url: url.clone() }).collect(),
-            removed: self.removed.iter().copied().collect(),
-        };
-        let total: usize = self
+        let mut buf = Vec::with_capacity(self.encoded_len());
+        // Writing into a Vec cannot fail.
+        let _ = self.encode_to(&mut buf);
+        buf
+    }
+
+    /// Bytes [`ImageSource::encode_to`] writes.
+    pub fn encoded_len(&self) -> usize {
+        let values: usize = self
             .data
             .iter()
             .map(|(k, v)| {
@@ -335,10 +323,19 @@ impl ImageSource {
                 key_len(3) + encoded_len_varint(n as u64) + n
             })
             .sum();
-        let mut buf = Vec::with_capacity(header.encoded_len() + total);
+        self.header().encoded_len() + values
+    }
+
+    /// Streams a [`SnapshotImage`] straight from the map to `w`, without building the
+    /// message or the encoded image in memory (a snapshot of a large store costs a
+    /// small buffer, not a second copy of the store). Exactly
+    /// [`ImageSource::encoded_len`] bytes.
+    pub fn encode_to<W: std::io::Write + ?Sized>(&self, w: &mut W) -> std::io::Result<()> {
+        w.write_all(&self.header().encode_to_vec())?;
         // Field order does not matter to protobuf decoders; the values go last.
-        let _ = header.encode(&mut buf);
+        let mut buf = Vec::with_capacity(512);
         for (k, v) in self.data.iter() {
+            buf.clear();
             encode_key(3, WireType::LengthDelimited, &mut buf);
             encode_varint(value_len(k, v) as u64, &mut buf);
             if !k.is_empty() {
@@ -349,15 +346,44 @@ impl ImageSource {
             if !v.data.is_empty() {
                 encode_key(2, WireType::LengthDelimited, &mut buf);
                 encode_varint(v.data.len() as u64, &mut buf);
-                buf.put_slice(&v.data);
             }
+            w.write_all(&buf)?;
+            buf.clear();
+            w.write_all(&v.data)?;
             if v.revision != 0 {
                 encode_key(3, WireType::Varint, &mut buf);
                 encode_varint(v.revision, &mut buf);
+                w.write_all(&buf)?;
             }
         }
-        buf
+        Ok(())
     }
+
+    /// The image without its values (members, removed ids, applied index).
+    fn header(&self) -> SnapshotImage {
+        SnapshotImage {
+            version: 1,
+            applied_index: self.applied,
+            values: Vec::new(),
+            members: self.members.iter().map(|(id, url)| MemberRecord { id: *id, peer_url: url.clone() }).collect(),
+            removed: self.removed.iter().copied().collect(),
+        }
+    }
+}
+
+/// Encoded length of one `ValueRecord` of the image.
+fn value_len(k: &str, v: &Value) -> usize {
+    let mut n = 0;
+    if !k.is_empty() {
+        n += key_len(1) + encoded_len_varint(k.len() as u64) + k.len();
+    }
+    if !v.data.is_empty() {
+        n += key_len(2) + encoded_len_varint(v.data.len() as u64) + v.data.len();
+    }
+    if v.revision != 0 {
+        n += key_len(3) + encoded_len_varint(v.revision);
+    }
+    n
 }
 
 #[cfg(test)]

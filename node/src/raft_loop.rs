@@ -988,9 +988,9 @@ impl RaftLoop {
         let storage = self.storage.clone();
         let tx = self.self_tx.clone();
         let spawned = std::thread::Builder::new().name("snapshot".into()).spawn(move || {
-            let data = image.encode();
+            let len = image.encoded_len() as u64;
+            let result = storage.save_snapshot_streamed(index, &conf_state, len, |w| image.encode_to(w));
             drop(image);
-            let result = storage.save_snapshot(index, &conf_state, data);
             let _ = tx.send(Request::SnapshotSaved { index, result });
         });
         match spawned {

@@ -307,6 +307,19 @@ impl DiskStorage {
     /// should the log nevertheless no longer hold `index` with its term at the end, the
     /// file is removed and `SnapshotOutOfDate` returned. Locking: docs/storage.md.
     pub fn save_snapshot(&self, index: u64, conf_state: &ConfState, data: Vec<u8>) -> Result<Duration, StorageError> {
+        self.save_snapshot_streamed(index, conf_state, data.len() as u64, |w| w.write_all(&data))
+    }
+
+    /// [`DiskStorage::save_snapshot`] with the data streamed to the file by `fill`
+    /// (exactly `data_len` bytes), so a large state machine is never encoded into
+    /// memory as a whole.
+    pub fn save_snapshot_streamed(
+        &self,
+        index: u64,
+        conf_state: &ConfState,
+        data_len: u64,
+        fill: impl FnOnce(&mut dyn std::io::Write) -> std::io::Result<()>,
+    ) -> Result<Duration, StorageError> {
         let start = Instant::now();
         let _writer = self.snap_writer()?;
         let check = |log: &MemLog| -> Result<Option<u64>, StorageError> {
@@ -328,8 +341,7 @@ impl DiskStorage {
         };
         // The file is written without holding the lock: readers are not held up by it.
         let meta = SnapshotMetadata { conf_state: Some(conf_state.clone()), index, term };
-        let (path, size) = snapshot::write(&self.inner.snap_dir, &meta, &data)?;
-        drop(data);
+        let (path, size) = snapshot::write_streamed(&self.inner.snap_dir, &meta, data_len, fill)?;
         let mut core = self.wl()?;
         if check(&core.log).ok().flatten() != Some(term) {
             // The log changed under us (a leader's snapshot arrived): the file is stale.

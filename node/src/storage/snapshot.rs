@@ -78,37 +78,80 @@ pub(crate) fn list(dir: &Path) -> Result<Vec<SnapFile>, StorageError> {
 }
 
 /// Writes the snapshot file for `meta` + `data` atomically into `dir`. Returns its path
-/// and size. The data is streamed to the file, not copied.
+/// and size.
 pub(crate) fn write(dir: &Path, meta: &SnapshotMetadata, data: &[u8]) -> Result<(PathBuf, u64), StorageError> {
+    write_streamed(dir, meta, data.len() as u64, |w| w.write_all(data))
+}
+
+/// Writes the snapshot file for `meta` atomically into `dir`, its data produced by
+/// `fill`, which must write exactly `data_len` bytes. The data goes through a small
+/// buffer straight to the file and is checksummed on the way; the header (which holds
+/// the checksum) is written last, at the start of the file, before the fsync. Returns
+/// the path and size.
+pub(crate) fn write_streamed(
+    dir: &Path,
+    meta: &SnapshotMetadata,
+    data_len: u64,
+    fill: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
+) -> Result<(PathBuf, u64), StorageError> {
+    use std::os::unix::fs::FileExt;
     let path = dir.join(file_name(meta.term, meta.index));
     let mut prefix = Vec::with_capacity(16);
-    if !data.is_empty() {
+    if data_len > 0 {
         encode_key(1, WireType::LengthDelimited, &mut prefix);
-        encode_varint(data.len() as u64, &mut prefix);
+        encode_varint(data_len, &mut prefix);
     }
     let mut suffix = Vec::new();
     prost::encoding::message::encode(2, meta, &mut suffix);
-    let payload_len = (prefix.len() + data.len() + suffix.len()) as u64;
-    let mut h = crc32fast::Hasher::new();
-    h.update(&prefix);
-    h.update(data);
-    h.update(&suffix);
-    let mut header = Vec::with_capacity(HEADER_LEN);
-    header.extend_from_slice(&MAGIC);
-    header.extend_from_slice(&VERSION.to_le_bytes());
-    header.extend_from_slice(&payload_len.to_le_bytes());
-    header.extend_from_slice(&h.finalize().to_le_bytes());
-    let hcrc = crc32fast::hash(&header);
-    header.extend_from_slice(&hcrc.to_le_bytes());
+    let payload_len = prefix.len() as u64 + data_len + suffix.len() as u64;
     write_atomic(&path, |f| {
-        let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
-        w.write_all(&header)?;
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&prefix);
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, &mut *f);
+        w.write_all(&[0u8; HEADER_LEN])?;
         w.write_all(&prefix)?;
-        w.write_all(data)?;
+        let mut counted = Checksummed { inner: &mut w, crc, written: 0 };
+        fill(&mut counted)?;
+        let Checksummed { written, mut crc, .. } = counted;
+        if written != data_len {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("snapshot data was {written} bytes, {data_len} announced"),
+            ));
+        }
+        crc.update(&suffix);
         w.write_all(&suffix)?;
-        w.flush()
+        w.flush()?;
+        drop(w);
+        let mut header = Vec::with_capacity(HEADER_LEN);
+        header.extend_from_slice(&MAGIC);
+        header.extend_from_slice(&VERSION.to_le_bytes());
+        header.extend_from_slice(&payload_len.to_le_bytes());
+        header.extend_from_slice(&crc.finalize().to_le_bytes());
+        let hcrc = crc32fast::hash(&header);
+        header.extend_from_slice(&hcrc.to_le_bytes());
+        f.write_all_at(&header, 0)
     })?;
     Ok((path, HEADER_LEN as u64 + payload_len))
+}
+
+/// A writer that checksums and counts what passes through it.
+struct Checksummed<'a, W: Write> {
+    inner: &'a mut W,
+    crc: crc32fast::Hasher,
+    written: u64,
+}
+
+impl<W: Write> Write for Checksummed<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.crc.update(&buf[..n]);
+        self.written += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
 }
 
 /// Reads and verifies a snapshot file (header, lengths, payload crc, metadata). With

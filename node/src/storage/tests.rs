@@ -251,6 +251,31 @@ fn missing_referenced_snapshot_is_corrupt() {
 }
 
 #[test]
+fn streamed_snapshot_reads_back_and_a_wrong_length_leaves_no_file() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let dir = d.path();
+    let meta = SnapshotMetadata { conf_state: Some(cs(&[1])), index: 7, term: 2 };
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let (path, size) = snapshot::write_streamed(dir, &meta, data.len() as u64, |w| {
+        for chunk in data.chunks(4096) {
+            w.write_all(chunk)?;
+        }
+        Ok(())
+    })
+    .expect("write");
+    assert_eq!(fs::metadata(&path).expect("meta").len(), size);
+    let back = snapshot::read(&path, true).expect("read back");
+    assert_eq!(back.data, data);
+    assert_eq!(back.metadata, Some(meta.clone()));
+    // A producer that writes fewer bytes than announced fails; nothing is left behind.
+    let meta9 = SnapshotMetadata { index: 9, ..meta };
+    let err = snapshot::write_streamed(dir, &meta9, 10, |w| w.write_all(b"short")).expect_err("short data");
+    assert!(err.to_string().contains("5 bytes, 10 announced"), "{err}");
+    let names: Vec<_> = fs::read_dir(dir).expect("ls").map(|e| e.expect("entry").file_name()).collect();
+    assert_eq!(names.len(), 1, "{names:?}");
+}
+
+#[test]
 fn orphan_snapshot_file_is_ignored_and_removed() {
     let d = tempfile::tempdir().expect("tempdir");
     {
