@@ -225,3 +225,139 @@ fn corrupted_snapshot_refuses_to_start_then_the_member_is_recovered() {
     checked += check_keys(&c, victim, &keys);
     println!("operations checked: {checked} reads of acked writes on the recovered member (refused with exit code {code:?})");
 }
+
+/// Stops node `id` (SIGTERM), mounts a tmpfs of `mib` MiB, copies the node's data dir
+/// onto it and restarts the node from there. `Err` when no tmpfs can be mounted.
+fn move_to_tmpfs(c: &mut Cluster, id: u64, mib: u64) -> Result<faultkit::Tmpfs, String> {
+    let fs = faultkit::Tmpfs::mount(&c.dir.path().join(format!("tmpfs-{id}")), mib)?;
+    let code = c.terminate(id, T);
+    assert_eq!(code, Some(0), "node {id} did not stop cleanly");
+    let to = fs.dir.join("data");
+    copy_dir(&c.node(id).data_dir, &to).expect("copy the data dir onto the tmpfs");
+    c.nodes[(id - 1) as usize].data_dir = to;
+    c.spawn(id);
+    Ok(fs)
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for e in std::fs::read_dir(from)? {
+        let e = e?;
+        let target = to.join(e.file_name());
+        if e.file_type()?.is_dir() {
+            copy_dir(&e.path(), &target)?;
+        } else {
+            std::fs::copy(e.path(), &target)?;
+        }
+    }
+    Ok(())
+}
+
+/// A value of about 1 MB (the WAL's 64 MiB segments are preallocated, so a full disk
+/// shows up when a segment fills and the next one cannot be created).
+fn big_value(i: usize) -> String {
+    format!("{i}:{}", "x".repeat(1_000_000))
+}
+
+fn is_running(c: &mut Cluster, id: u64) -> bool {
+    let child = c.nodes[(id - 1) as usize].child.as_mut();
+    child.is_some_and(|ch| matches!(ch.try_wait(), Ok(None)))
+}
+
+/// ENOSPC on one follower: its data dir is on a tmpfs filled to the last byte. Writes
+/// through the leader keep being acknowledged (two of three have space); the full node
+/// stays up; when the space returns it catches up with every acked write, and a restart
+/// keeps them.
+#[test]
+fn a_follower_with_a_full_disk_stays_up_and_catches_up_when_space_returns() {
+    let mut c = Cluster::start(3);
+    let leader = c.wait_leader(T);
+    let mut keys = write_keys(&c, leader, "pre", 10);
+    let victim = follower_of(leader);
+    // 100 MiB: the first (preallocated) 64 MiB segment, the rest filled; 80 MB of writes
+    // fill that segment and need a second one.
+    let fs = match move_to_tmpfs(&mut c, victim, 100) {
+        Ok(fs) => fs,
+        Err(why) => {
+            println!("SKIPPED: {why}");
+            return;
+        }
+    };
+    check_keys(&c, victim, &keys);
+    let filled = fs.fill("filler").expect("fill the tmpfs");
+    println!("filler {filled} bytes, {} bytes free", fs.free_bytes());
+    let mut readyz = Vec::new();
+    let mut via_victim = Vec::new();
+    for i in 0..80 {
+        let (k, v) = (format!("big-{i}"), big_value(i));
+        c.put_retry(leader, &k, &v, T);
+        keys.push((k, v));
+        if i % 10 == 9 {
+            let r = c.http.get(&format!("{}/readyz", c.url(victim))).map(|r| r.status.as_u16());
+            readyz.push(r);
+            let w = c.put(victim, &format!("via-{i}"), "x").map(|s| s.as_u16());
+            via_victim.push(w);
+            assert!(is_running(&mut c, victim), "the follower with a full disk exited after {i} writes");
+        }
+    }
+    println!("full follower: /readyz {readyz:?}; PUT through it {via_victim:?}");
+    let log = c.node(victim).log.clone();
+    assert!(faultkit::log_contains(&log, "disk full"), "the follower never hit the full disk");
+    // Stalled: a write through it is not acknowledged while its disk is full.
+    assert_eq!(via_victim.last(), Some(&Ok(503)), "a write through the full follower");
+    std::fs::remove_file(fs.dir.join("filler")).expect("free the space");
+    let mut checked = check_keys(&c, victim, &keys);
+    // Less than a segment's 64 MiB came back: the next segment grows as written.
+    assert!(faultkit::log_contains(&log, "not enough free space to preallocate"), "no unpreallocated segment");
+    c.kill(victim);
+    c.spawn(victim);
+    checked += check_keys(&c, victim, &keys);
+    println!("operations checked: {checked} reads of acked writes on the follower that was full");
+}
+
+/// ENOSPC on a single-node cluster: once the disk is full, PUTs get 503 (never 2xx) and
+/// the process stays up; after space is freed PUTs succeed; every acked write survives
+/// kill -9 and a restart.
+#[test]
+fn a_single_node_with_a_full_disk_answers_503_then_recovers() {
+    let mut c = Cluster::start(1);
+    let fs = match move_to_tmpfs(&mut c, 1, 80) {
+        Ok(fs) => fs,
+        Err(why) => {
+            println!("SKIPPED: {why}");
+            return;
+        }
+    };
+    c.wait_leader(T);
+    let mut keys = write_keys(&c, 1, "pre", 5);
+    let filled = fs.fill("filler").expect("fill the tmpfs");
+    println!("filler {filled} bytes, {} bytes free", fs.free_bytes());
+    let mut refused = None;
+    for i in 0..100 {
+        let (k, v) = (format!("big-{i}"), big_value(i));
+        match c.put(1, &k, &v) {
+            Ok(s) if s.is_success() => keys.push((k, v)),
+            other => {
+                println!("PUT {k} after {i} acked 1 MB writes: {other:?}");
+                refused = Some(other);
+                break;
+            }
+        }
+    }
+    let refused = refused.expect("100 MB acked on an 80 MiB filesystem");
+    assert_eq!(refused, Ok(StatusCode::SERVICE_UNAVAILABLE));
+    for i in 0..5 {
+        let r = c.put(1, &format!("while-full-{i}"), "x");
+        assert!(!r.as_ref().is_ok_and(|s| s.is_success()), "a write was acked on a full disk: {r:?}");
+        assert!(is_running(&mut c, 1), "the node exited on a full disk");
+    }
+    std::fs::remove_file(fs.dir.join("filler")).expect("free the space");
+    keys.extend(write_keys(&c, 1, "after", 5));
+    let log = c.node(1).log.clone();
+    assert!(faultkit::log_contains(&log, "not enough free space to preallocate"), "no unpreallocated segment");
+    let mut checked = check_keys(&c, 1, &keys);
+    c.kill(1);
+    c.spawn(1);
+    checked += check_keys(&c, 1, &keys);
+    println!("operations checked: {checked} reads of acked writes");
+}

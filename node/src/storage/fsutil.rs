@@ -68,25 +68,50 @@ pub(crate) fn write_atomic(
     sync_dir(dir)
 }
 
+/// What [`preallocate`] achieved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Prealloc {
+    /// The blocks are reserved: the file is at least the asked length.
+    Done,
+    /// The filesystem (or platform) cannot preallocate: fall back to growing files.
+    Unsupported,
+    /// Not enough free space (ENOSPC/EDQUOT) for the whole length right now. The file
+    /// may have been extended in part (zeros); it can still grow as written while any
+    /// space is left.
+    NoSpace,
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Test hook: while set, [`preallocate`] answers [`Prealloc::NoSpace`] on this thread.
+    pub(crate) static PREALLOC_NO_SPACE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 /// Allocates disk blocks for `file` up to `len` bytes (the file's size becomes at least
 /// `len`; new bytes read as zeros), so later writes inside that range need no size
-/// change — `fdatasync` then has less metadata to commit. Returns `Ok(false)` when the
-/// filesystem (or platform) cannot preallocate: the caller falls back to growing files.
-/// Never emulated by writing zeros.
-pub(crate) fn preallocate(file: &File, len: u64) -> std::io::Result<bool> {
+/// change — `fdatasync` then has less metadata to commit. A full disk is not an error
+/// ([`Prealloc::NoSpace`]): a preallocation is an optimisation, and refusing to create
+/// or open a segment because 64 MiB are not free would stall a node that still has room
+/// for its next writes. Never emulated by writing zeros.
+pub(crate) fn preallocate(file: &File, len: u64) -> std::io::Result<Prealloc> {
+    #[cfg(test)]
+    if PREALLOC_NO_SPACE.with(std::cell::Cell::get) {
+        return Ok(Prealloc::NoSpace);
+    }
     #[cfg(target_os = "linux")]
     {
-        let Ok(len) = libc::off_t::try_from(len) else { return Ok(false) };
+        let Ok(len) = libc::off_t::try_from(len) else { return Ok(Prealloc::Unsupported) };
         loop {
             // SAFETY: fallocate on a file descriptor we own; no memory is involved.
             let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len) };
             if rc == 0 {
-                return Ok(true);
+                return Ok(Prealloc::Done);
             }
             let err = std::io::Error::last_os_error();
             match err.raw_os_error() {
                 Some(libc::EINTR) => continue,
-                Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => return Ok(false),
+                Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => return Ok(Prealloc::Unsupported),
+                Some(libc::ENOSPC) | Some(libc::EDQUOT) => return Ok(Prealloc::NoSpace),
                 _ => return Err(err),
             }
         }
@@ -94,7 +119,7 @@ pub(crate) fn preallocate(file: &File, len: u64) -> std::io::Result<bool> {
     #[cfg(not(target_os = "linux"))]
     {
         let _ = (file, len);
-        Ok(false)
+        Ok(Prealloc::Unsupported)
     }
 }
 

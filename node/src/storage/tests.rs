@@ -478,6 +478,49 @@ fn full_disk_on_write_or_fsync_is_retried_without_loss_or_duplicates() {
     assert_eq!(s.hard_state().commit, 7);
 }
 
+/// A disk without room for a whole preallocated segment (`fallocate` fails with
+/// ENOSPC) still gets its new segments, growing as written, at rotation and at open:
+/// a node that freed a little space after a full disk must not wait for 64 MiB.
+#[test]
+fn no_room_to_preallocate_still_rotates_and_opens() {
+    struct Hook;
+    impl Drop for Hook {
+        fn drop(&mut self) {
+            fsutil::PREALLOC_NO_SPACE.with(|c| c.set(false));
+        }
+    }
+    let _hook = Hook;
+    fsutil::PREALLOC_NO_SPACE.with(|c| c.set(true));
+    let d = tempfile::tempdir().expect("tempdir");
+    let seg_bytes = 1024;
+    {
+        let s = open_small(d.path(), seg_bytes);
+        for i in 1..=60 {
+            s.append(&ents(i, i, 1)).expect("append");
+            s.set_hard_state(&HardState { term: 1, vote: 1, commit: i }).expect("hs");
+            s.sync().expect("sync without preallocation");
+        }
+    }
+    let segs = segments(d.path());
+    assert!(segs.len() >= 3, "rotations expected, got {} segment(s)", segs.len());
+    for p in &segs {
+        let len = fs::metadata(p).expect("size").len();
+        assert_eq!(len, file_len(p), "{} is exactly its records (not preallocated)", p.display());
+    }
+    let s = open_small(d.path(), seg_bytes);
+    assert_eq!(all_entries(&s), ents(1, 60, 1));
+    s.append(&ents(61, 61, 1)).expect("append after reopen");
+    s.sync().expect("sync after reopen");
+    drop(s);
+    // With room again, the active segment is preallocated at the next open.
+    fsutil::PREALLOC_NO_SPACE.with(|c| c.set(false));
+    let s = open_small(d.path(), seg_bytes);
+    assert_eq!(all_entries(&s), ents(1, 61, 1));
+    let active = segments(d.path()).pop().expect("segment");
+    let len = fs::metadata(&active).expect("size").len();
+    assert!(len >= seg_bytes, "active segment of {len} bytes: not preallocated");
+}
+
 #[test]
 fn other_write_errors_break_the_wal_until_restart() {
     let d = tempfile::tempdir().expect("tempdir");

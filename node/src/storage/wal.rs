@@ -21,7 +21,7 @@ use raft::eraftpb::{ConfState, Entry, HardState};
 use tracing::{debug, error, info, warn};
 
 use super::error::{corrupt, io_err, StorageError};
-use super::fsutil::{self, write_atomic};
+use super::fsutil::{self, write_atomic, Prealloc};
 use super::log::{check_contiguous, hs_after_snapshot, MemLog};
 use super::record::{self, MetaRecord, Record, Scan};
 
@@ -252,8 +252,10 @@ impl Wal {
         }
         if self.broken.is_none() && self.prealloc {
             // The rollback cut the preallocated zeros off; put them back if there is room.
-            if let Err(e) = fsutil::preallocate(&self.file, self.segment_bytes) {
-                debug!(error = %e, "cannot preallocate the segment again after a rollback");
+            match fsutil::preallocate(&self.file, self.segment_bytes) {
+                Ok(Prealloc::Done) => {}
+                Ok(how) => debug!(?how, "cannot preallocate the segment again after a rollback"),
+                Err(e) => debug!(error = %e, "cannot preallocate the segment again after a rollback"),
             }
         }
         err
@@ -277,9 +279,17 @@ impl Wal {
         let first_index = self.written.last_index + 1;
         let prealloc = self.prealloc.then_some(self.segment_bytes);
         let (seg, preallocated) = create_segment(&self.dir, seq, first_index, &self.written.meta(), prealloc)?;
-        if self.prealloc && !preallocated {
-            warn!(dir = %self.dir.display(), "the filesystem cannot preallocate; WAL segments grow as written");
-            self.prealloc = false;
+        match preallocated {
+            Some(Prealloc::Unsupported) => {
+                warn!(dir = %self.dir.display(), "the filesystem cannot preallocate; WAL segments grow as written");
+                self.prealloc = false;
+            }
+            Some(Prealloc::NoSpace) => warn!(
+                segment = %seg.path.display(),
+                segment_bytes = self.segment_bytes,
+                "not enough free space to preallocate the new WAL segment; it grows as written"
+            ),
+            Some(Prealloc::Done) | None => {}
         }
         let file = OpenOptions::new().write(true).open(&seg.path).map_err(io_err(&seg.path))?;
         debug!(segment = %seg.path.display(), "WAL segment rotated");
@@ -349,22 +359,23 @@ impl Wal {
 }
 
 /// Creates a segment file atomically with its header and `Meta` record, preallocated to
-/// `prealloc` bytes if given. Returns whether it was preallocated (false: not asked, or
-/// the filesystem does not support it).
+/// `prealloc` bytes if given. Returns what the preallocation achieved (`None`: not
+/// asked). A disk too full for the whole preallocation still gets the segment (it grows
+/// as written) as long as its header and `Meta` record fit.
 fn create_segment(
     dir: &Path,
     seq: u64,
     first_index: u64,
     meta: &MetaRecord,
     prealloc: Option<u64>,
-) -> Result<(Segment, bool), StorageError> {
+) -> Result<(Segment, Option<Prealloc>), StorageError> {
     let path = dir.join(segment_name(seq, first_index));
     let mut buf = segment_header(seq, first_index);
     record::push_meta(&mut buf, meta)?;
-    let mut preallocated = false;
+    let mut preallocated = None;
     write_atomic(&path, |f| {
         if let Some(len) = prealloc {
-            preallocated = fsutil::preallocate(f, len)?;
+            preallocated = Some(fsutil::preallocate(f, len)?);
         }
         f.write_all(&buf)
     })?;
@@ -636,11 +647,17 @@ pub(crate) fn recover(
         let len = file.metadata().map_err(io_err(&active.path))?.len();
         if len < segment_bytes {
             // A new WAL, a truncated torn tail, or a segment written without preallocation.
-            prealloc = fsutil::preallocate(&file, segment_bytes).map_err(io_err(&active.path))?;
-            if prealloc {
-                file.sync_data().map_err(io_err(&active.path))?;
-            } else {
-                warn!(dir = %dir.display(), "the filesystem cannot preallocate; WAL segments grow as written");
+            match fsutil::preallocate(&file, segment_bytes).map_err(io_err(&active.path))? {
+                Prealloc::Done => file.sync_data().map_err(io_err(&active.path))?,
+                Prealloc::Unsupported => {
+                    warn!(dir = %dir.display(), "the filesystem cannot preallocate; WAL segments grow as written");
+                    prealloc = false;
+                }
+                Prealloc::NoSpace => warn!(
+                    segment = %active.path.display(),
+                    segment_bytes,
+                    "not enough free space to preallocate the active WAL segment; it grows as written"
+                ),
             }
         }
     }
