@@ -33,7 +33,7 @@ pub(crate) fn check_contiguous(ents: &[Entry]) -> Result<(), String> {
         return Err("empty entry batch".into());
     };
     for (i, e) in ents.iter().enumerate() {
-        if e.index != first.index + i as u64 {
+        if first.index.checked_add(i as u64) != Some(e.index) {
             return Err(format!("entries not contiguous: index {} at position {i} after {}", e.index, first.index));
         }
     }
@@ -168,6 +168,13 @@ mod tests {
 
     fn log_3_to_5() -> MemLog {
         MemLog { snap_index: 2, snap_term: 2, entries: vec![e(3, 3), e(4, 4), e(5, 5)], ..Default::default() }
+    }
+
+    #[test]
+    fn contiguity_check_does_not_overflow() {
+        assert!(check_contiguous(&[e(u64::MAX, 1), e(0, 1)]).is_err());
+        assert!(check_contiguous(&[e(u64::MAX - 1, 1), e(u64::MAX, 1)]).is_ok());
+        assert!(log_3_to_5().check_append(&[e(u64::MAX, 1), e(0, 1)]).is_err());
     }
 
     #[test]

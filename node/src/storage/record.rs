@@ -204,8 +204,49 @@ pub(crate) fn scan(data: &[u8], off: usize) -> Scan<'_> {
     Scan::Record { body, next: off + end }
 }
 
-/// Decodes a record body (type byte + payload).
+/// Largest log index or term a record may carry. Real logs never get near it; a larger
+/// value is damage (or a forged file), and refusing it here keeps `index + 1` and the
+/// like from overflowing anywhere after recovery.
+pub(crate) const MAX_INDEX: u64 = i64::MAX as u64;
+
+/// Refuses indexes and terms beyond [`MAX_INDEX`], and entries at index 0.
+fn check_bounds(rec: &Record) -> Result<(), String> {
+    let at_most = |what: &str, v: u64| {
+        if v > MAX_INDEX {
+            Err(format!("{what} {v} is beyond the largest possible ({MAX_INDEX})"))
+        } else {
+            Ok(())
+        }
+    };
+    let hard_state = |hs: &HardState| at_most("hard state term", hs.term).and(at_most("hard state commit", hs.commit));
+    match rec {
+        Record::Meta(m) => {
+            at_most("snapshot index", m.snapshot_index)?;
+            at_most("snapshot term", m.snapshot_term)?;
+            m.hard_state.as_ref().map_or(Ok(()), hard_state)
+        }
+        Record::Entries(ents) => ents.iter().try_for_each(|e| {
+            if e.index == 0 {
+                return Err("entry index 0 (raft log indexes start at 1)".to_string());
+            }
+            at_most("entry index", e.index).and(at_most("entry term", e.term))
+        }),
+        Record::HardState(hs) => hard_state(hs),
+        Record::SnapshotSaved(r) | Record::SnapshotApplied(r) => {
+            at_most("snapshot index", r.index).and(at_most("snapshot term", r.term))
+        }
+    }
+}
+
+/// Decodes a record body (type byte + payload); indexes and terms beyond [`MAX_INDEX`]
+/// are an error.
 pub(crate) fn decode(body: &[u8]) -> Result<Record, String> {
+    let rec = decode_unchecked(body)?;
+    check_bounds(&rec)?;
+    Ok(rec)
+}
+
+fn decode_unchecked(body: &[u8]) -> Result<Record, String> {
     let (&ty, payload) = body.split_first().ok_or_else(|| "empty record body".to_string())?;
     let bad = |what: &str, e: prost::DecodeError| format!("undecodable {what} record: {e}");
     Ok(match ty {
@@ -341,6 +382,29 @@ mod tests {
         let mut z = buf.clone();
         z.extend_from_slice(&[0, 0, 3]);
         assert!(matches!(scan(&z, end), Scan::Torn(_)));
+    }
+
+    #[test]
+    fn indexes_and_terms_beyond_the_bound_and_index_zero_are_an_error() {
+        let mut buf = Vec::new();
+        push_entries(&mut buf, &[entry(MAX_INDEX, 1, b""), entry(MAX_INDEX + 1, 1, b"")]).expect("entries");
+        push_hard_state(&mut buf, &HardState { term: u64::MAX, vote: 1, commit: 0 }).expect("hs");
+        push_snapshot(&mut buf, true, u64::MAX, 1).expect("snap");
+        let meta = MetaRecord { snapshot_index: 1, snapshot_term: MAX_INDEX + 1, hard_state: None };
+        push_meta(&mut buf, &meta).expect("meta");
+        push_entries(&mut buf, &[entry(0, 1, b"")]).expect("entries");
+        let mut off = 0;
+        let mut errors = Vec::new();
+        while let Scan::Record { body, next } = scan(&buf, off) {
+            errors.push(decode(body).expect_err("out of bounds"));
+            off = next;
+        }
+        assert_eq!(errors.len(), 5, "{errors:?}");
+        assert!(errors[0].contains("entry index 9223372036854775808"), "{}", errors[0]);
+        let mut ok = Vec::new();
+        push_entries(&mut ok, &[entry(MAX_INDEX - 1, MAX_INDEX, b""), entry(MAX_INDEX, 1, b"")]).expect("entries");
+        let Scan::Record { body, .. } = scan(&ok, 0) else { panic!("no record") };
+        assert!(decode(body).is_ok());
     }
 
     #[test]
