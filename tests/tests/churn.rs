@@ -3,15 +3,17 @@
 //! Six clients read and write through every current member while the test repeatedly
 //! grows and shrinks the cluster the way an operator does: start a fresh process with
 //! `--join`, add it as a learner (`POST /v1/members`), wait until it has caught up,
-//! promote it, then remove another member (a follower, and every other round the
-//! leader, which first hands leadership over; every fourth round through raftexample's
-//! `DELETE /<id>` instead of `DELETE /v1/members/<id>`). Faults are interleaved: a random member
-//! is killed with SIGKILL and restarted while a membership request is in flight and
-//! between steps, and the leader is paused with SIGSTOP once during a promotion. At most
-//! one member is down at a time and never the one being removed, so a quorum of the
-//! voters (3 → 4 → 3) stays alive. Membership requests that answer 503 or 409
-//! (`change_in_progress`, `learner_behind`) are retried until a deadline, as the
-//! operator does.
+//! promote it, then remove another member. Rounds cycle through five removals: a
+//! follower, the leader (which hands leadership over first), a follower through
+//! raftexample's `DELETE /<id>`, the leader again, and a follower that is down when it is
+//! removed (the operator replacing a failed member; restarted afterwards, it must learn
+//! it was removed and stop, and then refuse to start on its tombstone). Faults are
+//! interleaved: a random member is killed with SIGKILL and restarted while a membership
+//! request is in flight and between steps, and the leader is paused with SIGSTOP once
+//! during a promotion. At most one member is down at a time and never the one being
+//! removed while it runs, so a quorum of the voters (3 → 4 → 3) stays alive.
+//! Membership requests that answer 503 or 409 (`change_in_progress`, `learner_behind`)
+//! are retried until a deadline, as the operator does.
 //!
 //! At the end every key is read once more (linearizable) into the history, the checker
 //! decides, the member list must be exactly the expected voters, every removed member
@@ -320,12 +322,12 @@ impl Churn {
         self.wait_leader()
     }
 
-    /// One round: join, add as learner, catch up, promote, remove the leader or a
-    /// follower (through `DELETE /v1/members/<id>`, or raftexample's `DELETE /<id>`).
-    fn round(&mut self, round: usize, remove_leader: bool, compat_route: bool) {
+    /// One round: join, add as learner, catch up, promote, then remove a member as
+    /// `removal` says.
+    fn round(&mut self, round: usize, removal: Removal) {
         let joiner = self.c.spawn_joiner();
         let peer_url = self.c.node(joiner).peer_url();
-        eprintln!("round {round}: node {joiner} joins; members {:?}", self.members);
+        eprintln!("round {round}: node {joiner} joins; members {:?}; then {removal:?}", self.members);
 
         // Add as learner while a random member (or the joiner itself) is killed.
         let k = self.kill_victim(Some(joiner), None);
@@ -342,10 +344,9 @@ impl Churn {
         let fault = if round == 0 { Fault::PauseLeader } else { Fault::Kill(self.kill_victim(None, None)) };
         self.change_under(Change::Promote(joiner), Some(fault));
 
-        // Remove the leader, or a follower other than the newcomer; never kill it meanwhile.
         let mut leader = self.wait_leader();
         for _ in 0..5 {
-            if !(remove_leader && leader == joiner) {
+            if !(removal == Removal::Leader && leader == joiner) {
                 break;
             }
             // The newcomer won an election; remove an older leader instead.
@@ -353,22 +354,72 @@ impl Churn {
             let to = others[self.rng.gen_range(0..others.len())];
             leader = self.transfer_leader(to);
         }
-        assert!(!(remove_leader && leader == joiner), "leadership never moved off the newcomer {joiner}");
-        let victim = if remove_leader {
+        assert!(!(removal == Removal::Leader && leader == joiner), "leadership never moved off the newcomer {joiner}");
+        let victim = if removal == Removal::Leader {
             leader
         } else {
             let followers: Vec<u64> = self.members.iter().copied().filter(|id| *id != leader && *id != joiner).collect();
             followers[self.rng.gen_range(0..followers.len())]
         };
-        let k = self.kill_victim(None, Some(victim));
         eprintln!("  removing node {victim} ({})", if victim == leader { "the leader" } else { "a follower" });
-        let change = if compat_route { Change::RemoveCompat(victim) } else { Change::Remove(victim) };
-        self.change_under(change, Some(Fault::Kill(k)));
-        self.members.remove(&victim);
-        self.publish_targets();
-        let code = self.c.wait_exit(victim, SETTLE);
-        assert_eq!(code, Some(0), "removed node {victim} must stop by itself with exit code 0");
+        match removal {
+            Removal::Leader | Removal::Follower | Removal::FollowerCompat => {
+                // Another member is killed meanwhile, never the one being removed: with
+                // 4 voters, 3 stay up and the removal commits.
+                let k = self.kill_victim(None, Some(victim));
+                let change = if removal == Removal::FollowerCompat { Change::RemoveCompat(victim) } else { Change::Remove(victim) };
+                self.change_under(change, Some(Fault::Kill(k)));
+                self.members.remove(&victim);
+                self.publish_targets();
+                let code = self.c.wait_exit(victim, SETTLE);
+                assert_eq!(code, Some(0), "removed node {victim} must stop by itself with exit code 0");
+            }
+            Removal::DeadFollower => {
+                // The operator's replacement of a failed member: it is down (the only one
+                // down: no other fault), it is removed, then its process comes back on its
+                // old data dir, learns from a peer (410 Gone) that it was removed, writes
+                // its tombstone and stops by itself.
+                eprintln!("  kill -9 node {victim} (removed while down)");
+                self.c.kill(victim);
+                self.kills += 1;
+                self.members.remove(&victim);
+                self.publish_targets();
+                self.change_under(Change::Remove(victim), None);
+                self.c.spawn(victim);
+                let code = self.c.wait_exit(victim, SETTLE);
+                assert_eq!(code, Some(0), "node {victim}, removed while down and restarted, must stop by itself with exit code 0");
+                // Its tombstone keeps it out for good.
+                self.c.spawn(victim);
+                let code = self.c.wait_exit(victim, SETTLE);
+                assert_eq!(code, Some(1), "node {victim} restarted on a tombstoned data dir must refuse to start");
+            }
+        }
         self.wait_leader();
+    }
+}
+
+/// Which member a round removes, and how.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Removal {
+    /// A running follower, through `DELETE /v1/members/<id>`.
+    Follower,
+    /// The leader (it hands leadership over first).
+    Leader,
+    /// A running follower, through raftexample's `DELETE /<id>`.
+    FollowerCompat,
+    /// A follower that is down (killed) when it is removed; restarted afterwards.
+    DeadFollower,
+}
+
+impl Removal {
+    /// The schedule: rounds cycle through every kind.
+    fn for_round(round: usize) -> Removal {
+        match round % 5 {
+            0 => Removal::Follower,
+            1 | 3 => Removal::Leader,
+            2 => Removal::FollowerCompat,
+            _ => Removal::DeadFollower,
+        }
     }
 }
 
@@ -401,7 +452,7 @@ fn final_reads(rec: &Recorder, http: &Http, urls: &[String]) -> BTreeMap<String,
 #[test]
 fn membership_churn_under_load_and_faults_stays_linearizable() {
     let seed: u64 = std::env::var("RAFTKV_CHURN_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(11);
-    let rounds = if std::env::var("RAFTKV_SOAK").is_ok() { 16 } else { 4 };
+    let rounds = if std::env::var("RAFTKV_SOAK").is_ok() { 20 } else { 5 };
     eprintln!("churn: seed {seed}, {rounds} rounds");
     let started = Instant::now();
     // Frequent snapshots: learners catch up from a snapshot as well as from the log.
@@ -430,8 +481,7 @@ fn membership_churn_under_load_and_faults_stays_linearizable() {
         .collect();
 
     for round in 0..rounds {
-        // Every other round removes the leader; every fourth uses raftexample's route.
-        churn.round(round, round % 2 == 1, round % 4 == 2);
+        churn.round(round, Removal::for_round(round));
         eprintln!("round {round} done at {:?}: members {:?}, {} ops so far", started.elapsed(), churn.members, rec.len());
     }
 
