@@ -184,6 +184,7 @@ fn corrupted_wal_record_refuses_to_start_then_the_member_is_recovered() {
     let log = c.node(victim).log.clone();
     let expected = format!("WAL corrupt: {} at offset {}", seg.display(), rec.offset);
     assert!(faultkit::log_contains(&log, &expected), "log lacks {expected:?}");
+    assert!(faultkit::log_contains(&log, "Recovering a damaged member"), "the message does not point at the procedure");
     // Writes go on with two of three.
     keys.extend(write_keys(&c, leader, "walrot-degraded", 10));
     recover_member(&mut c, leader, victim);
@@ -217,6 +218,7 @@ fn corrupted_snapshot_refuses_to_start_then_the_member_is_recovered() {
     let log = c.node(victim).log.clone();
     let expected = format!("snapshot corrupt: {} at offset", newest.display());
     assert!(faultkit::log_contains(&log, &expected), "log lacks {expected:?}");
+    assert!(faultkit::log_contains(&log, "Recovering a damaged member"), "the message does not point at the procedure");
     keys.extend(write_keys(&c, leader, "snaprot-degraded", 10));
     recover_member(&mut c, leader, victim);
     let mut checked = check_keys(&c, victim, &keys);

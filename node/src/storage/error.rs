@@ -15,8 +15,13 @@ pub enum StorageError {
         #[source]
         source: io::Error,
     },
-    /// A WAL segment or snapshot file holds data that cannot be trusted.
-    #[error("{} corrupt: {} at offset {offset}: {reason}", corrupt_kind(path), path.display())]
+    /// A WAL segment or snapshot file holds data that cannot be trusted. The message
+    /// points at the recovery procedure (re-adding the member with an empty data dir).
+    #[error(
+        "{} corrupt: {} at offset {offset}: {reason} (the member must be recovered: see docs/storage.md, \"Recovering a damaged member\")",
+        corrupt_kind(path),
+        path.display()
+    )]
     Corrupt {
         /// The damaged file (or directory).
         path: PathBuf,
@@ -145,7 +150,8 @@ mod tests {
         let e = corrupt(Path::new("/d/wal/0000000000000001-0000000000000001.wal"), 4096, "crc mismatch");
         assert_eq!(
             e.to_string(),
-            "WAL corrupt: /d/wal/0000000000000001-0000000000000001.wal at offset 4096: crc mismatch"
+            "WAL corrupt: /d/wal/0000000000000001-0000000000000001.wal at offset 4096: crc mismatch \
+             (the member must be recovered: see docs/storage.md, \"Recovering a damaged member\")"
         );
         let e = corrupt(Path::new("/d/snap/a.snap"), 12, "bad");
         assert!(e.to_string().starts_with("snapshot corrupt: /d/snap/a.snap at offset 12"));
