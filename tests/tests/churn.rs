@@ -13,7 +13,9 @@
 //! during a promotion. At most one member is down at a time and never the one being
 //! removed while it runs, so a quorum of the voters (3 → 4 → 3) stays alive.
 //! Membership requests that answer 503 or 409 (`change_in_progress`, `learner_behind`)
-//! are retried until a deadline, as the operator does.
+//! are retried until a deadline, as the operator does. Every other round the joiner is
+//! not a new id but the one removed last, on a wiped data dir with the same peer URL, as
+//! the operator reuses pod ordinals.
 //!
 //! At the end every key is read once more (linearizable) into the history, the checker
 //! decides, the member list must be exactly the expected voters, every removed member
@@ -190,6 +192,8 @@ struct Churn {
     targets: Targets,
     http: Http,
     rng: StdRng,
+    /// Ids removed so far, in order (a later round may add one back).
+    removed: Vec<u64>,
     changes: usize,
     kills: usize,
     pauses: usize,
@@ -325,9 +329,26 @@ impl Churn {
     /// One round: join, add as learner, catch up, promote, then remove a member as
     /// `removal` says.
     fn round(&mut self, round: usize, removal: Removal) {
-        let joiner = self.c.spawn_joiner();
+        // Every other round the operator's way: the id (and peer URL) removed last comes
+        // back on a wiped data dir; else a new id.
+        let reuse = if round % 2 == 0 { self.removed.last().copied() } else { None };
+        let joiner = match reuse {
+            Some(id) => {
+                let n = &mut self.c.nodes[(id - 1) as usize];
+                assert!(n.child.is_none(), "removed node {id} still runs");
+                std::fs::remove_dir_all(&n.data_dir).expect("wipe the removed member's data dir");
+                n.join = true;
+                self.c.spawn(id);
+                id
+            }
+            None => self.c.spawn_joiner(),
+        };
         let peer_url = self.c.node(joiner).peer_url();
-        eprintln!("round {round}: node {joiner} joins; members {:?}; then {removal:?}", self.members);
+        eprintln!(
+            "round {round}: node {joiner} joins{}; members {:?}; then {removal:?}",
+            if reuse.is_some() { " (a removed id again, wiped data dir)" } else { "" },
+            self.members
+        );
 
         // Add as learner while a random member (or the joiner itself) is killed.
         let k = self.kill_victim(Some(joiner), None);
@@ -373,6 +394,7 @@ impl Churn {
                 self.publish_targets();
                 let code = self.c.wait_exit(victim, SETTLE);
                 assert_eq!(code, Some(0), "removed node {victim} must stop by itself with exit code 0");
+                self.removed.push(victim);
             }
             Removal::DeadFollower => {
                 // The operator's replacement of a failed member: it is down (the only one
@@ -392,6 +414,7 @@ impl Churn {
                 self.c.spawn(victim);
                 let code = self.c.wait_exit(victim, SETTLE);
                 assert_eq!(code, Some(1), "node {victim} restarted on a tombstoned data dir must refuse to start");
+                self.removed.push(victim);
             }
         }
         self.wait_leader();
@@ -465,6 +488,7 @@ fn membership_churn_under_load_and_faults_stays_linearizable() {
         targets: targets.clone(),
         http: Http::new(Duration::from_secs(5)),
         rng: StdRng::seed_from_u64(seed),
+        removed: Vec::new(),
         changes: 0,
         kills: 0,
         pauses: 0,
