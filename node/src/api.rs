@@ -248,7 +248,7 @@ impl Api {
                 check_key(&key)?;
                 self.read_barrier().await?;
                 match self.get_local(&key) {
-                    Some(v) => Ok(response(StatusCode::OK, "application/octet-stream", v.data)),
+                    Some(v) => Ok(response(StatusCode::OK, "application/octet-stream", Bytes::from_owner(v.data))),
                     None => Ok(response(StatusCode::NOT_FOUND, "text/plain", "Failed to GET\n")),
                 }
             }
