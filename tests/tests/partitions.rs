@@ -277,6 +277,118 @@ fn local_view(c: &NetCluster, id: u64) -> Option<BTreeMap<String, Vec<u8>>> {
     Some(m)
 }
 
+type View = BTreeMap<String, Vec<u8>>;
+
+/// Reads every key once through a linearizable GET (recorded in the history, retried
+/// until answered); the values found.
+fn final_reads(c: &NetCluster, rec: &Recorder) -> View {
+    let all = c.ids();
+    let http = Http::new(Duration::from_secs(5));
+    let mut found = BTreeMap::new();
+    for k in 0..KEYS {
+        let key = key(k);
+        let node = all[k % all.len()];
+        let url = format!("{}/{key}", c.url(node));
+        let what = format!("a final read of {key} on node {node}");
+        let value = wait_for(Duration::from_secs(20), &what, || {
+            let op = Op::Get {
+                key: key.clone(),
+                result: None,
+            };
+            let p = rec.begin(FINAL_READER, op);
+            match http.get(&url) {
+                Ok(r) if r.status == StatusCode::OK => {
+                    p.read(Some(r.body.clone())).expect("get completion");
+                    Some(Some(r.body))
+                }
+                Ok(r) if r.status == StatusCode::NOT_FOUND => {
+                    p.read(None).expect("get completion");
+                    Some(None)
+                }
+                _ => {
+                    p.failed();
+                    None
+                }
+            }
+        });
+        if let Some(v) = value {
+            found.insert(key, v);
+        }
+    }
+    found
+}
+
+/// The keys where two views differ, for humans.
+fn view_diff(a: &View, b: &View) -> Vec<String> {
+    let show = |x: Option<&Vec<u8>>| x.map(|b| String::from_utf8_lossy(b).into_owned());
+    let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    keys.into_iter()
+        .filter(|k| a.get(*k) != b.get(*k))
+        .map(|k| format!("{k}: {:?} vs {:?}", show(a.get(k)), show(b.get(k))))
+        .collect()
+}
+
+/// How [`wait_views`] ended without every node showing `expected`.
+enum NotConverged {
+    /// Every node shows the same state, but not `expected`: a write whose outcome was
+    /// unknown was applied after the final reads (a forwarded proposal that sat in a
+    /// peer connection during a cut may arrive seconds later).
+    LateWrite(View),
+}
+
+/// Waits until every node's local (serializable) state equals `expected`. Panics with
+/// the differences and every node's status when the nodes still disagree after
+/// `timeout`.
+fn wait_views(c: &NetCluster, expected: &View, timeout: Duration) -> Result<(), NotConverged> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let views: Vec<Option<View>> = c.ids().into_iter().map(|id| local_view(c, id)).collect();
+        if views.iter().all(|v| v.as_ref() == Some(expected)) {
+            return Ok(());
+        }
+        if let Some(Some(first)) = views.first() {
+            if views.iter().all(|v| v.as_ref() == Some(first)) {
+                return Err(NotConverged::LateWrite(first.clone()));
+            }
+        }
+        if Instant::now() >= deadline {
+            for (i, v) in views.iter().enumerate() {
+                let id = i as u64 + 1;
+                match v {
+                    Some(v) => eprintln!(
+                        "node {id} vs the final reads: {:#?}",
+                        view_diff(v, expected)
+                    ),
+                    None => eprintln!("node {id}: local state unreadable"),
+                }
+                eprintln!("status of node {id}: {:?}", c.status(id));
+            }
+            panic!("the nodes' local states did not converge to the final linearizable reads within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Final reads, then every node must show exactly those values. When a late write
+/// changed a key after its final read (all nodes agree on a newer state), the reads are
+/// repeated (they stay in the history, so the checker judges the late write too).
+fn converge(c: &NetCluster, rec: &Recorder) -> View {
+    for attempt in 1..=3 {
+        let expected = final_reads(c, rec);
+        match wait_views(c, &expected, Duration::from_secs(30)) {
+            Ok(()) => return expected,
+            Err(NotConverged::LateWrite(seen)) => eprintln!(
+                "attempt {attempt}: every node agrees on a state newer than the final reads \
+                 (a write with unknown outcome applied late): {:?}; reading again",
+                view_diff(&seen, &expected)
+            ),
+        }
+    }
+    panic!(
+        "the state kept changing after the load stopped: 3 rounds of final reads were overtaken"
+    );
+}
+
 /// Stops the load, reads every key once more through a linearizable GET (recorded),
 /// waits until every node's local state shows exactly those values, and checks the
 /// history. Returns the history.
@@ -284,50 +396,7 @@ fn finish(c: &NetCluster, mut load: Load, started: Instant) -> Vec<Event> {
     load.stop();
     let all = c.ids();
     c.wait_leader(&all, Duration::from_secs(30));
-    let http = Http::new(Duration::from_secs(5));
-    let mut expected = BTreeMap::new();
-    for k in 0..KEYS {
-        let key = key(k);
-        let node = all[k % all.len()];
-        let url = format!("{}/{key}", c.url(node));
-        let value = wait_for(
-            Duration::from_secs(20),
-            &format!("a final read of {key} on node {node}"),
-            || {
-                let p = load.rec.begin(
-                    FINAL_READER,
-                    Op::Get {
-                        key: key.clone(),
-                        result: None,
-                    },
-                );
-                match http.get(&url) {
-                    Ok(r) if r.status == StatusCode::OK => {
-                        p.read(Some(r.body.clone())).expect("get completion");
-                        Some(Some(r.body))
-                    }
-                    Ok(r) if r.status == StatusCode::NOT_FOUND => {
-                        p.read(None).expect("get completion");
-                        Some(None)
-                    }
-                    _ => {
-                        p.failed();
-                        None
-                    }
-                }
-            },
-        );
-        if let Some(v) = value {
-            expected.insert(key, v);
-        }
-    }
-    for &id in &all {
-        wait_for(
-            Duration::from_secs(30),
-            &format!("node {id}'s local state to show the final values"),
-            || (local_view(c, id)? == expected).then_some(()),
-        );
-    }
+    let expected = converge(c, &load.rec);
     let events = load.rec.events();
     let acked = events
         .iter()
