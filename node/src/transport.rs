@@ -27,7 +27,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use prost::Message as _;
-use raft::eraftpb::{Message, MessageType};
+use raft::eraftpb::{ConfChange, ConfChangeTransition, ConfChangeType, ConfChangeV2, EntryType, Message, MessageType};
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
@@ -111,9 +111,51 @@ pub enum FrameError {
         /// Cause.
         source: prost::DecodeError,
     },
+    /// A raft message with a value raft-rs cannot take (it would panic on it): an
+    /// unknown message, entry or conf change type.
+    #[error("invalid raft message at byte {offset}: {reason}")]
+    Invalid {
+        /// Offset of the frame.
+        offset: usize,
+        /// What is wrong.
+        reason: String,
+    },
 }
 
-/// Decodes length-prefixed frames; any malformed frame fails the whole body.
+/// Checks the enum fields raft-rs reads with panicking accessors (`get_msg_type`,
+/// `get_entry_type`, and the conf change types when an entry is applied): protobuf
+/// decoding accepts any number there.
+fn check_message(m: &Message) -> Result<(), String> {
+    if MessageType::from_i32(m.msg_type).is_none() {
+        return Err(format!("unknown message type {}", m.msg_type));
+    }
+    for e in &m.entries {
+        let unknown = |what: &str, v: i32| format!("entry {}: unknown {what} {v}", e.index);
+        match EntryType::from_i32(e.entry_type) {
+            None => return Err(unknown("entry type", e.entry_type)),
+            Some(EntryType::EntryNormal) => {}
+            Some(EntryType::EntryConfChange) => {
+                let cc = ConfChange::decode(e.data.as_slice()).map_err(|err| format!("entry {}: bad conf change: {err}", e.index))?;
+                if ConfChangeType::from_i32(cc.change_type).is_none() {
+                    return Err(unknown("conf change type", cc.change_type));
+                }
+            }
+            Some(EntryType::EntryConfChangeV2) => {
+                let cc = ConfChangeV2::decode(e.data.as_slice()).map_err(|err| format!("entry {}: bad conf change: {err}", e.index))?;
+                if ConfChangeTransition::from_i32(cc.transition).is_none() {
+                    return Err(unknown("conf change transition", cc.transition));
+                }
+                if let Some(c) = cc.changes.iter().find(|c| ConfChangeType::from_i32(c.change_type).is_none()) {
+                    return Err(unknown("conf change type", c.change_type));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Decodes length-prefixed frames; any malformed frame fails the whole body, and so
+/// does a message raft-rs could not take (see [`FrameError::Invalid`]).
 pub fn decode_frames(mut body: &[u8]) -> Result<Vec<Message>, FrameError> {
     let total = body.len();
     let mut out = Vec::new();
@@ -127,6 +169,7 @@ pub fn decode_frames(mut body: &[u8]) -> Result<Vec<Message>, FrameError> {
             return Err(FrameError::Truncated(offset));
         }
         let m = Message::decode(&body[..len]).map_err(|source| FrameError::Decode { offset, source })?;
+        check_message(&m).map_err(|reason| FrameError::Invalid { offset, reason })?;
         body.advance(len);
         out.push(m);
     }
@@ -372,6 +415,7 @@ pub async fn handle_peer_request(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use raft::eraftpb::{ConfChangeSingle, Entry};
 
     /// Serves `/ok` over mutual TLS with the test PKI; returns the port.
     async fn tls_server(tls: &PeerTls) -> u16 {
@@ -421,5 +465,31 @@ mod tests {
         assert!(decode_frames(&[5, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0xff]).is_err());
         assert!(decode_frames(&[0xff, 0xff, 0xff, 0xff]).is_err());
         assert!(decode_frames(&[]).unwrap().is_empty());
+    }
+
+    #[test]
+    fn unknown_enum_values_are_refused_not_handed_to_raft() {
+        let ok = |m: Message| decode_frames(&encode_frames(&[m]));
+        let base = Message { to: 2, from: 1, term: 1, ..Default::default() };
+        // raft-rs's get_msg_type() panics on this one.
+        let err = ok(Message { msg_type: 42, ..base.clone() }).unwrap_err();
+        assert!(matches!(err, FrameError::Invalid { offset: 0, .. }), "{err}");
+        assert!(err.to_string().contains("unknown message type 42"), "{err}");
+        let entry = |entry_type: i32, data: Vec<u8>| Entry { entry_type, index: 5, term: 1, data, ..Default::default() };
+        let append = |e: Entry| Message { msg_type: MessageType::MsgAppend as i32, entries: vec![e], ..base.clone() };
+        assert!(ok(append(entry(7, vec![]))).unwrap_err().to_string().contains("unknown entry type 7"));
+        let cc = ConfChange { change_type: 9, node_id: 3, ..Default::default() }.encode_to_vec();
+        assert!(ok(append(entry(EntryType::EntryConfChange as i32, cc))).is_err());
+        let cc2 = ConfChangeV2 { transition: 5, ..Default::default() }.encode_to_vec();
+        assert!(ok(append(entry(EntryType::EntryConfChangeV2 as i32, cc2))).is_err());
+        let cc2 = ConfChangeV2 { changes: vec![ConfChangeSingle { change_type: -1, node_id: 2 }], ..Default::default() };
+        assert!(ok(append(entry(EntryType::EntryConfChangeV2 as i32, cc2.encode_to_vec()))).is_err());
+        assert!(ok(append(entry(EntryType::EntryConfChange as i32, vec![0xff]))).is_err());
+        // What a leader sends passes: entries, an empty conf change (auto leave), a snapshot.
+        let good = ConfChangeV2 { changes: vec![ConfChangeSingle { change_type: 2, node_id: 4 }], ..Default::default() };
+        for e in [entry(0, b"cmd".to_vec()), entry(2, vec![]), entry(2, good.encode_to_vec())] {
+            assert!(ok(append(e)).is_ok());
+        }
+        assert!(ok(Message { msg_type: MessageType::MsgSnapshot as i32, ..base }).is_ok());
     }
 }

@@ -5,7 +5,7 @@
 //! `crc = crc32(type byte + payload)`. See docs/storage.md.
 
 use prost::Message;
-use raft::eraftpb::{Entry, HardState};
+use raft::eraftpb::{Entry, EntryType, HardState};
 
 use super::error::StorageError;
 
@@ -209,7 +209,8 @@ pub(crate) fn scan(data: &[u8], off: usize) -> Scan<'_> {
 /// like from overflowing anywhere after recovery.
 pub(crate) const MAX_INDEX: u64 = i64::MAX as u64;
 
-/// Refuses indexes and terms beyond [`MAX_INDEX`], and entries at index 0.
+/// Refuses indexes and terms beyond [`MAX_INDEX`], entries at index 0 and entries of an
+/// unknown type (raft-rs panics on those when they are applied).
 fn check_bounds(rec: &Record) -> Result<(), String> {
     let at_most = |what: &str, v: u64| {
         if v > MAX_INDEX {
@@ -228,6 +229,9 @@ fn check_bounds(rec: &Record) -> Result<(), String> {
         Record::Entries(ents) => ents.iter().try_for_each(|e| {
             if e.index == 0 {
                 return Err("entry index 0 (raft log indexes start at 1)".to_string());
+            }
+            if EntryType::from_i32(e.entry_type).is_none() {
+                return Err(format!("entry {}: unknown entry type {}", e.index, e.entry_type));
             }
             at_most("entry index", e.index).and(at_most("entry term", e.term))
         }),
@@ -385,7 +389,7 @@ mod tests {
     }
 
     #[test]
-    fn indexes_and_terms_beyond_the_bound_and_index_zero_are_an_error() {
+    fn out_of_bound_indexes_and_terms_index_zero_and_unknown_entry_types_are_an_error() {
         let mut buf = Vec::new();
         push_entries(&mut buf, &[entry(MAX_INDEX, 1, b""), entry(MAX_INDEX + 1, 1, b"")]).expect("entries");
         push_hard_state(&mut buf, &HardState { term: u64::MAX, vote: 1, commit: 0 }).expect("hs");
@@ -393,13 +397,15 @@ mod tests {
         let meta = MetaRecord { snapshot_index: 1, snapshot_term: MAX_INDEX + 1, hard_state: None };
         push_meta(&mut buf, &meta).expect("meta");
         push_entries(&mut buf, &[entry(0, 1, b"")]).expect("entries");
+        push_entries(&mut buf, &[Entry { entry_type: 3, ..entry(1, 1, b"") }]).expect("entries");
         let mut off = 0;
         let mut errors = Vec::new();
         while let Scan::Record { body, next } = scan(&buf, off) {
             errors.push(decode(body).expect_err("out of bounds"));
             off = next;
         }
-        assert_eq!(errors.len(), 5, "{errors:?}");
+        assert_eq!(errors.len(), 6, "{errors:?}");
+        assert!(errors[5].contains("unknown entry type 3"), "{}", errors[5]);
         assert!(errors[0].contains("entry index 9223372036854775808"), "{}", errors[0]);
         let mut ok = Vec::new();
         push_entries(&mut ok, &[entry(MAX_INDEX - 1, MAX_INDEX, b""), entry(MAX_INDEX, 1, b"")]).expect("entries");
