@@ -29,7 +29,8 @@ use std::fmt;
 use std::fs::File;
 use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
-use std::path::PathBuf;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
@@ -42,8 +43,13 @@ pub const PEER_PORT: u16 = 2380;
 pub const CLIENT_PORT: u16 = 2379;
 /// Prefix of every namespace, link and bridge this module creates.
 const PREFIX: &str = "rkv";
-/// Alias of a claimed client bridge: this text, then the owner's pid.
+/// Alias of a claimed client bridge: this text, the owner's pid, [`DIR_TAG`] and the
+/// cluster's temporary folder.
 const OWNER_TAG: &str = "raftkv-test pid=";
+/// Separates the pid from the folder in a bridge alias.
+const DIR_TAG: &str = " dir=";
+/// Name prefix of a cluster's temporary folder (data dirs and logs).
+const DIR_PREFIX: &str = "raftkv-netns-";
 
 /// Setting up or changing the namespaces failed: the `ip` command and what it said.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -187,9 +193,31 @@ impl SlotLock {
     }
 }
 
+/// Owner pid and folder recorded in a client bridge's alias.
+fn parse_owner(alias: &str) -> Option<(i32, Option<PathBuf>)> {
+    let rest = alias.strip_prefix(OWNER_TAG)?;
+    let (pid, dir) = match rest.split_once(DIR_TAG) {
+        Some((pid, dir)) => (pid, Some(PathBuf::from(dir))),
+        None => (rest, None),
+    };
+    Some((pid.parse().ok()?, dir))
+}
+
+/// Removes the temporary folder of a dead owner (only one this module names).
+fn remove_dead_dir(dir: &Path) {
+    let ours = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with(DIR_PREFIX));
+    if ours {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
 /// Claims a free slot: sweeps leftovers of dead owners, then creates the client bridge
-/// `rkv<k>br` of a slot nobody owns, with this process as owner. Returns the slot.
-fn claim_slot() -> Result<u8, NetError> {
+/// `rkv<k>br` of a slot nobody owns, with this process and `dir` as owner. Returns the
+/// slot.
+fn claim_slot(dir: &Path) -> Result<u8, NetError> {
     static CLAIMS: AtomicU32 = AtomicU32::new(0);
     let _lock = SlotLock::acquire()?;
     let mut owned = BTreeSet::new();
@@ -200,17 +228,17 @@ fn claim_slot() -> Result<u8, NetError> {
         let Some(k) = slot_of(name).filter(|_| name.ends_with("br")) else {
             continue;
         };
-        let owner = b["ifalias"]
-            .as_str()
-            .and_then(|a| a.strip_prefix(OWNER_TAG))
-            .and_then(|p| p.parse::<i32>().ok());
+        let owner = b["ifalias"].as_str().and_then(parse_owner);
         match owner {
-            Some(pid) if pid_alive(pid) => {
+            Some((pid, _)) if pid_alive(pid) => {
                 owned.insert(k);
             }
             _ => {
                 eprintln!("netns: sweeping slot {k} left behind by a dead test process ({name}, owner {owner:?})");
                 sweep_slot(k);
+                if let Some((_, Some(dir))) = owner {
+                    remove_dead_dir(&dir);
+                }
             }
         }
     }
@@ -239,7 +267,15 @@ fn claim_slot() -> Result<u8, NetError> {
         if ip(&["link", "add", &br, "type", "bridge"]).is_err() {
             continue; // a link of that name exists (not ours to judge): next slot
         }
-        let alias = format!("{OWNER_TAG}{}", std::process::id());
+        let mut alias = format!(
+            "{OWNER_TAG}{}{DIR_TAG}{}",
+            std::process::id(),
+            dir.display()
+        );
+        if alias.len() > 255 {
+            // IFALIASZ: with a very long $TMPDIR the folder is not recorded (nor swept).
+            alias = format!("{OWNER_TAG}{}", std::process::id());
+        }
         if let Err(e) = ip(&["link", "set", "dev", &br, "alias", &alias]) {
             let _ = ip(&["link", "del", &br]);
             return Err(e);
@@ -364,7 +400,6 @@ impl NetCluster {
     pub fn start_or_skip(n: usize, opts: NetOptions) -> Option<NetCluster> {
         if let Some(why) = skip_reason() {
             eprintln!("SKIP: network partition test not run: {why}");
-            println!("SKIP: network partition test not run: {why}");
             return None;
         }
         Some(
@@ -377,7 +412,11 @@ impl NetCluster {
     /// leader (panics with the nodes' logs when they do not within 30 s).
     pub fn start(n: usize, opts: NetOptions) -> Result<NetCluster, NetError> {
         assert!((1..=100).contains(&n), "1..=100 nodes");
-        let slot = claim_slot()?;
+        let dir = tempfile::Builder::new()
+            .prefix(DIR_PREFIX)
+            .tempdir()
+            .map_err(|e| NetError(format!("temporary dir: {e}")))?;
+        let slot = claim_slot(dir.path())?;
         let mut topo = Topology {
             slot,
             namespaces: Vec::new(),
@@ -395,10 +434,6 @@ impl NetCluster {
         ])?;
         ip(&["link", "set", &client_br, "up"])?;
         let peer_br = topo.group_bridge(0)?;
-        let dir = tempfile::Builder::new()
-            .prefix("raftkv-netns-")
-            .tempdir()
-            .map_err(|e| NetError(format!("temporary dir: {e}")))?;
         let mut nodes = Vec::new();
         for i in 0..n {
             let id = i as u64 + 1;
@@ -482,7 +517,8 @@ impl NetCluster {
     }
 
     /// Starts node `id`'s process in its namespace (`ip netns exec`, which execs the
-    /// node in place, so the child is the node itself).
+    /// node in place, so the child is the node itself). The node gets SIGKILL when the
+    /// calling thread ends (`PR_SET_PDEATHSIG`): call it from a thread that outlives it.
     pub fn spawn(&mut self, id: u64) -> Result<(), NetError> {
         let cluster = self.cluster_flag();
         let opts = self.opts.clone();
@@ -520,6 +556,17 @@ impl NetCluster {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(log));
+        // SAFETY: prctl(2) is async-signal-safe; it only sets an attribute of the child.
+        // PR_SET_PDEATHSIG survives the exec of `ip` and of the node: if the test process
+        // dies without running Drop (SIGKILL), the node dies with it.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         n.child = Some(
             cmd.spawn()
                 .map_err(|e| NetError(format!("spawn raftkv-node {id} in {}: {e}", n.ns)))?,
@@ -644,6 +691,18 @@ mod tests {
         assert_eq!(slot_of("rkv1"), None);
         assert_eq!(slot_of("rkv300br"), None);
         assert_eq!(slot_of("eth0"), None);
+    }
+
+    #[test]
+    fn owner_alias_round_trips() {
+        let alias = format!("{OWNER_TAG}42{DIR_TAG}/tmp/{DIR_PREFIX}x y");
+        assert_eq!(
+            parse_owner(&alias),
+            Some((42, Some(PathBuf::from("/tmp/raftkv-netns-x y"))))
+        );
+        assert_eq!(parse_owner("raftkv-test pid=7"), Some((7, None)));
+        assert_eq!(parse_owner("something else"), None);
+        assert!(alias.len() < 256, "IFALIASZ");
     }
 
     #[test]

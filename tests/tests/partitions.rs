@@ -526,6 +526,20 @@ fn isolated_leader_acks_nothing_and_catches_up_after_heal() {
     finish(&c, load, started);
 }
 
+/// What a node logs when it installs a snapshot (storage/mod.rs).
+const SNAPSHOT_INSTALLED: &str = "snapshot installed";
+
+/// How many snapshots node `id` installed so far, from its log.
+fn snapshot_installs(c: &NetCluster, id: u64) -> usize {
+    std::fs::read_to_string(&c.node(id).log)
+        .map(|log| {
+            log.lines()
+                .filter(|l| l.contains(SNAPSHOT_INSTALLED))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
 /// (b) A minority follower is cut off: the majority keeps serving; the follower catches
 /// up after the heal (here from a snapshot: the log is compacted while it is away).
 #[test]
@@ -573,6 +587,7 @@ fn cut_follower_misses_writes_then_catches_up() {
             .filter(|o| o.write && o.ok && o.invoke >= from && o.complete <= to)
             .count();
         let term_before = index(&c, leader, "term");
+        let installs_before = snapshot_installs(&c, follower);
         c.heal(follower).expect("heal");
         let cut = Cut {
             nodes: vec![follower],
@@ -586,6 +601,13 @@ fn cut_follower_misses_writes_then_catches_up() {
         wait_for(Duration::from_secs(30), "the follower to catch up", || {
             (index(&c, follower, "applied_index")? >= commit).then_some(())
         });
+        // The leader compacted its log past the follower's last entry: only a snapshot
+        // can have brought it back.
+        let installs = snapshot_installs(&c, follower) - installs_before;
+        assert!(
+            installs >= 1,
+            "follower {follower} caught up without installing a snapshot (no new \"{SNAPSHOT_INSTALLED}\" line in its log)"
+        );
         let healed = load.now();
         wait_writes(
             &load,
@@ -597,7 +619,7 @@ fn cut_follower_misses_writes_then_catches_up() {
         eprintln!(
             "round {round}: follower {follower} cut at applied index {behind}; the majority acked \
              {acked_while_cut} writes meanwhile; {follower} failed all {refused} requests; caught up to \
-             {commit} in {:?}; leader {leader} -> {l}, term {term_before:?} -> {:?}",
+             {commit} in {:?} ({installs} snapshot installed); leader {leader} -> {l}, term {term_before:?} -> {:?}",
             t.elapsed(),
             index(&c, l, "term")
         );
