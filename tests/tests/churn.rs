@@ -159,6 +159,14 @@ fn run_change(http: &Http, urls: &[String], change: &Change, seed: u64) -> Resul
                     }
                     (_, 409) if code == "change_in_progress" => false,
                     (Change::Promote(_), 409) if code == "learner_behind" => false,
+                    // Removing the leader moves leadership first, to a voter the leader sees
+                    // as reachable; that flag flickers (see the ignored test
+                    // `reachable_stays_true_for_healthy_members`), so a healthy cluster can
+                    // answer 409 no_target for a moment. Retried, and counted.
+                    (Change::Remove(_) | Change::RemoveCompat(_), 409) if code == "no_target" => {
+                        eprintln!("  {change:?} via {url}: 409 no_target (retrying): {}", r.text());
+                        false
+                    }
                     (_, s) => {
                         return Err(format!("{change:?} via {url}: unexpected answer {s} {}", r.text()));
                     }
@@ -585,4 +593,36 @@ fn membership_churn_under_load_and_faults_stays_linearizable() {
         "operations checked: {operations} (acked writes {writes_acked}), membership changes: {}",
         churn.changes
     );
+}
+
+/// The leader's `reachable` flag of a healthy member must not flicker: the operator reads
+/// it as health, and removing the leader picks its successor among reachable voters.
+#[test]
+#[ignore = "bug: /v1/members' `reachable` is raft-rs Progress::recent_active, which the leader resets to false for every other member at each check-quorum round (every election timeout, ProgressTracker::quorum_recently_active) until that member's next response; the node publishes that reset state, so about 1 in 1000 samples on an idle healthy 3-node cluster shows all followers unreachable, and DELETE /v1/members/<leader> (and DELETE /<leader>, POST /v1/leader/transfer {}) then answers 409 no_target \"no other reachable voter\" (seen in the churn test); the operator also reads the flag as health"]
+fn reachable_stays_true_for_healthy_members() {
+    let c = Cluster::start(3);
+    let leader = c.wait_leader(SETTLE);
+    let http = Http::new(Duration::from_secs(5));
+    let url = format!("{}/v1/members", c.url(leader));
+    let (mut samples, mut bad) = (0u32, Vec::new());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        let r = http.get(&url).expect("GET /v1/members");
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+        let m = r.json();
+        assert_eq!(m["leader"], leader, "the leader changed on an idle cluster: {m}");
+        samples += 1;
+        let unreachable: Vec<u64> = m["members"]
+            .as_array()
+            .expect("members")
+            .iter()
+            .filter(|x| x["reachable"] != true)
+            .filter_map(|x| x["id"].as_u64())
+            .collect();
+        if !unreachable.is_empty() {
+            bad.push((samples, unreachable));
+        }
+    }
+    eprintln!("{samples} samples of the leader's member list, {} with a healthy member shown unreachable", bad.len());
+    assert!(bad.is_empty(), "healthy members shown unreachable in {} of {samples} samples (sample, ids): {bad:?}", bad.len());
 }
