@@ -23,7 +23,7 @@ fn main() {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(cfg.worker_threads).enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("raftkv-node: cannot start the runtime: {e}");
