@@ -126,9 +126,9 @@ pub enum FrameError {
 /// `get_entry_type`, and the conf change types when an entry is applied): protobuf
 /// decoding accepts any number there.
 fn check_message(m: &Message) -> Result<(), String> {
-    if MessageType::from_i32(m.msg_type).is_none() {
+    let Some(ty) = MessageType::from_i32(m.msg_type) else {
         return Err(format!("unknown message type {}", m.msg_type));
-    }
+    };
     for e in &m.entries {
         let unknown = |what: &str, v: i32| format!("entry {}: unknown {what} {v}", e.index);
         match EntryType::from_i32(e.entry_type) {
@@ -148,6 +148,19 @@ fn check_message(m: &Message) -> Result<(), String> {
                 if let Some(c) = cc.changes.iter().find(|c| ConfChangeType::from_i32(c.change_type).is_none()) {
                     return Err(unknown("conf change type", c.change_type));
                 }
+            }
+        }
+    }
+    // Shapes no correct peer sends and raft-rs does not survive: an empty proposal
+    // (`fatal!`), an append whose entries do not follow its index one by one (a
+    // "conflict" with committed entries is fatal too).
+    if ty == MessageType::MsgPropose && m.entries.is_empty() {
+        return Err("empty proposal".into());
+    }
+    if ty == MessageType::MsgAppend {
+        for (i, e) in m.entries.iter().enumerate() {
+            if m.index.checked_add(i as u64 + 1) != Some(e.index) {
+                return Err(format!("append at index {}: entry {i} has index {}", m.index, e.index));
             }
         }
     }
@@ -476,7 +489,7 @@ mod tests {
         assert!(matches!(err, FrameError::Invalid { offset: 0, .. }), "{err}");
         assert!(err.to_string().contains("unknown message type 42"), "{err}");
         let entry = |entry_type: i32, data: Vec<u8>| Entry { entry_type, index: 5, term: 1, data, ..Default::default() };
-        let append = |e: Entry| Message { msg_type: MessageType::MsgAppend as i32, entries: vec![e], ..base.clone() };
+        let append = |e: Entry| Message { msg_type: MessageType::MsgAppend as i32, index: 4, entries: vec![e], ..base.clone() };
         assert!(ok(append(entry(7, vec![]))).unwrap_err().to_string().contains("unknown entry type 7"));
         let cc = ConfChange { change_type: 9, node_id: 3, ..Default::default() }.encode_to_vec();
         assert!(ok(append(entry(EntryType::EntryConfChange as i32, cc))).is_err());
@@ -490,6 +503,14 @@ mod tests {
         for e in [entry(0, b"cmd".to_vec()), entry(2, vec![]), entry(2, good.encode_to_vec())] {
             assert!(ok(append(e)).is_ok());
         }
-        assert!(ok(Message { msg_type: MessageType::MsgSnapshot as i32, ..base }).is_ok());
+        assert!(ok(Message { msg_type: MessageType::MsgSnapshot as i32, ..base.clone() }).is_ok());
+        // raft-rs is fatal on an empty proposal; an append must continue its index.
+        assert!(ok(Message { msg_type: MessageType::MsgPropose as i32, ..base.clone() }).is_err());
+        assert!(ok(Message { msg_type: MessageType::MsgPropose as i32, entries: vec![entry(0, vec![])], ..base.clone() }).is_ok());
+        let gap = Message { index: 3, ..append(entry(0, vec![])) };
+        assert!(ok(gap).unwrap_err().to_string().contains("append at index 3: entry 0 has index 5"));
+        let wrap = Message { index: u64::MAX, ..append(entry(0, vec![])) };
+        assert!(ok(wrap).is_err());
+        assert!(ok(Message { index: 4, ..append(entry(0, vec![])) }).is_ok());
     }
 }
