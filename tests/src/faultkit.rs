@@ -87,6 +87,54 @@ pub fn written_end(segment: &Path) -> io::Result<u64> {
     Ok(wal_records(segment)?.last().map_or(SEGMENT_HEADER_LEN, WalRecord::end))
 }
 
+/// WAL record type of a `SnapshotSaved` record.
+pub const REC_SNAPSHOT_SAVED: u8 = 4;
+/// WAL record type of a `SnapshotApplied` record.
+pub const REC_SNAPSHOT_APPLIED: u8 = 5;
+
+/// The snapshot file the WAL of `data_dir` says is in force: the one named by the last
+/// `SnapshotSaved`/`SnapshotApplied` record of the last segment holding one. A newer
+/// file without its record (a save interrupted by the stop) is an orphan that recovery
+/// deletes, so damaging that one proves nothing. `None` when no record is found.
+pub fn snapshot_in_force(data_dir: &Path) -> io::Result<Option<PathBuf>> {
+    let mut found = None;
+    for seg in wal_segments(data_dir) {
+        let data = std::fs::read(&seg)?;
+        for r in wal_records(&seg)? {
+            if r.kind == REC_SNAPSHOT_SAVED || r.kind == REC_SNAPSHOT_APPLIED {
+                let payload = &data[(r.offset + RECORD_HEADER_LEN + 1) as usize..r.end() as usize];
+                found = Some(decode_snap_ref(payload).ok_or_else(|| io::Error::other("bad snapshot record"))?);
+            }
+        }
+    }
+    Ok(found.map(|(index, term)| data_dir.join("snap").join(format!("{term:016x}-{index:016x}.snap"))))
+}
+
+/// Decodes a `SnapRef { 1: index u64, 2: term u64 }` protobuf payload.
+fn decode_snap_ref(mut b: &[u8]) -> Option<(u64, u64)> {
+    fn varint(b: &mut &[u8]) -> Option<u64> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let (&byte, rest) = b.split_first()?;
+            *b = rest;
+            v |= u64::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                return Some(v);
+            }
+        }
+        None
+    }
+    let (mut index, mut term) = (0, 0);
+    while !b.is_empty() {
+        match varint(&mut b)? {
+            0x08 => index = varint(&mut b)?,
+            0x10 => term = varint(&mut b)?,
+            _ => return None,
+        }
+    }
+    Some((index, term))
+}
+
 /// How [`append_torn_record`] imitates a write that never completed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TornWrite {
