@@ -244,6 +244,29 @@ fn assert_cut_side_acked_nothing(ops: &[NodeOp], cut: &Cut, request_timeout: Dur
     refused
 }
 
+/// The current term of each of `ids`.
+fn terms(c: &NetCluster, ids: &[u64]) -> Vec<(u64, u64)> {
+    ids.iter()
+        .map(|&id| {
+            let t = wait_for(
+                Duration::from_secs(10),
+                &format!("node {id}'s status"),
+                || index(c, id, "term"),
+            );
+            (id, t)
+        })
+        .collect()
+}
+
+/// Pre-vote: a node cut off from the quorum never wins a pre-vote, so it never raises
+/// its term (and cannot disrupt the cluster when it comes back).
+fn assert_terms_kept(c: &NetCluster, before: &[(u64, u64)]) {
+    let ids: Vec<u64> = before.iter().map(|(id, _)| *id).collect();
+    for (&(id, term), (_, now)) in before.iter().zip(terms(c, &ids)) {
+        assert_eq!(now, term, "node {id} raised its term from {term} to {now} while cut off (pre-vote should prevent it)");
+    }
+}
+
 fn status_field(c: &NetCluster, id: u64, field: &str) -> Option<serde_json::Value> {
     c.status(id).map(|s| s[field].clone())
 }
@@ -470,6 +493,7 @@ fn isolated_leader_acks_nothing_and_catches_up_after_heal() {
         let old = c.wait_leader(&all, Duration::from_secs(20));
         let rest = others(&all, &[old]);
         c.cut(old).expect("cut the leader");
+        let terms = terms(&c, &[old]);
         let from = load.now();
         let t = Instant::now();
         let new = c.wait_leader(&rest, Duration::from_secs(20));
@@ -489,6 +513,7 @@ fn isolated_leader_acks_nothing_and_catches_up_after_heal() {
         );
         wait_cut_side_answered(&load, &[old], from);
         let to = load.now();
+        assert_terms_kept(&c, &terms);
         c.heal(old).expect("heal");
         let cut = Cut {
             nodes: vec![old],
@@ -562,6 +587,7 @@ fn cut_follower_misses_writes_then_catches_up() {
         let rest = others(&all, &[follower]);
         let behind = index(&c, follower, "applied_index").expect("follower's applied index");
         c.cut(follower).expect("cut the follower");
+        let terms = terms(&c, &[follower]);
         let from = load.now();
         wait_writes(
             &load,
@@ -588,6 +614,7 @@ fn cut_follower_misses_writes_then_catches_up() {
             .count();
         let term_before = index(&c, leader, "term");
         let installs_before = snapshot_installs(&c, follower);
+        assert_terms_kept(&c, &terms);
         c.heal(follower).expect("heal");
         let cut = Cut {
             nodes: vec![follower],
@@ -700,6 +727,7 @@ fn split_two_three_with_leader_on_the_minority() {
         let minority = vec![old, others(&all, &[old])[round % 4]];
         let majority = others(&all, &minority);
         c.partition(&[&majority, &minority]).expect("split");
+        let terms = terms(&c, &minority);
         let from = load.now();
         let t = Instant::now();
         let new = c.wait_leader(&majority, Duration::from_secs(20));
@@ -718,6 +746,7 @@ fn split_two_three_with_leader_on_the_minority() {
         );
         wait_cut_side_answered(&load, &minority, from);
         let to = load.now();
+        assert_terms_kept(&c, &terms);
         c.heal_all().expect("heal");
         let cut = Cut {
             nodes: minority.clone(),
