@@ -306,3 +306,69 @@ pub fn free_bytes(path: &Path) -> u64 {
         st.f_bavail as u64 * st.f_frsize as u64
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crc32_matches_the_ieee_check_value() {
+        assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
+        assert_eq!(crc32(b""), 0);
+    }
+
+    #[test]
+    fn snap_ref_decodes_varints() {
+        assert_eq!(decode_snap_ref(&[0x08, 0xAD, 0x02, 0x10, 0x02]), Some((301, 2)));
+        assert_eq!(decode_snap_ref(&[]), Some((0, 0)));
+        assert_eq!(decode_snap_ref(&[0x08]), None);
+        assert_eq!(decode_snap_ref(&[0x18, 0x01]), None);
+    }
+
+    fn record(kind: u8, payload: &[u8]) -> Vec<u8> {
+        let mut body = vec![kind];
+        body.extend_from_slice(payload);
+        let len = (body.len() as u32).to_le_bytes();
+        let mut r = Vec::new();
+        r.extend_from_slice(&len);
+        r.extend_from_slice(&crc32(&len).to_le_bytes());
+        r.extend_from_slice(&crc32(&body).to_le_bytes());
+        r.extend_from_slice(&body);
+        r
+    }
+
+    #[test]
+    fn records_torn_tails_and_lost_entries_on_a_synthetic_segment() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let seg = d.path().join("wal").join("0000000000000001-0000000000000001.wal");
+        std::fs::create_dir_all(seg.parent().expect("parent")).expect("mkdir");
+        let mut data = vec![7u8; SEGMENT_HEADER_LEN as usize];
+        let recs = [record(REC_META, b"m"), record(REC_ENTRIES, &[1; 40]), record(REC_SNAPSHOT_SAVED, &[0x08, 0x05, 0x10, 0x01])];
+        for r in &recs {
+            data.extend_from_slice(r);
+        }
+        let written = data.len() as u64;
+        data.resize(4096, 0);
+        std::fs::write(&seg, &data).expect("write");
+        let found = wal_records(&seg).expect("records");
+        assert_eq!(found.iter().map(|r| r.kind).collect::<Vec<_>>(), vec![REC_META, REC_ENTRIES, REC_SNAPSHOT_SAVED]);
+        assert_eq!(written_end(&seg).expect("end"), written);
+        assert_eq!(
+            snapshot_in_force(d.path()).expect("scan"),
+            Some(d.path().join("snap").join("0000000000000001-0000000000000005.snap"))
+        );
+        for how in [TornWrite::HalfOfLastRecord, TornWrite::HeaderClaimingMore] {
+            let (off, n) = append_torn_record(&seg, how).expect("tear");
+            assert_eq!(off, written);
+            assert!(n > 0);
+            // The partial record does not parse: the written end stays put.
+            assert_eq!(written_end(&seg).expect("end"), written);
+            let f = OpenOptions::new().write(true).open(&seg).expect("open");
+            f.write_all_at(&vec![0u8; n as usize], off).expect("clear");
+        }
+        let at = lose_last_entries(&seg).expect("lose");
+        assert_eq!(at, found[1].offset);
+        assert_eq!(wal_records(&seg).expect("records").len(), 1, "only the meta record is left");
+        assert_eq!(std::fs::metadata(&seg).expect("len").len(), 4096, "the file keeps its length");
+    }
+}
