@@ -47,6 +47,8 @@ use crate::shutdown::{Reason, Shutdown};
 use crate::storage::{self, DiskStorage, StorageError, StorageOptions};
 use crate::transport::Transport;
 
+/// Election timeout in ticks (heartbeats go every tick).
+const ELECTION_TICKS: u32 = 10;
 /// Entries kept behind a snapshot for slow followers (etcd keeps 5000).
 const CATCH_UP_ENTRIES: u64 = 5_000;
 /// How long a ReadIndex context may stay unanswered before it is re-issued.
@@ -319,6 +321,8 @@ struct RaftLoop {
     reads_ready: Vec<(u64, Vec<ReadReply>)>,
     next_ctx: u64,
     last_leader: u64,
+    /// When each peer's last message arrived (the leader's view of who is reachable).
+    last_heard: HashMap<u64, Instant>,
     stop_deadline: Option<Instant>,
     removed: bool,
     /// Set when this node must stop: why (a failed fsync, a log that lost entries).
@@ -382,7 +386,7 @@ pub fn start(
     }
     let raft_cfg = raft::Config {
         id: cfg.id,
-        election_tick: 10,
+        election_tick: ELECTION_TICKS as usize,
         heartbeat_tick: 1,
         applied: kv.applied(),
         max_size_per_msg: 1024 * 1024,
@@ -432,6 +436,7 @@ pub fn start(
         reads_ready: Vec::new(),
         next_ctx: rand::random::<u64>() >> 1,
         last_leader: 0,
+        last_heard: HashMap::new(),
         stop_deadline: None,
         removed: false,
         fatal: None,
@@ -568,6 +573,7 @@ impl RaftLoop {
                 if self.lost_acknowledged_entries(&m) {
                     return;
                 }
+                self.last_heard.insert(m.from, Instant::now());
                 if let Err(e) = self.raw.step(*m) {
                     debug!(error = %e, "raft refused a peer message");
                 }
@@ -632,11 +638,21 @@ impl RaftLoop {
         true
     }
 
+    /// Whether peer `id` sent a message within an election timeout. raft-rs's
+    /// `Progress::recent_active` is not usable for this: the leader resets it for every
+    /// follower at each check-quorum round, so it reads false for healthy members until
+    /// their next answer.
+    fn reachable(&self, id: u64, now: Instant) -> bool {
+        id == self.cfg.id
+            || self.last_heard.get(&id).is_some_and(|t| now.duration_since(*t) < self.cfg.tick * ELECTION_TICKS)
+    }
+
     /// The most caught-up other voter that answered recently.
     fn best_transferee(&self) -> Option<u64> {
         let prs = self.raw.raft.prs();
+        let now = Instant::now();
         self.other_voters()
-            .filter_map(|id| prs.get(id).map(|p| (id, p.matched, p.recent_active)))
+            .filter_map(|id| prs.get(id).map(|p| (id, p.matched, self.reachable(id, now))))
             .filter(|(_, _, active)| *active)
             .max_by_key(|(id, matched, _)| (*matched, u64::MAX - *id))
             .map(|(id, _, _)| id)
@@ -1057,11 +1073,12 @@ impl RaftLoop {
             StateRole::Follower if self.conf_state.learners.contains(&self.cfg.id) => "learner",
             StateRole::Follower => "follower",
         };
+        let now = Instant::now();
         let progress = if r.state == StateRole::Leader {
             let mut v: Vec<PeerProgress> = r
                 .prs()
                 .iter()
-                .map(|(id, p)| PeerProgress { id: *id, match_index: p.matched, recent_active: p.recent_active || *id == self.cfg.id })
+                .map(|(id, p)| PeerProgress { id: *id, match_index: p.matched, recent_active: self.reachable(*id, now) })
                 .collect();
             v.sort_by_key(|p| p.id);
             v
