@@ -5,7 +5,9 @@
 //! * a corrupted WAL record or snapshot file makes the node refuse to start, naming the
 //!   file and the offset; the member is then recovered by the documented procedure
 //!   (docs/storage.md, "Recovering a damaged member"): wipe, remove, re-add, promote;
-//! * a full disk (ENOSPC on a real, size-limited tmpfs; needs root).
+//! * a full disk (ENOSPC on a real, size-limited tmpfs; needs root, else the tests say
+//!   SKIPPED and pass): a follower stalls and catches up, a single node answers 503, a
+//!   follower that needs the leader's snapshot installs it once space returns.
 //!
 //! Each test prints "operations checked: N".
 
@@ -377,4 +379,49 @@ fn a_single_node_with_a_full_disk_answers_503_then_recovers() {
     c.spawn(1);
     checked += check_keys(&c, 1, &keys);
     println!("operations checked: {checked} reads of acked writes");
+}
+
+/// ENOSPC while a follower needs a snapshot: it is paused while the leader writes and
+/// compacts past it, its disk is full (its preallocated WAL segment still has room, the
+/// snapshot files do not). It must stay up, and install the leader's snapshot and catch
+/// up once space returns; a restart keeps everything.
+#[test]
+fn a_follower_with_a_full_disk_installs_the_leaders_snapshot_when_space_returns() {
+    let opts = Options { snapshot_count: 20, ..Options::default() };
+    let mut c = Cluster::start_with(3, opts);
+    let leader = c.wait_leader(T);
+    let mut keys = write_keys(&c, leader, "pre", 30);
+    let victim = follower_of(leader);
+    let fs = match move_to_tmpfs(&mut c, victim, 80) {
+        Ok(fs) => fs,
+        Err(why) => {
+            println!("SKIPPED: {why}");
+            return;
+        }
+    };
+    check_keys(&c, victim, &keys);
+    let filled = fs.fill("filler").expect("fill the tmpfs");
+    println!("filler {filled} bytes, {} bytes free", fs.free_bytes());
+    c.signal(victim, libc::SIGSTOP);
+    keys.extend(write_keys(&c, leader, "while-paused", 100));
+    c.signal(victim, libc::SIGCONT);
+    let log = c.node(victim).log.clone();
+    faultkit::wait_log(&log, "No space left on device", T);
+    // Let it retry for a while: it must not exit.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < deadline {
+        assert!(is_running(&mut c, victim), "the follower exited on a full disk");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::fs::remove_file(fs.dir.join("filler")).expect("free the space");
+    let mut checked = check_keys(&c, victim, &keys);
+    let text = String::from_utf8_lossy(&std::fs::read(&log).expect("log")).into_owned();
+    let full = text.lines().filter(|l| l.contains("No space left")).collect::<Vec<_>>();
+    println!("{} ENOSPC log lines, first: {:?}", full.len(), full.first());
+    let after_full = &text[text.find("No space left").expect("ENOSPC logged")..];
+    assert!(after_full.contains("snapshot installed"), "the follower caught up without the leader's snapshot");
+    c.kill(victim);
+    c.spawn(victim);
+    checked += check_keys(&c, victim, &keys);
+    println!("operations checked: {checked} reads of acked writes on the follower that was full");
 }
