@@ -161,14 +161,6 @@ fn run_change(http: &Http, urls: &[String], change: &Change, seed: u64) -> Resul
                     }
                     (_, 409) if code == "change_in_progress" => false,
                     (Change::Promote(_), 409) if code == "learner_behind" => false,
-                    // Removing the leader moves leadership first, to a voter the leader sees
-                    // as reachable; that flag flickers (see the ignored test
-                    // `reachable_stays_true_for_healthy_members`), so a healthy cluster can
-                    // answer 409 no_target for a moment. Retried, and counted.
-                    (Change::Remove(_) | Change::RemoveCompat(_), 409) if code == "no_target" => {
-                        eprintln!("  {change:?} via {url}: 409 no_target (retrying): {}", r.text());
-                        false
-                    }
                     (_, s) => {
                         return Err(format!("{change:?} via {url}: unexpected answer {s} {}", r.text()));
                     }
