@@ -33,7 +33,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::{node_binary, tail, wait_for, Http, StatusCode};
 
@@ -77,6 +77,19 @@ pub fn skip_reason() -> Option<String> {
     {
         Ok(s) if s.success() => None,
         _ => Some("the `ip` tool (iproute2) is missing: apt-get install iproute2".into()),
+    }
+}
+
+/// A hint for when nodes cannot talk: bridged traffic passing iptables (Docker hosts
+/// set the FORWARD policy to DROP).
+fn bridge_filter_hint() -> String {
+    let path = "/proc/sys/net/bridge/bridge-nf-call-iptables";
+    match std::fs::read_to_string(path) {
+        Ok(v) if v.trim() == "1" => format!(
+            "; note: {path} is 1, so traffic between the namespaces passes iptables' FORWARD chain: \
+             if its policy drops (Docker sets DROP), allow 10.213.0.0/16 or set the sysctl to 0"
+        ),
+        _ => String::new(),
     }
 }
 
@@ -487,7 +500,19 @@ impl NetCluster {
             c.spawn(id)?;
         }
         let all = c.ids();
-        let leader = c.wait_leader(&all, Duration::from_secs(30));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let leader = loop {
+            if let Some(l) = c.agreed_leader(&all) {
+                break l;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "the {n} nodes agreed on no leader within 30 s{}",
+                    bridge_filter_hint()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
         eprintln!("netns: slot {slot}, {n} nodes on 10.213.{slot}.0/24, leader {leader}");
         Ok(c)
     }
