@@ -770,3 +770,45 @@ fn split_two_three_with_leader_on_the_minority() {
     }
     finish(&c, load, started);
 }
+
+/// The cut-side assertion itself: it accepts refusals and catches an answer.
+#[test]
+fn cut_side_check_accepts_refusals_and_catches_answers() {
+    let ms = |m: u64| m * 1_000_000;
+    let op = |node, write, invoke, complete, ok| NodeOp {
+        node,
+        write,
+        invoke: ms(invoke),
+        complete: ms(complete),
+        ok,
+    };
+    let cut = Cut {
+        nodes: vec![1],
+        from: ms(1_000),
+        to: ms(10_000),
+    };
+    let rt = Duration::from_secs(2);
+    let fine = vec![
+        op(1, true, 900, 1_050, true), // committed before the cut, answered just after
+        op(1, true, 1_100, 3_100, false), // 503 after the request timeout
+        op(1, false, 1_200, 3_200, false),
+        op(2, true, 1_300, 1_400, true),  // the majority serves
+        op(1, true, 9_000, 11_000, true), // completed after the heal
+    ];
+    assert_eq!(assert_cut_side_acked_nothing(&fine, &cut, rt), 2);
+    for bad in [
+        op(1, true, 1_100, 1_200, true), // a write sent after the cut acknowledged
+        op(1, false, 1_100, 1_200, true), // a linearizable read sent after the cut answered
+        op(1, true, 500, 5_000, true),   // an old write acknowledged long after the cut
+    ] {
+        let mut ops = fine.clone();
+        ops.push(bad);
+        let caught = std::panic::catch_unwind(|| assert_cut_side_acked_nothing(&ops, &cut, rt));
+        assert!(caught.is_err(), "not caught: {bad:?}");
+    }
+    let nothing = vec![op(2, true, 1_300, 1_400, true)];
+    assert!(
+        std::panic::catch_unwind(|| assert_cut_side_acked_nothing(&nothing, &cut, rt)).is_err(),
+        "a window without requests to the cut side must not pass"
+    );
+}
