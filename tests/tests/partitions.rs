@@ -206,7 +206,11 @@ struct Cut {
 /// Asserts that the cut-off nodes answered no write and no linearizable read that they
 /// received after the cut, and that no write they acknowledged completed later than the
 /// request timeout (plus slack) after the cut. Returns how many requests they failed.
-fn assert_cut_side_acked_nothing(ops: &[NodeOp], cut: &Cut, request_timeout: Duration) -> usize {
+fn cut_side_acked_nothing(
+    ops: &[NodeOp],
+    cut: &Cut,
+    request_timeout: Duration,
+) -> Result<usize, String> {
     let late = cut.from + (request_timeout + Duration::from_secs(1)).as_nanos() as u64;
     let ms = |t: u64| t.saturating_sub(cut.from) / 1_000_000;
     let mut refused = 0;
@@ -220,28 +224,35 @@ fn assert_cut_side_acked_nothing(ops: &[NodeOp], cut: &Cut, request_timeout: Dur
             "linearizable read"
         };
         if o.invoke >= cut.from {
-            assert!(
-                !o.ok,
-                "node {} (cut off) answered a {what} sent {} ms after the cut, completed {} ms after it",
-                o.node,
-                ms(o.invoke),
-                ms(o.complete)
-            );
+            if o.ok {
+                return Err(format!(
+                    "node {} (cut off) answered a {what} sent {} ms after the cut, completed {} ms after it",
+                    o.node,
+                    ms(o.invoke),
+                    ms(o.complete)
+                ));
+            }
             refused += 1;
         } else if o.ok && o.write && o.complete > late {
-            panic!(
+            return Err(format!(
                 "node {} (cut off) acknowledged a write {} ms after the cut (sent before it)",
                 o.node,
                 ms(o.complete)
-            );
+            ));
         }
     }
-    assert!(
-        refused > 0,
-        "no request reached the cut-off nodes {:?}: the check proved nothing",
-        cut.nodes
-    );
-    refused
+    if refused == 0 {
+        return Err(format!(
+            "no request reached the cut-off nodes {:?}: the check proved nothing",
+            cut.nodes
+        ));
+    }
+    Ok(refused)
+}
+
+/// [`cut_side_acked_nothing`], panicking with its finding.
+fn assert_cut_side_acked_nothing(ops: &[NodeOp], cut: &Cut, request_timeout: Duration) -> usize {
+    cut_side_acked_nothing(ops, cut, request_timeout).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// The current term of each of `ids`.
@@ -795,7 +806,7 @@ fn cut_side_check_accepts_refusals_and_catches_answers() {
         op(2, true, 1_300, 1_400, true),  // the majority serves
         op(1, true, 9_000, 11_000, true), // completed after the heal
     ];
-    assert_eq!(assert_cut_side_acked_nothing(&fine, &cut, rt), 2);
+    assert_eq!(cut_side_acked_nothing(&fine, &cut, rt), Ok(2));
     for bad in [
         op(1, true, 1_100, 1_200, true), // a write sent after the cut acknowledged
         op(1, false, 1_100, 1_200, true), // a linearizable read sent after the cut answered
@@ -803,12 +814,14 @@ fn cut_side_check_accepts_refusals_and_catches_answers() {
     ] {
         let mut ops = fine.clone();
         ops.push(bad);
-        let caught = std::panic::catch_unwind(|| assert_cut_side_acked_nothing(&ops, &cut, rt));
-        assert!(caught.is_err(), "not caught: {bad:?}");
+        assert!(
+            cut_side_acked_nothing(&ops, &cut, rt).is_err(),
+            "not caught: {bad:?}"
+        );
     }
     let nothing = vec![op(2, true, 1_300, 1_400, true)];
     assert!(
-        std::panic::catch_unwind(|| assert_cut_side_acked_nothing(&nothing, &cut, rt)).is_err(),
+        cut_side_acked_nothing(&nothing, &cut, rt).is_err(),
         "a window without requests to the cut side must not pass"
     );
 }
