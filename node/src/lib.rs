@@ -100,14 +100,11 @@ pub async fn run(cfg: Config, shutdown: Shutdown) -> Result<Reason, RunError> {
         tokio::spawn(http::serve_tls(peer_listener, cfg.peer_tls.as_ref().map(|t| t.server.clone()), peer_stop.clone(), move |req| {
             let (tx, transport, kv, status) = (tx.clone(), transport.clone(), kv.clone(), status.clone());
             async move {
-                let members = move || {
-                    let st = match status.read() {
-                        Ok(s) => s.clone(),
-                        Err(p) => p.into_inner().clone(),
-                    };
-                    bytes::Bytes::from(api::members_json(&st).to_string())
+                let current = move || match status.read() {
+                    Ok(s) => s.clone(),
+                    Err(p) => p.into_inner().clone(),
                 };
-                transport::handle_peer_request(req, id, tx, transport, kv, members).await
+                transport::handle_peer_request(req, id, tx, transport, kv, current).await
             }
         }))
     };

@@ -164,8 +164,12 @@ pub enum Request {
     Unreachable(u64),
     /// Outcome of sending a snapshot to a peer.
     SnapshotSent(u64, bool),
-    /// A peer told us we were removed from the cluster.
-    Removed,
+    /// A peer told us we were removed from the cluster; `peer_applied` is the applied
+    /// index behind its answer, when it said (an older peer does not).
+    Removed {
+        /// The peer's applied index.
+        peer_applied: Option<u64>,
+    },
     /// Move leadership to `to`.
     TransferLeader(u64),
     /// Stop: hand leadership over if leader, flush, exit.
@@ -583,9 +587,20 @@ impl RaftLoop {
                 let status = if ok { SnapshotStatus::Finish } else { SnapshotStatus::Failure };
                 self.raw.report_snapshot(id, status);
             }
-            Request::Removed => {
-                warn!("a peer reports this member was removed from the cluster");
-                self.mark_removed("a peer reported this member as removed");
+            Request::Removed { peer_applied } => {
+                let applied = self.raw.raft.raft_log.applied;
+                match peer_applied {
+                    // The peer is behind this member: the removal it knows of was undone by
+                    // a re-addition it has not applied yet (the same id re-added after a
+                    // removal). It catches up from this member's newer messages.
+                    Some(theirs) if theirs < applied => {
+                        debug!(peer_applied = theirs, applied, "a lagging peer still counts this member as removed; ignored");
+                    }
+                    _ => {
+                        warn!("a peer reports this member was removed from the cluster");
+                        self.mark_removed("a peer reported this member as removed");
+                    }
+                }
             }
             Request::TransferLeader(to) => self.raw.transfer_leader(to),
             Request::SnapshotSaved { index, result } => self.on_snapshot_saved(index, result),

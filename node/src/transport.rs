@@ -46,6 +46,9 @@ pub const MAX_PEER_BODY: usize = 1 << 31;
 pub const FROM_HEADER: &str = "x-raftkv-from";
 /// Header carrying the sender's peer URL (lets a joining node answer a leader it never heard of).
 pub const URL_HEADER: &str = "x-raftkv-peer-url";
+/// Header of a 410 answer: the applied index of the member that refused, so the sender
+/// can tell a lagging peer's stale view from its own removal.
+pub const APPLIED_HEADER: &str = "x-raftkv-applied";
 
 /// The peer HTTP client: plain HTTP, or HTTPS with the node's peer certificate.
 pub type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
@@ -302,8 +305,10 @@ async fn run_peer(inner: Arc<Inner>, id: u64, url: String, mut rx: mpsc::Receive
                 true
             }
             Ok(Ok(resp)) if resp.status() == StatusCode::GONE => {
-                warn!(peer = id, "peer says this member was removed from the cluster");
-                let _ = inner.raft.send(Request::Removed);
+                let peer_applied =
+                    resp.headers().get(APPLIED_HEADER).and_then(|v| v.to_str().ok()).and_then(|s| s.parse().ok());
+                debug!(peer = id, ?peer_applied, "peer says this member was removed from the cluster");
+                let _ = inner.raft.send(Request::Removed { peer_applied });
                 false
             }
             Ok(Ok(resp)) => {
@@ -375,12 +380,12 @@ pub async fn handle_peer_request(
     raft: Sender<Request>,
     transport: Transport,
     kv: Arc<RwLock<KvStore>>,
-    members_json: impl Fn() -> Bytes,
+    status: impl Fn() -> Arc<crate::raft_loop::NodeStatus>,
 ) -> Response<Full<Bytes>> {
     match (req.method(), req.uri().path()) {
         (&Method::POST, "/raft") => {}
         (&Method::GET, "/members") => {
-            let mut r = text(StatusCode::OK, members_json());
+            let mut r = text(StatusCode::OK, crate::api::members_json(&status()).to_string());
             r.headers_mut().insert("content-type", hyper::header::HeaderValue::from_static("application/json"));
             return r;
         }
@@ -408,8 +413,29 @@ pub async fn handle_peer_request(
             return text(StatusCode::BAD_REQUEST, format!("message for member {} sent to member {my_id}\n", m.to));
         }
     }
-    if kv.read().map(|k| k.is_removed(sender)).unwrap_or(false) {
-        return text(StatusCode::GONE, format!("member {sender} was removed from this cluster\n"));
+    let (removed, applied) = kv.read().map(|k| (k.is_removed(sender), k.applied())).unwrap_or((false, 0));
+    // A removed member that was never told keeps sending; it gets 410 and stops. But its
+    // id may have been re-added after the removal this member knows of (this member is
+    // behind, e.g. restarted from an older snapshot), and then refusing it would keep
+    // this member from ever catching up. Such a sender is let through when it shows
+    // newer history: a commit index or a snapshot beyond everything applied here, or leader traffic
+    // (append, heartbeat, snapshot) of this member's term or a later one. A removed
+    // member can show neither: it cannot know a commit beyond its own removal without
+    // applying it and stopping, and it cannot win an election (members refuse its
+    // votes), so its leader traffic is from a term older than the one this member
+    // learned the removal in (a leader that commits its own removal stops when it
+    // applies it, and a restarted node is never a leader).
+    let newer = |m: &Message| {
+        let snapshot_index = m.snapshot.as_ref().and_then(|s| s.metadata.as_ref()).map_or(0, |md| md.index);
+        m.commit > applied
+            || snapshot_index > applied
+            || (matches!(m.get_msg_type(), MessageType::MsgAppend | MessageType::MsgHeartbeat | MessageType::MsgSnapshot)
+                && m.term >= status().term)
+    };
+    if removed && !msgs.iter().any(newer) {
+        let mut r = text(StatusCode::GONE, format!("member {sender} was removed from this cluster\n"));
+        r.headers_mut().insert(APPLIED_HEADER, hyper::header::HeaderValue::from(applied));
+        return r;
     }
     if let Some(url) = from_url {
         if sender != 0 && transport.peer_url(sender).is_none() && crate::config::parse_peer_url(&url).is_ok() {
