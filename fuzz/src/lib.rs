@@ -728,14 +728,40 @@ fn statuses(raw: &[u8]) -> Vec<u16> {
     out
 }
 
+/// `%` and exactly two hex digits make one byte; the result must be UTF-8.
+fn percent_decode_reference(s: &[u8]) -> Option<String> {
+    let hex = |c: u8| (c as char).to_digit(16);
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < s.len() {
+        if s[i] == b'%' {
+            let (h, l) = (hex(*s.get(i + 1)?)?, hex(*s.get(i + 2)?)?);
+            out.push((h * 16 + l) as u8);
+            i += 3;
+        } else {
+            out.push(s[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
 /// Client requests against an in-process single-member node (raft loop, WAL on tmpfs,
 /// the real router and handlers behind hyper's HTTP/1.1 parser).
 ///
 /// Modes (first byte % 2): 0 raw bytes on the connection; 1 requests assembled from
 /// methods, route prefixes, fuzzed path bytes, query strings, headers and bodies.
 /// Every response must be below 500 or exactly 503; the connection must be answered
-/// or closed within 20 s.
+/// or closed within 20 s. The input as text also checks `api::percent_decode` against
+/// a reference decoder.
 pub fn http_request(data: &[u8]) {
+    // The key/query decoder against a plain reading of RFC 3986 percent-encoding.
+    let text = String::from_utf8_lossy(data);
+    assert_eq!(
+        raftkv_node::api::percent_decode(&text).ok(),
+        percent_decode_reference(text.as_bytes()),
+        "percent_decode disagrees on {text:?}"
+    );
     let mut r = Input::new(data);
     let input = if r.u8() % 2 == 0 { r.rest().to_vec() } else { build_requests(&mut r) };
     let h = http_harness();

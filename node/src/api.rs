@@ -68,7 +68,8 @@ pub fn percent_decode(s: &str) -> Result<String, ApiError> {
     let mut i = 0;
     while i < b.len() {
         if b[i] == b'%' {
-            let hex = b.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok());
+            // Exactly two hex digits (`from_str_radix` alone would take "+f").
+            let hex = b.get(i + 1..i + 3).filter(|h| h.iter().all(u8::is_ascii_hexdigit)).and_then(|h| std::str::from_utf8(h).ok());
             match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
                 Some(v) => out.push(v),
                 None => return Err(ApiError::bad(format!("bad percent escape in {s:?}"))),
@@ -773,6 +774,9 @@ mod tests {
         assert!(percent_decode("a%2").is_err());
         assert!(percent_decode("%zz").is_err());
         assert!(percent_decode("%ff").is_err());
+        assert!(percent_decode("%+f").is_err(), "a sign is not a hex digit");
+        assert!(percent_decode("%+4").is_err());
+        assert_eq!(percent_decode("%e2%82%AC").unwrap(), "€");
     }
 
     #[test]
