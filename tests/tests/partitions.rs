@@ -50,6 +50,10 @@ fn key(k: usize) -> String {
 struct NodeOp {
     node: u64,
     write: bool,
+    /// The client and its write sequence number (0 for reads): the value written is
+    /// `"<client>-<seq>"`.
+    client: u64,
+    seq: u64,
     /// Recorder nanoseconds.
     invoke: u64,
     complete: u64,
@@ -188,6 +192,8 @@ fn client_loop(
         let op = NodeOp {
             node: *node,
             write,
+            client,
+            seq: if write { seq } else { 0 },
             invoke,
             complete: rec.now(),
             ok,
@@ -253,6 +259,36 @@ fn cut_side_acked_nothing(
 /// [`cut_side_acked_nothing`], panicking with its finding.
 fn assert_cut_side_acked_nothing(ops: &[NodeOp], cut: &Cut, request_timeout: Duration) -> usize {
     cut_side_acked_nothing(ops, cut, request_timeout).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Values of the writes sent to the cut-off nodes after the cut that failed before the
+/// heal. When the cut-off side held the leader, these were at most appended to the old
+/// leader's log at the old term, which the new leader's log overrides: raft must never
+/// apply them (linearizability alone would allow it: their outcome is unknown).
+fn doomed_writes(ops: &[NodeOp], cut: &Cut) -> Vec<Vec<u8>> {
+    ops.iter()
+        .filter(|o| o.write && !o.ok && cut.nodes.contains(&o.node))
+        .filter(|o| o.invoke >= cut.from && o.complete <= cut.to)
+        .map(|o| format!("{}-{}", o.client, o.seq).into_bytes())
+        .collect()
+}
+
+/// Asserts that no read of the history returned one of the `doomed` values.
+fn assert_never_observed(events: &[Event], doomed: &[Vec<u8>]) {
+    for e in events {
+        if let Op::Get {
+            key,
+            result: Some(v),
+        } = &e.op
+        {
+            assert!(
+                !doomed.contains(v),
+                "client {} read {key} = {:?}: a write the cut-off leader could never commit was applied",
+                e.client,
+                String::from_utf8_lossy(v)
+            );
+        }
+    }
 }
 
 /// The current term of each of `ids`.
@@ -500,10 +536,12 @@ fn isolated_leader_acks_nothing_and_catches_up_after_heal() {
     let load = Load::start(&c, 1);
     let all = c.ids();
     wait_writes(&load, &all, 0, 20, "warm-up writes");
+    let mut doomed = Vec::new();
     for round in 0..rounds(1, 5) {
         let old = c.wait_leader(&all, Duration::from_secs(20));
         let rest = others(&all, &[old]);
         c.cut(old).expect("cut the leader");
+        let cut_as_leader = role(&c, old).as_deref() == Some("leader");
         let terms = terms(&c, &[old]);
         let from = load.now();
         let t = Instant::now();
@@ -532,6 +570,11 @@ fn isolated_leader_acks_nothing_and_catches_up_after_heal() {
             to,
         };
         let refused = assert_cut_side_acked_nothing(&load.ops(), &cut, rt);
+        if cut_as_leader {
+            doomed.extend(doomed_writes(&load.ops(), &cut));
+        } else {
+            eprintln!("round {round}: {old} had lost leadership before the cut; its writes are not judged");
+        }
         // After the heal the old leader follows the new term and catches up.
         let term = index(&c, new, "term").expect("new leader's term");
         let commit = index(&c, new, "commit_index").expect("new leader's commit index");
@@ -559,7 +602,12 @@ fn isolated_leader_acks_nothing_and_catches_up_after_heal() {
              {stepped_down:?}; {old} failed all {refused} requests sent to it while cut; caught up to {commit}"
         );
     }
-    finish(&c, load, started);
+    let events = finish(&c, load, started);
+    assert_never_observed(&events, &doomed);
+    println!(
+        "doomed writes (sent to the cut-off leader's side) never observed: {}",
+        doomed.len()
+    );
 }
 
 /// What a node logs when it installs a snapshot (storage/mod.rs).
@@ -733,11 +781,13 @@ fn split_two_three_with_leader_on_the_minority() {
     let load = Load::start(&c, 4);
     let all = c.ids();
     wait_writes(&load, &all, 0, 20, "warm-up writes");
+    let mut doomed = Vec::new();
     for round in 0..rounds(1, 4) {
         let old = c.wait_leader(&all, Duration::from_secs(20));
         let minority = vec![old, others(&all, &[old])[round % 4]];
         let majority = others(&all, &minority);
         c.partition(&[&majority, &minority]).expect("split");
+        let cut_as_leader = role(&c, old).as_deref() == Some("leader");
         let terms = terms(&c, &minority);
         let from = load.now();
         let t = Instant::now();
@@ -765,6 +815,11 @@ fn split_two_three_with_leader_on_the_minority() {
             to,
         };
         let refused = assert_cut_side_acked_nothing(&load.ops(), &cut, rt);
+        if cut_as_leader {
+            doomed.extend(doomed_writes(&load.ops(), &cut));
+        } else {
+            eprintln!("round {round}: {old} had lost leadership before the cut; its writes are not judged");
+        }
         c.wait_leader(&all, Duration::from_secs(20));
         let healed = load.now();
         wait_writes(
@@ -779,7 +834,12 @@ fn split_two_three_with_leader_on_the_minority() {
              the minority failed all {refused} requests sent to it"
         );
     }
-    finish(&c, load, started);
+    let events = finish(&c, load, started);
+    assert_never_observed(&events, &doomed);
+    println!(
+        "doomed writes (sent to the cut-off leader's side) never observed: {}",
+        doomed.len()
+    );
 }
 
 /// The cut-side assertion itself: it accepts refusals and catches an answer.
@@ -789,6 +849,8 @@ fn cut_side_check_accepts_refusals_and_catches_answers() {
     let op = |node, write, invoke, complete, ok| NodeOp {
         node,
         write,
+        client: 0,
+        seq: 0,
         invoke: ms(invoke),
         complete: ms(complete),
         ok,
