@@ -232,7 +232,8 @@ impl Churn {
         })
     }
 
-    /// A random member other than `except`, to be killed.
+    /// A random member (or `extra`, a joiner not yet added) other than `except`, to be
+    /// killed.
     fn kill_victim(&mut self, extra: Option<u64>, except: Option<u64>) -> u64 {
         let pool: Vec<u64> = self.members.iter().copied().chain(extra).filter(|id| Some(*id) != except).collect();
         pool[self.rng.gen_range(0..pool.len())]
@@ -273,7 +274,8 @@ impl Churn {
         match fault {
             None => {}
             Some(Fault::Kill(id)) => {
-                // Holding: the fault lands somewhere inside the request, not after it.
+                // Holding: the kill lands 0–300 ms into the request (usually inside it; a
+                // request that finished first just gets a kill between steps).
                 std::thread::sleep(Duration::from_millis(self.rng.gen_range(0..300)));
                 eprintln!("  kill -9 node {id} during {change:?}");
                 self.c.kill(id);
@@ -308,7 +310,7 @@ impl Churn {
             let commit = m["commit_index"].as_u64()?;
             let l = m["members"].as_array()?.iter().find(|x| x["id"] == id)?;
             let matched = l["match_index"].as_u64()?;
-            (matched > 0 && matched + 20 >= commit).then_some(())
+            (l["reachable"] == true && matched > 0 && matched + 20 >= commit).then_some(())
         });
     }
 
@@ -700,4 +702,49 @@ fn a_reused_id_survives_a_peer_that_restarts_behind_its_re_addition() {
     assert!(st["members"].as_array().expect("members").iter().any(|m| m["id"] == 4), "node {y} lists 4: {st}");
     let child = c.nodes[3].child.as_mut().expect("node 4 process");
     assert!(child.try_wait().expect("try_wait").is_none(), "re-added node 4 stopped");
+}
+
+/// A learner killed while it catches up (by snapshot: the leader compacts often) must
+/// catch up after its restart.
+#[test]
+fn a_learner_killed_while_catching_up_catches_up_after_restart() {
+    let mut c = Cluster::start_with(3, Options { snapshot_count: 50, ..Options::default() });
+    let http = Http::new(Duration::from_secs(5));
+    let leader = c.wait_leader(SETTLE);
+    let big = "v".repeat(4096);
+    for i in 0..400 {
+        c.put_retry(leader, &format!("k{i}"), &big, SETTLE);
+    }
+    let mut rng = StdRng::seed_from_u64(5);
+    let attempts = if std::env::var("RAFTKV_SOAK").is_ok() { 30 } else { 8 };
+    for attempt in 0..attempts {
+        let leader = c.wait_leader(SETTLE);
+        let id = c.spawn_joiner();
+        let body = format!(r#"{{"id":{id},"peer_url":"{}","learner":true}}"#, c.node(id).peer_url());
+        let r = http.post(&format!("{}/v1/members", c.url(leader)), body).expect("POST /v1/members");
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.text());
+        // Every other attempt the leader dies first: a new leader catches the learner up.
+        let kill_leader = attempt % 2 == 1;
+        if kill_leader {
+            c.kill(leader);
+        }
+        // Holding: the kill lands somewhere in the catch-up.
+        let delay = rng.gen_range(0..1500);
+        std::thread::sleep(Duration::from_millis(delay));
+        c.kill(id);
+        c.spawn(id);
+        if kill_leader {
+            c.spawn(leader);
+        }
+        let key = format!("k{}", 399);
+        wait_for(SETTLE, &format!("learner {id} (killed {delay} ms after its addition) to catch up"), || {
+            let r = http.get(&format!("{}/v1/kv/{key}?consistency=serializable", c.url(id))).ok()?;
+            (r.status == StatusCode::OK).then_some(())
+        });
+        let leader = c.wait_leader(SETTLE);
+        let r = http.delete(&format!("{}/v1/members/{id}", c.url(leader))).expect("DELETE");
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+        assert_eq!(c.wait_exit(id, SETTLE), Some(0));
+        eprintln!("attempt {attempt}: learner {id} killed after {delay} ms (leader killed first: {kill_leader}) caught up");
+    }
 }
