@@ -135,29 +135,63 @@ fn decode_snap_ref(mut b: &[u8]) -> Option<(u64, u64)> {
     Some((index, term))
 }
 
+/// Bytes a disk writes atomically (a sector): a crash can only tear a write at sector
+/// boundaries, and what did not land reads as zeros (the segment is preallocated).
+pub const SECTOR: u64 = 512;
+
 /// How [`append_torn_record`] imitates a write that never completed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TornWrite {
-    /// The first half of a copy of the last record (header and part of the body).
-    HalfOfLastRecord,
+    /// A batch of copies of the last record(s), longer than what remains of the current
+    /// sector, of which only that remainder landed: complete copies (valid records that
+    /// repeat what is already there — harmless) and then the first part of one more,
+    /// whose later sectors read as zeros.
+    BatchCutAtASectorBoundary,
     /// A valid header (length and length checksum) claiming a 4 KiB body, followed by
-    /// only 100 bytes of it.
+    /// only 100 bytes of it: the record's later sectors never landed.
     HeaderClaimingMore,
 }
 
 /// Appends an incomplete record just after the last good record of `segment` (inside
-/// its preallocated zeros, or growing the file): the state a crash in the middle of an
-/// unacknowledged append leaves. Returns (offset of the partial record, bytes written).
+/// its preallocated zeros, or growing the file): the state a power loss in the middle
+/// of an unacknowledged append leaves. Returns (offset of the partial record, bytes
+/// written).
 pub fn append_torn_record(segment: &Path, how: TornWrite) -> io::Result<(u64, u64)> {
     let recs = wal_records(segment)?;
     let last = *recs.last().ok_or_else(|| io::Error::other("segment has no records"))?;
     let f = OpenOptions::new().read(true).write(true).open(segment)?;
-    let bytes = match how {
-        TornWrite::HalfOfLastRecord => {
-            let mut rec = vec![0u8; last.len as usize];
-            f.read_exact_at(&mut rec, last.offset)?;
-            rec.truncate(rec.len() / 2);
-            rec
+    let w = last.end();
+    let (partial_at, bytes) = match how {
+        TornWrite::BatchCutAtASectorBoundary => {
+            let read = |r: &WalRecord| -> io::Result<Vec<u8>> {
+                let mut b = vec![0u8; r.len as usize];
+                f.read_exact_at(&mut b, r.offset)?;
+                Ok(b)
+            };
+            let mut unit = read(&last)?;
+            if SECTOR % last.len == 0 && recs.len() >= 2 {
+                // Copies of one record that divides a sector could end exactly on a
+                // boundary: use the last two records as the unit instead.
+                let mut two = read(&recs[recs.len() - 2])?;
+                two.extend_from_slice(&unit);
+                unit = two;
+            }
+            let u = unit.len() as u64;
+            // The first sector boundary after `w` that falls inside a record of a copy
+            // (not between two records).
+            let first = u - last.len;
+            let cut = (1..=64)
+                .map(|k| (w / SECTOR + k) * SECTOR)
+                .find(|b| (b - w) % u != 0 && (first == 0 || (b - w) % u != first))
+                .ok_or_else(|| io::Error::other("no sector boundary falls inside a copy"))?;
+            let bytes: Vec<u8> = unit.iter().copied().cycle().take((cut - w) as usize).collect();
+            // The partial copy starts after the last complete unit; inside a two-record
+            // unit, possibly after its complete first record.
+            let mut at = w + (cut - w) / u * u;
+            if first > 0 && cut - at > first {
+                at += first;
+            }
+            (at, bytes)
         }
         TornWrite::HeaderClaimingMore => {
             let len: u32 = 4096;
@@ -167,18 +201,19 @@ pub fn append_torn_record(segment: &Path, how: TornWrite) -> io::Result<(u64, u6
             b.extend_from_slice(&0xdead_beef_u32.to_le_bytes());
             b.push(REC_ENTRIES);
             b.extend((0..99u8).map(|i| i.wrapping_mul(7).wrapping_add(1)));
-            b
+            (w, b)
         }
     };
-    f.write_all_at(&bytes, last.end())?;
+    f.write_all_at(&bytes, w)?;
     f.sync_all()?;
-    Ok((last.end(), bytes.len() as u64))
+    Ok((partial_at, bytes.len() as u64))
 }
 
-/// Zeroes everything from the middle of the last `Entries` record to the written end of
-/// `segment` (the file keeps its length, as a preallocated file would): entries that were
-/// synced — and acknowledged — are gone. This is data loss, not a torn write. Returns the
-/// offset of the damaged record.
+/// Zeroes the last `Entries` record of `segment` from a sector boundary in its second
+/// half (or from its start, when it lies in one sector) to the written end; the file
+/// keeps its length, as a preallocated file would. Entries that were synced — and
+/// acknowledged — are gone. This is data loss, not a torn write. Returns the offset of
+/// the damaged record.
 pub fn lose_last_entries(segment: &Path) -> io::Result<u64> {
     let recs = wal_records(segment)?;
     let rec = *recs
@@ -187,7 +222,7 @@ pub fn lose_last_entries(segment: &Path) -> io::Result<u64> {
         .find(|r| r.kind == REC_ENTRIES)
         .ok_or_else(|| io::Error::other("segment has no Entries record"))?;
     let end = recs.last().map_or(rec.end(), WalRecord::end);
-    let from = rec.offset + rec.len / 2;
+    let from = ((rec.offset + rec.len / 2) / SECTOR * SECTOR).max(rec.offset);
     let f = OpenOptions::new().write(true).open(segment)?;
     f.write_all_at(&vec![0u8; (end - from) as usize], from)?;
     f.sync_all()?;
@@ -357,14 +392,18 @@ mod tests {
             snapshot_in_force(d.path()).expect("scan"),
             Some(d.path().join("snap").join("0000000000000001-0000000000000005.snap"))
         );
-        for how in [TornWrite::HalfOfLastRecord, TornWrite::HeaderClaimingMore] {
+        for how in [TornWrite::BatchCutAtASectorBoundary, TornWrite::HeaderClaimingMore] {
             let (off, n) = append_torn_record(&seg, how).expect("tear");
-            assert_eq!(off, written);
             assert!(n > 0);
-            // The partial record does not parse: the written end stays put.
-            assert_eq!(written_end(&seg).expect("end"), written);
+            // Complete copies parse; the partial record does not: the written end is
+            // where it starts, and the write stops at a sector boundary or inside it.
+            assert_eq!(written_end(&seg).expect("end"), off, "{how:?}");
+            assert!(off >= written && off < written + n, "{how:?}");
+            if how == TornWrite::BatchCutAtASectorBoundary {
+                assert_eq!((written + n) % SECTOR, 0);
+            }
             let f = OpenOptions::new().write(true).open(&seg).expect("open");
-            f.write_all_at(&vec![0u8; n as usize], off).expect("clear");
+            f.write_all_at(&vec![0u8; n as usize], written).expect("clear");
         }
         let at = lose_last_entries(&seg).expect("lose");
         assert_eq!(at, found[1].offset);

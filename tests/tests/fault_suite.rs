@@ -109,10 +109,10 @@ fn follower_of(leader: u64) -> u64 {
     }
 }
 
-/// Torn WAL tail: a follower is killed with -9 and an incomplete record (half of a copy
-/// of its last record, or a header promising more bytes than follow) is appended to the
-/// written part of its last segment — what a crash in the middle of an unacknowledged
-/// append leaves. It must start, cut the tail off (logged), and serve every acked write.
+/// Torn WAL tail: a follower is killed with -9 and an incomplete append is added to the
+/// written part of its last segment (a batch of copies of its last record cut at a
+/// sector boundary, or a header promising more bytes than follow) — what a power loss
+/// in the middle of an unacknowledged append leaves. It must start, cut the tail off (logged), and serve every acked write.
 #[test]
 fn torn_wal_tail_is_cut_off_and_the_node_has_every_acked_write() {
     let mut c = Cluster::start(3);
@@ -120,7 +120,7 @@ fn torn_wal_tail_is_cut_off_and_the_node_has_every_acked_write() {
     let mut keys = write_keys(&c, leader, "torn", 40);
     let victim = follower_of(leader);
     let mut checked = 0;
-    for (round, how) in [TornWrite::HalfOfLastRecord, TornWrite::HeaderClaimingMore].into_iter().enumerate() {
+    for (round, how) in [TornWrite::BatchCutAtASectorBoundary, TornWrite::HeaderClaimingMore].into_iter().enumerate() {
         wait_replicated(&c, leader, victim);
         c.kill(victim);
         let seg = faultkit::wal_segments(&c.node(victim).data_dir).pop().expect("victim has WAL segments");
@@ -142,6 +142,33 @@ fn torn_wal_tail_is_cut_off_and_the_node_has_every_acked_write() {
     c.spawn(victim);
     checked += check_keys(&c, victim, &keys);
     println!("operations checked: {checked} reads of acked writes on the restarted follower");
+}
+
+/// A flipped byte in the *last* record of a single node's WAL: the record was written
+/// in full (every sector holds data) and synced, so this is damage to an acknowledged
+/// record, not a torn write. The node must refuse to start naming the file and offset —
+/// with no other member to fill the gap, cutting it off would silently lose it.
+#[test]
+fn bit_rot_in_the_last_synced_wal_record_is_refused_not_cut_off() {
+    let mut c = Cluster::start(1);
+    let keys = write_keys(&c, 1, "rot", 20);
+    assert_eq!(c.terminate(1, T), Some(0));
+    let seg = faultkit::wal_segments(&c.node(1).data_dir).pop().expect("WAL segment");
+    let last = *faultkit::wal_records(&seg).expect("records").last().expect("a record");
+    faultkit::flip_byte(&seg, last.end() - 1).expect("flip");
+    c.spawn(1);
+    let code = expect_exit(&mut c, 1, T);
+    assert!(code.is_some_and(|x| x != 0), "exit code {code:?}");
+    let log = c.node(1).log.clone();
+    let expected = format!("WAL corrupt: {} at offset {}", seg.display(), last.offset);
+    assert!(faultkit::log_contains(&log, &expected), "log lacks {expected:?}");
+    assert!(!faultkit::log_contains(&log, "truncating the torn tail"), "the damaged record was cut off");
+    // Flipped back, the node starts with everything.
+    faultkit::flip_byte(&seg, last.end() - 1).expect("flip back");
+    c.spawn(1);
+    c.wait_leader(T);
+    let n = check_keys(&c, 1, &keys);
+    println!("operations checked: {n} acked writes after undoing the damage (refused with exit code {code:?})");
 }
 
 /// Synced, acknowledged entries cut off a follower's WAL (not a torn write: data loss,

@@ -153,6 +153,21 @@ impl DirLock {
     }
 }
 
+/// A file name `<a:016x>-<b:016x>.<ext>` (WAL segments, snapshot files).
+pub(crate) fn pair_name(a: u64, b: u64, ext: &str) -> String {
+    format!("{a:016x}-{b:016x}.{ext}")
+}
+
+/// Parses a name made by [`pair_name`] with extension `ext` into (a, b).
+pub(crate) fn parse_pair_name(name: &str, ext: &str) -> Option<(u64, u64)> {
+    let stem = name.strip_suffix(ext)?.strip_suffix('.')?;
+    let (a, b) = stem.split_once('-')?;
+    if a.len() != 16 || b.len() != 16 {
+        return None;
+    }
+    Some((u64::from_str_radix(a, 16).ok()?, u64::from_str_radix(b, 16).ok()?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -196,19 +211,4 @@ mod tests {
         assert!(p.is_dir());
         ensure_dir(&p).expect("idempotent");
     }
-}
-
-/// A file name `<a:016x>-<b:016x>.<ext>` (WAL segments, snapshot files).
-pub(crate) fn pair_name(a: u64, b: u64, ext: &str) -> String {
-    format!("{a:016x}-{b:016x}.{ext}")
-}
-
-/// Parses a name made by [`pair_name`] with extension `ext` into (a, b).
-pub(crate) fn parse_pair_name(name: &str, ext: &str) -> Option<(u64, u64)> {
-    let stem = name.strip_suffix(ext)?.strip_suffix('.')?;
-    let (a, b) = stem.split_once('-')?;
-    if a.len() != 16 || b.len() != 16 {
-        return None;
-    }
-    Some((u64::from_str_radix(a, 16).ok()?, u64::from_str_radix(b, 16).ok()?))
 }

@@ -56,6 +56,17 @@ fn written(p: &Path) -> u64 {
     off as u64
 }
 
+/// (start, end) of the last intact record of a segment.
+fn last_record(p: &Path) -> (u64, u64) {
+    let data = fs::read(p).expect("read segment");
+    let (mut start, mut off) = (0, wal::SEGMENT_HEADER_LEN);
+    while let record::Scan::Record { next, .. } = record::scan(&data, off) {
+        start = off;
+        off = next;
+    }
+    (start as u64, off as u64)
+}
+
 fn all_entries(s: &DiskStorage) -> Vec<Entry> {
     let (lo, hi) = (s.first_index().expect("first"), s.last_index().expect("last"));
     s.entries(lo, hi + 1, None, GetEntriesContext::empty(false)).expect("entries")
@@ -97,9 +108,12 @@ fn segments_are_preallocated_and_zeros_after_the_last_record_end_them() {
     // A torn final append inside the preallocated range: its tail never reached the disk
     // (zeros). The record is dropped, the segment keeps its preallocation.
     let last = segs.last().expect("segment").clone();
-    let end = written(&last);
+    let (rec_start, end) = last_record(&last);
+    // Sectors are written whole: the part of the record in its last sector (or all of
+    // it, when it lies in one sector) never landed.
+    let from = ((end - 1) / 512 * 512).max(rec_start);
     let f = fs::OpenOptions::new().write(true).open(&last).expect("open segment");
-    f.write_all_at(&[0u8; 7], end - 7).expect("zero the tail");
+    f.write_all_at(&vec![0u8; (end - from) as usize], from).expect("zero the tail");
     drop(f);
     let s = open_opts(d.path(), seg_bytes, true);
     assert_eq!(s.last_index().expect("last"), 2999);

@@ -162,10 +162,18 @@ fn torn_tail_is_truncated_at_every_cut_point() {
     assert_eq!(all_entries(&s), ents(1, 3, 1));
     drop(s);
     assert_eq!(file_len(&seg), end);
-    // A flipped bit in the very last record: torn, the record is dropped.
+    // A flipped bit in the very last record, written in full (no sector of it is
+    // zeros): damaged after it was synced, so corruption, not a torn write.
     let mut flipped = good.clone();
     flipped[end as usize - 2] ^= 0x04;
     fs::write(&seg, &flipped).expect("flip");
+    let err = DiskStorage::open(d.path(), StorageOptions::default()).err().expect("must be corrupt");
+    match &err {
+        StorageError::Corrupt { path, offset, .. } => assert_eq!((path, *offset), (&seg, start), "{err}"),
+        other => panic!("expected Corrupt, got {other}"),
+    }
+    // The same record cut short (an append that never completed): torn, dropped.
+    fs::write(&seg, &good[..end as usize - 2]).expect("cut");
     let s = open(d.path());
     assert_eq!(all_entries(&s), ents(1, 2, 1));
     // And the storage keeps working after the truncation.
@@ -752,6 +760,9 @@ proptest! {
         let min = h + record::HEADER_LEN + meta_len;
         let written = file_len(last) as usize;
         let keep = if written > min { min + cut.index(written - min + 1) } else { written };
+        // Disks write whole sectors: a crash in a preallocated segment leaves zeros from
+        // a sector boundary on (never in the middle of one), or from the first record.
+        let keep = if zero_fill { (keep / 512 * 512).max(min) } else { keep };
         if zero_fill {
             // A crash in a preallocated segment: the unwritten part reads as zeros and
             // the file keeps its size.

@@ -505,6 +505,39 @@ fn list_segments(dir: &Path) -> Result<Vec<Segment>, StorageError> {
     Ok(segs)
 }
 
+/// The unit a disk writes atomically (a sector; 4 KiB devices write whole multiples).
+const SECTOR: usize = 512;
+
+/// Whether the final record at `off` (its checksum failed) was written in full: its
+/// header checks out, its body lies inside `data` (the segment from offset 0), and no
+/// sector-aligned piece of it reads as zeros. Sectors are written atomically and
+/// everything after a segment's written end is zeros (preallocated, rolled back or cut
+/// off and preallocated again), so an append interrupted by a crash always leaves a
+/// zero piece (or a short file). A record with data in every sector whose checksum fails
+/// was damaged after it was written — and synced, hence acknowledged: dropping it as a
+/// torn write would silently lose it. (etcd's WAL applies the same rule.)
+fn written_in_full(data: &[u8], off: usize) -> bool {
+    let h = record::HEADER_LEN;
+    let Some(hdr) = data.get(off..off + h) else { return false };
+    let len_bytes = [hdr[0], hdr[1], hdr[2], hdr[3]];
+    if crc32fast::hash(&len_bytes) != u32::from_le_bytes([hdr[4], hdr[5], hdr[6], hdr[7]]) {
+        return false;
+    }
+    let end = off + h + u32::from_le_bytes(len_bytes) as usize;
+    if end > data.len() {
+        return false;
+    }
+    let mut lo = off;
+    while lo < end {
+        let hi = ((lo / SECTOR + 1) * SECTOR).min(end);
+        if data[lo..hi].iter().all(|b| *b == 0) {
+            return false;
+        }
+        lo = hi;
+    }
+    true
+}
+
 fn truncate_file(path: &Path, len: u64) -> Result<(), StorageError> {
     let f = OpenOptions::new().write(true).open(path).map_err(io_err(path))?;
     f.set_len(len).map_err(io_err(path))?;
@@ -590,6 +623,14 @@ pub(crate) fn recover(
                     off = next;
                 }
                 Scan::End => break,
+                Scan::Torn(_) if is_last && !first && written_in_full(&data, off) => {
+                    return Err(corrupt(
+                        &seg.path,
+                        off as u64,
+                        "crc mismatch in the final record, whose every sector was written: \
+                         damaged after it was synced (an acknowledged record), not a torn write",
+                    ));
+                }
                 Scan::Torn(why) if is_last && !first => {
                     warn!(
                         segment = %seg.path.display(),
