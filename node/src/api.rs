@@ -249,7 +249,7 @@ impl Api {
                 check_key(&key)?;
                 self.read_barrier().await?;
                 match self.get_local(&key) {
-                    Some(v) => Ok(response(StatusCode::OK, "application/octet-stream", Bytes::from_owner(v.data))),
+                    Some(v) => Ok(response(StatusCode::OK, "application/octet-stream", v.data)),
                     None => Ok(response(StatusCode::NOT_FOUND, "text/plain", "Failed to GET\n")),
                 }
             }
@@ -323,7 +323,7 @@ impl Api {
     }
 
     fn get_local(&self, key: &str) -> Option<crate::kv::Value> {
-        self.kv.read().ok().and_then(|kv| kv.get(key).cloned())
+        self.kv.read().ok().and_then(|kv| kv.get(key))
     }
 
     /// Proposes a put/delete and waits for it to be applied. Returns (revision, existed).

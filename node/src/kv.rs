@@ -5,14 +5,16 @@
 //! Revisions are raft log indexes: a value's revision is the index of the entry that
 //! last wrote it.
 //!
-//! Keys live in a persistent ordered map (`imbl::OrdMap`), so taking a snapshot is an
+//! Pairs live in a persistent ordered set (`imbl::OrdSet`), so taking a snapshot is an
 //! O(1) clone: the image is encoded and written on another thread while the raft loop
-//! keeps applying.
+//! keeps applying. Each pair (key, value, revision) is one allocation behind a
+//! reference count ([`Pair`]): the store costs little beyond the bytes it holds.
 
+use std::borrow::Borrow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use bytes::BufMut;
+use bytes::{BufMut, Bytes};
 use prost::encoding::{encode_key, encode_varint, encoded_len_varint, key_len, WireType};
 use prost::Message;
 
@@ -119,13 +121,11 @@ pub enum ApplyOutcome {
     },
 }
 
-/// A value read from the store (cheap to clone: a reference count, never an
-/// allocation). One allocation per stored value, the bytes behind a reference count:
-/// a store of many small values spends little beyond the values themselves.
+/// A value read from the store. Its bytes are shared with the store, not copied.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Value {
     /// Bytes.
-    pub data: Arc<[u8]>,
+    pub data: Bytes,
     /// Revision.
     pub revision: u64,
 }
@@ -146,10 +146,93 @@ pub enum KvError {
     Version(u32),
 }
 
+/// One stored key-value pair in a single allocation:
+/// `[revision: u64 LE][key length: u32 LE][key][value]`. Cloning is a reference count.
+/// Pairs are ordered, and looked up through `Borrow<[u8]>`, by the key's bytes, which
+/// for UTF-8 keys is the order of the keys as strings.
+#[derive(Clone)]
+struct Pair(Arc<[u8]>);
+
+/// Bytes before the key in a [`Pair`].
+const PAIR_HEADER: usize = 12;
+
+impl Pair {
+    fn new(key: &str, value: &[u8], revision: u64) -> Pair {
+        let klen = (key.len() as u32).to_le_bytes();
+        let rev = revision.to_le_bytes();
+        // A chain of slices has an exact length: collected straight into the Arc.
+        let bytes: Arc<[u8]> = rev.iter().chain(&klen).chain(key.as_bytes()).chain(value).copied().collect();
+        Pair(bytes)
+    }
+
+    fn revision(&self) -> u64 {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&self.0[..8]);
+        u64::from_le_bytes(b)
+    }
+
+    fn key_len(&self) -> usize {
+        let mut b = [0u8; 4];
+        b.copy_from_slice(&self.0[8..PAIR_HEADER]);
+        u32::from_le_bytes(b) as usize
+    }
+
+    fn key_bytes(&self) -> &[u8] {
+        &self.0[PAIR_HEADER..PAIR_HEADER + self.key_len()]
+    }
+
+    /// The key; pairs are only ever made from `&str` keys.
+    fn key(&self) -> &str {
+        std::str::from_utf8(self.key_bytes()).unwrap_or_default()
+    }
+
+    fn value_bytes(&self) -> &[u8] {
+        &self.0[PAIR_HEADER + self.key_len()..]
+    }
+
+    /// The value as [`Bytes`] sharing this pair's allocation.
+    fn value(&self) -> Value {
+        let start = PAIR_HEADER + self.key_len();
+        Value { data: Bytes::from_owner(self.0.clone()).slice(start..), revision: self.revision() }
+    }
+}
+
+impl Borrow<[u8]> for Pair {
+    fn borrow(&self) -> &[u8] {
+        self.key_bytes()
+    }
+}
+
+impl PartialEq for Pair {
+    fn eq(&self, other: &Self) -> bool {
+        self.key_bytes() == other.key_bytes()
+    }
+}
+
+impl Eq for Pair {}
+
+impl PartialOrd for Pair {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Pair {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.key_bytes().cmp(other.key_bytes())
+    }
+}
+
+impl std::fmt::Debug for Pair {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}@{} ({} bytes)", self.key(), self.revision(), self.value_bytes().len())
+    }
+}
+
 /// The state machine.
 #[derive(Debug, Default)]
 pub struct KvStore {
-    data: imbl::OrdMap<Arc<str>, Value>,
+    data: imbl::OrdSet<Pair>,
     members: BTreeMap<u64, String>,
     removed: BTreeSet<u64>,
     applied: u64,
@@ -176,7 +259,7 @@ impl KvStore {
     /// Applies a decoded command at `index`.
     pub fn apply(&mut self, index: u64, cmd: &Command) -> ApplyOutcome {
         self.set_applied(index);
-        let current = self.data.get(cmd.key.as_str()).map(|v| v.revision).unwrap_or(0);
+        let current = self.data.get(cmd.key.as_bytes()).map(Pair::revision).unwrap_or(0);
         if let Some(expect) = cmd.prev_revision {
             if expect != current {
                 return ApplyOutcome::PreconditionFailed { current };
@@ -184,35 +267,35 @@ impl KvStore {
         }
         match OpType::from_i32(cmd.op).unwrap_or(OpType::Put) {
             OpType::Put => {
-                let value = Value { data: Arc::from(cmd.value.as_slice()), revision: index };
-                self.data.insert(Arc::from(cmd.key.as_str()), value);
+                self.data.insert(Pair::new(&cmd.key, &cmd.value, index));
                 ApplyOutcome::Applied { revision: index, existed: current != 0 }
             }
             OpType::Delete => {
-                let existed = self.data.remove(cmd.key.as_str()).is_some();
+                let existed = self.data.remove(cmd.key.as_bytes()).is_some();
                 ApplyOutcome::Applied { revision: index, existed }
             }
         }
     }
 
     /// Looks a key up.
-    pub fn get(&self, key: &str) -> Option<&Value> {
-        self.data.get(key)
+    pub fn get(&self, key: &str) -> Option<Value> {
+        self.data.get(key.as_bytes()).map(Pair::value)
     }
 
     /// Keys with `prefix`, in order, at most `limit`; also whether more exist.
     pub fn list(&self, prefix: &str, limit: usize) -> (Vec<(String, Value)>, bool) {
         let mut out = Vec::new();
         let mut more = false;
-        for (k, v) in self.data.range::<_, str>((std::ops::Bound::Included(prefix), std::ops::Bound::Unbounded)) {
-            if !k.starts_with(prefix) {
+        let from: &[u8] = prefix.as_bytes();
+        for p in self.data.range::<_, [u8]>((std::ops::Bound::Included(from), std::ops::Bound::Unbounded)) {
+            if !p.key_bytes().starts_with(from) {
                 break;
             }
             if out.len() == limit {
                 more = true;
                 break;
             }
-            out.push((k.to_string(), v.clone()));
+            out.push((p.key().to_string(), p.value()));
         }
         (out, more)
     }
@@ -273,7 +356,7 @@ impl KvStore {
         self.data = img
             .values
             .into_iter()
-            .map(|v| (Arc::from(v.key), Value { data: Arc::from(v.value), revision: v.revision }))
+            .map(|v| Pair::new(&v.key, &v.value, v.revision))
             .collect();
         self.members = img.members.into_iter().map(|m| (m.id, m.peer_url)).collect();
         self.removed = img.removed.into_iter().collect();
@@ -294,7 +377,7 @@ impl KvStore {
 
 /// A frozen copy of the state machine, cheap to take, encoded off the raft loop.
 pub struct ImageSource {
-    data: imbl::OrdMap<Arc<str>, Value>,
+    data: imbl::OrdSet<Pair>,
     members: BTreeMap<u64, String>,
     removed: BTreeSet<u64>,
     applied: u64,
@@ -320,8 +403,8 @@ impl ImageSource {
         let values: usize = self
             .data
             .iter()
-            .map(|(k, v)| {
-                let n = value_len(k, v);
+            .map(|p| {
+                let n = value_len(p);
                 key_len(3) + encoded_len_varint(n as u64) + n
             })
             .sum();
@@ -336,25 +419,26 @@ impl ImageSource {
         w.write_all(&self.header().encode_to_vec())?;
         // Field order does not matter to protobuf decoders; the values go last.
         let mut buf = Vec::with_capacity(512);
-        for (k, v) in self.data.iter() {
+        for p in self.data.iter() {
+            let (k, v, revision) = (p.key_bytes(), p.value_bytes(), p.revision());
             buf.clear();
             encode_key(3, WireType::LengthDelimited, &mut buf);
-            encode_varint(value_len(k, v) as u64, &mut buf);
+            encode_varint(value_len(p) as u64, &mut buf);
             if !k.is_empty() {
                 encode_key(1, WireType::LengthDelimited, &mut buf);
                 encode_varint(k.len() as u64, &mut buf);
-                buf.put_slice(k.as_bytes());
+                buf.put_slice(k);
             }
-            if !v.data.is_empty() {
+            if !v.is_empty() {
                 encode_key(2, WireType::LengthDelimited, &mut buf);
-                encode_varint(v.data.len() as u64, &mut buf);
+                encode_varint(v.len() as u64, &mut buf);
             }
             w.write_all(&buf)?;
             buf.clear();
-            w.write_all(&v.data)?;
-            if v.revision != 0 {
+            w.write_all(v)?;
+            if revision != 0 {
                 encode_key(3, WireType::Varint, &mut buf);
-                encode_varint(v.revision, &mut buf);
+                encode_varint(revision, &mut buf);
                 w.write_all(&buf)?;
             }
         }
@@ -374,16 +458,17 @@ impl ImageSource {
 }
 
 /// Encoded length of one `ValueRecord` of the image.
-fn value_len(k: &str, v: &Value) -> usize {
+fn value_len(p: &Pair) -> usize {
+    let (k, v, revision) = (p.key_bytes(), p.value_bytes(), p.revision());
     let mut n = 0;
     if !k.is_empty() {
         n += key_len(1) + encoded_len_varint(k.len() as u64) + k.len();
     }
-    if !v.data.is_empty() {
-        n += key_len(2) + encoded_len_varint(v.data.len() as u64) + v.data.len();
+    if !v.is_empty() {
+        n += key_len(2) + encoded_len_varint(v.len() as u64) + v.len();
     }
-    if v.revision != 0 {
-        n += key_len(3) + encoded_len_varint(v.revision);
+    if revision != 0 {
+        n += key_len(3) + encoded_len_varint(revision);
     }
     n
 }
@@ -426,6 +511,41 @@ mod tests {
     }
 
     #[test]
+    fn pairs_behave_like_a_btreemap_of_strings() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        let mut kv = KvStore::new();
+        let mut model: BTreeMap<String, (Vec<u8>, u64)> = BTreeMap::new();
+        let keys = ["", "a", "ab", "b", "é", "z\u{10348}", "p/a", "p/b", "p\u{0}"];
+        for index in 2..2000u64 {
+            let key = keys[rng.gen_range(0..keys.len())];
+            if rng.gen_bool(0.8) {
+                let value: Vec<u8> = (0..rng.gen_range(0..40)).map(|_| rng.gen()).collect();
+                kv.apply(index, &Command { request_id: index, op: OpType::Put as i32, key: key.into(), value: value.clone(), prev_revision: None });
+                model.insert(key.to_string(), (value, index));
+            } else {
+                kv.apply(index, &Command { request_id: index, op: OpType::Delete as i32, key: key.into(), value: vec![], prev_revision: None });
+                model.remove(key);
+            }
+            if index % 97 == 0 {
+                let listed: Vec<(String, Vec<u8>, u64)> =
+                    kv.list("", 100).0.into_iter().map(|(k, v)| (k, v.data.to_vec(), v.revision)).collect();
+                let expected: Vec<(String, Vec<u8>, u64)> =
+                    model.iter().map(|(k, (v, r))| (k.clone(), v.clone(), *r)).collect();
+                assert_eq!(listed, expected);
+            }
+        }
+        for key in keys {
+            assert_eq!(kv.get(key).map(|v| (v.data.to_vec(), v.revision)), model.get(key).cloned(), "{key:?}");
+        }
+        let mut back = KvStore::new();
+        back.restore(&kv.snapshot_image()).unwrap();
+        assert_eq!(back.list("", 100).0, kv.list("", 100).0);
+        let p: Vec<String> = kv.list("p/", 10).0.into_iter().map(|(k, _)| k).collect();
+        assert!(p.iter().all(|k| k.starts_with("p/")));
+    }
+
+    #[test]
     fn snapshot_round_trip() {
         let mut kv = KvStore::new();
         kv.apply(3, &put("k", "v", None));
@@ -460,7 +580,7 @@ mod tests {
             values: src
                 .data
                 .iter()
-                .map(|(k, v)| StoredValue { key: k.to_string(), value: v.data.to_vec(), revision: v.revision })
+                .map(|p| StoredValue { key: p.key().to_string(), value: p.value_bytes().to_vec(), revision: p.revision() })
                 .collect(),
             members: vec![MemberRecord { id: 1, peer_url: "http://127.0.0.1:1".into() }],
             removed: vec![],
