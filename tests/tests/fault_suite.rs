@@ -400,13 +400,23 @@ fn a_single_node_with_a_full_disk_answers_503_then_recovers() {
     }
     let refused = refused.expect("100 MB acked on an 80 MiB filesystem");
     assert_eq!(refused, Ok(StatusCode::SERVICE_UNAVAILABLE));
+    let mut bodies = Vec::new();
     for i in 0..5 {
-        let r = c.put(1, &format!("while-full-{i}"), "x");
-        assert!(!r.as_ref().is_ok_and(|s| s.is_success()), "a write was acked on a full disk: {r:?}");
+        let r = c.http.put(&format!("{}/while-full-{i}", c.url(1)), "x").map(|r| (r.status, r.text()));
+        assert!(!r.as_ref().is_ok_and(|(s, _)| s.is_success()), "a write was acked on a full disk: {r:?}");
         assert!(is_running(&mut c, 1), "the node exited on a full disk");
+        bodies.push(r);
     }
+    println!("PUTs on the full disk: {bodies:?}");
+    assert!(
+        bodies.iter().any(|r| r.as_ref().is_ok_and(|(s, b)| *s == StatusCode::SERVICE_UNAVAILABLE && b.contains("disk full"))),
+        "no 503 saying the disk is full"
+    );
     std::fs::remove_file(fs.dir.join("filler")).expect("free the space");
     keys.extend(write_keys(&c, 1, "after", 5));
+    // A 503 leaves the outcome unknown: report whether the refused writes were applied.
+    let applied: Vec<bool> = (0..5).map(|i| c.get(1, &format!("while-full-{i}")).is_ok_and(|v| v.is_some())).collect();
+    println!("writes answered 503 on the full disk, applied after all: {applied:?}");
     faultkit::wait_log(&c.node(1).log, "not enough free space to preallocate", T);
     let mut checked = check_keys(&c, 1, &keys);
     c.kill(1);
