@@ -402,6 +402,7 @@ impl Api {
                 "snapshot_index": st.snapshot_index,
                 "wal_bytes": st.wal_bytes,
                 "incarnation": format!("{:016x}", st.incarnation),
+                "lost_log": st.lost_log,
                 "keys": self.kv.read().map(|k| k.len()).unwrap_or(0),
                 "members": local_members(&st),
             }),
@@ -413,6 +414,8 @@ impl Api {
         let lag = st.commit_index.saturating_sub(st.applied_index);
         let reason = if st.stopping {
             Some("stopping".to_string())
+        } else if st.lost_log {
+            Some("this empty data dir holds a member id the cluster knows with a longer log: remove the member and add it again".to_string())
         } else if st.leader == 0 {
             Some("no leader (election in progress or no quorum)".to_string())
         } else if lag > self.cfg.promote_max_lag {

@@ -249,6 +249,9 @@ pub struct NodeStatus {
     pub incarnation: u64,
     /// Whether this node is stopping.
     pub stopping: bool,
+    /// This empty data dir holds an id the cluster knows with a longer log: the node
+    /// takes no part in raft until the id is removed and added again.
+    pub lost_log: bool,
 }
 
 /// Shared, read-mostly view of the status.
@@ -331,6 +334,10 @@ struct RaftLoop {
     removed: bool,
     /// Set when this node must stop: why (a failed fsync, a log that lost entries).
     fatal: Option<&'static str>,
+    /// Started in join mode on an empty data dir (nothing acknowledged from here yet).
+    empty_joiner: bool,
+    /// The cluster knows this id by a log this (empty) data dir never had: quarantined.
+    lost_log: bool,
 }
 
 fn lock_err<T>(_: T) -> StorageError {
@@ -369,6 +376,7 @@ pub fn start(
     } else if storage.is_fresh() {
         info!("fresh node waiting to be added to the cluster (join)");
     }
+    let started_empty = storage.is_fresh() && cfg.join;
     let mut kv = KvStore::new();
     if let Some(snap) = storage.latest_snapshot()? {
         kv.restore(&snap.data)?;
@@ -444,6 +452,8 @@ pub fn start(
         stop_deadline: None,
         removed: false,
         fatal: None,
+        empty_joiner: started_empty,
+        lost_log: false,
     };
     lp.publish_status();
     let fatal = lp.shutdown.clone();
@@ -574,7 +584,7 @@ impl RaftLoop {
             }
             Request::Read { reply } => self.new_reads.push(reply),
             Request::Raft(m) => {
-                if self.lost_acknowledged_entries(&m) {
+                if self.lost_acknowledged_entries(&m) || self.quarantined(&m) {
                     return;
                 }
                 self.last_heard.insert(m.from, Instant::now());
@@ -636,6 +646,25 @@ impl RaftLoop {
         if m.get_msg_type() != MessageType::MsgHeartbeat || m.term < self.raw.raft.term || m.commit <= last {
             return false;
         }
+        if self.empty_joiner && last == 0 {
+            // Nothing was ever written here: this is an old member's id on a new, empty
+            // data dir (a lost or replaced volume). Stay up, answer /v1/status (the
+            // operator tells amnesia by the incarnation) and take no part in raft until
+            // the id is removed and added again (see `quarantined`).
+            if !self.lost_log {
+                error!(
+                    leader = m.from,
+                    leader_commit = m.commit,
+                    data_dir = %self.cfg.data_dir.display(),
+                    "the cluster knows member {} with a log this empty data dir does not have (a lost or replaced volume?); \
+                     taking no part in raft until the member is removed (DELETE /v1/members/{}) and added again",
+                    self.cfg.id,
+                    self.cfg.id
+                );
+                self.lost_log = true;
+            }
+            return true;
+        }
         error!(
             leader = m.from,
             leader_commit = m.commit,
@@ -660,6 +689,22 @@ impl RaftLoop {
     fn reachable(&self, id: u64, now: Instant) -> bool {
         id == self.cfg.id
             || self.last_heard.get(&id).is_some_and(|t| now.duration_since(*t) < self.cfg.tick * ELECTION_TICKS)
+    }
+
+    /// While this empty joiner is known to the cluster by an older log (`lost_log`), it
+    /// drops every raft message: it must not vote or acknowledge, nor quietly catch up
+    /// as the member it is not. A heartbeat whose commit fits its log ends that: the
+    /// leader's progress for this id starts over, so the id was removed and added again.
+    fn quarantined(&mut self, m: &Message) -> bool {
+        if !self.lost_log {
+            return false;
+        }
+        if m.get_msg_type() == MessageType::MsgHeartbeat && m.commit <= self.raw.raft.raft_log.last_index() {
+            info!(leader = m.from, "the cluster added this member again; taking part in raft");
+            self.lost_log = false;
+            return false;
+        }
+        true
     }
 
     /// The most caught-up other voter that answered recently.
@@ -1123,6 +1168,7 @@ impl RaftLoop {
             progress,
             incarnation: self.incarnation,
             stopping: self.stop_deadline.is_some() || self.removed,
+            lost_log: self.lost_log,
         };
         self.store_status(st);
     }
