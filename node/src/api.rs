@@ -357,6 +357,10 @@ impl Api {
                         return Err(ApiError::unavailable("no_leader", "no leader elected within the request timeout"));
                     }
                 }
+                Ok(Ok(Err(e @ ProposeError::DiskFull { .. }))) => {
+                    metrics().proposals_failed.inc();
+                    return Err(ApiError::unavailable("disk_full", e.to_string()));
+                }
                 Ok(Ok(Err(e))) => {
                     metrics().proposals_failed.inc();
                     return Err(ApiError::unavailable("unavailable", e.to_string()));
@@ -403,6 +407,7 @@ impl Api {
                 "wal_bytes": st.wal_bytes,
                 "incarnation": format!("{:016x}", st.incarnation),
                 "lost_log": st.lost_log,
+                "disk_full": st.disk_full,
                 "keys": self.kv.read().map(|k| k.len()).unwrap_or(0),
                 "members": local_members(&st),
             }),
@@ -414,6 +419,8 @@ impl Api {
         let lag = st.commit_index.saturating_sub(st.applied_index);
         let reason = if st.stopping {
             Some("stopping".to_string())
+        } else if st.disk_full {
+            Some("disk full: writes are refused until space returns".to_string())
         } else if st.lost_log {
             Some("this empty data dir holds a member id the cluster knows with a longer log: remove the member and add it again".to_string())
         } else if st.leader == 0 {

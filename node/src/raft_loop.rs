@@ -124,6 +124,17 @@ pub enum ProposeError {
     /// The node is shutting down.
     #[error("node is stopping")]
     Stopping,
+    /// This node's disk is full. `proposed`: the write was already in the log (it may
+    /// still be committed: its outcome is unknown); otherwise it was never proposed.
+    #[error("{}", if *proposed {
+        "disk full: the write had been proposed and may still be committed (outcome unknown)"
+    } else {
+        "disk full: the write was not proposed (retry when space returns)"
+    })]
+    DiskFull {
+        /// Whether the write was in the log already.
+        proposed: bool,
+    },
 }
 
 /// Reply channel for a proposal.
@@ -252,6 +263,8 @@ pub struct NodeStatus {
     /// This empty data dir holds an id the cluster knows with a longer log: the node
     /// takes no part in raft until the id is removed and added again.
     pub lost_log: bool,
+    /// The disk is full: new writes are refused until space returns.
+    pub disk_full: bool,
 }
 
 /// Shared, read-mostly view of the status.
@@ -338,6 +351,8 @@ struct RaftLoop {
     empty_joiner: bool,
     /// The cluster knows this id by a log this (empty) data dir never had: quarantined.
     lost_log: bool,
+    /// The last write to the disk failed for want of space; new writes are refused.
+    disk_full: bool,
 }
 
 fn lock_err<T>(_: T) -> StorageError {
@@ -454,6 +469,7 @@ pub fn start(
         fatal: None,
         empty_joiner: started_empty,
         lost_log: false,
+        disk_full: false,
     };
     lp.publish_status();
     let fatal = lp.shutdown.clone();
@@ -546,6 +562,10 @@ impl RaftLoop {
                     let _ = reply.send(Err(ProposeError::Stopping));
                     return;
                 }
+                if self.disk_full {
+                    let _ = reply.send(Err(ProposeError::DiskFull { proposed: false }));
+                    return;
+                }
                 if self.raw.raft.leader_id == 0 {
                     let _ = reply.send(Err(ProposeError::NoLeader));
                     return;
@@ -615,7 +635,7 @@ impl RaftLoop {
             Request::TransferLeader(to) => self.raw.transfer_leader(to),
             Request::SnapshotSaved { index, result } => self.on_snapshot_saved(index, result),
             Request::Persisted { number, took } => self.on_persisted(number, took),
-            Request::DiskFull => self.fail_all(ProposeError::Refused("disk full".into())),
+            Request::DiskFull => self.on_disk_full(),
             Request::PersistFailed(e) => {
                 error!(error = %e, "WAL fsync failed; stopping this node");
                 self.fatal = Some("WAL fsync failed");
@@ -834,6 +854,10 @@ impl RaftLoop {
 
     /// The persist thread made every Ready up to `number` durable.
     fn on_persisted(&mut self, number: u64, took: Duration) {
+        if self.disk_full {
+            info!("the disk takes writes again");
+            self.disk_full = false;
+        }
         metrics().wal_fsync_seconds.observe(took.as_secs_f64());
         let mut durable = 0;
         while let Some(front) = self.unpersisted.front() {
@@ -859,11 +883,17 @@ impl RaftLoop {
             match op(self) {
                 Err(e) if e.is_no_space() && !self.shutdown.is_triggered() => {
                     warn!(error = %e, "disk full; retrying");
-                    self.fail_all(ProposeError::Refused("disk full".into()));
+                    self.on_disk_full();
+                    self.publish_status();
                     std::thread::sleep(backoff);
                     backoff = (backoff * 2).min(Duration::from_secs(1));
                 }
-                other => return other,
+                other => {
+                    if other.is_ok() {
+                        self.disk_full = false;
+                    }
+                    return other;
+                }
             }
         }
     }
@@ -1094,6 +1124,16 @@ impl RaftLoop {
         }
     }
 
+    /// The disk is full: waiting writes may or may not get committed (they are in the
+    /// log); new ones are refused until a write to the disk succeeds again.
+    fn on_disk_full(&mut self) {
+        if !self.disk_full {
+            warn!("disk full: refusing new writes until space returns");
+        }
+        self.disk_full = true;
+        self.fail_all(ProposeError::DiskFull { proposed: true });
+    }
+
     fn fail_all(&mut self, err: ProposeError) {
         for (_, w) in self.proposals.drain() {
             let _ = w.send(Err(err.clone()));
@@ -1169,6 +1209,7 @@ impl RaftLoop {
             incarnation: self.incarnation,
             stopping: self.stop_deadline.is_some() || self.removed,
             lost_log: self.lost_log,
+            disk_full: self.disk_full,
         };
         self.store_status(st);
     }
