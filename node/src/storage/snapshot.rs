@@ -174,7 +174,8 @@ pub(crate) fn read(path: &Path, with_data: bool) -> Result<Snapshot, StorageErro
     // The data field (1) comes first in files we write; locate it from a short prefix.
     let mut head = vec![0u8; (payload_len.min(16)) as usize];
     read_at(&mut head, HEADER_LEN as u64)?;
-    let data_at = data_field(&head).filter(|&(start, len)| start as u64 + len <= payload_len);
+    // A damaged length can be anything up to u64::MAX: compare without overflowing.
+    let data_at = data_field(&head).filter(|&(start, len)| (start as u64).checked_add(len).is_some_and(|end| end <= payload_len));
     let Some((start, len)) = data_at else {
         // Some other field order: read the payload whole and parse it.
         let mut payload = vec![0u8; payload_len as usize];
@@ -338,6 +339,27 @@ mod tests {
         }
         fs::write(&path, &good[..good.len() - 3]).expect("truncate");
         assert!(read(&path, true).expect_err("truncated").is_corrupt());
+    }
+
+    #[test]
+    fn a_data_length_near_u64_max_is_corrupt_not_an_overflow() {
+        // Found by the snapshot_decode fuzz target: `start + len` wrapped past the bound
+        // check and the reader then tried to allocate ~2^64 bytes.
+        let d = tempfile::tempdir().expect("tempdir");
+        let mut payload = vec![0x0a];
+        encode_varint(u64::MAX - 1, &mut payload);
+        payload.extend_from_slice(&[1, 2, 3]);
+        let mut file = Vec::new();
+        file.extend_from_slice(&MAGIC);
+        file.extend_from_slice(&VERSION.to_le_bytes());
+        file.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+        file.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+        let hcrc = crc32fast::hash(&file);
+        file.extend_from_slice(&hcrc.to_le_bytes());
+        file.extend_from_slice(&payload);
+        let path = d.path().join(file_name(1, 2));
+        fs::write(&path, &file).expect("write");
+        assert!(read(&path, true).expect_err("corrupt").is_corrupt());
     }
 
     #[test]
