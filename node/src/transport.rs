@@ -115,7 +115,8 @@ pub enum FrameError {
         source: prost::DecodeError,
     },
     /// A raft message with a value raft-rs cannot take (it would panic on it): an
-    /// unknown message, entry or conf change type.
+    /// unknown message, entry or conf change type, a term or index beyond 2^63 - 1, an
+    /// empty proposal, an append whose entries do not follow its index.
     #[error("invalid raft message at byte {offset}: {reason}")]
     Invalid {
         /// Offset of the frame.
@@ -125,9 +126,13 @@ pub enum FrameError {
     },
 }
 
+/// Largest term or index a peer message may carry (as the WAL: 2^63 - 1).
+const MAX_TERM_OR_INDEX: u64 = i64::MAX as u64;
+
 /// Checks the enum fields raft-rs reads with panicking accessors (`get_msg_type`,
 /// `get_entry_type`, and the conf change types when an entry is applied): protobuf
-/// decoding accepts any number there.
+/// decoding accepts any number there. Also refuses terms and indexes beyond
+/// [`MAX_TERM_OR_INDEX`] and two shapes raft-rs is fatal on.
 fn check_message(m: &Message) -> Result<(), String> {
     let Some(ty) = MessageType::from_i32(m.msg_type) else {
         return Err(format!("unknown message type {}", m.msg_type));
@@ -153,6 +158,23 @@ fn check_message(m: &Message) -> Result<(), String> {
                 }
             }
         }
+    }
+    // Terms and indexes are far below 2^63 in any real cluster; raft-rs adds to them
+    // unchecked (a term of u64::MAX overflows at the next campaign).
+    let snap_meta = m.snapshot.as_ref().and_then(|s| s.metadata.as_ref());
+    let numbers = [
+        ("term", m.term),
+        ("log term", m.log_term),
+        ("index", m.index),
+        ("commit", m.commit),
+        ("commit term", m.commit_term),
+        ("reject hint", m.reject_hint),
+        ("snapshot index", snap_meta.map_or(0, |s| s.index)),
+        ("snapshot term", snap_meta.map_or(0, |s| s.term)),
+    ];
+    let entry_numbers = m.entries.iter().flat_map(|e| [("entry index", e.index), ("entry term", e.term)]);
+    if let Some((what, v)) = numbers.into_iter().chain(entry_numbers).find(|(_, v)| *v > MAX_TERM_OR_INDEX) {
+        return Err(format!("{what} {v} is beyond any real cluster's ({MAX_TERM_OR_INDEX})"));
     }
     // Shapes no correct peer sends and raft-rs does not survive: an empty proposal
     // (`fatal!`), an append whose entries do not follow its index one by one (a
@@ -454,7 +476,7 @@ pub async fn handle_peer_request(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use raft::eraftpb::{ConfChangeSingle, Entry};
+    use raft::eraftpb::{ConfChangeSingle, Entry, Snapshot};
 
     /// Serves `/ok` over mutual TLS with the test PKI; returns the port.
     async fn tls_server(tls: &PeerTls) -> u16 {
@@ -538,5 +560,14 @@ mod tests {
         let wrap = Message { index: u64::MAX, ..append(entry(0, vec![])) };
         assert!(ok(wrap).is_err());
         assert!(ok(Message { index: 4, ..append(entry(0, vec![])) }).is_ok());
+        // Terms and indexes beyond 2^63 - 1 (raft-rs overflows on u64::MAX terms).
+        let huge = i64::MAX as u64 + 1;
+        assert!(ok(Message { term: u64::MAX, ..base.clone() }).unwrap_err().to_string().contains("term 18446744073709551615"));
+        assert!(ok(Message { commit: huge, ..base.clone() }).is_err());
+        assert!(ok(Message { reject_hint: huge, ..base.clone() }).is_err());
+        assert!(ok(append(Entry { term: huge, ..entry(0, vec![]) })).is_err());
+        let snap = Snapshot { metadata: Some(raft::eraftpb::SnapshotMetadata { index: huge, ..Default::default() }), ..Default::default() };
+        assert!(ok(Message { msg_type: MessageType::MsgSnapshot as i32, snapshot: Some(snap), ..base.clone() }).is_err());
+        assert!(ok(Message { term: huge - 1, commit: huge - 1, ..base.clone() }).is_ok());
     }
 }
