@@ -116,7 +116,8 @@ pub enum FrameError {
     },
     /// A raft message with a value raft-rs cannot take (it would panic on it): an
     /// unknown message, entry or conf change type, a term or index beyond 2^63 - 1, an
-    /// empty proposal, an append whose entries do not follow its index.
+    /// empty proposal, an append whose entries do not follow its index, a vote without
+    /// a term.
     #[error("invalid raft message at byte {offset}: {reason}")]
     Invalid {
         /// Offset of the frame.
@@ -181,6 +182,17 @@ fn check_message(m: &Message) -> Result<(), String> {
     // "conflict" with committed entries is fatal too).
     if ty == MessageType::MsgPropose && m.entries.is_empty() {
         return Err("empty proposal".into());
+    }
+    // A (pre-)vote and its answer always carry the term being campaigned for; raft-rs
+    // answers a term-0 pre-vote with a term-0 message and is fatal on sending it.
+    let votes = [
+        MessageType::MsgRequestVote,
+        MessageType::MsgRequestVoteResponse,
+        MessageType::MsgRequestPreVote,
+        MessageType::MsgRequestPreVoteResponse,
+    ];
+    if votes.contains(&ty) && m.term == 0 {
+        return Err(format!("{ty:?} without a term"));
     }
     if ty == MessageType::MsgAppend {
         for (i, e) in m.entries.iter().enumerate() {
@@ -560,6 +572,10 @@ mod tests {
         let wrap = Message { index: u64::MAX, ..append(entry(0, vec![])) };
         assert!(ok(wrap).is_err());
         assert!(ok(Message { index: 4, ..append(entry(0, vec![])) }).is_ok());
+        for ty in [MessageType::MsgRequestPreVote, MessageType::MsgRequestVoteResponse] {
+            assert!(ok(Message { msg_type: ty as i32, term: 0, ..base.clone() }).unwrap_err().to_string().contains("without a term"));
+            assert!(ok(Message { msg_type: ty as i32, ..base.clone() }).is_ok());
+        }
         // Terms and indexes beyond 2^63 - 1 (raft-rs overflows on u64::MAX terms).
         let huge = i64::MAX as u64 + 1;
         assert!(ok(Message { term: u64::MAX, ..base.clone() }).unwrap_err().to_string().contains("term 18446744073709551615"));
