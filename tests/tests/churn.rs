@@ -748,3 +748,137 @@ fn a_learner_killed_while_catching_up_catches_up_after_restart() {
         eprintln!("attempt {attempt}: learner {id} killed after {delay} ms (leader killed first: {kill_leader}) caught up");
     }
 }
+
+/// A TCP forwarder on 127.0.0.1 in front of a node's peer port: it passes the first
+/// request/response exchange, then refuses every connection (each send fails at once)
+/// until [`CutProxy::heal`]. Its threads stop with the connections and the test.
+struct CutProxy {
+    port: u16,
+    /// 0: pass the first exchange, then cut; 1: cut; 2: pass everything.
+    mode: Arc<std::sync::atomic::AtomicU8>,
+    stop: Arc<AtomicBool>,
+}
+
+impl CutProxy {
+    fn start(target: u16) -> CutProxy {
+        use std::io::{Read, Write};
+        use std::net::{Shutdown, TcpListener, TcpStream};
+        use std::sync::atomic::AtomicU8;
+        let port = raftkv_tests::free_port();
+        let listener = TcpListener::bind(("127.0.0.1", port)).expect("bind the proxy");
+        listener.set_nonblocking(true).expect("nonblocking listener");
+        let mode = Arc::new(AtomicU8::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (m, s) = (mode.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                let client = match listener.accept() {
+                    Ok((c, _)) => c,
+                    Err(_) => {
+                        // Poll interval of the non-blocking accept loop.
+                        std::thread::sleep(Duration::from_millis(2));
+                        continue;
+                    }
+                };
+                if m.load(Ordering::SeqCst) == 1 {
+                    drop(client);
+                    continue;
+                }
+                let _ = client.set_nonblocking(false);
+                let Ok(upstream) = TcpStream::connect(("127.0.0.1", target)) else { continue };
+                let (Ok(mut c_read), Ok(mut u_write)) = (client.try_clone(), upstream.try_clone()) else { continue };
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut c_read, &mut u_write);
+                    let _ = u_write.shutdown(Shutdown::Write);
+                });
+                let m = m.clone();
+                std::thread::spawn(move || {
+                    let (mut u_read, mut c_write) = (upstream, client);
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = match u_read.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        if c_write.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                        // The first response went through: cut this connection and refuse
+                        // new ones.
+                        if m.compare_exchange(0, 1, Ordering::SeqCst, Ordering::SeqCst).is_ok() || m.load(Ordering::SeqCst) == 1 {
+                            break;
+                        }
+                    }
+                    let _ = c_write.shutdown(Shutdown::Both);
+                    let _ = u_read.shutdown(Shutdown::Both);
+                });
+            }
+        });
+        CutProxy { port, mode, stop }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Passes everything from now on.
+    fn heal(&self) {
+        self.mode.store(2, Ordering::SeqCst);
+    }
+}
+
+impl Drop for CutProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// A learner that answers the leader once (rejecting its first append: the learner's log
+/// is empty), then becomes unreachable while the leader starts sending it a snapshot,
+/// must still catch up once the link is back: a snapshot that could not be delivered
+/// has to be reported as failed so raft sends it again.
+#[test]
+#[ignore = "bug: transport.rs run_peer, after a failed send, sleeps (backoff) and then drains the peer's queue ('whatever queued up meanwhile is stale'); a MsgSnapshot drained there is never reported (no SnapshotSent(id, false)), so raft-rs keeps the peer's progress in Snapshot state with pending_snapshot set forever: the leader sends it only heartbeats and the learner never catches up, even after the link heals (the bad-peer-URL `continue` skips the report too). Fails on attempt 0: the leader's debug log shows 'sent snapshot[index: 201] to 4' queued 1.5 ms after a failed send and never a 'snapshot failed/succeeded' line. Seen twice in churn soaks (seeds 404 and 909: a learner killed right after its addition never caught up)"]
+fn a_learner_cut_off_while_the_leader_sends_its_snapshot_catches_up_after_the_link_heals() {
+    let mut c = Cluster::start_with(3, Options { snapshot_count: 50, ..Options::default() });
+    let http = Http::new(Duration::from_secs(5));
+    let leader = c.wait_leader(SETTLE);
+    for i in 0..120 {
+        c.put_retry(leader, &format!("k{i}"), "v", SETTLE);
+    }
+    for attempt in 0..4 {
+        let leader = c.wait_leader(SETTLE);
+        let id = c.spawn_joiner();
+        let proxy = CutProxy::start(c.node(id).peer_port);
+        let body = format!(r#"{{"id":{id},"peer_url":"{}","learner":true}}"#, proxy.url());
+        let r = http.post(&format!("{}/v1/members", c.url(leader)), body).expect("POST /v1/members");
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.text());
+        // Writes keep the leader replicating (each one makes it try the learner again)
+        // while the link is cut: the snapshot is sent into a failing link.
+        let cut_until = Instant::now() + Duration::from_secs(3);
+        let mut i = 0;
+        while Instant::now() < cut_until {
+            i += 1;
+            c.put_retry(leader, &format!("cut-{attempt}-{i}"), "v", SETTLE);
+        }
+        proxy.heal();
+        c.put_retry(leader, &format!("healed-{attempt}"), "v", SETTLE);
+        let url = format!("{}/v1/kv/healed-{attempt}?consistency=serializable", c.url(id));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let caught_up = loop {
+            if http.get(&url).is_ok_and(|r| r.status == StatusCode::OK) {
+                break true;
+            }
+            if Instant::now() >= deadline {
+                break false;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let m = http.get(&format!("{}/v1/members", c.url(leader))).map(|r| r.text()).unwrap_or_default();
+        assert!(caught_up, "attempt {attempt}: learner {id} never caught up after its link healed; the leader's view: {m}");
+        let r = http.delete(&format!("{}/v1/members/{id}", c.url(leader))).expect("DELETE");
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+        assert_eq!(c.wait_exit(id, SETTLE), Some(0));
+        eprintln!("attempt {attempt}: learner {id} caught up after its link healed");
+    }
+}
