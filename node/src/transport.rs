@@ -325,6 +325,9 @@ async fn run_peer(inner: Arc<Inner>, id: u64, url: String, mut rx: mpsc::Receive
             Ok(r) => r,
             Err(e) => {
                 warn!(peer = id, url = %url, error = %e, "bad peer URL; dropping messages");
+                if snapshot {
+                    let _ = inner.raft.send(Request::SnapshotSent(id, false));
+                }
                 continue;
             }
         };
@@ -375,8 +378,14 @@ async fn run_peer(inner: Arc<Inner>, id: u64, url: String, mut rx: mpsc::Receive
             let _ = inner.raft.send(Request::Unreachable(id));
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(1));
-            // Whatever queued up meanwhile is stale; raft will resend what matters.
-            while rx.try_recv().is_ok() {}
+            // Whatever queued up meanwhile is stale; raft will resend what matters. A
+            // dropped snapshot must be reported, or raft waits for it forever (the
+            // peer's progress stays in the snapshot state, sent nothing but heartbeats).
+            while let Ok(m) = rx.try_recv() {
+                if m.get_msg_type() == MessageType::MsgSnapshot {
+                    let _ = inner.raft.send(Request::SnapshotSent(id, false));
+                }
+            }
         }
     }
 }
