@@ -353,6 +353,8 @@ struct RaftLoop {
     lost_log: bool,
     /// The last write to the disk failed for want of space; new writes are refused.
     disk_full: bool,
+    /// The state machine of the last snapshot message, decoded when it arrived.
+    decoded_snapshot: Option<(u64, KvStore)>,
 }
 
 fn lock_err<T>(_: T) -> StorageError {
@@ -470,6 +472,7 @@ pub fn start(
         empty_joiner: started_empty,
         lost_log: false,
         disk_full: false,
+        decoded_snapshot: None,
     };
     lp.publish_status();
     let fatal = lp.shutdown.clone();
@@ -521,6 +524,9 @@ impl RaftLoop {
             } else {
                 self.on_ready()
             };
+            // A snapshot stepped in this iteration was installed by this Ready, if raft
+            // took it at all; do not hold a second copy of the state beyond that.
+            self.decoded_snapshot = None;
             if let Err(e) = ready {
                 error!(error = %e, "storage failed; stopping this node");
                 self.fail_all(ProposeError::Stopping);
@@ -604,7 +610,7 @@ impl RaftLoop {
             }
             Request::Read { reply } => self.new_reads.push(reply),
             Request::Raft(m) => {
-                if self.lost_acknowledged_entries(&m) || self.quarantined(&m) {
+                if self.lost_acknowledged_entries(&m) || self.quarantined(&m) || !self.snapshot_decodes(&m) {
                     return;
                 }
                 self.last_heard.insert(m.from, Instant::now());
@@ -725,6 +731,29 @@ impl RaftLoop {
             return false;
         }
         true
+    }
+
+    /// A snapshot message's image must decode before raft sees the message: raft-rs
+    /// adopts a snapshot when it steps it, and one this node cannot restore would stop
+    /// it. An unreadable one is dropped (the leader tries again); a readable one is kept
+    /// decoded for [`RaftLoop::install_snapshot`].
+    fn snapshot_decodes(&mut self, m: &Message) -> bool {
+        if m.get_msg_type() != MessageType::MsgSnapshot {
+            return true;
+        }
+        let Some(snap) = m.snapshot.as_ref() else { return true };
+        let index = snap.metadata.as_ref().map_or(0, |md| md.index);
+        let mut kv = KvStore::new();
+        match kv.restore(&snap.data) {
+            Ok(()) => {
+                self.decoded_snapshot = Some((index, kv));
+                true
+            }
+            Err(e) => {
+                warn!(from = m.from, index, error = %e, "dropped a snapshot whose state-machine image does not decode");
+                false
+            }
+        }
     }
 
     /// The most caught-up other voter that answered recently.
@@ -901,7 +930,14 @@ impl RaftLoop {
     fn install_snapshot(&mut self, snap: Snapshot) -> Result<(), StorageError> {
         let meta = snap.metadata.clone().unwrap_or_default();
         let mut kv = KvStore::new();
-        if let Err(e) = kv.restore(&snap.data) {
+        let decoded = match self.decoded_snapshot.take() {
+            Some((index, decoded)) if index == meta.index => {
+                kv = decoded;
+                Ok(())
+            }
+            _ => kv.restore(&snap.data),
+        };
+        if let Err(e) = decoded {
             // A leader sent an image we cannot read: refuse it rather than apply garbage.
             return Err(StorageError::Io {
                 path: PathBuf::from("<snapshot from leader>"),
