@@ -1064,6 +1064,10 @@ impl RaftLoop {
                 drop(kv);
                 self.conf_state = cs.clone();
                 if let Some(w) = self.conf_waiters.remove(&ctx.request_id) {
+                    // The client's next request (often another membership change) must
+                    // see this change in the published status, which would otherwise be
+                    // refreshed only after the whole Ready.
+                    self.publish_status();
                     let _ = w.send(Ok(cs));
                 }
                 let me_removed = cc

