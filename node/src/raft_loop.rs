@@ -355,6 +355,8 @@ struct RaftLoop {
     disk_full: bool,
     /// The state machine of the last snapshot message, decoded when it arrived.
     decoded_snapshot: Option<(u64, KvStore)>,
+    /// After a failed snapshot save: when to try again, and the back-off used.
+    snapshot_retry: Option<(Instant, Duration)>,
 }
 
 fn lock_err<T>(_: T) -> StorageError {
@@ -473,6 +475,7 @@ pub fn start(
         lost_log: false,
         disk_full: false,
         decoded_snapshot: None,
+        snapshot_retry: None,
     };
     lp.publish_status();
     let fatal = lp.shutdown.clone();
@@ -1118,6 +1121,11 @@ impl RaftLoop {
         if self.snapshot_in_flight {
             return Ok(());
         }
+        if let Some((until, _)) = self.snapshot_retry {
+            if Instant::now() < until {
+                return Ok(());
+            }
+        }
         let applied = self.raw.raft.raft_log.applied;
         let last_snap = self.storage.snapshot_index();
         let wanted = self.want_snapshot.load(Ordering::Relaxed);
@@ -1150,6 +1158,7 @@ impl RaftLoop {
         self.snapshot_in_flight = false;
         match result {
             Ok(took) => {
+                self.snapshot_retry = None;
                 metrics().snapshot_save_seconds.observe(took.as_secs_f64());
                 let keep = CATCH_UP_ENTRIES.min(self.cfg.snapshot_count);
                 let compact_to = index.saturating_sub(keep).max(1);
@@ -1160,7 +1169,13 @@ impl RaftLoop {
             }
             // A snapshot installed from the leader meanwhile makes ours moot; a full disk
             // is retried at the next trigger. Neither is fatal: the WAL still holds it all.
-            Err(e) => warn!(index, error = %e, "snapshot not saved"),
+            // After a failure (a full disk) the next attempt waits, backing off from
+            // 100 ms to 10 s, rather than being retried at every loop iteration.
+            Err(e) => {
+                let backoff = self.snapshot_retry.map_or(Duration::from_millis(100), |(_, b)| (b * 2).min(Duration::from_secs(10)));
+                warn!(index, error = %e, retry_in_ms = backoff.as_millis() as u64, "snapshot not saved");
+                self.snapshot_retry = Some((Instant::now() + backoff, backoff));
+            }
         }
     }
 

@@ -446,8 +446,25 @@ fn a_follower_with_a_full_disk_installs_the_leaders_snapshot_when_space_returns(
     check_keys(&c, victim, &keys);
     let filled = fs.fill("filler").expect("fill the tmpfs");
     println!("filler {filled} bytes, {} bytes free", fs.free_bytes());
+    let victim_applied = c.status(victim).and_then(|s| s["applied_index"].as_u64()).expect("victim's applied index");
     c.signal(victim, libc::SIGSTOP);
     keys.extend(write_keys(&c, leader, "while-paused", 100));
+    // The leader must have compacted past the paused follower (it keeps 20 entries behind
+    // each snapshot), or the follower would catch up from the log instead.
+    let mut more = 0;
+    wait_for(T, "the leader to compact past the paused follower", || {
+        let snap = c.status(leader)?["snapshot_index"].as_u64()?;
+        if snap > victim_applied + 40 {
+            return Some(());
+        }
+        more += 1;
+        keys.extend(write_keys(&c, leader, &format!("while-paused-{more}"), 20));
+        None
+    });
+    // Hold the pause past the leader's peer request timeout (5 s): appends it already
+    // sent optimistically sit in the paused follower's socket and would let it catch up
+    // from the log; once that request fails they are dropped and only a snapshot helps.
+    std::thread::sleep(Duration::from_secs(6));
     c.signal(victim, libc::SIGCONT);
     let log = c.node(victim).log.clone();
     faultkit::wait_log(&log, "No space left on device", T);
