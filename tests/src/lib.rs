@@ -141,6 +141,58 @@ impl Http {
     }
 }
 
+/// A PUT of `value` to `url` recorded in `rec` as client `client`'s operation on `key`,
+/// the response mapped honestly: 2xx acknowledged, 4xx failed (it never reached the
+/// log), anything else (503 after the proposal may have been made, a timeout, a reset)
+/// outcome unknown. Returns the invocation time and whether it was acknowledged.
+pub fn recorded_put(
+    http: &Http,
+    rec: &linearizability::Recorder,
+    client: u64,
+    url: &str,
+    key: String,
+    value: Vec<u8>,
+) -> (u64, bool) {
+    let p = rec.begin(client, linearizability::Op::Put { key, value: value.clone() });
+    let invoke = p.invoke_time();
+    match http.put(url, value) {
+        Ok(r) if r.status.is_success() => {
+            p.ok().expect("put completion");
+            (invoke, true)
+        }
+        Ok(r) if r.status.is_client_error() => {
+            p.failed();
+            (invoke, false)
+        }
+        _ => {
+            p.unknown();
+            (invoke, false)
+        }
+    }
+}
+
+/// A linearizable GET of `url` recorded in `rec` as client `client`'s read of `key`:
+/// 200 reads the body, 404 reads "absent", anything else observed nothing and is
+/// recorded as failed. Returns the invocation time and whether it was answered.
+pub fn recorded_get(http: &Http, rec: &linearizability::Recorder, client: u64, url: &str, key: String) -> (u64, bool) {
+    let p = rec.begin(client, linearizability::Op::Get { key, result: None });
+    let invoke = p.invoke_time();
+    match http.get(url) {
+        Ok(r) if r.status == StatusCode::OK => {
+            p.read(Some(r.body)).expect("get completion");
+            (invoke, true)
+        }
+        Ok(r) if r.status == StatusCode::NOT_FOUND => {
+            p.read(None).expect("get completion");
+            (invoke, true)
+        }
+        _ => {
+            p.failed();
+            (invoke, false)
+        }
+    }
+}
+
 /// One node process of a [`Cluster`].
 pub struct NodeProc {
     /// Raft id.

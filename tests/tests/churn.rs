@@ -33,7 +33,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use raftkv_tests::linearizability::history::{Op, Recorder};
 use raftkv_tests::linearizability::{check, CheckResult};
-use raftkv_tests::{wait_for, Cluster, Http, Options, StatusCode};
+use raftkv_tests::{recorded_get, recorded_put, wait_for, Cluster, Http, Options, StatusCode};
 use serde_json::Value;
 
 const KEYS: usize = 100;
@@ -74,22 +74,9 @@ fn client_loop(targets: Targets, rec: Arc<Recorder>, stop: Arc<AtomicBool>, clie
         let url = format!("{base}/{key}");
         if rng.gen_bool(0.5) {
             seq += 1;
-            let value = format!("{client}-{seq}").into_bytes();
-            let p = rec.begin(client, Op::Put { key, value: value.clone() });
-            match http.put(&url, value) {
-                Ok(r) if r.status.is_success() => p.ok().expect("completion"),
-                Ok(r) if r.status.is_client_error() => p.failed(),
-                // 503 after the proposal may have been made, timeouts, resets, a node
-                // that was removed or killed mid-request: unknown.
-                _ => p.unknown(),
-            }
+            recorded_put(&http, &rec, client, &url, key, format!("{client}-{seq}").into_bytes());
         } else {
-            let p = rec.begin(client, Op::Get { key, result: None });
-            match http.get(&url) {
-                Ok(r) if r.status == StatusCode::OK => p.read(Some(r.body)).expect("completion"),
-                Ok(r) if r.status == StatusCode::NOT_FOUND => p.read(None).expect("completion"),
-                _ => p.failed(), // a read that failed observed nothing
-            }
+            recorded_get(&http, &rec, client, &url, key);
         }
     }
 }

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use raftkv_tests::linearizability::history::{Event, Op, Recorder};
 use raftkv_tests::linearizability::{check, CheckResult};
 use raftkv_tests::netns::{NetCluster, NetOptions};
-use raftkv_tests::{wait_for, Http, StatusCode};
+use raftkv_tests::{recorded_get, recorded_put, wait_for, Http, StatusCode};
 use rand::{Rng, SeedableRng};
 
 const KEYS: usize = 40;
@@ -147,47 +147,9 @@ fn client_loop(
         let write = rng.gen_bool(0.5);
         let (invoke, ok) = if write {
             seq += 1;
-            let value = format!("{client}-{seq}").into_bytes();
-            let p = rec.begin(
-                client,
-                Op::Put {
-                    key,
-                    value: value.clone(),
-                },
-            );
-            let invoke = p.invoke_time();
-            match http.put(&url, value) {
-                Ok(r) if r.status.is_success() => {
-                    p.ok().expect("put completion");
-                    (invoke, true)
-                }
-                Ok(r) if r.status.is_client_error() => {
-                    p.failed();
-                    (invoke, false)
-                }
-                // 503 after the proposal may have been made, timeouts, resets: unknown.
-                _ => {
-                    p.unknown();
-                    (invoke, false)
-                }
-            }
+            recorded_put(&http, rec, client, &url, key, format!("{client}-{seq}").into_bytes())
         } else {
-            let p = rec.begin(client, Op::Get { key, result: None });
-            let invoke = p.invoke_time();
-            match http.get(&url) {
-                Ok(r) if r.status == StatusCode::OK => {
-                    p.read(Some(r.body)).expect("get completion");
-                    (invoke, true)
-                }
-                Ok(r) if r.status == StatusCode::NOT_FOUND => {
-                    p.read(None).expect("get completion");
-                    (invoke, true)
-                }
-                _ => {
-                    p.failed(); // a read that failed observed nothing
-                    (invoke, false)
-                }
-            }
+            recorded_get(&http, rec, client, &url, key)
         };
         let op = NodeOp {
             node: *node,

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use rand::{Rng, SeedableRng};
 use raftkv_tests::linearizability::history::{Op, Recorder};
 use raftkv_tests::linearizability::{check, CheckResult};
-use raftkv_tests::{wait_for, Cluster, Http, StatusCode};
+use raftkv_tests::{recorded_get, recorded_put, wait_for, Cluster, Http, StatusCode};
 
 const KEYS: usize = 100;
 const CLIENTS: u64 = 8;
@@ -25,21 +25,9 @@ fn client_loop(urls: Vec<String>, rec: Arc<Recorder>, stop: Arc<AtomicBool>, cli
         let url = format!("{}/{key}", urls[rng.gen_range(0..urls.len())]);
         if rng.gen_bool(0.5) {
             seq += 1;
-            let value = format!("{client}-{seq}").into_bytes();
-            let p = rec.begin(client, Op::Put { key, value: value.clone() });
-            match http.put(&url, value) {
-                Ok(r) if r.status.is_success() => p.ok().expect("completion"),
-                Ok(r) if r.status.is_client_error() => p.failed(),
-                // 503 after the proposal may have been made, timeouts, resets: unknown.
-                _ => p.unknown(),
-            }
+            recorded_put(&http, &rec, client, &url, key, format!("{client}-{seq}").into_bytes());
         } else {
-            let p = rec.begin(client, Op::Get { key, result: None });
-            match http.get(&url) {
-                Ok(r) if r.status == StatusCode::OK => p.read(Some(r.body)).expect("completion"),
-                Ok(r) if r.status == StatusCode::NOT_FOUND => p.read(None).expect("completion"),
-                _ => p.failed(), // a read that failed observed nothing
-            }
+            recorded_get(&http, &rec, client, &url, key);
         }
     }
 }
