@@ -193,6 +193,20 @@ pub fn recorded_get(http: &Http, rec: &linearizability::Recorder, client: u64, u
     }
 }
 
+/// The leader every node in `running` names in its `/v1/status` (`status(id)`), if they
+/// all name the same one and it is itself in `running`.
+pub fn agreed_leader(running: &[u64], status: impl Fn(u64) -> Option<serde_json::Value>) -> Option<u64> {
+    let mut leader = None;
+    for id in running {
+        let l = status(*id)?["leader"].as_u64()?;
+        if l == 0 || leader.is_some_and(|x| x != l) {
+            return None;
+        }
+        leader = Some(l);
+    }
+    leader.filter(|l| running.contains(l))
+}
+
 /// One node process of a [`Cluster`].
 pub struct NodeProc {
     /// Raft id.
@@ -406,18 +420,7 @@ impl Cluster {
 
     /// Waits until every running member agrees on one leader; returns its id.
     pub fn wait_leader(&self, timeout: Duration) -> u64 {
-        wait_for(timeout, "an agreed leader", || {
-            let mut leader = None;
-            for id in self.running() {
-                let st = self.status(id)?;
-                let l = st["leader"].as_u64()?;
-                if l == 0 || leader.is_some_and(|x| x != l) {
-                    return None;
-                }
-                leader = Some(l);
-            }
-            leader.filter(|l| self.running().contains(l))
-        })
+        wait_for(timeout, "an agreed leader", || agreed_leader(&self.running(), |id| self.status(id)))
     }
 
     /// PUT via the raftexample route on node `id`; the status, or Err on transport failure.

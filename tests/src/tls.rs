@@ -251,17 +251,7 @@ impl TlsCluster {
     /// Waits until every running node agrees on one leader; returns its id.
     pub fn wait_leader(&self, timeout: Duration) -> u64 {
         let running: Vec<u64> = self.nodes.iter().filter(|n| n.child.is_some()).map(|n| n.id).collect();
-        wait_for(timeout, "an agreed leader (TLS cluster)", || {
-            let mut leader = None;
-            for id in &running {
-                let l = self.status(*id)?["leader"].as_u64()?;
-                if l == 0 || leader.is_some_and(|x| x != l) {
-                    return None;
-                }
-                leader = Some(l);
-            }
-            leader.filter(|l| running.contains(l))
-        })
+        wait_for(timeout, "an agreed leader (TLS cluster)", || crate::agreed_leader(&running, |id| self.status(id)))
     }
 
     /// A request with the admin token (`with_token`) or without.

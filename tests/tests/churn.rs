@@ -33,7 +33,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use raftkv_tests::linearizability::history::{Op, Recorder};
 use raftkv_tests::linearizability::{check, CheckResult};
-use raftkv_tests::{recorded_get, recorded_put, wait_for, Cluster, Http, Options, StatusCode};
+use raftkv_tests::{agreed_leader, recorded_get, recorded_put, wait_for, Cluster, Http, Options, StatusCode};
 use serde_json::Value;
 
 const KEYS: usize = 100;
@@ -205,15 +205,7 @@ impl Churn {
     fn wait_leader(&self) -> u64 {
         wait_for(SETTLE, "the members to agree on a leader", || {
             let running: Vec<u64> = self.members.iter().copied().filter(|id| self.c.node(*id).child.is_some()).collect();
-            let mut leader = None;
-            for id in &running {
-                let l = self.status(*id)?["leader"].as_u64()?;
-                if l == 0 || leader.is_some_and(|x| x != l) {
-                    return None;
-                }
-                leader = Some(l);
-            }
-            leader.filter(|l| running.contains(l))
+            agreed_leader(&running, |id| self.status(id))
         })
     }
 
