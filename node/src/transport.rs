@@ -455,6 +455,11 @@ pub async fn handle_peer_request(
         if m.to != my_id {
             return text(StatusCode::BAD_REQUEST, format!("message for member {} sent to member {my_id}\n", m.to));
         }
+        // No member is 0, and no member sends to itself over the network (a forwarded
+        // MsgTransferLeader names the transferee in `from`, which may be this member).
+        if m.from == 0 || (m.from == my_id && m.get_msg_type() != MessageType::MsgTransferLeader) {
+            return text(StatusCode::BAD_REQUEST, format!("{:?} claims to come from member {}\n", m.get_msg_type(), m.from));
+        }
     }
     let (removed, applied) = kv.read().map(|k| (k.is_removed(sender), k.applied())).unwrap_or((false, 0));
     // A removed member that was never told keeps sending; it gets 410 and stops. But its

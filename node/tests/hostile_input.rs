@@ -540,13 +540,40 @@ fn hostile_message(rng: &mut StdRng) -> Message {
     }
 }
 
+/// Regressions from the hostile-message test: a heartbeat "from" member 0 or from the
+/// member itself, with a commit far beyond its log, used to stop the node (raft-rs took
+/// it as a leader's and the lost-entries check fired). No member is 0 and none sends to
+/// itself: both get 400 and never reach raft.
+#[test]
+fn heartbeats_from_member_0_or_from_itself_get_400_and_the_node_stays_up() {
+    let mut c = Cluster::start(1);
+    let port = c.nodes[0].peer_port;
+    for from in [0, 1] {
+        let hb = Message {
+            msg_type: MessageType::MsgHeartbeat as i32,
+            to: 1,
+            from,
+            term: 90,
+            commit: 1_000_000,
+            ..Default::default()
+        };
+        let codes = post_raft(port, &encode_frames(&[hb]), None);
+        assert_eq!(codes, vec![400], "a heartbeat from member {from}");
+        if let Some(exit) = wait_exit(&mut c, Duration::from_millis(200)) {
+            c.dump_logs(30);
+            panic!("the node exited ({exit}) after a heartbeat from member {from}");
+        }
+    }
+    assert_alive(&mut c, "heartbeats from members 0 and 1");
+}
+
 /// Well-formed raft messages with hostile fields (terms and indexes anywhere, entries
 /// that conflict with committed ones, snapshots out of nowhere): the node may refuse or
 /// ignore them, but must not die.
 ///
 /// The transport now refuses what it can judge alone (unknown enum values, terms and
 /// indexes beyond 2^63 - 1, empty proposals, appends out of line with their index,
-/// votes without a term). What needs the node's state still stops it: a heartbeat or
+/// votes without a term, senders 0 or this member itself). What needs the node's state still stops it: a heartbeat or
 /// append whose commit is beyond this member's log (raft-rs panics "to_commit is out of
 /// range"; the raft loop's lost-entries check stops the node instead), a snapshot whose
 /// image does not decode (a Fatal stop), and other raft-rs `fatal!` paths reached from a
