@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 cargo build --release -p raftkv-node
-bin="$PWD/target/release/raftkv-node"
+bin="${CARGO_TARGET_DIR:-$PWD/target}/release/raftkv-node"
 dir="${RAFTKV_CLUSTER_DIR:-$PWD/.cluster}"
 mkdir -p "$dir"
 cluster="http://127.0.0.1:12379,http://127.0.0.1:22379,http://127.0.0.1:32379"
