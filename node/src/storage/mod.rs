@@ -70,9 +70,12 @@ struct Inner {
     snap_dir: PathBuf,
     /// Held while a snapshot file is written and recorded (`save_snapshot`,
     /// `apply_snapshot`): one snapshot writer at a time, without blocking log appends.
-    /// Lock order: `snap_write`, then `core`, then `wal`. `cache` is taken with none of
-    /// them held (it may take `core` itself).
+    /// Lock order: `snap_write`, then `core`, then `wal`. `sync_one` is taken with
+    /// neither `core` nor `wal` held (it takes `wal` itself, briefly). `cache` is taken
+    /// with none of them held (it may take `core` itself).
     snap_write: Mutex<()>,
+    /// Held for a whole WAL sync (write + fdatasync): one at a time, in order.
+    sync_one: Mutex<()>,
     core: RwLock<Core>,
     wal: Mutex<Wal>,
     /// The newest snapshot's content, once read (see [`DiskStorage::snapshot`]).
@@ -168,6 +171,7 @@ impl DiskStorage {
             inner: Arc::new(Inner {
                 snap_dir,
                 snap_write: Mutex::new(()),
+                sync_one: Mutex::new(()),
                 core: RwLock::new(Core { log, snap_files }),
                 wal: Mutex::new(recovered.wal),
                 cache: Mutex::new(cached),
@@ -242,8 +246,15 @@ impl DiskStorage {
     /// this returns. Returns how long the fsync took (for a metric). Cheap no-op when
     /// nothing is buffered. After a full-disk error the records stay buffered and the
     /// next call retries them.
+    ///
+    /// The write and the fsync run holding only `sync_one` (one sync at a time, so
+    /// writes land in order): the `wal` lock is taken just to take the buffer out and
+    /// to record the outcome, so the raft thread keeps appending during the fsync.
     pub fn sync(&self) -> Result<Duration, StorageError> {
-        self.wal()?.sync()
+        let _one = self.inner.sync_one.lock().map_err(|_| StorageError::Poisoned)?;
+        let Some(mut job) = self.wal()?.begin_sync()? else { return Ok(Duration::ZERO) };
+        let result = job.run();
+        self.wal()?.finish_sync(job, result)
     }
 
     /// Installs a snapshot received from the leader (or the bootstrap snapshot at
@@ -280,8 +291,8 @@ impl DiskStorage {
         wal.push_snapshot(true, meta.index, meta.term)?;
         core.log.reset_to_snapshot(meta.index, meta.term, meta.conf_state.clone().unwrap_or_default());
         drop(core);
-        let synced = wal.sync();
         drop(wal);
+        let synced = self.sync();
         if !again {
             self.drop_cache();
         }
@@ -368,8 +379,8 @@ impl DiskStorage {
         core.log.snap_term = term;
         core.log.conf_state = conf_state.clone();
         drop(core);
-        let synced = wal.sync();
         drop(wal);
+        let synced = self.sync();
         self.drop_cache();
         synced?;
         Ok(start.elapsed())

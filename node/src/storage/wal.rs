@@ -2,8 +2,9 @@
 //!
 //! Every segment starts with a 32-byte header (magic `RAFTKVWL`, version, seq, first
 //! index, crc) and a `Meta` record; then framed records (see [`super::record`]). Writes
-//! are buffered in one `Vec` and reach the disk in [`Wal::sync`]: one `pwrite` plus one
-//! `fdatasync`. Recovery ([`recover`]) replays all segments in order.
+//! are buffered in one `Vec` and reach the disk in a [`SyncJob`]: one `pwrite` plus one
+//! `fdatasync`, run without the WAL's lock (the buffer is swapped out first), so new
+//! records are buffered while it runs. Recovery ([`recover`]) replays all segments in order.
 //!
 //! Segments are preallocated (`fallocate`) to the segment size when created, so a sync
 //! inside that range does not change the file size; zeros after the last record are the
@@ -127,8 +128,11 @@ pub(crate) struct Wal {
     prealloc: bool,
     /// Oldest first; the last one is the active segment.
     segments: Vec<Segment>,
-    file: File,
+    /// The active segment (shared with a [`SyncJob`] writing to it).
+    file: Arc<File>,
     pending: Vec<u8>,
+    /// The buffer of the last finished job, reused as the next `pending`.
+    spare: Vec<u8>,
     pending_min_index: u64,
     /// State after the durable records.
     written: WalState,
@@ -139,6 +143,36 @@ pub(crate) struct Wal {
     /// Test hook: fail the next write (`false`) or fdatasync (`true`) with this errno.
     #[cfg(test)]
     pub(crate) inject: Option<(bool, i32)>,
+}
+
+/// One write of buffered records, taken by [`Wal::begin_sync`] and run with no lock
+/// held, so the raft thread keeps buffering records while the fsync runs.
+pub(crate) struct SyncJob {
+    file: Arc<File>,
+    path: PathBuf,
+    /// Where the records go: the active segment's durable length.
+    off: u64,
+    buf: Vec<u8>,
+    min_index: u64,
+    /// The state once these records are durable.
+    next: WalState,
+    /// Test hook taken from the WAL: fail the write (`false`) or fdatasync (`true`).
+    inject: Option<(bool, i32)>,
+}
+
+impl SyncJob {
+    /// One `pwrite` and one `fdatasync`. Returns the fsync's duration.
+    pub(crate) fn run(&mut self) -> std::io::Result<Duration> {
+        let inject = self.inject.take();
+        let injected = |at_sync: bool| match inject {
+            Some((s, errno)) if s == at_sync => Err(std::io::Error::from_raw_os_error(errno)),
+            _ => Ok(()),
+        };
+        self.file.write_all_at(&self.buf, self.off).and_then(|()| injected(false))?;
+        let start = Instant::now();
+        self.file.sync_data().and_then(|()| injected(true))?;
+        Ok(start.elapsed())
+    }
 }
 
 /// What [`recover`] found.
@@ -182,59 +216,83 @@ impl Wal {
         Ok(())
     }
 
-    /// Writes the pending records with one write and one fdatasync. Returns the fsync's
-    /// duration. A failed write or fsync is rolled back (the file truncated to its last
-    /// durable length) and the records stay pending, so a later call retries them; an
-    /// error other than a full disk, or a failed rollback, leaves the WAL broken.
+    /// Writes the pending records with one write and one fdatasync, holding `self`
+    /// throughout (tests; [`super::DiskStorage::sync`] uses the three steps
+    /// below so that appends go on during the fsync). Returns the fsync's duration. A
+    /// failed write or fsync is rolled back (the file truncated to its last durable
+    /// length) and the records stay pending, so a later call retries them; an error
+    /// other than a full disk, or a failed rollback, leaves the WAL broken.
+    #[cfg(test)]
     pub(crate) fn sync(&mut self) -> Result<Duration, StorageError> {
+        let Some(mut job) = self.begin_sync()? else { return Ok(Duration::ZERO) };
+        let result = job.run();
+        self.finish_sync(job, result)
+    }
+
+    /// Takes the pending records out of the buffer for one write (rotating to a new
+    /// segment first if the active one is full). `None`: nothing pending. New records
+    /// may be buffered while the returned job runs; they go with the next one. Jobs must
+    /// not overlap: the caller finishes one before it begins the next.
+    pub(crate) fn begin_sync(&mut self) -> Result<Option<SyncJob>, StorageError> {
         if let Some(why) = &self.broken {
             return Err(StorageError::Broken(why.clone()));
         }
         if self.pending.is_empty() {
-            return Ok(Duration::ZERO);
+            return Ok(None);
         }
         if self.active().size >= self.segment_bytes {
             self.rotate()?;
         }
-        let off = self.active().size;
-        let path = self.active().path.clone();
-        if let Err(e) = self.file.write_all_at(&self.pending, off).and_then(|()| self.injected(false)) {
-            return Err(self.fail(off, io_err(&path)(e)));
+        let buf = std::mem::replace(&mut self.pending, std::mem::take(&mut self.spare));
+        Ok(Some(SyncJob {
+            file: self.file.clone(),
+            path: self.active().path.clone(),
+            off: self.active().size,
+            buf,
+            min_index: std::mem::replace(&mut self.pending_min_index, u64::MAX),
+            next: self.next.clone(),
+            inject: self.take_injection(),
+        }))
+    }
+
+    /// Records the outcome of a job from [`Wal::begin_sync`]. On success its records
+    /// are durable; on failure the segment is rolled back to its durable length and the
+    /// records are put back in front of those buffered since, for a retry.
+    pub(crate) fn finish_sync(&mut self, job: SyncJob, result: std::io::Result<Duration>) -> Result<Duration, StorageError> {
+        let SyncJob { path, off, mut buf, min_index, next, .. } = job;
+        match result {
+            Ok(took) => {
+                let n = buf.len() as u64;
+                let active = self.active_mut();
+                active.size += n;
+                active.min_index = active.min_index.min(min_index);
+                self.bytes.fetch_add(n, Ordering::Relaxed);
+                self.written = next;
+                buf.clear();
+                if buf.capacity() > KEEP_BUFFER {
+                    buf.shrink_to(KEEP_BUFFER / 8);
+                }
+                self.spare = buf;
+                Ok(took)
+            }
+            Err(e) => {
+                buf.extend_from_slice(&self.pending);
+                self.pending = buf;
+                self.pending_min_index = self.pending_min_index.min(min_index);
+                Err(self.fail(off, io_err(&path)(e)))
+            }
         }
-        let start = Instant::now();
-        if let Err(e) = self.file.sync_data().and_then(|()| self.injected(true)) {
-            return Err(self.fail(off, io_err(&path)(e)));
-        }
-        let took = start.elapsed();
-        let n = self.pending.len() as u64;
-        let min = std::mem::replace(&mut self.pending_min_index, u64::MAX);
-        let active = self.active_mut();
-        active.size += n;
-        active.min_index = active.min_index.min(min);
-        self.bytes.fetch_add(n, Ordering::Relaxed);
-        self.written = self.next.clone();
-        self.pending.clear();
-        if self.pending.capacity() > KEEP_BUFFER {
-            self.pending.shrink_to(KEEP_BUFFER / 8);
-        }
-        Ok(took)
     }
 
     #[cfg(test)]
-    fn injected(&mut self, at_sync: bool) -> std::io::Result<()> {
-        match self.inject {
-            Some((s, errno)) if s == at_sync => {
-                self.inject = None;
-                Err(std::io::Error::from_raw_os_error(errno))
-            }
-            _ => Ok(()),
-        }
+    fn take_injection(&mut self) -> Option<(bool, i32)> {
+        self.inject.take()
     }
 
     #[cfg(not(test))]
     #[inline(always)]
-    fn injected(&mut self, _at_sync: bool) -> std::io::Result<()> {
-        Ok(())
+    fn take_injection(&mut self) -> Option<(bool, i32)> {
+        None
     }
 
     fn fail(&mut self, durable_len: u64, err: StorageError) -> StorageError {
@@ -294,7 +352,7 @@ impl Wal {
         let file = OpenOptions::new().write(true).open(&seg.path).map_err(io_err(&seg.path))?;
         debug!(segment = %seg.path.display(), "WAL segment rotated");
         self.bytes.fetch_add(seg.size, Ordering::Relaxed);
-        self.file = file;
+        self.file = Arc::new(file);
         self.segments.push(seg);
         Ok(())
     }
@@ -715,8 +773,9 @@ pub(crate) fn recover(
         segment_bytes,
         prealloc,
         segments,
-        file,
+        file: Arc::new(file),
         pending: Vec::with_capacity(64 << 10),
+        spare: Vec::with_capacity(64 << 10),
         pending_min_index: u64::MAX,
         written: state.clone(),
         next: state,
@@ -762,6 +821,32 @@ mod tests {
         let r = open(d.path(), 1024);
         assert_eq!(r.log.entries, (1..=50).map(|i| e(i, 1)).collect::<Vec<_>>());
         assert_eq!(r.log.hs.commit, 50);
+    }
+
+    #[test]
+    fn records_buffered_during_a_sync_follow_it_and_a_failed_one_is_retried_in_order() {
+        let d = tempfile::tempdir().expect("tempdir");
+        {
+            let mut r = open(d.path(), 1 << 20);
+            r.wal.push_entries(&[e(1, 1), e(2, 1)]).expect("push");
+            let mut job = r.wal.begin_sync().expect("begin").expect("a job");
+            // Buffered while the job runs: not part of it.
+            r.wal.push_entries(&[e(3, 1)]).expect("push");
+            let result = job.run();
+            r.wal.finish_sync(job, result).expect("finish");
+            assert!(r.wal.pending_bytes() > 0, "entry 3 waits for the next sync");
+
+            // A job that fails puts its records back in front of the newer ones.
+            let mut job = r.wal.begin_sync().expect("begin").expect("a job");
+            r.wal.push_entries(&[e(4, 1)]).expect("push");
+            let _ = job.run();
+            let enospc = std::io::Error::from_raw_os_error(libc::ENOSPC);
+            r.wal.finish_sync(job, Err(enospc)).expect_err("the failure is reported");
+            r.wal.sync().expect("the retry writes 3 and 4");
+            assert_eq!(r.wal.pending_bytes(), 0);
+        }
+        let r = open(d.path(), 1 << 20);
+        assert_eq!(r.log.entries, (1..=4).map(|i| e(i, 1)).collect::<Vec<_>>());
     }
 
     #[test]
