@@ -181,7 +181,9 @@ where
     let conn = http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(Duration::from_secs(30))
-        .serve_connection(TokioIo::new(io), svc);
+        .serve_connection(TokioIo::new(io), svc)
+        // Peer streams upgrade their connection (see `transport`).
+        .with_upgrades();
     tokio::pin!(conn);
     tokio::select! {
         r = conn.as_mut() => if let Err(e) = r { debug!(error = %e, "connection ended with an error") },

@@ -2,16 +2,30 @@
 //! peer TLS is configured; a stranger without a certificate from the peer CA is refused
 //! at the handshake, in [`crate::http::serve_tls`], and never reaches this code).
 //!
-//! Outgoing: one task and one bounded queue per peer. A task takes every message queued
-//! for its peer (batching), frames them (`u32` little-endian length + prost-encoded
-//! `eraftpb::Message`, repeated) into one `POST /raft`, and reuses a keep-alive
-//! connection. A full queue drops messages (raft retransmits), so a dead or slow peer
-//! never blocks the raft loop or the other peers. Failures are reported to raft
+//! Outgoing: one task and one bounded queue per peer. The task opens a **stream** to the
+//! peer: `GET /raft/stream` upgraded (HTTP/1.1 `Upgrade: raftkv-raft/1`, like etcd's
+//! rafthttp streams) to a long-lived connection that carries length-prefixed frames
+//! (`u32` little-endian length + prost-encoded `eraftpb::Message`, repeated) in order,
+//! with no request/response round trip per batch: the task takes every message queued
+//! for its peer (batching) and writes them as soon as the previous write is done. The
+//! receiver answers on the same connection with 9-byte control frames: an ack (how many
+//! messages it has handed to raft so far) after each batch, or "gone" (below). A stream
+//! whose acks stop for [`STREAM_STALL`] is dropped and reopened, so a dead peer behind a
+//! live-looking socket is noticed. Snapshots, and any message too large for a stream
+//! frame, go as a `POST /raft` of their own in a task of their own (the answer tells
+//! raft whether the snapshot arrived, and appends and heartbeats keep flowing
+//! meanwhile). A peer that does not know streams (404: an older version) gets every
+//! batch as a `POST /raft` for a minute before a stream is tried again.
+//!
+//! A full queue drops messages (raft retransmits), so a dead or slow peer never blocks
+//! the raft loop or the other peers. Failures are reported to raft
 //! (`report_unreachable`, snapshot failure) and retried with a short back-off.
 //!
-//! Incoming: the peer listener decodes the frames and hands each message to the raft
-//! loop. Garbage gets a 400 and the node stays up; a message from a member that was
-//! removed gets 410 Gone, which tells the sender to stop (etcd does the same).
+//! Incoming: the peer listener decodes the frames (of a POST body, or of a stream as
+//! they arrive) and hands each message to the raft loop. Garbage gets a 400 (on a
+//! stream: the stream is closed) and the node stays up; a message from a member that
+//! was removed gets 410 Gone (on a stream: a "gone" control frame), which tells the
+//! sender to stop (etcd does the same).
 
 use std::collections::HashMap;
 use std::sync::mpsc::Sender;
@@ -21,10 +35,12 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONNECTION, UPGRADE};
 use hyper::{Method, Request as HttpRequest, Response, StatusCode};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use prost::Message as _;
 use raft::eraftpb::{ConfChange, ConfChangeTransition, ConfChangeType, ConfChangeV2, EntryType, Message, MessageType};
@@ -34,6 +50,7 @@ use tracing::{debug, warn};
 use crate::kv::KvStore;
 use crate::metrics::metrics;
 use crate::raft_loop::Request;
+use crate::shutdown::Shutdown;
 use crate::tls::PeerTls;
 
 /// Messages queued per peer before new ones are dropped.
@@ -49,6 +66,24 @@ pub const URL_HEADER: &str = "x-raftkv-peer-url";
 /// Header of a 410 answer: the applied index of the member that refused, so the sender
 /// can tell a lagging peer's stale view from its own removal.
 pub const APPLIED_HEADER: &str = "x-raftkv-applied";
+/// The path a peer stream is opened on.
+pub const STREAM_PATH: &str = "/raft/stream";
+/// The `Upgrade` token of a peer stream (its version is in the name).
+pub const STREAM_PROTOCOL: &str = "raftkv-raft/1";
+/// Largest message sent on a stream; larger ones (snapshots) go as a `POST /raft`.
+pub const MAX_STREAM_FRAME: usize = 64 << 20;
+/// A stream with messages unacknowledged for this long is dropped and reopened.
+pub const STREAM_STALL: Duration = Duration::from_secs(5);
+/// How long a peer that answered 404 to a stream gets POSTs before streams are tried again.
+const STREAM_RETRY: Duration = Duration::from_secs(60);
+/// Control frame from the receiver of a stream: the number of messages it has handed to
+/// raft so far follows (`u64` little-endian).
+const CONTROL_ACK: u8 = 1;
+/// Control frame from the receiver of a stream: the sender was removed from the cluster;
+/// the receiver's applied index follows. The stream ends after it.
+const CONTROL_GONE: u8 = 2;
+/// Bytes of a control frame: a tag and a `u64`.
+const CONTROL_LEN: usize = 9;
 
 /// The peer HTTP client: plain HTTP, or HTTPS with the node's peer certificate.
 pub type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
@@ -296,98 +331,346 @@ impl Transport {
     }
 }
 
+/// What a peer task keeps between batches.
+struct PeerLink {
+    inner: Arc<Inner>,
+    id: u64,
+    url: String,
+    label: String,
+    last_tls_warning: Option<Instant>,
+}
+
+/// How opening a stream failed.
+enum OpenError {
+    /// The peer does not serve streams (an older version): use POSTs.
+    Unsupported,
+    /// The peer refused or could not be reached; already logged.
+    Failed,
+}
+
+/// True for a message that goes as a `POST /raft` of its own, never on a stream.
+fn posted_alone(m: &Message) -> bool {
+    m.get_msg_type() == MessageType::MsgSnapshot || m.encoded_len() + 4 > MAX_STREAM_FRAME
+}
+
+/// Moves every message already queued into `batch` (up to [`MAX_BATCH`]).
+fn drain_into(rx: &mut mpsc::Receiver<Message>, batch: &mut Vec<Message>) {
+    while batch.len() < MAX_BATCH {
+        match rx.try_recv() {
+            Ok(m) => batch.push(m),
+            Err(_) => break,
+        }
+    }
+}
+
 async fn run_peer(inner: Arc<Inner>, id: u64, url: String, mut rx: mpsc::Receiver<Message>) {
-    let endpoint = format!("{url}/raft");
-    let label = id.to_string();
-    let mut batch = Vec::new();
+    let mut link = PeerLink { label: id.to_string(), inner, id, url, last_tls_warning: None };
     let mut backoff = Duration::from_millis(50);
-    let mut last_tls_warning: Option<Instant> = None;
+    let mut posts_until: Option<Instant> = None;
     while let Some(m) = rx.recv().await {
-        batch.push(m);
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(m) => batch.push(m),
-                Err(_) => break,
+        let mut batch = vec![m];
+        drain_into(&mut rx, &mut batch);
+        let ok = if posts_until.is_some_and(|t| Instant::now() < t) {
+            link.post(batch).await
+        } else {
+            match link.open_stream().await {
+                Ok(io) => {
+                    posts_until = None;
+                    backoff = Duration::from_millis(50);
+                    // Runs until the stream breaks; whatever was on it is lost (raft resends).
+                    link.stream(io, &mut rx, batch).await;
+                    false
+                }
+                Err(OpenError::Unsupported) => {
+                    debug!(peer = id, "peer does not serve streams; sending POSTs");
+                    posts_until = Some(Instant::now() + STREAM_RETRY);
+                    link.post(batch).await
+                }
+                Err(OpenError::Failed) => {
+                    for m in batch.iter().filter(|m| m.get_msg_type() == MessageType::MsgSnapshot) {
+                        let _ = link.inner.raft.send(Request::SnapshotSent(m.to, false));
+                    }
+                    false
+                }
+            }
+        };
+        if ok {
+            backoff = Duration::from_millis(50);
+            continue;
+        }
+        let _ = link.inner.raft.send(Request::Unreachable(id));
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(1));
+        // Whatever queued up meanwhile is stale; raft will resend what matters. A
+        // dropped snapshot must be reported, or raft waits for it forever (the
+        // peer's progress stays in the snapshot state, sent nothing but heartbeats).
+        while let Ok(m) = rx.try_recv() {
+            if m.get_msg_type() == MessageType::MsgSnapshot {
+                let _ = link.inner.raft.send(Request::SnapshotSent(id, false));
             }
         }
-        let snapshot = batch.iter().any(|m| m.get_msg_type() == MessageType::MsgSnapshot);
-        let body = encode_frames(&batch);
-        let len = body.len() as u64;
-        batch.clear();
-        let req = HttpRequest::builder()
-            .method(Method::POST)
-            .uri(&endpoint)
-            .header(FROM_HEADER, inner.id.to_string())
-            .header(URL_HEADER, &inner.self_url)
-            .header("content-type", "application/x-raftkv-frames")
-            .body(Full::new(body));
+    }
+}
+
+/// Acknowledgements of one stream, shared by its writer and its back-channel reader.
+#[derive(Default)]
+struct Acks {
+    /// Messages the peer has handed to raft.
+    acked: u64,
+    /// When `acked` last grew.
+    last: Option<Instant>,
+    /// (messages sent in total after a write, when it was written), oldest first: for
+    /// the round-trip metric.
+    writes: std::collections::VecDeque<(u64, Instant)>,
+}
+
+impl PeerLink {
+    fn request(&self, method: Method, path: &str) -> hyper::http::request::Builder {
+        HttpRequest::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.url))
+            .header(FROM_HEADER, self.inner.id.to_string())
+            .header(URL_HEADER, &self.inner.self_url)
+    }
+
+    /// Logs a failed request: a refused certificate as a warning (configuration, not a
+    /// network blip; at most every 30 s per peer), anything else at debug level.
+    fn log_failure(&mut self, e: &hyper_util::client::legacy::Error) {
+        match tls_error_in(e) {
+            Some(tls) if self.last_tls_warning.is_none_or(|t| t.elapsed() >= TLS_WARN_EVERY) => {
+                warn!(peer = self.id, url = %self.url, error = %tls, "peer TLS handshake failed (check the peer certificates, CA and SANs)");
+                self.last_tls_warning = Some(Instant::now());
+            }
+            _ => debug!(peer = self.id, error = %e, "peer unreachable"),
+        }
+    }
+
+    /// Asks the peer for a stream. A 410 is reported to raft like a POST's.
+    async fn open_stream(&mut self) -> Result<hyper::upgrade::Upgraded, OpenError> {
+        let req = self
+            .request(Method::GET, STREAM_PATH)
+            .header(CONNECTION, "upgrade")
+            .header(UPGRADE, STREAM_PROTOCOL)
+            .body(Full::new(Bytes::new()));
         let req = match req {
             Ok(r) => r,
             Err(e) => {
-                warn!(peer = id, url = %url, error = %e, "bad peer URL; dropping messages");
-                if snapshot {
-                    let _ = inner.raft.send(Request::SnapshotSent(id, false));
+                warn!(peer = self.id, url = %self.url, error = %e, "bad peer URL");
+                return Err(OpenError::Failed);
+            }
+        };
+        let resp = match tokio::time::timeout(Duration::from_secs(5), self.inner.client.request(req)).await {
+            Ok(Ok(resp)) => resp,
+            Ok(Err(e)) => {
+                self.log_failure(&e);
+                return Err(OpenError::Failed);
+            }
+            Err(_) => {
+                debug!(peer = self.id, "peer timed out");
+                return Err(OpenError::Failed);
+            }
+        };
+        match resp.status() {
+            StatusCode::SWITCHING_PROTOCOLS => match tokio::time::timeout(Duration::from_secs(5), hyper::upgrade::on(resp)).await {
+                Ok(Ok(io)) => Ok(io),
+                Ok(Err(e)) => {
+                    debug!(peer = self.id, error = %e, "peer stream upgrade failed");
+                    Err(OpenError::Failed)
                 }
-                continue;
+                Err(_) => Err(OpenError::Failed),
+            },
+            StatusCode::NOT_FOUND => Err(OpenError::Unsupported),
+            StatusCode::GONE => {
+                self.gone(&resp);
+                Err(OpenError::Failed)
+            }
+            status => {
+                debug!(peer = self.id, %status, "peer refused a stream");
+                Err(OpenError::Failed)
+            }
+        }
+    }
+
+    fn gone<B>(&self, resp: &Response<B>) {
+        let peer_applied = resp.headers().get(APPLIED_HEADER).and_then(|v| v.to_str().ok()).and_then(|s| s.parse().ok());
+        debug!(peer = self.id, ?peer_applied, "peer says this member was removed from the cluster");
+        let _ = self.inner.raft.send(Request::Removed { peer_applied });
+    }
+
+    /// Sends `batch` on the stream `io`, then everything the queue brings, until the
+    /// stream breaks, stalls or the peer says this member is gone. Snapshots go as POSTs
+    /// of their own, in tasks of their own.
+    async fn stream(&mut self, io: hyper::upgrade::Upgraded, rx: &mut mpsc::Receiver<Message>, mut batch: Vec<Message>) {
+        let (rd, mut wr) = tokio::io::split(TokioIo::new(io));
+        let acks = Arc::new(std::sync::Mutex::new(Acks::default()));
+        let (closed_tx, mut closed) = tokio::sync::oneshot::channel::<()>();
+        let reader = tokio::spawn(read_control(rd, self.inner.clone(), self.id, self.label.clone(), acks.clone(), closed_tx));
+        let mut sent = 0u64;
+        let mut waiting_since = Instant::now();
+        let mut buf = BytesMut::with_capacity(64 << 10);
+        let mut check = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            let mut n = 0u64;
+            for m in batch.drain(..) {
+                if posted_alone(&m) {
+                    let mut alone = PeerLink { inner: self.inner.clone(), id: self.id, url: self.url.clone(), label: self.label.clone(), last_tls_warning: None };
+                    tokio::spawn(async move {
+                        alone.post(vec![m]).await;
+                    });
+                    continue;
+                }
+                buf.put_u32_le(m.encoded_len() as u32);
+                // Encoding into a growable buffer cannot fail.
+                let _ = m.encode(&mut buf);
+                n += 1;
+            }
+            if n > 0 {
+                let now = Instant::now();
+                if let Ok(mut a) = acks.lock() {
+                    if a.acked >= sent {
+                        // Nothing was outstanding: the stall clock starts now.
+                        waiting_since = now;
+                    }
+                    sent += n;
+                    a.writes.push_back((sent, now));
+                }
+                let len = buf.len() as u64;
+                let wrote = tokio::time::timeout(STREAM_STALL, async {
+                    wr.write_all(&buf).await?;
+                    wr.flush().await
+                })
+                .await;
+                buf.clear();
+                if buf.capacity() > 8 << 20 {
+                    buf = BytesMut::with_capacity(64 << 10);
+                }
+                match wrote {
+                    Ok(Ok(())) => metrics().peer_sent_bytes.with_label_values(&[&self.label]).inc_by(len),
+                    Ok(Err(e)) => {
+                        debug!(peer = self.id, error = %e, "peer stream broke");
+                        break;
+                    }
+                    Err(_) => {
+                        debug!(peer = self.id, "peer stream write stalled");
+                        break;
+                    }
+                }
+            }
+            tokio::select! {
+                m = rx.recv() => match m {
+                    Some(m) => {
+                        batch.push(m);
+                        drain_into(rx, &mut batch);
+                    }
+                    None => break,
+                },
+                _ = &mut closed => break,
+                _ = check.tick() => {
+                    let stalled = acks.lock().map(|a| {
+                        let since = a.last.map_or(waiting_since, |l| l.max(waiting_since));
+                        a.acked < sent && since.elapsed() >= STREAM_STALL
+                    });
+                    if stalled.unwrap_or(true) {
+                        debug!(peer = self.id, "peer stream unacknowledged; reopening it");
+                        break;
+                    }
+                }
+            }
+        }
+        reader.abort();
+    }
+
+    /// Sends `batch` as one `POST /raft`. True when the peer took it.
+    async fn post(&mut self, batch: Vec<Message>) -> bool {
+        let snapshot = batch.iter().any(|m| m.get_msg_type() == MessageType::MsgSnapshot);
+        let body = encode_frames(&batch);
+        drop(batch);
+        let len = body.len() as u64;
+        let req = self.request(Method::POST, "/raft").header("content-type", "application/x-raftkv-frames").body(Full::new(body));
+        let req = match req {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(peer = self.id, url = %self.url, error = %e, "bad peer URL; dropping messages");
+                if snapshot {
+                    let _ = self.inner.raft.send(Request::SnapshotSent(self.id, false));
+                }
+                return false;
             }
         };
         let limit = if snapshot { Duration::from_secs(120) } else { Duration::from_secs(5) };
         let started = Instant::now();
-        let outcome = tokio::time::timeout(limit, inner.client.request(req)).await;
+        let outcome = tokio::time::timeout(limit, self.inner.client.request(req)).await;
         let ok = match outcome {
             Ok(Ok(resp)) if resp.status().is_success() => {
-                metrics().peer_round_trip_seconds.with_label_values(&[&label]).observe(started.elapsed().as_secs_f64());
-                metrics().peer_sent_bytes.with_label_values(&[&label]).inc_by(len);
+                metrics().peer_round_trip_seconds.with_label_values(&[&self.label]).observe(started.elapsed().as_secs_f64());
+                metrics().peer_sent_bytes.with_label_values(&[&self.label]).inc_by(len);
                 let _ = resp.into_body().collect().await;
                 true
             }
             Ok(Ok(resp)) if resp.status() == StatusCode::GONE => {
-                let peer_applied =
-                    resp.headers().get(APPLIED_HEADER).and_then(|v| v.to_str().ok()).and_then(|s| s.parse().ok());
-                debug!(peer = id, ?peer_applied, "peer says this member was removed from the cluster");
-                let _ = inner.raft.send(Request::Removed { peer_applied });
+                self.gone(&resp);
                 false
             }
             Ok(Ok(resp)) => {
-                debug!(peer = id, status = %resp.status(), "peer refused messages");
+                debug!(peer = self.id, status = %resp.status(), "peer refused messages");
                 false
             }
             Ok(Err(e)) => {
-                match tls_error_in(&e) {
-                    // A refused certificate is configuration, not a network blip: say so
-                    // (at most every 30 s per peer).
-                    Some(tls) if last_tls_warning.is_none_or(|t| t.elapsed() >= TLS_WARN_EVERY) => {
-                        warn!(peer = id, url = %url, error = %tls, "peer TLS handshake failed (check the peer certificates, CA and SANs)");
-                        last_tls_warning = Some(Instant::now());
-                    }
-                    _ => debug!(peer = id, error = %e, "peer unreachable"),
-                }
+                self.log_failure(&e);
                 false
             }
             Err(_) => {
-                debug!(peer = id, "peer timed out");
+                debug!(peer = self.id, "peer timed out");
                 false
             }
         };
         if snapshot {
-            let _ = inner.raft.send(Request::SnapshotSent(id, ok));
+            let _ = self.inner.raft.send(Request::SnapshotSent(self.id, ok));
         }
-        if ok {
-            backoff = Duration::from_millis(50);
-        } else {
-            let _ = inner.raft.send(Request::Unreachable(id));
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(1));
-            // Whatever queued up meanwhile is stale; raft will resend what matters. A
-            // dropped snapshot must be reported, or raft waits for it forever (the
-            // peer's progress stays in the snapshot state, sent nothing but heartbeats).
-            while let Ok(m) = rx.try_recv() {
-                if m.get_msg_type() == MessageType::MsgSnapshot {
-                    let _ = inner.raft.send(Request::SnapshotSent(id, false));
+        ok
+    }
+}
+
+/// Reads a stream's control frames (acks, "gone") until it ends; then tells the writer.
+async fn read_control<R: AsyncRead + Unpin>(
+    mut rd: R,
+    inner: Arc<Inner>,
+    id: u64,
+    label: String,
+    acks: Arc<std::sync::Mutex<Acks>>,
+    closed: tokio::sync::oneshot::Sender<()>,
+) {
+    let mut frame = [0u8; CONTROL_LEN];
+    while rd.read_exact(&mut frame).await.is_ok() {
+        let mut v = [0u8; 8];
+        v.copy_from_slice(&frame[1..]);
+        let v = u64::from_le_bytes(v);
+        match frame[0] {
+            CONTROL_ACK => {
+                let now = Instant::now();
+                let Ok(mut a) = acks.lock() else { break };
+                a.acked = v;
+                a.last = Some(now);
+                let mut newest = None;
+                while a.writes.front().is_some_and(|(n, _)| *n <= v) {
+                    newest = a.writes.pop_front();
                 }
+                if let Some((_, at)) = newest {
+                    metrics().peer_round_trip_seconds.with_label_values(&[&label]).observe(now.duration_since(at).as_secs_f64());
+                }
+            }
+            CONTROL_GONE => {
+                debug!(peer = id, peer_applied = v, "peer says this member was removed from the cluster");
+                let _ = inner.raft.send(Request::Removed { peer_applied: Some(v) });
+                break;
+            }
+            other => {
+                debug!(peer = id, tag = other, "unknown control frame on a peer stream");
+                break;
             }
         }
     }
+    let _ = closed.send(());
 }
 
 /// How often a peer's TLS failure is logged as a warning.
@@ -416,49 +699,30 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     r
 }
 
-/// Handles one request on the peer listener.
-pub async fn handle_peer_request(
-    req: HttpRequest<Incoming>,
+/// Why messages from a peer are refused.
+enum Refusal {
+    /// Not messages this member may take (400; a stream is closed).
+    Bad(String),
+    /// The sender was removed from the cluster (410); this member's applied index.
+    Gone(u64),
+}
+
+/// Checks decoded messages from `sender` before they reach raft.
+fn admit(
+    msgs: &[Message],
+    sender: u64,
     my_id: u64,
-    raft: Sender<Request>,
-    transport: Transport,
-    kv: Arc<RwLock<KvStore>>,
-    status: impl Fn() -> Arc<crate::raft_loop::NodeStatus>,
-) -> Response<Full<Bytes>> {
-    match (req.method(), req.uri().path()) {
-        (&Method::POST, "/raft") => {}
-        (&Method::GET, "/members") => {
-            let mut r = text(StatusCode::OK, crate::api::members_json(&status()).to_string());
-            r.headers_mut().insert("content-type", hyper::header::HeaderValue::from_static("application/json"));
-            return r;
-        }
-        (_, "/raft") => return text(StatusCode::METHOD_NOT_ALLOWED, "use POST\n"),
-        _ => return text(StatusCode::NOT_FOUND, "not a raftkv peer route\n"),
-    }
-    let from_hdr: Option<u64> = req.headers().get(FROM_HEADER).and_then(|v| v.to_str().ok()).and_then(|s| s.parse().ok());
-    let from_url = req.headers().get(URL_HEADER).and_then(|v| v.to_str().ok()).map(str::to_string);
-    let body = match Limited::new(req.into_body(), MAX_PEER_BODY).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e) => return text(StatusCode::BAD_REQUEST, format!("unreadable body: {e}\n")),
-    };
-    let msgs = match decode_frames(&body) {
-        Ok(m) => m,
-        Err(e) => {
-            warn!(error = %e, from = ?from_hdr, "garbage from a peer");
-            return text(StatusCode::BAD_REQUEST, format!("{e}\n"));
-        }
-    };
-    // The sender is named by the header (a forwarded MsgTransferLeader carries the
-    // transferee in `from`, so `from` is not always the sender).
-    let sender = from_hdr.or_else(|| msgs.first().map(|m| m.from)).unwrap_or(0);
-    for m in &msgs {
+    kv: &RwLock<KvStore>,
+    status: &impl Fn() -> Arc<crate::raft_loop::NodeStatus>,
+) -> Result<(), Refusal> {
+    for m in msgs {
         if m.to != my_id {
-            return text(StatusCode::BAD_REQUEST, format!("message for member {} sent to member {my_id}\n", m.to));
+            return Err(Refusal::Bad(format!("message for member {} sent to member {my_id}", m.to)));
         }
         // No member is 0, and no member sends to itself over the network (a forwarded
         // MsgTransferLeader names the transferee in `from`, which may be this member).
         if m.from == 0 || (m.from == my_id && m.get_msg_type() != MessageType::MsgTransferLeader) {
-            return text(StatusCode::BAD_REQUEST, format!("{:?} claims to come from member {}\n", m.get_msg_type(), m.from));
+            return Err(Refusal::Bad(format!("{:?} claims to come from member {}", m.get_msg_type(), m.from)));
         }
     }
     let (removed, applied) = kv.read().map(|k| (k.is_removed(sender), k.applied())).unwrap_or((false, 0));
@@ -481,15 +745,69 @@ pub async fn handle_peer_request(
                 && m.term >= status().term)
     };
     if removed && !msgs.iter().any(newer) {
-        let mut r = text(StatusCode::GONE, format!("member {sender} was removed from this cluster\n"));
-        r.headers_mut().insert(APPLIED_HEADER, hyper::header::HeaderValue::from(applied));
-        return r;
+        return Err(Refusal::Gone(applied));
     }
-    if let Some(url) = from_url {
-        if sender != 0 && transport.peer_url(sender).is_none() && crate::config::parse_peer_url(&url).is_ok() {
-            transport.set_peer(sender, &url);
+    Ok(())
+}
+
+/// Learns the peer URL of a sender this member has no address for (a joining node
+/// answering a leader it never heard of).
+fn learn_sender(transport: &Transport, sender: u64, url: Option<&str>) {
+    if let Some(url) = url {
+        if sender != 0 && transport.peer_url(sender).is_none() && crate::config::parse_peer_url(url).is_ok() {
+            transport.set_peer(sender, url);
         }
     }
+}
+
+/// Handles one request on the peer listener.
+pub async fn handle_peer_request(
+    req: HttpRequest<Incoming>,
+    my_id: u64,
+    raft: Sender<Request>,
+    transport: Transport,
+    kv: Arc<RwLock<KvStore>>,
+    status: impl Fn() -> Arc<crate::raft_loop::NodeStatus> + Send + 'static,
+    stop: Shutdown,
+) -> Response<Full<Bytes>> {
+    match (req.method(), req.uri().path()) {
+        (&Method::POST, "/raft") => {}
+        (&Method::GET, STREAM_PATH) => return open_stream(req, my_id, raft, transport, kv, status, stop),
+        (&Method::GET, "/members") => {
+            let mut r = text(StatusCode::OK, crate::api::members_json(&status()).to_string());
+            r.headers_mut().insert("content-type", HeaderValue::from_static("application/json"));
+            return r;
+        }
+        (_, "/raft") => return text(StatusCode::METHOD_NOT_ALLOWED, "use POST\n"),
+        (_, STREAM_PATH) => return text(StatusCode::METHOD_NOT_ALLOWED, "use GET with Upgrade\n"),
+        _ => return text(StatusCode::NOT_FOUND, "not a raftkv peer route\n"),
+    }
+    let from_hdr: Option<u64> = req.headers().get(FROM_HEADER).and_then(|v| v.to_str().ok()).and_then(|s| s.parse().ok());
+    let from_url = req.headers().get(URL_HEADER).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let body = match Limited::new(req.into_body(), MAX_PEER_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => return text(StatusCode::BAD_REQUEST, format!("unreadable body: {e}\n")),
+    };
+    let msgs = match decode_frames(&body) {
+        Ok(m) => m,
+        Err(e) => {
+            warn!(error = %e, from = ?from_hdr, "garbage from a peer");
+            return text(StatusCode::BAD_REQUEST, format!("{e}\n"));
+        }
+    };
+    // The sender is named by the header (a forwarded MsgTransferLeader carries the
+    // transferee in `from`, so `from` is not always the sender).
+    let sender = from_hdr.or_else(|| msgs.first().map(|m| m.from)).unwrap_or(0);
+    match admit(&msgs, sender, my_id, &kv, &status) {
+        Ok(()) => {}
+        Err(Refusal::Bad(why)) => return text(StatusCode::BAD_REQUEST, format!("{why}\n")),
+        Err(Refusal::Gone(applied)) => {
+            let mut r = text(StatusCode::GONE, format!("member {sender} was removed from this cluster\n"));
+            r.headers_mut().insert(APPLIED_HEADER, HeaderValue::from(applied));
+            return r;
+        }
+    }
+    learn_sender(&transport, sender, from_url.as_deref());
     metrics().peer_received_bytes.with_label_values(&[&sender.to_string()]).inc_by(body.len() as u64);
     for m in msgs {
         if raft.send(Request::Raft(Box::new(m))).is_err() {
@@ -497,6 +815,126 @@ pub async fn handle_peer_request(
         }
     }
     text(StatusCode::NO_CONTENT, Bytes::new())
+}
+
+/// Answers `GET /raft/stream`: 101 and a task reading the stream, or why not.
+fn open_stream(
+    mut req: HttpRequest<Incoming>,
+    my_id: u64,
+    raft: Sender<Request>,
+    transport: Transport,
+    kv: Arc<RwLock<KvStore>>,
+    status: impl Fn() -> Arc<crate::raft_loop::NodeStatus> + Send + 'static,
+    stop: Shutdown,
+) -> Response<Full<Bytes>> {
+    let wants = req.headers().get(UPGRADE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.eq_ignore_ascii_case(STREAM_PROTOCOL));
+    if !wants {
+        return text(StatusCode::BAD_REQUEST, format!("a peer stream needs `Upgrade: {STREAM_PROTOCOL}`\n"));
+    }
+    let sender: u64 = match req.headers().get(FROM_HEADER).and_then(|v| v.to_str().ok()).and_then(|s| s.parse().ok()) {
+        Some(id) if id != 0 && id != my_id => id,
+        _ => return text(StatusCode::BAD_REQUEST, format!("a peer stream needs `{FROM_HEADER}`: the sender's member id\n")),
+    };
+    let url = req.headers().get(URL_HEADER).and_then(|v| v.to_str().ok()).map(str::to_string);
+    learn_sender(&transport, sender, url.as_deref());
+    let upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        match upgrade.await {
+            Ok(io) => read_stream(TokioIo::new(io), sender, my_id, raft, kv, status, stop).await,
+            Err(e) => debug!(from = sender, error = %e, "peer stream upgrade failed"),
+        }
+    });
+    let mut r = text(StatusCode::SWITCHING_PROTOCOLS, Bytes::new());
+    r.headers_mut().insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    r.headers_mut().insert(UPGRADE, HeaderValue::from_static(STREAM_PROTOCOL));
+    r
+}
+
+/// Reads frames from a peer stream as they arrive and hands them to raft, acking each
+/// batch, until the peer closes it, it carries garbage, the sender turns out removed
+/// (a "gone" frame is sent first) or this node stops.
+async fn read_stream<S: AsyncRead + AsyncWrite + Unpin>(
+    io: S,
+    sender: u64,
+    my_id: u64,
+    raft: Sender<Request>,
+    kv: Arc<RwLock<KvStore>>,
+    status: impl Fn() -> Arc<crate::raft_loop::NodeStatus>,
+    stop: Shutdown,
+) {
+    let (mut rd, mut wr) = tokio::io::split(io);
+    let label = sender.to_string();
+    let mut buf = BytesMut::with_capacity(64 << 10);
+    let mut handed = 0u64;
+    loop {
+        let read = tokio::select! {
+            r = rd.read_buf(&mut buf) => r,
+            _ = stop.wait() => return,
+        };
+        match read {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e) => {
+                debug!(from = sender, error = %e, "peer stream ended");
+                return;
+            }
+        }
+        // The complete frames at the front of the buffer.
+        let mut complete = 0;
+        loop {
+            let Some(head) = buf.get(complete..complete + 4) else { break };
+            let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
+            if len > MAX_STREAM_FRAME {
+                warn!(from = sender, len, "peer stream frame too large; closing the stream");
+                return;
+            }
+            if buf.len() < complete + 4 + len {
+                buf.reserve(complete + 4 + len - buf.len());
+                break;
+            }
+            complete += 4 + len;
+        }
+        if complete == 0 {
+            continue;
+        }
+        let chunk = buf.split_to(complete);
+        let msgs = match decode_frames(&chunk) {
+            Ok(m) => m,
+            Err(e) => {
+                warn!(error = %e, from = sender, "garbage on a peer stream; closing it");
+                return;
+            }
+        };
+        match admit(&msgs, sender, my_id, &kv, &status) {
+            Ok(()) => {}
+            Err(Refusal::Bad(why)) => {
+                warn!(from = sender, why, "refused messages on a peer stream; closing it");
+                return;
+            }
+            Err(Refusal::Gone(applied)) => {
+                let _ = write_control(&mut wr, CONTROL_GONE, applied).await;
+                return;
+            }
+        }
+        metrics().peer_received_bytes.with_label_values(&[&label]).inc_by(chunk.len() as u64);
+        handed += msgs.len() as u64;
+        for m in msgs {
+            if raft.send(Request::Raft(Box::new(m))).is_err() {
+                return;
+            }
+        }
+        if write_control(&mut wr, CONTROL_ACK, handed).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn write_control<W: AsyncWrite + Unpin>(wr: &mut W, tag: u8, value: u64) -> std::io::Result<()> {
+    let mut frame = [0u8; CONTROL_LEN];
+    frame[0] = tag;
+    frame[1..].copy_from_slice(&value.to_le_bytes());
+    wr.write_all(&frame).await?;
+    wr.flush().await
 }
 
 #[cfg(test)]
@@ -538,6 +976,222 @@ mod tests {
         let e = get(&plain, &format!("https://127.0.0.1:{port}/ok")).await.unwrap_err();
         assert!(tls_error_in(&e).is_some(), "{e:?}");
         assert!(tls_error_in(&std::io::Error::other("plain")).is_none());
+    }
+
+    fn heartbeat(to: u64, from: u64, commit: u64) -> Message {
+        Message { msg_type: MessageType::MsgHeartbeat as i32, to, from, term: 1, commit, ..Default::default() }
+    }
+
+    fn read_control_frame(buf: &[u8]) -> (u8, u64) {
+        let mut v = [0u8; 8];
+        v.copy_from_slice(&buf[1..CONTROL_LEN]);
+        (buf[0], u64::from_le_bytes(v))
+    }
+
+    /// The receiving side of a stream: messages reach raft in order with acks counting
+    /// them; a sender that was removed gets a "gone" frame; garbage closes the stream.
+    #[tokio::test]
+    async fn a_stream_hands_messages_to_raft_in_order_acks_them_and_closes_on_garbage() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let kv = Arc::new(RwLock::new(KvStore::new()));
+        let status = || Arc::new(crate::raft_loop::NodeStatus::default());
+        let (mut peer, node) = tokio::io::duplex(1 << 20);
+        let task = tokio::spawn(read_stream(node, 2, 1, tx.clone(), kv.clone(), status, Shutdown::new()));
+        // 300 messages, written in pieces that split frames anywhere.
+        let msgs: Vec<Message> = (1..=300).map(|i| heartbeat(1, 2, i)).collect();
+        let bytes = encode_frames(&msgs);
+        for piece in bytes.chunks(777) {
+            peer.write_all(piece).await.unwrap();
+        }
+        let mut acked = 0;
+        let mut frame = [0u8; CONTROL_LEN];
+        while acked < 300 {
+            tokio::time::timeout(Duration::from_secs(10), peer.read_exact(&mut frame)).await.expect("an ack").unwrap();
+            let (tag, n) = read_control_frame(&frame);
+            assert_eq!(tag, CONTROL_ACK);
+            assert!(n > acked, "acks grow: {n} after {acked}");
+            acked = n;
+        }
+        assert_eq!(acked, 300);
+        let got: Vec<u64> = rx
+            .try_iter()
+            .map(|r| match r {
+                Request::Raft(m) => m.commit,
+                _ => panic!("only raft messages expected"),
+            })
+            .collect();
+        assert_eq!(got, (1..=300).collect::<Vec<_>>());
+        // A message for another member closes the stream and reaches nobody.
+        peer.write_all(&encode_frames(&[heartbeat(3, 2, 1)])).await.unwrap();
+        assert_eq!(tokio::time::timeout(Duration::from_secs(10), peer.read(&mut frame)).await.unwrap().unwrap(), 0);
+        tokio::time::timeout(Duration::from_secs(10), task).await.unwrap().unwrap();
+        assert!(rx.try_recv().is_err());
+
+        // Garbage: the same.
+        let (mut peer, node) = tokio::io::duplex(1 << 20);
+        let task = tokio::spawn(read_stream(node, 2, 1, tx.clone(), kv.clone(), status, Shutdown::new()));
+        peer.write_all(&[3, 0, 0, 0, 0xff, 0xff, 0xff]).await.unwrap();
+        assert_eq!(tokio::time::timeout(Duration::from_secs(10), peer.read(&mut frame)).await.unwrap().unwrap(), 0);
+        tokio::time::timeout(Duration::from_secs(10), task).await.unwrap().unwrap();
+        // A frame announcing more than a stream frame may hold.
+        let (mut peer, node) = tokio::io::duplex(1 << 20);
+        let task = tokio::spawn(read_stream(node, 2, 1, tx.clone(), kv.clone(), status, Shutdown::new()));
+        peer.write_all(&(MAX_STREAM_FRAME as u32 + 1).to_le_bytes()).await.unwrap();
+        assert_eq!(tokio::time::timeout(Duration::from_secs(10), peer.read(&mut frame)).await.unwrap().unwrap(), 0);
+        tokio::time::timeout(Duration::from_secs(10), task).await.unwrap().unwrap();
+
+        // A removed sender with nothing newer to show: "gone" with the applied index.
+        kv.write().unwrap().remove_member(2);
+        kv.write().unwrap().set_applied(7);
+        let (mut peer, node) = tokio::io::duplex(1 << 20);
+        let task = tokio::spawn(read_stream(node, 2, 1, tx.clone(), kv.clone(), status, Shutdown::new()));
+        // (An answer to a heartbeat: not leader traffic, and no commit beyond this member's.)
+        let answer = Message { msg_type: MessageType::MsgHeartbeatResponse as i32, ..heartbeat(1, 2, 3) };
+        peer.write_all(&encode_frames(&[answer])).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(10), peer.read_exact(&mut frame)).await.unwrap().unwrap();
+        assert_eq!(read_control_frame(&frame), (CONTROL_GONE, 7));
+        tokio::time::timeout(Duration::from_secs(10), task).await.unwrap().unwrap();
+        assert!(rx.try_recv().is_err(), "nothing from a removed member reaches raft");
+    }
+
+    /// What a fake peer saw: messages, and how many streams were opened to it.
+    #[derive(Default)]
+    struct Seen {
+        msgs: Vec<Message>,
+        streams: usize,
+        posts: usize,
+    }
+
+    /// A fake peer on a fresh port. `streams`: serve streams (acking them unless
+    /// `ack_first` is false for the first one); otherwise answer 404 to them, as a
+    /// version without streams does. POSTs are always taken.
+    async fn fake_peer(streams: bool, ack_first: bool) -> (u16, Arc<std::sync::Mutex<Seen>>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let seen = Arc::new(std::sync::Mutex::new(Seen::default()));
+        let s = seen.clone();
+        tokio::spawn(crate::http::serve(listener, Shutdown::new(), move |mut req: HttpRequest<Incoming>| {
+            let seen = s.clone();
+            async move {
+                if req.uri().path() == STREAM_PATH {
+                    if !streams {
+                        return text(StatusCode::NOT_FOUND, "no streams here\n");
+                    }
+                    let nth = {
+                        let mut g = seen.lock().unwrap();
+                        g.streams += 1;
+                        g.streams
+                    };
+                    let on = hyper::upgrade::on(&mut req);
+                    tokio::spawn(async move {
+                        let io = TokioIo::new(on.await.unwrap());
+                        let (mut rd, mut wr) = tokio::io::split(io);
+                        let mut buf = Vec::new();
+                        let mut chunk = [0u8; 4096];
+                        let mut count = 0u64;
+                        while let Ok(n) = rd.read(&mut chunk).await {
+                            if n == 0 {
+                                break;
+                            }
+                            buf.extend_from_slice(&chunk[..n]);
+                            // Take the complete frames.
+                            let mut at = 0;
+                            while buf.len() >= at + 4 {
+                                let len = u32::from_le_bytes(buf[at..at + 4].try_into().unwrap()) as usize;
+                                if buf.len() < at + 4 + len {
+                                    break;
+                                }
+                                at += 4 + len;
+                            }
+                            let msgs = decode_frames(&buf[..at]).unwrap();
+                            buf.drain(..at);
+                            count += msgs.len() as u64;
+                            seen.lock().unwrap().msgs.extend(msgs);
+                            if nth > 1 || ack_first {
+                                if write_control(&mut wr, CONTROL_ACK, count).await.is_err() {
+                                    break;
+                                }
+                            }
+                        }
+                    });
+                    let mut r = text(StatusCode::SWITCHING_PROTOCOLS, Bytes::new());
+                    r.headers_mut().insert(CONNECTION, HeaderValue::from_static("upgrade"));
+                    r.headers_mut().insert(UPGRADE, HeaderValue::from_static(STREAM_PROTOCOL));
+                    return r;
+                }
+                let body = req.into_body().collect().await.unwrap().to_bytes();
+                let mut g = seen.lock().unwrap();
+                g.posts += 1;
+                g.msgs.extend(decode_frames(&body).unwrap());
+                text(StatusCode::NO_CONTENT, Bytes::new())
+            }
+        }));
+        (port, seen)
+    }
+
+    async fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !ok() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn messages_go_on_one_stream_in_order() {
+        let (port, seen) = fake_peer(true, true).await;
+        let (tx, _rx) = std::sync::mpsc::channel();
+        let t = Transport::new(1, "http://127.0.0.1:1".into(), None, tx, tokio::runtime::Handle::current());
+        t.set_peer(2, &format!("http://127.0.0.1:{port}"));
+        for round in 0..20u64 {
+            t.send((1..=100).map(|i| heartbeat(2, 1, round * 100 + i)).collect());
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        wait_until("2000 messages", || seen.lock().unwrap().msgs.len() >= 2000).await;
+        let g = seen.lock().unwrap();
+        assert_eq!(g.msgs.iter().map(|m| m.commit).collect::<Vec<_>>(), (1..=2000).collect::<Vec<_>>());
+        assert_eq!((g.streams, g.posts), (1, 0), "one stream carries everything");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_peer_without_streams_gets_posts() {
+        let (port, seen) = fake_peer(false, true).await;
+        let (tx, _rx) = std::sync::mpsc::channel();
+        let t = Transport::new(1, "http://127.0.0.1:1".into(), None, tx, tokio::runtime::Handle::current());
+        t.set_peer(2, &format!("http://127.0.0.1:{port}"));
+        for i in 1..=50 {
+            t.send(vec![heartbeat(2, 1, i)]);
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        wait_until("50 messages", || seen.lock().unwrap().msgs.len() >= 50).await;
+        let g = seen.lock().unwrap();
+        assert_eq!(g.msgs.iter().map(|m| m.commit).collect::<Vec<_>>(), (1..=50).collect::<Vec<_>>());
+        assert!(g.posts >= 1 && g.streams == 0);
+    }
+
+    /// A stream whose peer takes the bytes but never acks (a dead peer behind a live
+    /// socket) is given up after [`STREAM_STALL`]: raft hears the peer is unreachable
+    /// and a new stream is opened.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_unacknowledged_stream_is_reopened_and_raft_told() {
+        let (port, seen) = fake_peer(true, false).await;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let t = Transport::new(1, "http://127.0.0.1:1".into(), None, tx, tokio::runtime::Handle::current());
+        t.set_peer(2, &format!("http://127.0.0.1:{port}"));
+        let started = Instant::now();
+        let mut i = 0;
+        while seen.lock().unwrap().streams < 2 {
+            assert!(started.elapsed() < STREAM_STALL * 3, "no second stream after {:?}", started.elapsed());
+            i += 1;
+            t.send(vec![heartbeat(2, 1, i)]);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(started.elapsed() >= STREAM_STALL, "reopened after {:?}, before the stall limit", started.elapsed());
+        assert!(rx.try_iter().any(|r| matches!(r, Request::Unreachable(2))), "raft was told");
+        // The second stream is acked and carries the traffic.
+        let before = seen.lock().unwrap().msgs.len();
+        t.send(vec![heartbeat(2, 1, 1_000_000)]);
+        wait_until("a message on the new stream", || seen.lock().unwrap().msgs.len() > before).await;
     }
 
     #[test]

@@ -426,6 +426,11 @@ fn a_real_node_survives_garbage_on_the_peer_port() {
         b"POST /raft HTTP/1.1\r\ncontent-length: 99999999999999999999\r\n\r\n",
         b"POST /raft HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n",
         b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",
+        // Peer streams: no upgrade, no sender, and garbage after the upgrade.
+        b"GET /raft/stream HTTP/1.1\r\n\r\n",
+        b"GET /raft/stream HTTP/1.1\r\nconnection: upgrade\r\nupgrade: raftkv-raft/1\r\n\r\n",
+        b"GET /raft/stream HTTP/1.1\r\nconnection: upgrade\r\nupgrade: raftkv-raft/1\r\nx-raftkv-from: 2\r\n\r\n\x05\x00\x00\x00\xff\xff\xff\xff\xff",
+        b"GET /raft/stream HTTP/1.1\r\nconnection: upgrade\r\nupgrade: raftkv-raft/1\r\nx-raftkv-from: 2\r\n\r\n\xff\xff\xff\xff",
         b"GARBAGE\r\n\r\n",
     ] {
         for code in raw_exchange(port, raw) {
