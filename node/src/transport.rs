@@ -77,8 +77,16 @@ pub const STREAM_STALL: Duration = Duration::from_secs(5);
 /// How long a peer that answered 404 to a stream gets POSTs before streams are tried again.
 const STREAM_RETRY: Duration = Duration::from_secs(60);
 /// Control frame from the receiver of a stream: the number of messages it has handed to
-/// raft so far follows (`u64` little-endian).
+/// raft so far follows (`u64` little-endian). Sent right after the batch it covers, so
+/// the sender takes its delay as the round trip.
 const CONTROL_ACK: u8 = 1;
+/// As [`CONTROL_ACK`], but sent late: batches that came within [`ACK_EVERY`] of the
+/// previous ack wait for the next batch's ack, or, if none comes, are acked together
+/// twice that long after the previous ack. Not a round trip.
+const CONTROL_ACK_LATE: u8 = 3;
+/// A stream receiver acks at most this often (the rest is acked late, together): one
+/// ack per batch would double the system calls and wake-ups of a busy stream.
+const ACK_EVERY: Duration = Duration::from_millis(50);
 /// Control frame from the receiver of a stream: the sender was removed from the cluster;
 /// the receiver's applied index follows. The stream ends after it.
 const CONTROL_GONE: u8 = 2;
@@ -646,7 +654,7 @@ async fn read_control<R: AsyncRead + Unpin>(
         v.copy_from_slice(&frame[1..]);
         let v = u64::from_le_bytes(v);
         match frame[0] {
-            CONTROL_ACK => {
+            CONTROL_ACK | CONTROL_ACK_LATE => {
                 let now = Instant::now();
                 let Ok(mut a) = acks.lock() else { break };
                 a.acked = v;
@@ -655,8 +663,11 @@ async fn read_control<R: AsyncRead + Unpin>(
                 while a.writes.front().is_some_and(|(n, _)| *n <= v) {
                     newest = a.writes.pop_front();
                 }
-                if let Some((_, at)) = newest {
-                    metrics().peer_round_trip_seconds.with_label_values(&[&label]).observe(now.duration_since(at).as_secs_f64());
+                if let Some((n, at)) = newest.filter(|_| frame[0] == CONTROL_ACK) {
+                    // An ack of exactly one write's batch, sent as soon as it was taken.
+                    if n == v {
+                        metrics().peer_round_trip_seconds.with_label_values(&[&label]).observe(now.duration_since(at).as_secs_f64());
+                    }
                 }
             }
             CONTROL_GONE => {
@@ -866,9 +877,25 @@ async fn read_stream<S: AsyncRead + AsyncWrite + Unpin>(
     let label = sender.to_string();
     let mut buf = BytesMut::with_capacity(64 << 10);
     let mut handed = 0u64;
+    let mut acked = 0u64;
+    let mut last_ack: Option<Instant> = None;
     loop {
+        let late_ack = async {
+            match last_ack {
+                Some(at) if acked < handed => tokio::time::sleep_until((at + 2 * ACK_EVERY).into()).await,
+                _ => std::future::pending().await,
+            }
+        };
         let read = tokio::select! {
             r = rd.read_buf(&mut buf) => r,
+            _ = late_ack => {
+                if write_control(&mut wr, CONTROL_ACK_LATE, handed).await.is_err() {
+                    return;
+                }
+                acked = handed;
+                last_ack = Some(Instant::now());
+                continue;
+            }
             _ = stop.wait() => return,
         };
         match read {
@@ -923,8 +950,12 @@ async fn read_stream<S: AsyncRead + AsyncWrite + Unpin>(
                 return;
             }
         }
-        if write_control(&mut wr, CONTROL_ACK, handed).await.is_err() {
-            return;
+        if last_ack.is_none_or(|at| at.elapsed() >= ACK_EVERY) {
+            if write_control(&mut wr, CONTROL_ACK, handed).await.is_err() {
+                return;
+            }
+            acked = handed;
+            last_ack = Some(Instant::now());
         }
     }
 }
@@ -1008,7 +1039,7 @@ mod tests {
         while acked < 300 {
             tokio::time::timeout(Duration::from_secs(10), peer.read_exact(&mut frame)).await.expect("an ack").unwrap();
             let (tag, n) = read_control_frame(&frame);
-            assert_eq!(tag, CONTROL_ACK);
+            assert!(tag == CONTROL_ACK || tag == CONTROL_ACK_LATE, "tag {tag}");
             assert!(n > acked, "acks grow: {n} after {acked}");
             acked = n;
         }
