@@ -259,16 +259,17 @@ impl KvStore {
     /// Applies a decoded command at `index`.
     pub fn apply(&mut self, index: u64, cmd: &Command) -> ApplyOutcome {
         self.set_applied(index);
-        let current = self.data.get(cmd.key.as_bytes()).map(Pair::revision).unwrap_or(0);
         if let Some(expect) = cmd.prev_revision {
+            let current = self.data.get(cmd.key.as_bytes()).map(Pair::revision).unwrap_or(0);
             if expect != current {
                 return ApplyOutcome::PreconditionFailed { current };
             }
         }
         match OpType::from_i32(cmd.op).unwrap_or(OpType::Put) {
             OpType::Put => {
-                self.data.insert(Pair::new(&cmd.key, &cmd.value, index));
-                ApplyOutcome::Applied { revision: index, existed: current != 0 }
+                // One walk of the tree: the replaced pair tells whether the key existed.
+                let existed = self.data.insert(Pair::new(&cmd.key, &cmd.value, index)).is_some();
+                ApplyOutcome::Applied { revision: index, existed }
             }
             OpType::Delete => {
                 let existed = self.data.remove(cmd.key.as_bytes()).is_some();
