@@ -202,6 +202,8 @@ pub enum Request {
         index: u64,
         /// How long saving took, or why it failed.
         result: Result<Duration, StorageError>,
+        /// After a save, the index the log was compacted to, and how that went.
+        compacted: Option<(u64, Result<(), StorageError>)>,
     },
 }
 
@@ -642,7 +644,7 @@ impl RaftLoop {
                 }
             }
             Request::TransferLeader(to) => self.raw.transfer_leader(to),
-            Request::SnapshotSaved { index, result } => self.on_snapshot_saved(index, result),
+            Request::SnapshotSaved { index, result, compacted } => self.on_snapshot_saved(index, result, compacted),
             Request::Persisted { number, took } => self.on_persisted(number, took),
             Request::DiskFull => self.on_disk_full(),
             Request::PersistFailed(e) => {
@@ -1116,7 +1118,8 @@ impl RaftLoop {
     /// Starts a snapshot when `--snapshot-count` entries were applied since the last one
     /// (or raft needs a fresh one for a new member). The state is frozen with an O(1)
     /// clone; encoding and writing happen on a helper thread, so the loop keeps going.
-    /// The log is compacted when the helper reports back ([`Request::SnapshotSaved`]).
+    /// The helper also compacts the log once the snapshot is saved (deleting files can
+    /// take long on a busy disk), then reports back ([`Request::SnapshotSaved`]).
     fn maybe_snapshot(&mut self) -> Result<(), StorageError> {
         if self.snapshot_in_flight {
             return Ok(());
@@ -1141,11 +1144,16 @@ impl RaftLoop {
         let conf_state = self.conf_state.clone();
         let storage = self.storage.clone();
         let tx = self.self_tx.clone();
+        let keep = CATCH_UP_ENTRIES.min(self.cfg.snapshot_count);
         let spawned = std::thread::Builder::new().name("snapshot".into()).spawn(move || {
             let len = image.encoded_len() as u64;
             let result = storage.save_snapshot_streamed(index, &conf_state, len, |w| image.encode_to(w));
             drop(image);
-            let _ = tx.send(Request::SnapshotSaved { index, result });
+            let compacted = result.is_ok().then(|| {
+                let compact_to = index.saturating_sub(keep).max(1);
+                (compact_to, storage.compact(compact_to))
+            });
+            let _ = tx.send(Request::SnapshotSaved { index, result, compacted });
         });
         match spawned {
             Ok(_) => self.snapshot_in_flight = true,
@@ -1154,17 +1162,20 @@ impl RaftLoop {
         Ok(())
     }
 
-    fn on_snapshot_saved(&mut self, index: u64, result: Result<Duration, StorageError>) {
+    fn on_snapshot_saved(&mut self, index: u64, result: Result<Duration, StorageError>, compacted: Option<(u64, Result<(), StorageError>)>) {
         self.snapshot_in_flight = false;
         match result {
             Ok(took) => {
                 self.snapshot_retry = None;
                 metrics().snapshot_save_seconds.observe(took.as_secs_f64());
-                let keep = CATCH_UP_ENTRIES.min(self.cfg.snapshot_count);
-                let compact_to = index.saturating_sub(keep).max(1);
-                if let Err(e) = self.storage.compact(compact_to) {
-                    warn!(error = %e, "log compaction failed; will retry after the next snapshot");
-                }
+                let compact_to = match compacted {
+                    Some((to, Ok(()))) => to,
+                    Some((to, Err(e))) => {
+                        warn!(error = %e, compact_to = to, "log compaction failed; will retry after the next snapshot");
+                        0
+                    }
+                    None => 0,
+                };
                 info!(index, compacted_to = compact_to, took_ms = took.as_millis() as u64, "snapshot saved, log compacted");
             }
             // A snapshot installed from the leader meanwhile makes ours moot; a full disk

@@ -67,6 +67,7 @@ pub struct DiskStorage {
 }
 
 struct Inner {
+    wal_dir: PathBuf,
     snap_dir: PathBuf,
     /// Held while a snapshot file is written and recorded (`save_snapshot`,
     /// `apply_snapshot`): one snapshot writer at a time, without blocking log appends.
@@ -169,6 +170,7 @@ impl DiskStorage {
         );
         Ok(DiskStorage {
             inner: Arc::new(Inner {
+                wal_dir,
                 snap_dir,
                 snap_write: Mutex::new(()),
                 sync_one: Mutex::new(()),
@@ -394,25 +396,34 @@ impl DiskStorage {
     /// Drops entries before `compact_index` from memory (clamped so no gap opens after
     /// the latest snapshot: compact_index <= snapshot index + 1) and deletes WAL segments
     /// that hold nothing needed any more, and snapshot files older than the two newest.
+    /// The files are deleted after the locks are released, so appends, syncs and reads
+    /// on other threads never wait for an unlink or a directory fsync.
     pub fn compact(&self, compact_index: u64) -> Result<(), StorageError> {
-        let mut core = self.wl()?;
-        let clamped = compact_index.min(core.log.snap_index + 1);
-        core.log.compact(clamped);
-        let first = core.log.first_index();
-        let deleted = self.wal()?.purge(first)?;
-        let current = core.log.snap_index;
-        let mut removed = 0;
-        while core.snap_files.len() > KEEP_SNAPSHOTS && core.snap_files[0].index < current {
-            let path = core.snap_files[0].path.clone();
-            std::fs::remove_file(&path).map_err(error::io_err(&path))?;
-            core.snap_files.remove(0);
-            removed += 1;
-        }
-        if removed > 0 {
-            fsutil::sync_dir(&self.inner.snap_dir)?;
-            self.recount_snap_bytes(&core);
-        }
-        debug!(compact_index = clamped, first_index = first, segments_deleted = deleted, snapshots_deleted = removed, "compacted");
+        let (clamped, first, segments, snapshots) = {
+            let mut core = self.wl()?;
+            let clamped = compact_index.min(core.log.snap_index + 1);
+            core.log.compact(clamped);
+            let first = core.log.first_index();
+            let segments = self.wal()?.detach_unneeded(first);
+            let current = core.log.snap_index;
+            let mut snapshots = Vec::new();
+            while core.snap_files.len() > KEEP_SNAPSHOTS && core.snap_files[0].index < current {
+                snapshots.push(core.snap_files.remove(0).path);
+            }
+            if !snapshots.is_empty() {
+                self.recount_snap_bytes(&core);
+            }
+            (clamped, first, segments, snapshots)
+        };
+        wal::delete_files(&self.inner.wal_dir, &segments)?;
+        wal::delete_files(&self.inner.snap_dir, &snapshots)?;
+        debug!(
+            compact_index = clamped,
+            first_index = first,
+            segments_deleted = segments.len(),
+            snapshots_deleted = snapshots.len(),
+            "compacted"
+        );
         Ok(())
     }
 

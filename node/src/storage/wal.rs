@@ -7,8 +7,10 @@
 //! records are buffered while it runs. Recovery ([`recover`]) replays all segments in order.
 //!
 //! Segments are preallocated (`fallocate`) to the segment size when created, so a sync
-//! inside that range does not change the file size; zeros after the last record are the
-//! normal end of a segment. Filesystems that cannot preallocate get growing files.
+//! inside that range does not change the file size, and zeros are written ahead of the
+//! records a chunk at a time, so most syncs do not convert unwritten extents either (see
+//! [`ZERO_CHUNK`]); zeros after the last record are the normal end of a segment.
+//! Filesystems that cannot preallocate get growing files.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -34,6 +36,16 @@ const VERSION: u32 = 1;
 pub(crate) const SEGMENT_HEADER_LEN: usize = 32;
 /// A pending buffer that grew beyond this is shrunk back after a sync.
 const KEEP_BUFFER: usize = 8 << 20;
+/// Bytes of zeros written ahead of the records at a time in a preallocated segment.
+/// `fallocate` leaves unwritten extents: the first write into one changes the extent
+/// tree, so its fdatasync must also commit the filesystem journal (on ext4 and XFS).
+/// Zeroing the region ahead, once per chunk, makes the fsyncs of the records after it
+/// plain data flushes (measured here, three writers on one disk: 1.1 -> 0.6 ms).
+const ZERO_CHUNK: u64 = 512 << 10;
+/// A sync zeroes the next chunk when fewer than this many zeroed bytes are left ahead.
+const ZERO_AHEAD: u64 = 128 << 10;
+/// A buffer of zeros to write from.
+static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
 
 /// One segment file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -126,6 +138,11 @@ pub(crate) struct Wal {
     segment_bytes: u64,
     /// Preallocate segments (asked for, and the filesystem has not refused yet).
     prealloc: bool,
+    /// The active segment is preallocated to `segment_bytes`: zeros are written ahead of
+    /// the records (see [`ZERO_CHUNK`]).
+    zero_ahead: bool,
+    /// The active segment holds written data or zeros up to here.
+    zeroed: u64,
     /// Oldest first; the last one is the active segment.
     segments: Vec<Segment>,
     /// The active segment (shared with a [`SyncJob`] writing to it).
@@ -156,6 +173,8 @@ pub(crate) struct SyncJob {
     min_index: u64,
     /// The state once these records are durable.
     next: WalState,
+    /// Zeros to write ahead of the records, as [start, end) offsets (empty: none).
+    zeros: (u64, u64),
     /// Test hook taken from the WAL: fail the write (`false`) or fdatasync (`true`).
     inject: Option<(bool, i32)>,
 }
@@ -169,6 +188,12 @@ impl SyncJob {
             _ => Ok(()),
         };
         self.file.write_all_at(&self.buf, self.off).and_then(|()| injected(false))?;
+        let (mut at, to) = self.zeros;
+        while at < to {
+            let n = (to - at).min(ZEROS.len() as u64) as usize;
+            self.file.write_all_at(&ZEROS[..n], at)?;
+            at += n as u64;
+        }
         let start = Instant::now();
         self.file.sync_data().and_then(|()| injected(true))?;
         Ok(start.elapsed())
@@ -244,11 +269,22 @@ impl Wal {
             self.rotate()?;
         }
         let buf = std::mem::replace(&mut self.pending, std::mem::take(&mut self.spare));
+        let off = self.active().size;
+        let end = off + buf.len() as u64;
+        let mut zeros = (0, 0);
+        if self.zero_ahead && self.zeroed < end + ZERO_AHEAD {
+            let from = self.zeroed.max(end);
+            let to = (from + ZERO_CHUNK).min(self.segment_bytes);
+            if from < to {
+                zeros = (from, to);
+            }
+        }
         Ok(Some(SyncJob {
             file: self.file.clone(),
             path: self.active().path.clone(),
-            off: self.active().size,
+            off,
             buf,
+            zeros,
             min_index: std::mem::replace(&mut self.pending_min_index, u64::MAX),
             next: self.next.clone(),
             inject: self.take_injection(),
@@ -259,10 +295,11 @@ impl Wal {
     /// are durable; on failure the segment is rolled back to its durable length and the
     /// records are put back in front of those buffered since, for a retry.
     pub(crate) fn finish_sync(&mut self, job: SyncJob, result: std::io::Result<Duration>) -> Result<Duration, StorageError> {
-        let SyncJob { path, off, mut buf, min_index, next, .. } = job;
+        let SyncJob { path, off, mut buf, min_index, next, zeros, .. } = job;
         match result {
             Ok(took) => {
                 let n = buf.len() as u64;
+                self.zeroed = self.zeroed.max(off + n).max(zeros.1);
                 let active = self.active_mut();
                 active.size += n;
                 active.min_index = active.min_index.min(min_index);
@@ -308,10 +345,13 @@ impl Wal {
         } else {
             warn!(error = %err, "WAL write failed for lack of space; records kept for a retry");
         }
+        // The rollback cut everything after the durable records off.
+        self.zeroed = durable_len;
+        self.zero_ahead = false;
         if self.broken.is_none() && self.prealloc {
-            // The rollback cut the preallocated zeros off; put them back if there is room.
+            // Put the preallocated space back if there is room.
             match fsutil::preallocate(&self.file, self.segment_bytes) {
-                Ok(Prealloc::Done) => {}
+                Ok(Prealloc::Done) => self.zero_ahead = true,
                 Ok(how) => debug!(?how, "cannot preallocate the segment again after a rollback"),
                 Err(e) => debug!(error = %e, "cannot preallocate the segment again after a rollback"),
             }
@@ -353,21 +393,34 @@ impl Wal {
         debug!(segment = %seg.path.display(), "WAL segment rotated");
         self.bytes.fetch_add(seg.size, Ordering::Relaxed);
         self.file = Arc::new(file);
+        self.zero_ahead = matches!(preallocated, Some(Prealloc::Done));
+        self.zeroed = seg.size;
         self.segments.push(seg);
         Ok(())
     }
 
     /// Deletes the oldest segments that replay no longer needs, given that the log is
     /// needed from `first_needed` on. Returns how many were deleted.
+    #[cfg(test)]
+    pub(crate) fn purge(&mut self, first_needed: u64) -> Result<usize, StorageError> {
+        let dead = self.detach_unneeded(first_needed);
+        delete_files(&self.dir, &dead)?;
+        Ok(dead.len())
+    }
+
+    /// Takes the oldest segments that replay no longer needs (the log is needed from
+    /// `first_needed` on) off the segment list and returns their paths, for the caller
+    /// to delete with [`delete_files`] once it holds no lock: a file left behind by a
+    /// crash before that is replayed harmlessly (it is older than what replaces it).
     ///
     /// A live entry comes from the newest segment holding an `Entries` record that covers
     /// it; such records always replace a suffix, so if any later segment has a durable
     /// record starting at or below `first_needed`, every needed entry lives in later
     /// segments, and their `Meta` records carry the snapshot and hard state.
-    pub(crate) fn purge(&mut self, first_needed: u64) -> Result<usize, StorageError> {
+    pub(crate) fn detach_unneeded(&mut self, first_needed: u64) -> Vec<PathBuf> {
         let n = self.segments.len();
         if n < 2 {
-            return Ok(0);
+            return Vec::new();
         }
         // Never beyond what the durable snapshot covers: a snapshot record that is still
         // pending (its sync failed) must not let replay lose the entries after the
@@ -389,18 +442,13 @@ impl Wal {
                 break;
             }
         }
-        if deletable == 0 {
-            return Ok(0);
-        }
-        for _ in 0..deletable {
-            let path = self.segments[0].path.clone();
-            fs::remove_file(&path).map_err(io_err(&path))?;
-            let seg = self.segments.remove(0);
-            self.bytes.fetch_sub(seg.size, Ordering::Relaxed);
-            debug!(segment = %path.display(), "WAL segment deleted");
-        }
-        fsutil::sync_dir(&self.dir)?;
-        Ok(deletable)
+        self.segments
+            .drain(..deletable)
+            .map(|seg| {
+                self.bytes.fetch_sub(seg.size, Ordering::Relaxed);
+                seg.path
+            })
+            .collect()
     }
 
     /// Bytes of buffered, not yet durable records.
@@ -414,6 +462,20 @@ impl Wal {
     pub(crate) fn segments(&self) -> &[Segment] {
         &self.segments
     }
+}
+
+/// Deletes files of `dir` that are no longer needed (WAL segments or snapshots), then
+/// fsyncs `dir` once. Meant to run with no storage lock held: an unlink and a directory
+/// fsync can take many milliseconds on a disk busy writing a snapshot back.
+pub(crate) fn delete_files(dir: &Path, paths: &[PathBuf]) -> Result<(), StorageError> {
+    if paths.is_empty() {
+        return Ok(());
+    }
+    for path in paths {
+        fs::remove_file(path).map_err(io_err(path))?;
+        debug!(file = %path.display(), "deleted");
+    }
+    fsutil::sync_dir(dir)
 }
 
 /// Creates a segment file atomically with its header and `Meta` record, preallocated to
@@ -762,6 +824,8 @@ pub(crate) fn recover(
     }
     let total: u64 = segments.iter().map(|s| s.size).sum();
     bytes.store(total, Ordering::Relaxed);
+    let zeroed = active.size;
+    let zero_ahead = prealloc && file.metadata().is_ok_and(|m| m.len() >= segment_bytes);
     let state = WalState {
         hs: log.hs.clone(),
         snap_index: log.snap_index,
@@ -772,6 +836,8 @@ pub(crate) fn recover(
         dir: dir.to_path_buf(),
         segment_bytes,
         prealloc,
+        zero_ahead,
+        zeroed,
         segments,
         file: Arc::new(file),
         pending: Vec::with_capacity(64 << 10),
@@ -847,6 +913,52 @@ mod tests {
         }
         let r = open(d.path(), 1 << 20);
         assert_eq!(r.log.entries, (1..=4).map(|i| e(i, 1)).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn zeros_are_written_ahead_of_the_records_in_a_preallocated_segment() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let seg = 4 * ZERO_CHUNK;
+        {
+            let mut r = open(d.path(), seg);
+            if !r.wal.zero_ahead {
+                eprintln!("this filesystem cannot preallocate; nothing to check");
+                return;
+            }
+            let mut i = 0;
+            while r.wal.segments().len() == 1 {
+                let batch: Vec<Entry> = (i + 1..=i + 20).map(|j| e(j, 1)).collect();
+                i += 20;
+                r.wal.push_entries(&batch).expect("push");
+                r.wal.sync().expect("sync");
+                if r.wal.segments().len() > 1 {
+                    break;
+                }
+                let size = r.wal.active().size;
+                // Always some zeroed room ahead, never beyond the preallocated length.
+                assert!(r.wal.zeroed >= (size + ZERO_AHEAD).min(seg), "zeroed {} at size {size}", r.wal.zeroed);
+                assert!(r.wal.zeroed <= seg.max(size), "zeroed {} beyond the segment", r.wal.zeroed);
+                let len = fs::metadata(&r.wal.active().path).expect("meta").len();
+                assert!(len >= seg, "the zeros stay inside the preallocated length ({len})");
+            }
+            // The new segment starts over: zeroed from its records on.
+            assert!(r.wal.zero_ahead);
+            let size = r.wal.active().size;
+            assert!(r.wal.zeroed >= size + ZERO_AHEAD && r.wal.zeroed <= size + ZERO_CHUNK, "zeroed {} at {size}", r.wal.zeroed);
+            // A failed write rolls the zeros back with the records.
+            r.wal.push_entries(&[e(i + 1, 1)]).expect("push");
+            r.wal.inject = Some((true, libc::ENOSPC));
+            r.wal.sync().expect_err("injected ENOSPC");
+            assert_eq!(r.wal.zeroed, r.wal.active().size);
+            r.wal.sync().expect("the retry");
+            assert!(r.wal.zeroed > r.wal.active().size);
+            i += 1;
+            assert!(i > 100, "only {i} entries");
+        }
+        // Zeros are the normal end of a segment: everything replays.
+        let r = open(d.path(), seg);
+        assert_eq!(r.log.last_index(), r.log.entries.last().map_or(0, |e| e.index));
+        assert!(r.log.last_index() > 100);
     }
 
     #[test]
