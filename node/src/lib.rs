@@ -95,17 +95,16 @@ pub async fn run(cfg: Config, shutdown: Shutdown) -> Result<Reason, RunError> {
     // followers' answers to hand leadership over.
     let peer_stop = Shutdown::new();
     let peer_server = {
-        let (id, tx, transport, kv, status, stop) =
-            (cfg.id, tx.clone(), transport.clone(), started.kv.clone(), started.status.clone(), peer_stop.clone());
+        let listener = transport::PeerListener {
+            my_id: cfg.id,
+            raft: tx.clone(),
+            transport: transport.clone(),
+            kv: started.kv.clone(),
+            status: started.status.clone(),
+            stop: peer_stop.clone(),
+        };
         tokio::spawn(http::serve_tls(peer_listener, cfg.peer_tls.as_ref().map(|t| t.server.clone()), peer_stop.clone(), move |req| {
-            let (tx, transport, kv, status, stop) = (tx.clone(), transport.clone(), kv.clone(), status.clone(), stop.clone());
-            async move {
-                let current = move || match status.read() {
-                    Ok(s) => s.clone(),
-                    Err(p) => p.into_inner().clone(),
-                };
-                transport::handle_peer_request(req, id, tx, transport, kv, current, stop).await
-            }
+            listener.clone().handle(req)
         }))
     };
     let api = api::Api { cfg: Arc::new(cfg.clone()), raft: started.handle.clone(), status: started.status.clone(), kv: started.kv.clone() };

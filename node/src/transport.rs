@@ -136,11 +136,33 @@ pub fn peer_client(tls: Option<&PeerTls>) -> HttpClient {
 pub fn encode_frames(msgs: &[Message]) -> Bytes {
     let mut buf = BytesMut::with_capacity(msgs.iter().map(|m| m.encoded_len() + 4).sum());
     for m in msgs {
-        buf.put_u32_le(m.encoded_len() as u32);
-        // Encoding into a buffer with enough capacity cannot fail.
-        let _ = m.encode(&mut buf);
+        encode_frame(m, &mut buf);
     }
     buf.freeze()
+}
+
+/// Appends one length-prefixed frame to `buf`.
+fn encode_frame(m: &Message, buf: &mut BytesMut) {
+    buf.put_u32_le(m.encoded_len() as u32);
+    // Encoding into a growable buffer cannot fail.
+    let _ = m.encode(buf);
+}
+
+/// The length of the complete frames at the front of `buf` (a frame still arriving is
+/// left out), or the announced length of a frame larger than `max`.
+fn complete_frames(buf: &[u8], max: usize) -> Result<usize, usize> {
+    let mut at = 0;
+    while let Some(head) = buf.get(at..at + 4) {
+        let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
+        if len > max {
+            return Err(len);
+        }
+        if buf.len() < at + 4 + len {
+            break;
+        }
+        at += 4 + len;
+    }
+    Ok(at)
 }
 
 /// Why a peer body did not decode.
@@ -340,6 +362,7 @@ impl Transport {
 }
 
 /// What a peer task keeps between batches.
+#[derive(Clone)]
 struct PeerLink {
     inner: Arc<Inner>,
     id: u64,
@@ -521,15 +544,13 @@ impl PeerLink {
             let mut n = 0u64;
             for m in batch.drain(..) {
                 if posted_alone(&m) {
-                    let mut alone = PeerLink { inner: self.inner.clone(), id: self.id, url: self.url.clone(), label: self.label.clone(), last_tls_warning: None };
+                    let mut alone = self.clone();
                     tokio::spawn(async move {
                         alone.post(vec![m]).await;
                     });
                     continue;
                 }
-                buf.put_u32_le(m.encoded_len() as u32);
-                // Encoding into a growable buffer cannot fail.
-                let _ = m.encode(&mut buf);
+                encode_frame(&m, &mut buf);
                 n += 1;
             }
             if n > 0 {
@@ -718,14 +739,30 @@ enum Refusal {
     Gone(u64),
 }
 
+/// What the peer listener's handlers share. Cheap to clone.
+#[derive(Clone)]
+pub struct PeerListener {
+    /// This member's id.
+    pub my_id: u64,
+    /// The raft loop, which gets the messages.
+    pub raft: Sender<Request>,
+    /// This member's transport (learns senders' URLs).
+    pub transport: Transport,
+    /// The state machine (who was removed, what is applied).
+    pub kv: Arc<RwLock<KvStore>>,
+    /// The raft loop's published status.
+    pub status: crate::raft_loop::StatusCell,
+    /// Fires when the peer listener stops; ends the streams it serves.
+    pub stop: Shutdown,
+}
+
+/// A request header as text.
+fn header(req: &HttpRequest<Incoming>, name: impl hyper::header::AsHeaderName) -> Option<&str> {
+    req.headers().get(name).and_then(|v| v.to_str().ok())
+}
+
 /// Checks decoded messages from `sender` before they reach raft.
-fn admit(
-    msgs: &[Message],
-    sender: u64,
-    my_id: u64,
-    kv: &RwLock<KvStore>,
-    status: &impl Fn() -> Arc<crate::raft_loop::NodeStatus>,
-) -> Result<(), Refusal> {
+fn admit(msgs: &[Message], sender: u64, my_id: u64, kv: &RwLock<KvStore>, term: impl Fn() -> u64) -> Result<(), Refusal> {
     for m in msgs {
         if m.to != my_id {
             return Err(Refusal::Bad(format!("message for member {} sent to member {my_id}", m.to)));
@@ -753,7 +790,7 @@ fn admit(
         m.commit > applied
             || snapshot_index > applied
             || (matches!(m.get_msg_type(), MessageType::MsgAppend | MessageType::MsgHeartbeat | MessageType::MsgSnapshot)
-                && m.term >= status().term)
+                && m.term >= term())
     };
     if removed && !msgs.iter().any(newer) {
         return Err(Refusal::Gone(applied));
@@ -761,201 +798,184 @@ fn admit(
     Ok(())
 }
 
-/// Learns the peer URL of a sender this member has no address for (a joining node
-/// answering a leader it never heard of).
-fn learn_sender(transport: &Transport, sender: u64, url: Option<&str>) {
-    if let Some(url) = url {
-        if sender != 0 && transport.peer_url(sender).is_none() && crate::config::parse_peer_url(url).is_ok() {
-            transport.set_peer(sender, url);
+impl PeerListener {
+    fn current_status(&self) -> Arc<crate::raft_loop::NodeStatus> {
+        match self.status.read() {
+            Ok(s) => s.clone(),
+            Err(p) => p.into_inner().clone(),
         }
     }
-}
 
-/// Handles one request on the peer listener.
-pub async fn handle_peer_request(
-    req: HttpRequest<Incoming>,
-    my_id: u64,
-    raft: Sender<Request>,
-    transport: Transport,
-    kv: Arc<RwLock<KvStore>>,
-    status: impl Fn() -> Arc<crate::raft_loop::NodeStatus> + Send + 'static,
-    stop: Shutdown,
-) -> Response<Full<Bytes>> {
-    match (req.method(), req.uri().path()) {
-        (&Method::POST, "/raft") => {}
-        (&Method::GET, STREAM_PATH) => return open_stream(req, my_id, raft, transport, kv, status, stop),
-        (&Method::GET, "/members") => {
-            let mut r = text(StatusCode::OK, crate::api::members_json(&status()).to_string());
-            r.headers_mut().insert("content-type", HeaderValue::from_static("application/json"));
-            return r;
-        }
-        (_, "/raft") => return text(StatusCode::METHOD_NOT_ALLOWED, "use POST\n"),
-        (_, STREAM_PATH) => return text(StatusCode::METHOD_NOT_ALLOWED, "use GET with Upgrade\n"),
-        _ => return text(StatusCode::NOT_FOUND, "not a raftkv peer route\n"),
+    fn admit(&self, msgs: &[Message], sender: u64) -> Result<(), Refusal> {
+        admit(msgs, sender, self.my_id, &self.kv, || self.current_status().term)
     }
-    let from_hdr: Option<u64> = req.headers().get(FROM_HEADER).and_then(|v| v.to_str().ok()).and_then(|s| s.parse().ok());
-    let from_url = req.headers().get(URL_HEADER).and_then(|v| v.to_str().ok()).map(str::to_string);
-    let body = match Limited::new(req.into_body(), MAX_PEER_BODY).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e) => return text(StatusCode::BAD_REQUEST, format!("unreadable body: {e}\n")),
-    };
-    let msgs = match decode_frames(&body) {
-        Ok(m) => m,
-        Err(e) => {
-            warn!(error = %e, from = ?from_hdr, "garbage from a peer");
-            return text(StatusCode::BAD_REQUEST, format!("{e}\n"));
-        }
-    };
-    // The sender is named by the header (a forwarded MsgTransferLeader carries the
-    // transferee in `from`, so `from` is not always the sender).
-    let sender = from_hdr.or_else(|| msgs.first().map(|m| m.from)).unwrap_or(0);
-    match admit(&msgs, sender, my_id, &kv, &status) {
-        Ok(()) => {}
-        Err(Refusal::Bad(why)) => return text(StatusCode::BAD_REQUEST, format!("{why}\n")),
-        Err(Refusal::Gone(applied)) => {
-            let mut r = text(StatusCode::GONE, format!("member {sender} was removed from this cluster\n"));
-            r.headers_mut().insert(APPLIED_HEADER, HeaderValue::from(applied));
-            return r;
-        }
-    }
-    learn_sender(&transport, sender, from_url.as_deref());
-    metrics().peer_received_bytes.with_label_values(&[&sender.to_string()]).inc_by(body.len() as u64);
-    for m in msgs {
-        if raft.send(Request::Raft(Box::new(m))).is_err() {
-            return text(StatusCode::SERVICE_UNAVAILABLE, "node is stopping\n");
-        }
-    }
-    text(StatusCode::NO_CONTENT, Bytes::new())
-}
 
-/// Answers `GET /raft/stream`: 101 and a task reading the stream, or why not.
-fn open_stream(
-    mut req: HttpRequest<Incoming>,
-    my_id: u64,
-    raft: Sender<Request>,
-    transport: Transport,
-    kv: Arc<RwLock<KvStore>>,
-    status: impl Fn() -> Arc<crate::raft_loop::NodeStatus> + Send + 'static,
-    stop: Shutdown,
-) -> Response<Full<Bytes>> {
-    let wants = req.headers().get(UPGRADE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.eq_ignore_ascii_case(STREAM_PROTOCOL));
-    if !wants {
-        return text(StatusCode::BAD_REQUEST, format!("a peer stream needs `Upgrade: {STREAM_PROTOCOL}`\n"));
-    }
-    let sender: u64 = match req.headers().get(FROM_HEADER).and_then(|v| v.to_str().ok()).and_then(|s| s.parse().ok()) {
-        Some(id) if id != 0 && id != my_id => id,
-        _ => return text(StatusCode::BAD_REQUEST, format!("a peer stream needs `{FROM_HEADER}`: the sender's member id\n")),
-    };
-    let url = req.headers().get(URL_HEADER).and_then(|v| v.to_str().ok()).map(str::to_string);
-    learn_sender(&transport, sender, url.as_deref());
-    let upgrade = hyper::upgrade::on(&mut req);
-    tokio::spawn(async move {
-        match upgrade.await {
-            Ok(io) => read_stream(TokioIo::new(io), sender, my_id, raft, kv, status, stop).await,
-            Err(e) => debug!(from = sender, error = %e, "peer stream upgrade failed"),
+    /// Learns the peer URL of a sender this member has no address for (a joining node
+    /// answering a leader it never heard of).
+    fn learn_sender(&self, sender: u64, url: Option<&str>) {
+        if let Some(url) = url {
+            if sender != 0 && self.transport.peer_url(sender).is_none() && crate::config::parse_peer_url(url).is_ok() {
+                self.transport.set_peer(sender, url);
+            }
         }
-    });
-    let mut r = text(StatusCode::SWITCHING_PROTOCOLS, Bytes::new());
-    r.headers_mut().insert(CONNECTION, HeaderValue::from_static("upgrade"));
-    r.headers_mut().insert(UPGRADE, HeaderValue::from_static(STREAM_PROTOCOL));
-    r
-}
+    }
 
-/// Reads frames from a peer stream as they arrive and hands them to raft, acking each
-/// batch, until the peer closes it, it carries garbage, the sender turns out removed
-/// (a "gone" frame is sent first) or this node stops.
-async fn read_stream<S: AsyncRead + AsyncWrite + Unpin>(
-    io: S,
-    sender: u64,
-    my_id: u64,
-    raft: Sender<Request>,
-    kv: Arc<RwLock<KvStore>>,
-    status: impl Fn() -> Arc<crate::raft_loop::NodeStatus>,
-    stop: Shutdown,
-) {
-    let (mut rd, mut wr) = tokio::io::split(io);
-    let label = sender.to_string();
-    let mut buf = BytesMut::with_capacity(64 << 10);
-    let mut handed = 0u64;
-    let mut acked = 0u64;
-    let mut last_ack: Option<Instant> = None;
-    loop {
-        let late_ack = async {
-            match last_ack {
-                Some(at) if acked < handed => tokio::time::sleep_until((at + 2 * ACK_EVERY).into()).await,
-                _ => std::future::pending().await,
+    /// Handles one request on the peer listener.
+    pub async fn handle(self, req: HttpRequest<Incoming>) -> Response<Full<Bytes>> {
+        match (req.method(), req.uri().path()) {
+            (&Method::POST, "/raft") => {}
+            (&Method::GET, STREAM_PATH) => return self.open_stream(req),
+            (&Method::GET, "/members") => {
+                let mut r = text(StatusCode::OK, crate::api::members_json(&self.current_status()).to_string());
+                r.headers_mut().insert("content-type", HeaderValue::from_static("application/json"));
+                return r;
+            }
+            (_, "/raft") => return text(StatusCode::METHOD_NOT_ALLOWED, "use POST\n"),
+            (_, STREAM_PATH) => return text(StatusCode::METHOD_NOT_ALLOWED, "use GET with Upgrade\n"),
+            _ => return text(StatusCode::NOT_FOUND, "not a raftkv peer route\n"),
+        }
+        let from_hdr: Option<u64> = header(&req, FROM_HEADER).and_then(|s| s.parse().ok());
+        let from_url = header(&req, URL_HEADER).map(str::to_string);
+        let body = match Limited::new(req.into_body(), MAX_PEER_BODY).collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(e) => return text(StatusCode::BAD_REQUEST, format!("unreadable body: {e}\n")),
+        };
+        let msgs = match decode_frames(&body) {
+            Ok(m) => m,
+            Err(e) => {
+                warn!(error = %e, from = ?from_hdr, "garbage from a peer");
+                return text(StatusCode::BAD_REQUEST, format!("{e}\n"));
             }
         };
-        let read = tokio::select! {
-            r = rd.read_buf(&mut buf) => r,
-            _ = late_ack => {
-                if write_control(&mut wr, CONTROL_ACK_LATE, handed).await.is_err() {
+        // The sender is named by the header (a forwarded MsgTransferLeader carries the
+        // transferee in `from`, so `from` is not always the sender).
+        let sender = from_hdr.or_else(|| msgs.first().map(|m| m.from)).unwrap_or(0);
+        match self.admit(&msgs, sender) {
+            Ok(()) => {}
+            Err(Refusal::Bad(why)) => return text(StatusCode::BAD_REQUEST, format!("{why}\n")),
+            Err(Refusal::Gone(applied)) => {
+                let mut r = text(StatusCode::GONE, format!("member {sender} was removed from this cluster\n"));
+                r.headers_mut().insert(APPLIED_HEADER, HeaderValue::from(applied));
+                return r;
+            }
+        }
+        self.learn_sender(sender, from_url.as_deref());
+        metrics().peer_received_bytes.with_label_values(&[&sender.to_string()]).inc_by(body.len() as u64);
+        for m in msgs {
+            if self.raft.send(Request::Raft(Box::new(m))).is_err() {
+                return text(StatusCode::SERVICE_UNAVAILABLE, "node is stopping\n");
+            }
+        }
+        text(StatusCode::NO_CONTENT, Bytes::new())
+    }
+
+    /// Answers `GET /raft/stream`: 101 and a task reading the stream, or why not.
+    fn open_stream(self, mut req: HttpRequest<Incoming>) -> Response<Full<Bytes>> {
+        if !header(&req, UPGRADE).is_some_and(|v| v.eq_ignore_ascii_case(STREAM_PROTOCOL)) {
+            return text(StatusCode::BAD_REQUEST, format!("a peer stream needs `Upgrade: {STREAM_PROTOCOL}`\n"));
+        }
+        let sender: u64 = match header(&req, FROM_HEADER).and_then(|s| s.parse().ok()) {
+            Some(id) if id != 0 && id != self.my_id => id,
+            _ => return text(StatusCode::BAD_REQUEST, format!("a peer stream needs `{FROM_HEADER}`: the sender's member id\n")),
+        };
+        self.learn_sender(sender, header(&req, URL_HEADER));
+        let upgrade = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            match upgrade.await {
+                Ok(io) => self.read_stream(TokioIo::new(io), sender).await,
+                Err(e) => debug!(from = sender, error = %e, "peer stream upgrade failed"),
+            }
+        });
+        let mut r = text(StatusCode::SWITCHING_PROTOCOLS, Bytes::new());
+        r.headers_mut().insert(CONNECTION, HeaderValue::from_static("upgrade"));
+        r.headers_mut().insert(UPGRADE, HeaderValue::from_static(STREAM_PROTOCOL));
+        r
+    }
+
+    /// Reads frames from a peer stream as they arrive and hands them to raft, acking each
+    /// batch, until the peer closes it, it carries garbage, the sender turns out removed
+    /// (a "gone" frame is sent first) or this node stops.
+    async fn read_stream<S: AsyncRead + AsyncWrite + Unpin>(self, io: S, sender: u64) {
+        let (mut rd, mut wr) = tokio::io::split(io);
+        let label = sender.to_string();
+        let mut buf = BytesMut::with_capacity(64 << 10);
+        let mut handed = 0u64;
+        let mut acked = 0u64;
+        let mut last_ack: Option<Instant> = None;
+        loop {
+            let late_ack = async {
+                match last_ack {
+                    Some(at) if acked < handed => tokio::time::sleep_until((at + 2 * ACK_EVERY).into()).await,
+                    _ => std::future::pending().await,
+                }
+            };
+            // Room for a large frame to arrive in big reads, not a few bytes at a time.
+            if buf.capacity() - buf.len() < 16 << 10 {
+                buf.reserve(64 << 10);
+            }
+            let read = tokio::select! {
+                r = rd.read_buf(&mut buf) => r,
+                _ = late_ack => {
+                    if write_control(&mut wr, CONTROL_ACK_LATE, handed).await.is_err() {
+                        return;
+                    }
+                    acked = handed;
+                    last_ack = Some(Instant::now());
+                    continue;
+                }
+                _ = self.stop.wait() => return,
+            };
+            match read {
+                Ok(0) => return,
+                Ok(_) => {}
+                Err(e) => {
+                    debug!(from = sender, error = %e, "peer stream ended");
+                    return;
+                }
+            }
+            let complete = match complete_frames(&buf, MAX_STREAM_FRAME) {
+                Ok(n) => n,
+                Err(len) => {
+                    warn!(from = sender, len, "peer stream frame too large; closing the stream");
+                    return;
+                }
+            };
+            if complete == 0 {
+                continue;
+            }
+            let chunk = buf.split_to(complete);
+            let msgs = match decode_frames(&chunk) {
+                Ok(m) => m,
+                Err(e) => {
+                    warn!(error = %e, from = sender, "garbage on a peer stream; closing it");
+                    return;
+                }
+            };
+            match self.admit(&msgs, sender) {
+                Ok(()) => {}
+                Err(Refusal::Bad(why)) => {
+                    warn!(from = sender, why, "refused messages on a peer stream; closing it");
+                    return;
+                }
+                Err(Refusal::Gone(applied)) => {
+                    let _ = write_control(&mut wr, CONTROL_GONE, applied).await;
+                    return;
+                }
+            }
+            metrics().peer_received_bytes.with_label_values(&[&label]).inc_by(chunk.len() as u64);
+            handed += msgs.len() as u64;
+            for m in msgs {
+                if self.raft.send(Request::Raft(Box::new(m))).is_err() {
+                    return;
+                }
+            }
+            if last_ack.is_none_or(|at| at.elapsed() >= ACK_EVERY) {
+                if write_control(&mut wr, CONTROL_ACK, handed).await.is_err() {
                     return;
                 }
                 acked = handed;
                 last_ack = Some(Instant::now());
-                continue;
             }
-            _ = stop.wait() => return,
-        };
-        match read {
-            Ok(0) => return,
-            Ok(_) => {}
-            Err(e) => {
-                debug!(from = sender, error = %e, "peer stream ended");
-                return;
-            }
-        }
-        // The complete frames at the front of the buffer.
-        let mut complete = 0;
-        loop {
-            let Some(head) = buf.get(complete..complete + 4) else { break };
-            let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
-            if len > MAX_STREAM_FRAME {
-                warn!(from = sender, len, "peer stream frame too large; closing the stream");
-                return;
-            }
-            if buf.len() < complete + 4 + len {
-                buf.reserve(complete + 4 + len - buf.len());
-                break;
-            }
-            complete += 4 + len;
-        }
-        if complete == 0 {
-            continue;
-        }
-        let chunk = buf.split_to(complete);
-        let msgs = match decode_frames(&chunk) {
-            Ok(m) => m,
-            Err(e) => {
-                warn!(error = %e, from = sender, "garbage on a peer stream; closing it");
-                return;
-            }
-        };
-        match admit(&msgs, sender, my_id, &kv, &status) {
-            Ok(()) => {}
-            Err(Refusal::Bad(why)) => {
-                warn!(from = sender, why, "refused messages on a peer stream; closing it");
-                return;
-            }
-            Err(Refusal::Gone(applied)) => {
-                let _ = write_control(&mut wr, CONTROL_GONE, applied).await;
-                return;
-            }
-        }
-        metrics().peer_received_bytes.with_label_values(&[&label]).inc_by(chunk.len() as u64);
-        handed += msgs.len() as u64;
-        for m in msgs {
-            if raft.send(Request::Raft(Box::new(m))).is_err() {
-                return;
-            }
-        }
-        if last_ack.is_none_or(|at| at.elapsed() >= ACK_EVERY) {
-            if write_control(&mut wr, CONTROL_ACK, handed).await.is_err() {
-                return;
-            }
-            acked = handed;
-            last_ack = Some(Instant::now());
         }
     }
 }
@@ -1025,9 +1045,16 @@ mod tests {
     async fn a_stream_hands_messages_to_raft_in_order_acks_them_and_closes_on_garbage() {
         let (tx, rx) = std::sync::mpsc::channel();
         let kv = Arc::new(RwLock::new(KvStore::new()));
-        let status = || Arc::new(crate::raft_loop::NodeStatus::default());
+        let listener = PeerListener {
+            my_id: 1,
+            raft: tx.clone(),
+            transport: Transport::new(1, "http://127.0.0.1:1".into(), None, tx.clone(), tokio::runtime::Handle::current()),
+            kv: kv.clone(),
+            status: Default::default(),
+            stop: Shutdown::new(),
+        };
         let (mut peer, node) = tokio::io::duplex(1 << 20);
-        let task = tokio::spawn(read_stream(node, 2, 1, tx.clone(), kv.clone(), status, Shutdown::new()));
+        let task = tokio::spawn(listener.clone().read_stream(node, 2));
         // 300 messages, written in pieces that split frames anywhere.
         let msgs: Vec<Message> = (1..=300).map(|i| heartbeat(1, 2, i)).collect();
         let bytes = encode_frames(&msgs);
@@ -1060,13 +1087,13 @@ mod tests {
 
         // Garbage: the same.
         let (mut peer, node) = tokio::io::duplex(1 << 20);
-        let task = tokio::spawn(read_stream(node, 2, 1, tx.clone(), kv.clone(), status, Shutdown::new()));
+        let task = tokio::spawn(listener.clone().read_stream(node, 2));
         peer.write_all(&[3, 0, 0, 0, 0xff, 0xff, 0xff]).await.unwrap();
         assert_eq!(tokio::time::timeout(Duration::from_secs(10), peer.read(&mut frame)).await.unwrap().unwrap(), 0);
         tokio::time::timeout(Duration::from_secs(10), task).await.unwrap().unwrap();
         // A frame announcing more than a stream frame may hold.
         let (mut peer, node) = tokio::io::duplex(1 << 20);
-        let task = tokio::spawn(read_stream(node, 2, 1, tx.clone(), kv.clone(), status, Shutdown::new()));
+        let task = tokio::spawn(listener.clone().read_stream(node, 2));
         peer.write_all(&(MAX_STREAM_FRAME as u32 + 1).to_le_bytes()).await.unwrap();
         assert_eq!(tokio::time::timeout(Duration::from_secs(10), peer.read(&mut frame)).await.unwrap().unwrap(), 0);
         tokio::time::timeout(Duration::from_secs(10), task).await.unwrap().unwrap();
@@ -1075,7 +1102,7 @@ mod tests {
         kv.write().unwrap().remove_member(2);
         kv.write().unwrap().set_applied(7);
         let (mut peer, node) = tokio::io::duplex(1 << 20);
-        let task = tokio::spawn(read_stream(node, 2, 1, tx.clone(), kv.clone(), status, Shutdown::new()));
+        let task = tokio::spawn(listener.clone().read_stream(node, 2));
         // (An answer to a heartbeat: not leader traffic, and no commit beyond this member's.)
         let answer = Message { msg_type: MessageType::MsgHeartbeatResponse as i32, ..heartbeat(1, 2, 3) };
         peer.write_all(&encode_frames(&[answer])).await.unwrap();
@@ -1125,23 +1152,13 @@ mod tests {
                                 break;
                             }
                             buf.extend_from_slice(&chunk[..n]);
-                            // Take the complete frames.
-                            let mut at = 0;
-                            while buf.len() >= at + 4 {
-                                let len = u32::from_le_bytes(buf[at..at + 4].try_into().unwrap()) as usize;
-                                if buf.len() < at + 4 + len {
-                                    break;
-                                }
-                                at += 4 + len;
-                            }
+                            let at = complete_frames(&buf, MAX_STREAM_FRAME).unwrap();
                             let msgs = decode_frames(&buf[..at]).unwrap();
                             buf.drain(..at);
                             count += msgs.len() as u64;
                             seen.lock().unwrap().msgs.extend(msgs);
-                            if nth > 1 || ack_first {
-                                if write_control(&mut wr, CONTROL_ACK, count).await.is_err() {
-                                    break;
-                                }
+                            if (nth > 1 || ack_first) && write_control(&mut wr, CONTROL_ACK, count).await.is_err() {
+                                break;
                             }
                         }
                     });

@@ -168,6 +168,19 @@ pub(crate) fn parse_pair_name(name: &str, ext: &str) -> Option<(u64, u64)> {
     Some((u64::from_str_radix(a, 16).ok()?, u64::from_str_radix(b, 16).ok()?))
 }
 
+/// Deletes files of `dir` that are no longer needed (WAL segments or snapshots), then
+/// fsyncs `dir` once. Meant to run with no storage lock held: an unlink and a directory
+/// fsync can take many milliseconds on a disk busy writing a snapshot back.
+pub(crate) fn delete_files(dir: &Path, paths: &[PathBuf]) -> Result<(), StorageError> {
+    if paths.is_empty() {
+        return Ok(());
+    }
+    for path in paths {
+        fs::remove_file(path).map_err(io_err(path))?;
+    }
+    sync_dir(dir)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -415,8 +415,8 @@ impl DiskStorage {
             }
             (clamped, first, segments, snapshots)
         };
-        wal::delete_files(&self.inner.wal_dir, &segments)?;
-        wal::delete_files(&self.inner.snap_dir, &snapshots)?;
+        fsutil::delete_files(&self.inner.wal_dir, &segments)?;
+        fsutil::delete_files(&self.inner.snap_dir, &snapshots)?;
         debug!(
             compact_index = clamped,
             first_index = first,

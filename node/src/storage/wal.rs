@@ -404,13 +404,13 @@ impl Wal {
     #[cfg(test)]
     pub(crate) fn purge(&mut self, first_needed: u64) -> Result<usize, StorageError> {
         let dead = self.detach_unneeded(first_needed);
-        delete_files(&self.dir, &dead)?;
+        fsutil::delete_files(&self.dir, &dead)?;
         Ok(dead.len())
     }
 
     /// Takes the oldest segments that replay no longer needs (the log is needed from
     /// `first_needed` on) off the segment list and returns their paths, for the caller
-    /// to delete with [`delete_files`] once it holds no lock: a file left behind by a
+    /// to delete with [`fsutil::delete_files`] once it holds no lock: a file left behind by a
     /// crash before that is replayed harmlessly (it is older than what replaces it).
     ///
     /// A live entry comes from the newest segment holding an `Entries` record that covers
@@ -462,20 +462,6 @@ impl Wal {
     pub(crate) fn segments(&self) -> &[Segment] {
         &self.segments
     }
-}
-
-/// Deletes files of `dir` that are no longer needed (WAL segments or snapshots), then
-/// fsyncs `dir` once. Meant to run with no storage lock held: an unlink and a directory
-/// fsync can take many milliseconds on a disk busy writing a snapshot back.
-pub(crate) fn delete_files(dir: &Path, paths: &[PathBuf]) -> Result<(), StorageError> {
-    if paths.is_empty() {
-        return Ok(());
-    }
-    for path in paths {
-        fs::remove_file(path).map_err(io_err(path))?;
-        debug!(file = %path.display(), "deleted");
-    }
-    fsutil::sync_dir(dir)
 }
 
 /// Creates a segment file atomically with its header and `Meta` record, preallocated to
