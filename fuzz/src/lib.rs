@@ -402,17 +402,21 @@ pub fn snapshot_decode(data: &[u8]) {
         return;
     };
     let snap = st.latest_snapshot().expect("latest snapshot").expect("the snapshot in force");
-    let meta = snap.metadata.clone().unwrap_or_default();
+    let meta = snap.metadata();
     assert_eq!((meta.index, meta.term), (index, term));
     if let Some(want) = expect_data {
-        assert_eq!(snap.data, want, "snapshot data does not read back");
+        assert_eq!(snap.full.data, want, "snapshot data does not read back");
     }
     let _ = observe(&st);
-    kv_image(&snap.data);
+    kv_image(&snap.full.data);
 }
 
 /// A state-machine image: restores with a typed error, or round-trips.
 pub fn kv_image(bytes: &[u8]) {
+    // As a delta on top of an empty store: a typed error, or it applies.
+    if let Err(e) = KvStore::new().apply_delta(bytes) {
+        assert!(!e.to_string().is_empty());
+    }
     let mut kv = KvStore::new();
     if let Err(e) = kv.restore(bytes) {
         assert!(!e.to_string().is_empty());

@@ -9,6 +9,11 @@
 //! O(1) clone: the image is encoded and written on another thread while the raft loop
 //! keeps applying. Each pair (key, value, revision) is one allocation behind a
 //! reference count ([`Pair`]): the store costs little beyond the bytes it holds.
+//!
+//! An image is full (version 1: every pair) or a delta (version 2: the pairs written
+//! and the keys deleted since the image at `base_index`, plus the members). The store
+//! remembers which pairs changed since the last image it took or restored, so a delta
+//! costs what changed, not what is stored ([`KvStore::take_image`]).
 
 use std::borrow::Borrow;
 use std::collections::{BTreeMap, BTreeSet};
@@ -84,16 +89,21 @@ pub struct MemberRecord {
     pub peer_url: String,
 }
 
+/// Version of a full [`SnapshotImage`].
+pub const FULL_IMAGE: u32 = 1;
+/// Version of a delta [`SnapshotImage`].
+pub const DELTA_IMAGE: u32 = 2;
+
 /// The state machine image inside a snapshot.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct SnapshotImage {
-    /// Format version (1).
+    /// Format version: [`FULL_IMAGE`] or [`DELTA_IMAGE`].
     #[prost(uint32, tag = "1")]
     pub version: u32,
     /// Applied index the image reflects.
     #[prost(uint64, tag = "2")]
     pub applied_index: u64,
-    /// All keys, in order.
+    /// All keys, in order (a delta: the keys written since the base, in order).
     #[prost(message, repeated, tag = "3")]
     pub values: Vec<StoredValue>,
     /// Member URLs.
@@ -102,6 +112,12 @@ pub struct SnapshotImage {
     /// Ids removed from the cluster (their messages are refused).
     #[prost(uint64, repeated, tag = "5")]
     pub removed: Vec<u64>,
+    /// A delta: the applied index of the image it applies on top of.
+    #[prost(uint64, tag = "6")]
+    pub base_index: u64,
+    /// A delta: the keys deleted since the base, in order.
+    #[prost(string, repeated, tag = "7")]
+    pub deleted: Vec<String>,
 }
 
 /// Result of applying a command.
@@ -141,10 +157,22 @@ pub enum KvError {
         /// Cause.
         source: prost::DecodeError,
     },
-    /// A snapshot image of an unknown version.
+    /// A snapshot image of an unknown (or, where a full one is needed, delta) version.
     #[error("unknown snapshot image version {0}")]
     Version(u32),
+    /// A delta image that does not apply on top of the current state.
+    #[error("delta snapshot image applies on top of index {base}, but the state is at index {applied}")]
+    DeltaBase {
+        /// The delta's base index.
+        base: u64,
+        /// The state's applied index.
+        applied: u64,
+    },
 }
+
+/// Changes tracked for a delta never exceed half the store (then a full image is no
+/// bigger), or this many when the store is small.
+const MIN_TRACKED: usize = 1024;
 
 /// One stored key-value pair in a single allocation:
 /// `[revision: u64 LE][key length: u32 LE][key][value]`. Cloning is a reference count.
@@ -236,6 +264,12 @@ pub struct KvStore {
     members: BTreeMap<u64, String>,
     removed: BTreeSet<u64>,
     applied: u64,
+    /// Pairs written (the new pair) or deleted (the old one) since the image at
+    /// `changes_since`, repeats included: what the next delta holds.
+    changes: Vec<Pair>,
+    /// Applied index of the last image taken or restored, while changes are tracked
+    /// (None: not tracked, the next image is full).
+    changes_since: Option<u64>,
 }
 
 impl KvStore {
@@ -268,13 +302,32 @@ impl KvStore {
         match OpType::from_i32(cmd.op).unwrap_or(OpType::Put) {
             OpType::Put => {
                 // One walk of the tree: the replaced pair tells whether the key existed.
-                let existed = self.data.insert(Pair::new(&cmd.key, &cmd.value, index)).is_some();
+                let pair = Pair::new(&cmd.key, &cmd.value, index);
+                self.track(&pair);
+                let existed = self.data.insert(pair).is_some();
                 ApplyOutcome::Applied { revision: index, existed }
             }
             OpType::Delete => {
-                let existed = self.data.remove(cmd.key.as_bytes()).is_some();
-                ApplyOutcome::Applied { revision: index, existed }
+                let old = self.data.remove(cmd.key.as_bytes());
+                if let Some(p) = &old {
+                    self.track(p);
+                }
+                ApplyOutcome::Applied { revision: index, existed: old.is_some() }
             }
+        }
+    }
+
+    /// Remembers a changed pair for the next delta, or stops tracking when the delta
+    /// would be no smaller than a full image.
+    fn track(&mut self, p: &Pair) {
+        if self.changes_since.is_none() {
+            return;
+        }
+        if self.changes.len() >= (self.data.len() / 2).max(MIN_TRACKED) {
+            self.changes_since = None;
+            self.changes = Vec::new();
+        } else {
+            self.changes.push(p.clone());
         }
     }
 
@@ -338,20 +391,39 @@ impl KvStore {
         self.image_source().encode()
     }
 
-    /// An O(1) frozen copy of the state to encode elsewhere (see [`ImageSource::encode`]).
+    /// An O(1) frozen copy of the whole state to encode elsewhere (see
+    /// [`ImageSource::encode`]). Unlike [`KvStore::take_image`] it leaves the tracking
+    /// of changes alone.
     pub fn image_source(&self) -> ImageSource {
         ImageSource {
             data: self.data.clone(),
             members: self.members.clone(),
             removed: self.removed.clone(),
             applied: self.applied,
+            delta: None,
         }
     }
 
-    /// Replaces the state with a snapshot image.
+    /// A frozen copy of the state for the next snapshot, and the start of tracking
+    /// changes for the one after it. A delta on top of the image at `delta_base` when
+    /// asked for one and the changes since that image are known and fewer than half the
+    /// keys; a full image otherwise.
+    pub fn take_image(&mut self, delta_base: Option<u64>) -> ImageSource {
+        let changes = std::mem::take(&mut self.changes);
+        let delta = match (delta_base, self.changes_since) {
+            (Some(base), Some(since)) if base == since && changes.len() * 2 < self.data.len() => {
+                Some(DeltaPart { base, changes, resolved: std::sync::OnceLock::new() })
+            }
+            _ => None,
+        };
+        self.changes_since = Some(self.applied);
+        ImageSource { delta, ..self.image_source() }
+    }
+
+    /// Replaces the state with a full snapshot image.
     pub fn restore(&mut self, bytes: &[u8]) -> Result<(), KvError> {
         let img = SnapshotImage::decode(bytes).map_err(|source| KvError::Decode { what: "snapshot image", source })?;
-        if img.version != 1 {
+        if img.version != FULL_IMAGE {
             return Err(KvError::Version(img.version));
         }
         self.data = img
@@ -362,6 +434,31 @@ impl KvStore {
         self.members = img.members.into_iter().map(|m| (m.id, m.peer_url)).collect();
         self.removed = img.removed.into_iter().collect();
         self.applied = img.applied_index;
+        self.changes = Vec::new();
+        self.changes_since = Some(self.applied);
+        Ok(())
+    }
+
+    /// Applies a delta image on top of the current state, which must be at its base.
+    pub fn apply_delta(&mut self, bytes: &[u8]) -> Result<(), KvError> {
+        let img = SnapshotImage::decode(bytes).map_err(|source| KvError::Decode { what: "delta snapshot image", source })?;
+        if img.version != DELTA_IMAGE {
+            return Err(KvError::Version(img.version));
+        }
+        if img.base_index != self.applied || img.applied_index < img.base_index {
+            return Err(KvError::DeltaBase { base: img.base_index, applied: self.applied });
+        }
+        for v in img.values {
+            self.data.insert(Pair::new(&v.key, &v.value, v.revision));
+        }
+        for k in img.deleted {
+            self.data.remove(k.as_bytes());
+        }
+        self.members = img.members.into_iter().map(|m| (m.id, m.peer_url)).collect();
+        self.removed = img.removed.into_iter().collect();
+        self.applied = img.applied_index;
+        self.changes = Vec::new();
+        self.changes_since = Some(self.applied);
         Ok(())
     }
 
@@ -376,18 +473,56 @@ impl KvStore {
     }
 }
 
-/// A frozen copy of the state machine, cheap to take, encoded off the raft loop.
+/// A frozen copy of the state machine, cheap to take, encoded off the raft loop: the
+/// whole state, or (a delta) what changed since an earlier image.
 pub struct ImageSource {
     data: imbl::OrdSet<Pair>,
     members: BTreeMap<u64, String>,
     removed: BTreeSet<u64>,
     applied: u64,
+    delta: Option<DeltaPart>,
+}
+
+/// The changes a delta image holds.
+struct DeltaPart {
+    base: u64,
+    /// Changed pairs as tracked (unsorted, with repeats).
+    changes: Vec<Pair>,
+    /// The changed keys sorted and looked up in the frozen state, once, by whichever
+    /// of `encoded_len` and `encode_to` runs first: the pairs written, the keys deleted.
+    resolved: std::sync::OnceLock<(Vec<Pair>, Vec<String>)>,
 }
 
 impl ImageSource {
     /// Applied index the image reflects.
     pub fn applied(&self) -> u64 {
         self.applied
+    }
+
+    /// For a delta: the applied index of the image it applies on top of.
+    pub fn delta_base(&self) -> Option<u64> {
+        self.delta.as_ref().map(|d| d.base)
+    }
+
+    /// The pairs this image holds: all of them, or for a delta those written since its
+    /// base; and for a delta the keys deleted since.
+    fn contents(&self) -> (Box<dyn Iterator<Item = &Pair> + '_>, &[String]) {
+        let Some(d) = &self.delta else { return (Box::new(self.data.iter()), &[]) };
+        let (puts, deleted) = d.resolved.get_or_init(|| {
+            let mut keys: Vec<&Pair> = d.changes.iter().collect();
+            keys.sort();
+            keys.dedup();
+            let mut puts = Vec::with_capacity(keys.len());
+            let mut deleted = Vec::new();
+            for k in keys {
+                match self.data.get(k.key_bytes()) {
+                    Some(p) => puts.push(p.clone()),
+                    None => deleted.push(k.key().to_string()),
+                }
+            }
+            (puts, deleted)
+        });
+        (Box::new(puts.iter()), deleted)
     }
 
     /// Encodes the [`SnapshotImage`] into one buffer (small stores, tests, the bootstrap
@@ -402,8 +537,8 @@ impl ImageSource {
     /// Bytes [`ImageSource::encode_to`] writes.
     pub fn encoded_len(&self) -> usize {
         let values: usize = self
-            .data
-            .iter()
+            .contents()
+            .0
             .map(|p| {
                 let n = value_len(p);
                 key_len(3) + encoded_len_varint(n as u64) + n
@@ -420,7 +555,7 @@ impl ImageSource {
         w.write_all(&self.header().encode_to_vec())?;
         // Field order does not matter to protobuf decoders; the values go last.
         let mut buf = Vec::with_capacity(512);
-        for p in self.data.iter() {
+        for p in self.contents().0 {
             let (k, v, revision) = (p.key_bytes(), p.value_bytes(), p.revision());
             buf.clear();
             encode_key(3, WireType::LengthDelimited, &mut buf);
@@ -449,11 +584,13 @@ impl ImageSource {
     /// The image without its values (members, removed ids, applied index).
     fn header(&self) -> SnapshotImage {
         SnapshotImage {
-            version: 1,
+            version: if self.delta.is_some() { DELTA_IMAGE } else { FULL_IMAGE },
             applied_index: self.applied,
             values: Vec::new(),
             members: self.members.iter().map(|(id, url)| MemberRecord { id: *id, peer_url: url.clone() }).collect(),
             removed: self.removed.iter().copied().collect(),
+            base_index: self.delta_base().unwrap_or(0),
+            deleted: self.contents().1.to_vec(),
         }
     }
 }
@@ -563,6 +700,95 @@ mod tests {
         assert!(back.restore(b"\xff\xff\xff").is_err());
     }
 
+    /// The full image of `kv`, decoded (for comparing states).
+    fn full(kv: &KvStore) -> SnapshotImage {
+        SnapshotImage::decode(kv.snapshot_image().as_slice()).unwrap()
+    }
+
+    #[test]
+    fn a_delta_on_top_of_its_base_gives_the_same_state_as_a_full_image() {
+        let mut kv = KvStore::new();
+        kv.set_member(1, "http://127.0.0.1:1".into());
+        for i in 0..100u64 {
+            kv.apply(i + 2, &put(&format!("k{i:03}"), "v", None));
+        }
+        // A new store tracks nothing: its first image is full even when asked for a delta.
+        let base = kv.take_image(Some(0));
+        assert_eq!((base.delta_base(), base.applied()), (None, 101));
+        let mut back = KvStore::new();
+        back.restore(&base.encode()).unwrap();
+
+        kv.apply(200, &put("k000", "new", None));
+        kv.apply(201, &put("k000", "newer", None));
+        kv.apply(202, &put("fresh", "x", None));
+        kv.apply(203, &put("gone-soon", "x", None));
+        kv.apply(204, &Command { op: OpType::Delete as i32, key: "gone-soon".into(), ..Default::default() });
+        kv.apply(205, &Command { op: OpType::Delete as i32, key: "k050".into(), ..Default::default() });
+        kv.apply(206, &Command { op: OpType::Delete as i32, key: "never-was".into(), ..Default::default() });
+        kv.apply(207, &put("k001", "cas lost", Some(1)));
+        kv.set_member(2, "http://127.0.0.1:2".into());
+        kv.remove_member(1);
+        let delta = kv.take_image(Some(101));
+        assert_eq!(delta.delta_base(), Some(101));
+        // Frozen: later writes are in neither this delta nor its state.
+        kv.apply(300, &put("k002", "later", None));
+        let bytes = delta.encode();
+        assert_eq!(bytes.len(), delta.encoded_len());
+        let img = SnapshotImage::decode(bytes.as_slice()).unwrap();
+        assert_eq!(img.version, DELTA_IMAGE);
+        let keys: Vec<&str> = img.values.iter().map(|v| v.key.as_str()).collect();
+        assert_eq!(keys, ["fresh", "k000"], "written keys once each, in order");
+        assert_eq!(img.deleted, ["gone-soon", "k050"]);
+        assert!(bytes.len() * 10 < base.encode().len(), "a delta holds what changed");
+
+        assert!(matches!(back.restore(&bytes), Err(KvError::Version(DELTA_IMAGE))), "not a full image");
+        back.apply_delta(&bytes).unwrap();
+        assert_eq!(back.applied(), 207);
+        let mut expected = full(&kv);
+        expected.values.retain(|v| v.key != "k002");
+        expected.values.push(StoredValue { key: "k002".into(), value: b"v".to_vec(), revision: 4 });
+        expected.values.sort_by(|a, b| a.key.cmp(&b.key));
+        expected.applied_index = 207;
+        assert_eq!(full(&back), expected);
+        // Applied twice, or on the wrong base: refused, state unchanged.
+        assert!(matches!(back.apply_delta(&bytes), Err(KvError::DeltaBase { base: 101, applied: 207 })));
+        assert!(matches!(back.apply_delta(&base.encode()), Err(KvError::Version(FULL_IMAGE))));
+        assert!(back.apply_delta(b"\xff\xff").is_err());
+        assert_eq!(full(&back), expected);
+
+        // The next delta starts where this one ended, and holds only k002.
+        let next = kv.take_image(Some(207));
+        back.apply_delta(&next.encode()).unwrap();
+        assert_eq!(full(&back), full(&kv));
+    }
+
+    #[test]
+    fn a_full_image_is_taken_when_a_delta_would_not_apply_or_not_pay() {
+        let mut kv = KvStore::new();
+        for i in 0..4000u64 {
+            kv.apply(i + 2, &put(&format!("k{i:04}"), "v", None));
+        }
+        let _ = kv.take_image(None);
+        kv.apply(5000, &put("k0000", "w", None));
+        // The base asked for is not the image the changes were tracked from.
+        assert_eq!(kv.take_image(Some(17)).delta_base(), None);
+        kv.apply(5001, &put("k0001", "w", None));
+        assert_eq!(kv.take_image(Some(4001)).delta_base(), None, "tracking restarted at 5000");
+        kv.apply(5002, &put("k0002", "w", None));
+        assert_eq!(kv.take_image(Some(5001)).delta_base(), Some(5001));
+        // Rewriting more than half the keys: tracking stops, the next image is full.
+        for i in 0..2500u64 {
+            kv.apply(6000 + i, &put(&format!("k{i:04}"), "x", None));
+        }
+        assert!(kv.changes.is_empty() && kv.changes_since.is_none());
+        assert_eq!(kv.take_image(Some(5002)).delta_base(), None);
+        // A restored store tracks from its image on.
+        let mut back = KvStore::new();
+        back.restore(&kv.snapshot_image()).unwrap();
+        back.apply(9000, &put("k0003", "y", None));
+        assert_eq!(back.take_image(Some(8499)).delta_base(), Some(8499));
+    }
+
     #[test]
     fn streamed_image_equals_the_prost_image_and_is_frozen() {
         let mut kv = KvStore::new();
@@ -585,6 +811,7 @@ mod tests {
                 .collect(),
             members: vec![MemberRecord { id: 1, peer_url: "http://127.0.0.1:1".into() }],
             removed: vec![],
+            ..Default::default()
         };
         assert_eq!(SnapshotImage::decode(streamed.as_slice()).unwrap(), expected);
         assert_eq!(streamed.len(), expected.encoded_len());

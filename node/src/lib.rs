@@ -12,7 +12,8 @@
 //!   thread does the WAL fsyncs and a snapshot thread writes snapshots beside it.
 //! * [`storage`] — the write-ahead log and snapshot files on the data directory; it is
 //!   also raft-rs's `Storage`.
-//! * [`kv`] — the key-value state machine, decoupled from raft; its image is the snapshot.
+//! * [`kv`] — the key-value state machine, decoupled from raft; its image (whole, or the
+//!   changes since the last one) is the snapshot.
 //! * [`transport`] — raft messages between peers over HTTP (hyper), batched per peer.
 //! * [`api`] — the client HTTP API: raftexample's routes, `/v1`, probes, `/metrics`.
 //! * [`metrics`] — Prometheus metrics in etcd's naming style.

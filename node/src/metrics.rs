@@ -32,6 +32,8 @@ pub struct Metrics {
     pub wal_fsync_seconds: Histogram,
     /// Snapshot save latency.
     pub snapshot_save_seconds: Histogram,
+    /// Snapshots saved, by kind (`full`, `delta`).
+    pub snapshots_saved: IntCounterVec,
     /// Bytes of WAL segments on disk.
     pub wal_bytes: IntGauge,
     /// Bytes of snapshot files on disk.
@@ -102,6 +104,7 @@ impl Metrics {
             proposals_failed: counter(&r, "raftkv_server_proposals_failed_total", "Client proposals that failed: dropped, timed out or refused by the disk."),
             wal_fsync_seconds: histogram(&r, "raftkv_disk_wal_fsync_duration_seconds", "Latency of WAL fsync calls (one per raft Ready).", disk.clone()),
             snapshot_save_seconds: histogram(&r, "raftkv_disk_snapshot_save_total_duration_seconds", "Latency of saving a snapshot to disk.", disk),
+            snapshots_saved: counter_vec(&r, "raftkv_disk_snapshots_saved_total", "Snapshots saved by this member, by kind: full image or delta.", &["kind"]),
             wal_bytes: gauge(&r, "raftkv_disk_wal_size_bytes", "Bytes of write-ahead-log segments on disk."),
             snapshot_bytes: gauge(&r, "raftkv_disk_snapshot_size_bytes", "Bytes of snapshot files on disk."),
             snapshot_index: gauge(&r, "raftkv_server_snapshot_index", "Raft index of the newest snapshot."),

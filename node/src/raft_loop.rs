@@ -19,8 +19,9 @@
 //! committed an entry in its term drops them silently.
 //!
 //! Snapshots are taken every `--snapshot-count` applied entries: the state machine is
-//! frozen with an O(1) clone and a **snapshot thread** encodes and saves it; the loop
-//! compacts the log when it reports back.
+//! frozen with an O(1) clone and a **snapshot thread** encodes and saves it — a delta of
+//! what changed since the snapshot in force when that pays, else a full image (see
+//! docs/storage.md) — then compacts the log and reports back.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -51,6 +52,8 @@ use crate::transport::Transport;
 const ELECTION_TICKS: u32 = 10;
 /// Entries kept behind a snapshot for slow followers (etcd keeps 5000).
 const CATCH_UP_ENTRIES: u64 = 5_000;
+/// Longest chain of delta snapshots after a full one (restart applies them all).
+const MAX_DELTAS: usize = 32;
 /// How long a ReadIndex context may stay unanswered before it is re-issued.
 const READ_RETRY: Duration = Duration::from_millis(300);
 /// Longest a SIGTERM'd leader waits for its leadership transfer.
@@ -204,6 +207,8 @@ pub enum Request {
         result: Result<Duration, StorageError>,
         /// After a save, the index the log was compacted to, and how that went.
         compacted: Option<(u64, Result<(), StorageError>)>,
+        /// A full image (not a delta).
+        full: bool,
     },
 }
 
@@ -399,11 +404,14 @@ pub fn start(
     }
     let started_empty = storage.is_fresh() && cfg.join;
     let mut kv = KvStore::new();
-    if let Some(snap) = storage.latest_snapshot()? {
-        kv.restore(&snap.data)?;
-        let idx = snap.metadata.as_ref().map(|m| m.index).unwrap_or(0);
+    if let Some(chain) = storage.latest_snapshot()? {
+        kv.restore(&chain.full.data)?;
+        for d in &chain.deltas {
+            kv.apply_delta(&d.data)?;
+        }
+        let idx = chain.metadata().index;
         kv.set_applied(idx);
-        info!(index = idx, keys = kv.len(), "restored state machine from snapshot");
+        info!(index = idx, keys = kv.len(), deltas = chain.deltas.len(), "restored state machine from snapshot");
     }
     let conf_state = raft::Storage::initial_state(&storage)?.conf_state;
     // Peers: initial members from the flags are hints; the state machine's members win.
@@ -644,7 +652,14 @@ impl RaftLoop {
                 }
             }
             Request::TransferLeader(to) => self.raw.transfer_leader(to),
-            Request::SnapshotSaved { index, result, compacted } => self.on_snapshot_saved(index, result, compacted),
+            Request::SnapshotSaved { index, result, compacted, full } => {
+                // Followers that asked for a full snapshot while this one was being made
+                // get it now; one that still needs a newer one asks again.
+                if full && result.is_ok() {
+                    self.want_snapshot.store(false, Ordering::Relaxed);
+                }
+                self.on_snapshot_saved(index, result, compacted)
+            }
             Request::Persisted { number, took } => self.on_persisted(number, took),
             Request::DiskFull => self.on_disk_full(),
             Request::PersistFailed(e) => {
@@ -1132,14 +1147,24 @@ impl RaftLoop {
         let applied = self.raw.raft.raft_log.applied;
         let last_snap = self.storage.snapshot_index();
         let wanted = self.want_snapshot.load(Ordering::Relaxed);
-        if applied <= last_snap || (applied - last_snap < self.cfg.snapshot_count && !wanted) {
+        // A follower needs a full image, and the one in force is a delta: make a full one
+        // even with nothing applied since.
+        let upgrade = wanted && applied == last_snap && self.storage.in_force_is_delta();
+        if applied < last_snap
+            || (applied == last_snap && !upgrade)
+            || (applied - last_snap < self.cfg.snapshot_count && !wanted)
+        {
             return Ok(());
         }
         self.want_snapshot.store(false, Ordering::Relaxed);
         // The snapshot must never be ahead of the durable commit index (raft-rs refuses
         // to start with applied > commit).
         self.retry_no_space(|lp| lp.storage.sync())?;
-        let image = self.kv.read().map_err(lock_err)?.image_source();
+        // A delta unless a follower wants a full image, or the deltas since the last full
+        // one add up to its size (restarts then apply at most that much on top of it).
+        let (full_bytes, delta_bytes, deltas) = self.storage.snapshot_chain_bytes();
+        let try_delta = !wanted && delta_bytes < full_bytes && deltas < MAX_DELTAS;
+        let image = self.kv.write().map_err(lock_err)?.take_image(try_delta.then_some(last_snap));
         let index = image.applied();
         let conf_state = self.conf_state.clone();
         let storage = self.storage.clone();
@@ -1147,13 +1172,21 @@ impl RaftLoop {
         let keep = CATCH_UP_ENTRIES.min(self.cfg.snapshot_count);
         let spawned = std::thread::Builder::new().name("snapshot".into()).spawn(move || {
             let len = image.encoded_len() as u64;
-            let result = storage.save_snapshot_streamed(index, &conf_state, len, |w| image.encode_to(w));
+            let delta = image.delta_base();
+            let result = match delta {
+                Some(base) => storage.save_delta_streamed(index, base, &conf_state, len, |w| image.encode_to(w)),
+                None => storage.save_snapshot_streamed(index, &conf_state, len, |w| image.encode_to(w)),
+            };
             drop(image);
+            if result.is_ok() {
+                let kind = if delta.is_some() { "delta" } else { "full" };
+                metrics().snapshots_saved.with_label_values(&[kind]).inc();
+            }
             let compacted = result.is_ok().then(|| {
                 let compact_to = index.saturating_sub(keep).max(1);
                 (compact_to, storage.compact(compact_to))
             });
-            let _ = tx.send(Request::SnapshotSaved { index, result, compacted });
+            let _ = tx.send(Request::SnapshotSaved { index, result, compacted, full: delta.is_none() });
         });
         match spawned {
             Ok(_) => self.snapshot_in_flight = true,

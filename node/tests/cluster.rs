@@ -119,6 +119,96 @@ fn follower_down_across_snapshot_and_compaction_catches_up() {
     }
 }
 
+/// The value of `raftkv_disk_snapshots_saved_total{kind}` on node `id`.
+fn snapshots_saved(c: &Cluster, id: u64, kind: &str) -> u64 {
+    let text = c
+        .http
+        .get(&format!("{}/metrics", c.url(id)))
+        .map(|r| r.text())
+        .unwrap_or_default();
+    let line = format!("raftkv_disk_snapshots_saved_total{{kind=\"{kind}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&line))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn kill_9_of_every_node_with_delta_snapshots_in_force_loses_nothing() {
+    let mut c = Cluster::start_with(
+        3,
+        Options {
+            snapshot_count: 100,
+            ..Default::default()
+        },
+    );
+    let mut model = BTreeMap::new();
+    for i in 0..600 {
+        let (k, v) = (format!("d{i:03}"), format!("first {i}"));
+        c.put_retry((i % 3) + 1, &k, &v, T);
+        model.insert(k, v);
+    }
+    // Some deletes, then a few keys over and over: the next snapshots are small deltas,
+    // so the deletes are in a delta of the chain in force when every member is killed.
+    for i in (5..600).step_by(50) {
+        let k = format!("d{i:03}");
+        let r = c.http.delete(&format!("{}/v1/kv/{k}", c.url(1))).unwrap();
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+        model.remove(&k);
+    }
+    for round in 0..50 {
+        for i in (0..600).step_by(60) {
+            let (k, v) = (format!("d{i:03}"), format!("round {round}"));
+            c.put_retry(round % 3 + 1, &k, &v, T);
+            model.insert(k, v);
+        }
+    }
+    for id in 1..=3 {
+        // Every member saved deltas (so the restart below restores a chain).
+        wait_for(T, "a delta snapshot on every member", || {
+            (snapshots_saved(&c, id, "delta") > 0).then_some(())
+        });
+    }
+    for id in 1..=3 {
+        c.kill(id);
+    }
+    for id in 1..=3 {
+        c.spawn(id);
+    }
+    c.wait_leader(T);
+    let list = |id: u64| -> Option<BTreeMap<String, String>> {
+        // Serializable: this member's own state, restored from its chain and its WAL.
+        let r = c
+            .http
+            .get(&format!(
+                "{}/v1/kv?prefix=d&limit=1000&consistency=serializable",
+                c.url(id)
+            ))
+            .ok()?;
+        (r.status == StatusCode::OK).then_some(())?;
+        let items = r.json()["items"].as_array()?.clone();
+        Some(
+            items
+                .iter()
+                .map(|kv| {
+                    (
+                        kv["key"].as_str().unwrap_or_default().into(),
+                        kv["value"].as_str().unwrap_or_default().into(),
+                    )
+                })
+                .collect(),
+        )
+    };
+    for id in 1..=3 {
+        // It may still be learning the last commits from the leader: wait, then compare.
+        let deadline = Instant::now() + T / 2;
+        let got = wait_for(T, "the member to list its keys", || {
+            list(id).filter(|got| *got == model || Instant::now() > deadline)
+        });
+        assert_eq!(got, model, "member {id} after restart");
+    }
+}
+
 #[test]
 fn a_fourth_node_joins_with_join() {
     let mut c = Cluster::start(3);

@@ -29,9 +29,14 @@ pub fn wal_segments(data_dir: &Path) -> Vec<PathBuf> {
     files_with_extension(&data_dir.join("wal"), "wal")
 }
 
-/// Snapshot files (`snap/*.snap`) of a data dir, oldest first (names sort by term, index).
+/// Snapshot files (`snap/*.snap`, full, and `snap/*.delta`) of a data dir, oldest first
+/// (names sort by term, index).
 pub fn snapshot_files(data_dir: &Path) -> Vec<PathBuf> {
-    files_with_extension(&data_dir.join("snap"), "snap")
+    let dir = data_dir.join("snap");
+    let mut v = files_with_extension(&dir, "snap");
+    v.extend(files_with_extension(&dir, "delta"));
+    v.sort();
+    v
 }
 
 fn files_with_extension(dir: &Path, ext: &str) -> Vec<PathBuf> {
@@ -93,7 +98,8 @@ pub const REC_SNAPSHOT_SAVED: u8 = 4;
 pub const REC_SNAPSHOT_APPLIED: u8 = 5;
 
 /// The snapshot file the WAL of `data_dir` says is in force: the one named by the last
-/// `SnapshotSaved`/`SnapshotApplied` record of the last segment holding one. A newer
+/// `SnapshotSaved`/`SnapshotApplied` record of the last segment holding one (the full
+/// file at that index if there is one, else the delta). A newer
 /// file without its record (a save interrupted by the stop) is an orphan that recovery
 /// deletes, so damaging that one proves nothing. `None` when no record is found.
 pub fn snapshot_in_force(data_dir: &Path) -> io::Result<Option<PathBuf>> {
@@ -107,7 +113,15 @@ pub fn snapshot_in_force(data_dir: &Path) -> io::Result<Option<PathBuf>> {
             }
         }
     }
-    Ok(found.map(|(index, term)| data_dir.join("snap").join(format!("{term:016x}-{index:016x}.snap"))))
+    Ok(found.map(|(index, term)| {
+        let full = data_dir.join("snap").join(format!("{term:016x}-{index:016x}.snap"));
+        let delta = full.with_extension("delta");
+        if !full.exists() && delta.exists() {
+            delta
+        } else {
+            full
+        }
+    }))
 }
 
 /// Decodes a `SnapRef { 1: index u64, 2: term u64 }` protobuf payload.

@@ -86,7 +86,7 @@ pub enum StorageError {
 
 fn corrupt_kind(path: &Path) -> &'static str {
     match path.extension().and_then(|e| e.to_str()) {
-        Some("snap") => "snapshot",
+        Some("snap") | Some("delta") => "snapshot",
         Some("wal") => "WAL",
         _ => "storage",
     }
@@ -155,6 +155,8 @@ mod tests {
         );
         let e = corrupt(Path::new("/d/snap/a.snap"), 12, "bad");
         assert!(e.to_string().starts_with("snapshot corrupt: /d/snap/a.snap at offset 12"));
+        let e = corrupt(Path::new("/d/snap/a.delta"), 12, "bad");
+        assert!(e.to_string().starts_with("snapshot corrupt: /d/snap/a.delta at offset 12"));
     }
 
     #[test]

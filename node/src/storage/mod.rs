@@ -7,8 +7,11 @@
 //!   `set_hard_state` only buffer; [`DiskStorage::sync`] makes them durable with one
 //!   write and one `fdatasync` (group commit: once per raft `Ready`).
 //! * `dir/snap/` — snapshot files ([`snapshot`]), written atomically, referenced by WAL
-//!   records. The newest one's bytes are cached after the first read for a follower
-//!   (dropped when a newer snapshot is saved or installed); see [`DiskStorage::snapshot`].
+//!   records: full images (`.snap`) and deltas (`.delta`, the changes since the file
+//!   before). The snapshot in force is the newest full one plus the deltas after it
+//!   ([`SnapshotChain`]). Followers only ever get a full one: the newest full snapshot's
+//!   bytes are cached after the first read for a follower (dropped when a newer full
+//!   snapshot is saved or installed); see [`DiskStorage::snapshot`].
 //! * `dir/tombstone`, `dir/incarnation` — markers ([`write_tombstone`],
 //!   [`data_dir_incarnation`]); `dir/LOCK` keeps a second process out.
 //!
@@ -41,8 +44,23 @@ use wal::Wal;
 
 /// The lock file that keeps two processes from opening one data directory.
 pub(crate) const LOCK_FILE: &str = "LOCK";
-/// How many snapshot files `compact` keeps.
-const KEEP_SNAPSHOTS: usize = 2;
+/// The snapshot in force as its files: the newest full image and the deltas saved
+/// after it, oldest first (empty when the full one is in force). The state machine
+/// restores `full`, then applies each delta in turn.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SnapshotChain {
+    /// The newest full snapshot at or before the one in force.
+    pub full: Snapshot,
+    /// Delta snapshots after `full`, oldest first; the last is the one in force.
+    pub deltas: Vec<Snapshot>,
+}
+
+impl SnapshotChain {
+    /// Metadata of the snapshot in force (the last delta, else the full snapshot).
+    pub fn metadata(&self) -> SnapshotMetadata {
+        self.deltas.last().unwrap_or(&self.full).metadata.clone().unwrap_or_default()
+    }
+}
 
 /// Options for opening the storage.
 #[derive(Debug, Clone)]
@@ -79,8 +97,10 @@ struct Inner {
     sync_one: Mutex<()>,
     core: RwLock<Core>,
     wal: Mutex<Wal>,
-    /// The newest snapshot's content, once read (see [`DiskStorage::snapshot`]).
+    /// The newest full snapshot's content, once read (see [`DiskStorage::snapshot`]).
     cache: Mutex<Option<Arc<Snapshot>>>,
+    /// The chain in force as `open` read and checked it, until `latest_snapshot` takes it.
+    opened: Mutex<Option<SnapshotChain>>,
     fresh: bool,
     wal_bytes: Arc<AtomicU64>,
     snap_bytes: AtomicU64,
@@ -89,8 +109,38 @@ struct Inner {
 
 struct Core {
     log: MemLog,
-    /// Snapshot files on disk, oldest first.
+    /// Snapshot files on disk, oldest first (a full one after a delta at the same index).
     snap_files: Vec<SnapFile>,
+}
+
+impl Core {
+    /// Positions in `snap_files` of the chain in force: the newest full snapshot, then
+    /// the deltas after it up to the one in force. Empty when there is no snapshot.
+    fn chain(&self) -> Vec<usize> {
+        let (index, term) = (self.log.snap_index, self.log.snap_term);
+        let Some(top) = self.snap_files.iter().rposition(|f| (f.index, f.term) == (index, term)) else {
+            return Vec::new();
+        };
+        let mut out = vec![top];
+        let mut at = top;
+        while self.snap_files[at].delta && at > 0 {
+            at -= 1;
+            out.push(at);
+        }
+        out.reverse();
+        out
+    }
+
+    /// The newest full snapshot file, if any.
+    fn newest_full(&self) -> Option<&SnapFile> {
+        self.snap_files.iter().rev().find(|f| !f.delta)
+    }
+
+    /// Whether the snapshot in force is a delta (no full image at its index).
+    fn in_force_is_delta(&self) -> bool {
+        let key = (self.log.snap_index, self.log.snap_term);
+        self.snap_files.iter().rev().find(|f| (f.index, f.term) == key).is_some_and(|f| f.delta)
+    }
 }
 
 impl DiskStorage {
@@ -118,7 +168,7 @@ impl DiskStorage {
         }
         let wal_bytes = Arc::new(AtomicU64::new(0));
         let recovered = wal::recover(&wal_dir, opts.segment_bytes, opts.preallocate, wal_bytes.clone())?;
-        let mut log = recovered.log;
+        let log = recovered.log;
 
         // Snapshot files newer than the WAL's snapshot: a crash between file and record.
         let mut orphans = false;
@@ -137,24 +187,38 @@ impl DiskStorage {
         if orphans {
             fsutil::sync_dir(&snap_dir)?;
         }
-        let mut cached = None;
-        if log.snap_index > 0 {
-            let path = snap_dir.join(snapshot::file_name(log.snap_term, log.snap_index));
-            if !snap_files.iter().any(|f| f.path == path) {
+        let mut opened = None;
+        let core = Core { log, snap_files };
+        if core.log.snap_index > 0 {
+            let chain = core.chain();
+            if chain.is_empty() {
+                let path = snap_dir.join(snapshot::file_name(core.log.snap_term, core.log.snap_index));
                 return Err(corrupt(&path, 0, "snapshot file referenced by the WAL is missing"));
             }
-            // Read (and checked) once here; `latest_snapshot` hands these bytes over.
-            let snap = snapshot::read(&path, true)?;
-            let meta = snap.metadata.clone().unwrap_or_default();
-            if (meta.index, meta.term) != (log.snap_index, log.snap_term) {
-                return Err(corrupt(
-                    &path,
-                    snapshot::HEADER_LEN as u64,
-                    format!("metadata says index {} term {}, the file name disagrees", meta.index, meta.term),
-                ));
+            if core.snap_files[chain[0]].delta {
+                return Err(corrupt(&core.snap_files[chain[0]].path, 0, "delta snapshot without a full snapshot before it"));
             }
-            log.conf_state = meta.conf_state.unwrap_or_default();
-            cached = Some(Arc::new(snap));
+            // Read (and checked) once here; `latest_snapshot` hands these bytes over.
+            let mut snaps = Vec::with_capacity(chain.len());
+            for &at in &chain {
+                let f = &core.snap_files[at];
+                let snap = snapshot::read(&f.path, true)?;
+                let meta = snap.metadata.clone().unwrap_or_default();
+                if (meta.index, meta.term) != (f.index, f.term) {
+                    return Err(corrupt(
+                        &f.path,
+                        snapshot::HEADER_LEN as u64,
+                        format!("metadata says index {} term {}, the file name disagrees", meta.index, meta.term),
+                    ));
+                }
+                snaps.push(snap);
+            }
+            let full = snaps.remove(0);
+            opened = Some(SnapshotChain { full, deltas: snaps });
+        }
+        let Core { mut log, snap_files } = core;
+        if let Some(chain) = &opened {
+            log.conf_state = chain.metadata().conf_state.unwrap_or_default();
         }
         let fresh = log.hs == HardState::default() && log.snap_index == 0 && log.entries.is_empty();
         let snap_total: u64 = snap_files.iter().map(|f| f.size).sum();
@@ -176,7 +240,8 @@ impl DiskStorage {
                 sync_one: Mutex::new(()),
                 core: RwLock::new(Core { log, snap_files }),
                 wal: Mutex::new(recovered.wal),
-                cache: Mutex::new(cached),
+                cache: Mutex::new(None),
+                opened: Mutex::new(opened),
                 fresh,
                 wal_bytes,
                 snap_bytes: AtomicU64::new(snap_total),
@@ -286,7 +351,7 @@ impl DiskStorage {
             let (path, size) = snapshot::write(&self.inner.snap_dir, &meta, &data)?;
             drop(data);
             core.snap_files.retain(|f| f.path != path);
-            core.snap_files.push(SnapFile { term: meta.term, index: meta.index, path, size });
+            core.snap_files.push(SnapFile { term: meta.term, index: meta.index, path, size, delta: false });
             self.recount_snap_bytes(&core);
         }
         let mut wal = self.wal()?;
@@ -333,30 +398,60 @@ impl DiskStorage {
         data_len: u64,
         fill: impl FnOnce(&mut dyn std::io::Write) -> std::io::Result<()>,
     ) -> Result<Duration, StorageError> {
+        self.save_image(index, conf_state, None, data_len, fill)
+    }
+
+    /// Saves a delta snapshot at `index`: `fill` writes the changes since the snapshot
+    /// in force, which must be the one at `base` (else `SnapshotOutOfDate`, and nothing
+    /// is saved). Otherwise as [`DiskStorage::save_snapshot_streamed`]. The delta is in
+    /// force from then on; followers are still sent the newest full snapshot.
+    pub fn save_delta_streamed(
+        &self,
+        index: u64,
+        base: u64,
+        conf_state: &ConfState,
+        data_len: u64,
+        fill: impl FnOnce(&mut dyn std::io::Write) -> std::io::Result<()>,
+    ) -> Result<Duration, StorageError> {
+        self.save_image(index, conf_state, Some(base), data_len, fill)
+    }
+
+    /// Saves a full image (`delta_base` None) or a delta on top of the snapshot at
+    /// `delta_base`.
+    fn save_image(
+        &self,
+        index: u64,
+        conf_state: &ConfState,
+        delta_base: Option<u64>,
+        data_len: u64,
+        fill: impl FnOnce(&mut dyn std::io::Write) -> std::io::Result<()>,
+    ) -> Result<Duration, StorageError> {
         let start = Instant::now();
         let _writer = self.snap_writer()?;
-        let check = |log: &MemLog| -> Result<Option<u64>, StorageError> {
-            if index == log.snap_index {
-                return Ok(None);
+        let check = |core: &Core| -> Result<Option<u64>, StorageError> {
+            let log = &core.log;
+            let out_of_date =
+                || StorageError::SnapshotOutOfDate { given: index, current: log.snap_index, first_index: log.first_index() };
+            if delta_base.is_some_and(|b| b != log.snap_index) || index < log.snap_index {
+                return Err(out_of_date());
             }
-            if index < log.snap_index {
-                return Err(StorageError::SnapshotOutOfDate {
-                    given: index,
-                    current: log.snap_index,
-                    first_index: log.first_index(),
-                });
+            // A full image at the index of a delta in force replaces the delta (a
+            // follower needs one); anything else at the current index is saved already.
+            if index == log.snap_index && (delta_base.is_some() || !core.in_force_is_delta()) {
+                return Ok(None);
             }
             log.term(index).map(Some)
         };
-        let Some(term) = check(&self.rl()?.log)? else {
+        let Some(term) = check(&*self.rl()?)? else {
             debug!(index, "snapshot at this index already saved");
             return Ok(Duration::ZERO);
         };
         // The file is written without holding the lock: readers are not held up by it.
         let meta = SnapshotMetadata { conf_state: Some(conf_state.clone()), index, term };
-        let (path, size) = snapshot::write_streamed(&self.inner.snap_dir, &meta, data_len, fill)?;
+        let delta = delta_base.is_some();
+        let (path, size) = snapshot::write_streamed(&self.inner.snap_dir, &meta, delta, data_len, fill)?;
         let mut core = self.wl()?;
-        if check(&core.log).ok().flatten() != Some(term) {
+        if check(&core).ok().flatten() != Some(term) {
             // The log changed under us (a leader's snapshot arrived): the file is stale.
             // It is not the file in force (that one has another index or term), unless
             // a leader's snapshot with the very same index and term was installed.
@@ -373,7 +468,8 @@ impl DiskStorage {
             });
         }
         core.snap_files.retain(|f| f.path != path);
-        core.snap_files.push(SnapFile { term, index, path, size });
+        core.snap_files.push(SnapFile { term, index, path, size, delta });
+        core.snap_files.sort_by_key(|f| (f.index, f.term, !f.delta));
         self.recount_snap_bytes(&core);
         let mut wal = self.wal()?;
         wal.push_snapshot(false, index, term)?;
@@ -383,9 +479,34 @@ impl DiskStorage {
         drop(core);
         drop(wal);
         let synced = self.sync();
-        self.drop_cache();
+        if !delta {
+            self.drop_cache();
+        }
         synced?;
         Ok(start.elapsed())
+    }
+
+    /// Sizes of the chain in force: (bytes of its full snapshot, bytes of its deltas,
+    /// number of deltas). The state machine weighs a new delta against a new full image
+    /// with them.
+    pub fn snapshot_chain_bytes(&self) -> (u64, u64, usize) {
+        let Ok(core) = self.rl() else { return (0, 0, 0) };
+        let (mut full, mut deltas, mut n) = (0, 0, 0);
+        for at in core.chain() {
+            let f = &core.snap_files[at];
+            if f.delta {
+                deltas += f.size;
+                n += 1;
+            } else {
+                full = f.size;
+            }
+        }
+        (full, deltas, n)
+    }
+
+    /// Whether the snapshot in force is a delta.
+    pub fn in_force_is_delta(&self) -> bool {
+        self.rl().map(|c| c.in_force_is_delta()).unwrap_or(false)
     }
 
     fn recount_snap_bytes(&self, core: &Core) {
@@ -395,7 +516,8 @@ impl DiskStorage {
 
     /// Drops entries before `compact_index` from memory (clamped so no gap opens after
     /// the latest snapshot: compact_index <= snapshot index + 1) and deletes WAL segments
-    /// that hold nothing needed any more, and snapshot files older than the two newest.
+    /// that hold nothing needed any more, and snapshot files older than the chain in
+    /// force, except the full snapshot before it.
     /// The files are deleted after the locks are released, so appends, syncs and reads
     /// on other threads never wait for an unlink or a directory fsync.
     pub fn compact(&self, compact_index: u64) -> Result<(), StorageError> {
@@ -405,10 +527,18 @@ impl DiskStorage {
             core.log.compact(clamped);
             let first = core.log.first_index();
             let segments = self.wal()?.detach_unneeded(first);
-            let current = core.log.snap_index;
             let mut snapshots = Vec::new();
-            while core.snap_files.len() > KEEP_SNAPSHOTS && core.snap_files[0].index < current {
-                snapshots.push(core.snap_files.remove(0).path);
+            if let Some(&base) = core.chain().first() {
+                let previous_full = core.snap_files[..base].iter().rposition(|f| !f.delta);
+                let mut at = 0;
+                core.snap_files.retain(|f| {
+                    let keep = at >= base || Some(at) == previous_full;
+                    if !keep {
+                        snapshots.push(f.path.clone());
+                    }
+                    at += 1;
+                    keep
+                });
             }
             if !snapshots.is_empty() {
                 self.recount_snap_bytes(&core);
@@ -427,25 +557,29 @@ impl DiskStorage {
         Ok(())
     }
 
-    /// The newest snapshot (metadata + data) or None — used at start to restore the KV.
+    /// The snapshot in force as its chain of files (metadata + data) or None — used at
+    /// start to restore the KV.
     ///
-    /// The first call after `open` gets the bytes `open` read and checked, moved out of
-    /// the cache (no second read, no copy; the cache is empty afterwards, so the blob is
-    /// not held twice while the caller restores from it). Later calls read the file.
-    pub fn latest_snapshot(&self) -> Result<Option<Snapshot>, StorageError> {
-        let mut cache = self.cache()?;
-        let Some((term, index)) = self.current_snapshot()? else { return Ok(None) };
-        if let Some(c) = cache.take() {
-            if snap_key(&c) == (term, index) {
-                match Arc::try_unwrap(c) {
-                    Ok(s) => return Ok(Some(s)),
-                    Err(shared) => return Ok(Some((*shared).clone())),
-                }
+    /// The first call after `open` gets the bytes `open` read and checked, moved out
+    /// (no second read, no copy, not held twice while the caller restores from them).
+    /// Later calls read the files.
+    pub fn latest_snapshot(&self) -> Result<Option<SnapshotChain>, StorageError> {
+        let opened = self.inner.opened.lock().map_err(|_| StorageError::Poisoned)?.take();
+        let files: Vec<PathBuf> = {
+            let core = self.rl()?;
+            core.chain().into_iter().map(|at| core.snap_files[at].path.clone()).collect()
+        };
+        let Some(first) = files.first() else { return Ok(None) };
+        if let Some(chain) = opened {
+            let current = self.current_snapshot()?.unwrap_or_default();
+            let m = chain.metadata();
+            if (m.term, m.index) == current && files.len() == chain.deltas.len() + 1 {
+                return Ok(Some(chain));
             }
         }
-        drop(cache);
-        let path = self.inner.snap_dir.join(snapshot::file_name(term, index));
-        snapshot::read(&path, true).map(Some)
+        let full = snapshot::read(first, true)?;
+        let deltas = files[1..].iter().map(|p| snapshot::read(p, true)).collect::<Result<Vec<_>, _>>()?;
+        Ok(Some(SnapshotChain { full, deltas }))
     }
 
     /// (term, index) of the snapshot in force, None when there is none.
@@ -454,14 +588,21 @@ impl DiskStorage {
         Ok((core.log.snap_index > 0).then_some((core.log.snap_term, core.log.snap_index)))
     }
 
-    /// The newest snapshot for a follower: from the cache, else read from its file
-    /// (checked) and cached. None when there is no snapshot or it is older than
-    /// `request_index`. The cache lock is held while the file is read, so concurrent
-    /// callers read it once.
+    /// (term, index) of the newest full snapshot, None when there is none.
+    fn newest_full(&self) -> Result<Option<(u64, u64)>, StorageError> {
+        Ok(self.rl()?.newest_full().map(|f| (f.term, f.index)))
+    }
+
+    /// The newest full snapshot for a follower: from the cache, else read from its file
+    /// (checked) and cached. None when there is none, when it is older than
+    /// `request_index`, or when the log no longer holds the entries right after it (the
+    /// follower could not catch up from it; deltas were saved and the log compacted
+    /// since). The cache lock is held while the file is read, so concurrent callers
+    /// read it once.
     fn cached_snapshot(&self, request_index: u64) -> Result<Option<Arc<Snapshot>>, StorageError> {
         let mut cache = self.cache()?;
-        let Some((term, index)) = self.current_snapshot()? else { return Ok(None) };
-        if index < request_index {
+        let Some((term, index)) = self.newest_full()? else { return Ok(None) };
+        if index < request_index || index + 1 < self.rl()?.log.first_index() {
             return Ok(None);
         }
         if let Some(c) = cache.as_ref() {
@@ -473,7 +614,7 @@ impl DiskStorage {
         let path = self.inner.snap_dir.join(snapshot::file_name(term, index));
         let snap = Arc::new(snapshot::read(&path, true)?);
         // Keep it only if it is still the newest (a save may have finished meanwhile).
-        if self.current_snapshot()? == Some((term, index)) {
+        if self.newest_full()? == Some((term, index)) {
             *cache = Some(snap.clone());
         }
         Ok(Some(snap))
@@ -542,12 +683,14 @@ impl raft::Storage for DiskStorage {
         Ok(self.rl()?.log.last_index())
     }
 
-    /// The newest snapshot. Its content is read from the file (and its checksum checked)
-    /// once, then served from memory until a newer snapshot is saved or installed; each
-    /// call still copies the data (raft-rs wants an owned `Vec`), which is far cheaper
-    /// than reading and checking the file. `SnapshotTemporarilyUnavailable` when there
-    /// is none, when it is older than `request_index`, or when the file cannot be read
-    /// (logged; raft-rs retries later instead of panicking).
+    /// The newest full snapshot (never a delta). Its content is read from the file (and
+    /// its checksum checked) once, then served from memory until a newer full snapshot is
+    /// saved or installed; each call still copies the data (raft-rs wants an owned `Vec`),
+    /// which is far cheaper than reading and checking the file.
+    /// `SnapshotTemporarilyUnavailable` when there is none, when it is older than
+    /// `request_index` or the log after it is compacted (the node then makes a fresh
+    /// one), or when the file cannot be read (logged; raft-rs retries later instead of
+    /// panicking).
     fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
         let unavailable = || raft::Error::Store(raft::StorageError::SnapshotTemporarilyUnavailable);
         match self.cached_snapshot(request_index) {

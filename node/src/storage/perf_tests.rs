@@ -203,7 +203,7 @@ fn snapshot_is_read_once_and_cached_until_a_newer_one_is_saved() {
     // At start, the bytes open() read are handed over once, then the cache is empty.
     let s = open_opts(d.path(), 1 << 20, true);
     fs::remove_file(snap_path(d.path(), 2, 30)).expect("rm");
-    assert_eq!(s.latest_snapshot().expect("latest").expect("some").data, c);
+    assert_eq!(s.latest_snapshot().expect("latest").expect("some").full.data, c);
     assert!(s.latest_snapshot().expect_err("not kept: the file is gone").to_string().contains("snap"));
     assert_eq!(
         s.snapshot(0, 2).expect_err("nothing to serve"),
@@ -284,7 +284,7 @@ fn snapshots_saved_on_another_thread_while_appending() {
     let first = s.first_index().expect("first");
     assert!(first <= LAST - 49, "first index {first}");
     assert_eq!(all_entries(&s), (first..=LAST).map(|i| e(i, 1)).collect::<Vec<_>>());
-    assert_eq!(s.latest_snapshot().expect("latest").expect("some").data, data_for(LAST));
+    assert_eq!(s.latest_snapshot().expect("latest").expect("some").full.data, data_for(LAST));
 }
 
 /// Start-up with a ~300 MB snapshot (1M keys of 256 B, fabricated) and a 10k-entry WAL:
@@ -333,8 +333,8 @@ fn bench_startup_with_a_big_snapshot() {
         let opened = t.elapsed();
         let snap = s.latest_snapshot().expect("latest").expect("some");
         let took = t.elapsed();
-        assert_eq!(snap.data.len(), big.len());
-        assert!(snap.data == big);
+        assert_eq!(snap.full.data.len(), big.len());
+        assert!(snap.full.data == big);
         drop(snap);
         let cache = if cold { "cold" } else { "warm" };
         println!("open: {opened:?}; open + latest_snapshot: {took:?} (page cache {cache})");

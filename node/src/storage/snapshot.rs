@@ -1,4 +1,6 @@
-//! Snapshot files: `snap/<term:016x>-<index:016x>.snap`.
+//! Snapshot files: `snap/<term:016x>-<index:016x>.snap` (a full image of the state
+//! machine) and `snap/<term:016x>-<index:016x>.delta` (the changes since the snapshot
+//! file before it; the state machine defines both images, storage only chains them).
 //!
 //! Layout: a 28-byte header — magic `RAFTKVSN`, version u32 LE, payload length u64 LE,
 //! payload crc32 u32 LE, header crc32 u32 LE (over the 24 bytes before it) — then the
@@ -35,6 +37,8 @@ pub(crate) struct SnapFile {
     pub path: PathBuf,
     /// Size in bytes.
     pub size: u64,
+    /// A delta (`.delta`) rather than a full image (`.snap`).
+    pub delta: bool,
 }
 
 /// The file name of the snapshot at (`term`, `index`).
@@ -42,12 +46,26 @@ pub(crate) fn file_name(term: u64, index: u64) -> String {
     super::fsutil::pair_name(term, index, "snap")
 }
 
+/// The file name of the delta snapshot at (`term`, `index`).
+pub(crate) fn delta_file_name(term: u64, index: u64) -> String {
+    super::fsutil::pair_name(term, index, "delta")
+}
+
 /// Parses a snapshot file name into (term, index).
 pub(crate) fn parse_name(name: &str) -> Option<(u64, u64)> {
     super::fsutil::parse_pair_name(name, "snap")
 }
 
-/// Lists the snapshot files in `dir`, oldest (lowest index) first. Leftover temporary
+/// Parses a snapshot file name of either kind into (term, index, is a delta).
+fn parse_any_name(name: &str) -> Option<(u64, u64, bool)> {
+    match parse_name(name) {
+        Some((t, i)) => Some((t, i, false)),
+        None => super::fsutil::parse_pair_name(name, "delta").map(|(t, i)| (t, i, true)),
+    }
+}
+
+/// Lists the snapshot files in `dir`, oldest (lowest index) first, a full snapshot after
+/// a delta at the same index (it supersedes it). Leftover temporary
 /// files from an interrupted write are deleted; unknown files are logged and ignored.
 pub(crate) fn list(dir: &Path) -> Result<Vec<SnapFile>, StorageError> {
     let mut out = Vec::new();
@@ -62,10 +80,10 @@ pub(crate) fn list(dir: &Path) -> Result<Vec<SnapFile>, StorageError> {
             removed = true;
             continue;
         }
-        match parse_name(&name) {
-            Some((term, index)) => {
+        match parse_any_name(&name) {
+            Some((term, index, delta)) => {
                 let size = ent.metadata().map_err(io_err(&path))?.len();
-                out.push(SnapFile { term, index, path, size });
+                out.push(SnapFile { term, index, path, size, delta });
             }
             None => warn!(file = %path.display(), "ignoring unknown file in the snapshot directory"),
         }
@@ -73,29 +91,31 @@ pub(crate) fn list(dir: &Path) -> Result<Vec<SnapFile>, StorageError> {
     if removed {
         fsutil::sync_dir(dir)?;
     }
-    out.sort_by_key(|f| (f.index, f.term));
+    out.sort_by_key(|f| (f.index, f.term, !f.delta));
     Ok(out)
 }
 
 /// Writes the snapshot file for `meta` + `data` atomically into `dir`. Returns its path
 /// and size.
 pub(crate) fn write(dir: &Path, meta: &SnapshotMetadata, data: &[u8]) -> Result<(PathBuf, u64), StorageError> {
-    write_streamed(dir, meta, data.len() as u64, |w| w.write_all(data))
+    write_streamed(dir, meta, false, data.len() as u64, |w| w.write_all(data))
 }
 
 /// Writes the snapshot file for `meta` atomically into `dir`, its data produced by
 /// `fill`, which must write exactly `data_len` bytes. The data goes through a small
 /// buffer straight to the file and is checksummed on the way; the header (which holds
-/// the checksum) is written last, at the start of the file, before the fsync. Returns
-/// the path and size.
+/// the checksum) is written last, at the start of the file, before the fsync. A `delta`
+/// gets the `.delta` name; the format is the same. Returns the path and size.
 pub(crate) fn write_streamed(
     dir: &Path,
     meta: &SnapshotMetadata,
+    delta: bool,
     data_len: u64,
     fill: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
 ) -> Result<(PathBuf, u64), StorageError> {
     use std::os::unix::fs::FileExt;
-    let path = dir.join(file_name(meta.term, meta.index));
+    let name = if delta { delta_file_name(meta.term, meta.index) } else { file_name(meta.term, meta.index) };
+    let path = dir.join(name);
     let mut prefix = Vec::with_capacity(16);
     if data_len > 0 {
         encode_key(1, WireType::LengthDelimited, &mut prefix);
@@ -369,9 +389,13 @@ mod tests {
         write(d.path(), &meta(7, 2), b"a").expect("write");
         fs::write(d.path().join("0000000000000003-0000000000000030.snap.tmp"), b"junk").expect("tmp");
         fs::write(d.path().join("README"), b"x").expect("other");
+        write_streamed(d.path(), &meta(20, 3), true, 1, |w| w.write_all(b"d")).expect("delta");
+        write_streamed(d.path(), &meta(9, 2), true, 1, |w| w.write_all(b"d")).expect("delta");
         let files = list(d.path()).expect("list");
-        let idx: Vec<u64> = files.iter().map(|f| f.index).collect();
-        assert_eq!(idx, vec![7, 20]);
+        let idx: Vec<(u64, bool)> = files.iter().map(|f| (f.index, f.delta)).collect();
+        // The full snapshot at 20 supersedes the delta at 20: it sorts after it.
+        assert_eq!(idx, vec![(7, false), (9, true), (20, true), (20, false)]);
+        assert!(files[2].path.to_string_lossy().ends_with(".delta"));
         assert!(!d.path().join("0000000000000003-0000000000000030.snap.tmp").exists());
         assert!(d.path().join("README").exists());
     }
@@ -380,6 +404,9 @@ mod tests {
     fn names_parse_back() {
         assert_eq!(parse_name(&file_name(3, 0x1234)), Some((3, 0x1234)));
         assert_eq!(parse_name("3-4.snap"), None);
+        assert_eq!(parse_any_name(&delta_file_name(3, 9)), Some((3, 9, true)));
+        assert_eq!(parse_any_name(&file_name(3, 9)), Some((3, 9, false)));
+        assert_eq!(parse_name(&delta_file_name(3, 9)), None);
         assert_eq!(parse_name("000000000000000g-0000000000000001.snap"), None);
     }
 }

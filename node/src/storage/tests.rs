@@ -264,7 +264,7 @@ fn streamed_snapshot_reads_back_and_a_wrong_length_leaves_no_file() {
     let dir = d.path();
     let meta = SnapshotMetadata { conf_state: Some(cs(&[1])), index: 7, term: 2 };
     let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
-    let (path, size) = snapshot::write_streamed(dir, &meta, data.len() as u64, |w| {
+    let (path, size) = snapshot::write_streamed(dir, &meta, false, data.len() as u64, |w| {
         for chunk in data.chunks(4096) {
             w.write_all(chunk)?;
         }
@@ -277,7 +277,7 @@ fn streamed_snapshot_reads_back_and_a_wrong_length_leaves_no_file() {
     assert_eq!(back.metadata, Some(meta.clone()));
     // A producer that writes fewer bytes than announced fails; nothing is left behind.
     let meta9 = SnapshotMetadata { index: 9, ..meta };
-    let err = snapshot::write_streamed(dir, &meta9, 10, |w| w.write_all(b"short")).expect_err("short data");
+    let err = snapshot::write_streamed(dir, &meta9, false, 10, |w| w.write_all(b"short")).expect_err("short data");
     assert!(err.to_string().contains("5 bytes, 10 announced"), "{err}");
     let names: Vec<_> = fs::read_dir(dir).expect("ls").map(|e| e.expect("entry").file_name()).collect();
     assert_eq!(names.len(), 1, "{names:?}");
@@ -301,7 +301,7 @@ fn orphan_snapshot_file_is_ignored_and_removed() {
     assert!(!orphan.exists());
     assert!(!d.path().join("snap").join("0000000000000001-0000000000000009.snap.tmp").exists());
     let latest = s.latest_snapshot().expect("latest").expect("some");
-    assert_eq!(latest.data, b"boot");
+    assert_eq!(latest.full.data, b"boot");
     assert_eq!(s.initial_state().expect("state").conf_state, cs(&[1, 2, 3]));
 }
 
@@ -376,7 +376,7 @@ fn snapshots_save_apply_and_serve() {
     let s = open(d.path());
     assert_eq!(s.snapshot_index(), 15);
     assert_eq!(s.initial_state().expect("state").conf_state, cs(&[1, 2]));
-    assert_eq!(s.latest_snapshot().expect("latest").expect("some").data, b"at fifteen");
+    assert_eq!(s.latest_snapshot().expect("latest").expect("some").full.data, b"at fifteen");
     assert_eq!(s.hard_state(), HardState { term: 2, vote: 1, commit: 15 });
     assert_eq!(s.last_index().expect("last"), 20);
     assert!(s.first_index().expect("first") <= 16);
@@ -389,7 +389,107 @@ fn snapshots_save_apply_and_serve() {
     let s = open(d.path());
     assert_eq!((s.first_index().expect("f"), s.last_index().expect("l")), (31, 30));
     assert_eq!(s.hard_state(), HardState { term: 3, vote: 1, commit: 30 });
-    assert_eq!(s.latest_snapshot().expect("latest").expect("some").data, b"thirty");
+    assert_eq!(s.latest_snapshot().expect("latest").expect("some").full.data, b"thirty");
+}
+
+fn save_delta(s: &DiskStorage, index: u64, base: u64, data: &[u8]) -> Result<Duration, StorageError> {
+    s.save_delta_streamed(index, base, &cs(&[1, 2, 3]), data.len() as u64, |w| w.write_all(data))
+}
+
+fn snap_names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(dir.join("snap"))
+        .expect("snap dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn delta_snapshots_chain_on_a_full_one_and_followers_get_only_full_ones() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let unavailable = raft::Error::Store(raft::StorageError::SnapshotTemporarilyUnavailable);
+    let s = open(d.path());
+    s.apply_snapshot(snap(1, 1, b"boot")).expect("boot");
+    s.append(&ents(2, 60, 2)).expect("append");
+    s.set_hard_state(&HardState { term: 2, vote: 1, commit: 60 }).expect("hs");
+    s.sync().expect("sync");
+    s.save_snapshot(10, &cs(&[1, 2, 3]), b"full 10".to_vec()).expect("full");
+    assert!(save_delta(&s, 20, 10, b"delta 20").expect("delta") > Duration::ZERO);
+    save_delta(&s, 30, 20, b"delta 30").expect("delta");
+    assert_eq!(s.snapshot_index(), 30);
+    assert!(s.in_force_is_delta());
+    let (full, deltas, n) = s.snapshot_chain_bytes();
+    assert!(full > 0 && deltas > full && n == 2, "{full} {deltas} {n}");
+    // A delta must apply on top of the snapshot in force.
+    assert!(matches!(save_delta(&s, 40, 20, b"x"), Err(StorageError::SnapshotOutOfDate { given: 40, current: 30, .. })));
+    assert_eq!(save_delta(&s, 30, 30, b"again").expect("no-op"), Duration::ZERO);
+    // Followers get the full snapshot, never a delta.
+    assert_eq!(s.snapshot(0, 2).expect("full for a follower").data, b"full 10");
+    assert_eq!(s.snapshot(11, 2).expect_err("older than the request"), unavailable);
+    s.compact(25).expect("compact");
+    assert_eq!(s.snapshot(0, 2).expect_err("the log after it is gone"), unavailable);
+    // The chain in force and one full snapshot before it are kept: nothing is deleted.
+    assert_eq!(snap_names(d.path()).len(), 4, "{:?}", snap_names(d.path()));
+    drop(s);
+
+    let s = open(d.path());
+    assert_eq!(s.snapshot_index(), 30);
+    let chain = s.latest_snapshot().expect("latest").expect("some");
+    assert_eq!(chain.full.data, b"full 10");
+    assert_eq!(chain.deltas.iter().map(|d| d.data.as_slice()).collect::<Vec<_>>(), [b"delta 20", b"delta 30"]);
+    assert_eq!(chain.metadata().index, 30);
+    // A second call reads the files again, and gets the same.
+    assert_eq!(s.latest_snapshot().expect("latest").expect("some"), chain);
+
+    // A follower needs a full image: one at the index of the delta in force replaces it.
+    assert!(s.save_snapshot(30, &cs(&[1, 2, 3]), b"full 30".to_vec()).expect("upgrade") > Duration::ZERO);
+    assert!(!s.in_force_is_delta());
+    assert_eq!(s.save_snapshot(30, &cs(&[1, 2, 3]), b"x".to_vec()).expect("no-op"), Duration::ZERO);
+    assert_eq!(s.snapshot(0, 2).expect("full").data, b"full 30");
+    s.compact(25).expect("compact");
+    assert_eq!(
+        snap_names(d.path()),
+        [snapshot::file_name(2, 10), snapshot::file_name(2, 30)],
+        "deltas before the newest full snapshot are deleted, one older full one is kept"
+    );
+    save_delta(&s, 40, 30, b"delta 40").expect("delta");
+    drop(s);
+    let s = open(d.path());
+    let chain = s.latest_snapshot().expect("latest").expect("some");
+    assert_eq!((chain.full.data.as_slice(), chain.deltas.len()), (&b"full 30"[..], 1));
+    assert_eq!(chain.metadata().index, 40);
+}
+
+#[test]
+fn a_delta_chain_without_its_full_snapshot_or_with_a_damaged_delta_is_corrupt() {
+    let d = tempfile::tempdir().expect("tempdir");
+    {
+        let s = open(d.path());
+        s.apply_snapshot(snap(1, 1, b"boot")).expect("boot");
+        s.append(&ents(2, 30, 2)).expect("append");
+        s.set_hard_state(&HardState { term: 2, vote: 1, commit: 30 }).expect("hs");
+        s.sync().expect("sync");
+        s.save_snapshot(10, &cs(&[1, 2, 3]), b"full 10".to_vec()).expect("full");
+        save_delta(&s, 20, 10, b"delta 20").expect("delta");
+        s.compact(5).expect("compact");
+    }
+    let delta = d.path().join("snap").join(snapshot::delta_file_name(2, 20));
+    let good = fs::read(&delta).expect("read");
+    let mut bad = good.clone();
+    let last = bad.len() - 1;
+    bad[last] ^= 1;
+    fs::write(&delta, &bad).expect("damage");
+    let err = DiskStorage::open(d.path(), StorageOptions::default()).err().expect("damaged delta");
+    assert!(err.is_corrupt() && err.to_string().starts_with("snapshot corrupt: ") && err.to_string().contains(".delta"), "{err}");
+    fs::write(&delta, &good).expect("repair");
+    open(d.path());
+    // Without the full snapshots before it, the delta has nothing to apply on top of.
+    for name in [snapshot::file_name(2, 10), snapshot::file_name(1, 1)] {
+        fs::remove_file(d.path().join("snap").join(name)).expect("rm");
+    }
+    let err = DiskStorage::open(d.path(), StorageOptions::default()).err().expect("no full snapshot");
+    assert!(err.is_corrupt() && err.to_string().contains("without a full snapshot"), "{err}");
 }
 
 #[test]
