@@ -210,6 +210,59 @@ fn kill_9_of_every_node_with_delta_snapshots_in_force_loses_nothing() {
 }
 
 #[test]
+fn a_follower_behind_a_delta_snapshot_catches_up_with_no_write_after_it() {
+    let mut c = Cluster::start_with(3, Options { snapshot_count: 50, ..Default::default() });
+    let leader = c.wait_leader(T);
+    let down = (1..=3).find(|id| *id != leader).unwrap();
+    c.kill(down);
+    // Enough keys that snapshots become deltas (a delta must touch under half the keys).
+    for i in 0..400 {
+        c.put_retry(leader, &format!("u{i:03}"), "first", T);
+    }
+    // Rewrite a few keys one at a time until a write triggers a delta snapshot and then
+    // stop: the leader's snapshot in force is a delta at its applied index, the log
+    // before it is compacted, and nothing more is applied. The follower's full snapshot
+    // must then be made from that state, with no write to trigger it.
+    let index = |st: &serde_json::Value, k: &str| st[k].as_u64().unwrap_or(0);
+    let mut n = 0u64;
+    let (key, last) = loop {
+        assert!(n < 3000, "no write ended on a delta snapshot");
+        let before = c.status(leader).expect("status");
+        let deltas = snapshots_saved(&c, leader, "delta");
+        let (key, value) = (format!("u{:03}", n % 10), format!("w{n}"));
+        n += 1;
+        c.put_retry(leader, &key, &value, T);
+        let applied = index(&c.status(leader).expect("status"), "applied_index");
+        if applied - index(&before, "snapshot_index") < 50 {
+            continue;
+        }
+        // This write triggered a snapshot at `applied`: wait for it, then see its kind.
+        // (If one was still being saved, the next lands at an earlier index: go on.)
+        let deadline = Instant::now() + Duration::from_secs(3);
+        let at_applied = || index(&c.status(leader).unwrap_or_default(), "snapshot_index") == applied;
+        while !at_applied() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if at_applied() && snapshots_saved(&c, leader, "delta") > deltas {
+            break (key, value);
+        }
+    };
+    c.spawn(down);
+    // Usually by a full snapshot made at the delta's index for it (the newest full one
+    // is compacted past); if a full one made earlier is still usable, by that one.
+    wait_for(T, "the follower to catch up", || {
+        let st = c.status(down)?;
+        (index(&st, "applied_index") >= index(&c.status(leader)?, "applied_index")).then_some(())
+    });
+    for i in 0..10 {
+        let r = c.http.get(&format!("{}/v1/kv/u{i:03}?consistency=serializable", c.url(down))).unwrap();
+        assert_eq!(r.status, StatusCode::OK, "u{i:03}: {}", r.text());
+    }
+    let r = c.http.get(&format!("{}/v1/kv/{key}?consistency=serializable", c.url(down))).unwrap();
+    assert_eq!(r.json()["value"], last.as_str(), "the follower has the last write");
+}
+
+#[test]
 fn a_fourth_node_joins_with_join() {
     let mut c = Cluster::start(3);
     c.put_retry(1, "before", "join", T);
