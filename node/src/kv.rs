@@ -448,17 +448,23 @@ impl KvStore {
             return Err(KvError::Version(img.version));
         }
         self.data = pairs.into_iter().collect();
+        self.adopt(img);
+        Ok(())
+    }
+
+    /// Takes an image's members, removed ids and applied index (an image has both in
+    /// full, delta or not), and tracks changes from that image on.
+    fn adopt(&mut self, img: SnapshotImage) {
         self.members = img.members.into_iter().map(|m| (m.id, m.peer_url)).collect();
         self.removed = img.removed.into_iter().collect();
         self.applied = img.applied_index;
         self.changes = Vec::new();
         self.changes_since = Some(self.applied);
-        Ok(())
     }
 
     /// Applies a delta image on top of the current state, which must be at its base.
     pub fn apply_delta(&mut self, bytes: &[u8]) -> Result<(), KvError> {
-        let (img, pairs) = decode_image(bytes, "delta snapshot image")?;
+        let (mut img, pairs) = decode_image(bytes, "delta snapshot image")?;
         if img.version != DELTA_IMAGE {
             return Err(KvError::Version(img.version));
         }
@@ -468,14 +474,10 @@ impl KvStore {
         for p in pairs {
             self.data.insert(p);
         }
-        for k in img.deleted {
+        for k in std::mem::take(&mut img.deleted) {
             self.data.remove(k.as_bytes());
         }
-        self.members = img.members.into_iter().map(|m| (m.id, m.peer_url)).collect();
-        self.removed = img.removed.into_iter().collect();
-        self.applied = img.applied_index;
-        self.changes = Vec::new();
-        self.changes_since = Some(self.applied);
+        self.adopt(img);
         Ok(())
     }
 

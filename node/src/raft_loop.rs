@@ -652,14 +652,7 @@ impl RaftLoop {
                 }
             }
             Request::TransferLeader(to) => self.raw.transfer_leader(to),
-            Request::SnapshotSaved { index, result, compacted, full } => {
-                // Followers that asked for a full snapshot while this one was being made
-                // get it now; one that still needs a newer one asks again.
-                if full && result.is_ok() {
-                    self.want_snapshot.store(false, Ordering::Relaxed);
-                }
-                self.on_snapshot_saved(index, result, compacted)
-            }
+            Request::SnapshotSaved { index, result, compacted, full } => self.on_snapshot_saved(index, result, compacted, full),
             Request::Persisted { number, took } => self.on_persisted(number, took),
             Request::DiskFull => self.on_disk_full(),
             Request::PersistFailed(e) => {
@@ -1195,8 +1188,19 @@ impl RaftLoop {
         Ok(())
     }
 
-    fn on_snapshot_saved(&mut self, index: u64, result: Result<Duration, StorageError>, compacted: Option<(u64, Result<(), StorageError>)>) {
+    fn on_snapshot_saved(
+        &mut self,
+        index: u64,
+        result: Result<Duration, StorageError>,
+        compacted: Option<(u64, Result<(), StorageError>)>,
+        full: bool,
+    ) {
         self.snapshot_in_flight = false;
+        if full && result.is_ok() {
+            // Followers that asked for a full snapshot while this one was being made get
+            // it now; one that still needs a newer one asks again.
+            self.want_snapshot.store(false, Ordering::Relaxed);
+        }
         match result {
             Ok(took) => {
                 self.snapshot_retry = None;

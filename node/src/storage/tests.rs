@@ -396,6 +396,16 @@ fn save_delta(s: &DiskStorage, index: u64, base: u64, data: &[u8]) -> Result<Dur
     s.save_delta_streamed(index, base, &cs(&[1, 2, 3]), data.len() as u64, |w| w.write_all(data))
 }
 
+/// Opens `dir` with the bootstrap snapshot and entries 2..=`last` (term 2) committed.
+fn open_with_log(dir: &Path, last: u64) -> DiskStorage {
+    let s = open(dir);
+    s.apply_snapshot(snap(1, 1, b"boot")).expect("boot");
+    s.append(&ents(2, last, 2)).expect("append");
+    s.set_hard_state(&HardState { term: 2, vote: 1, commit: last }).expect("hs");
+    s.sync().expect("sync");
+    s
+}
+
 fn snap_names(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = fs::read_dir(dir.join("snap"))
         .expect("snap dir")
@@ -409,11 +419,7 @@ fn snap_names(dir: &Path) -> Vec<String> {
 fn delta_snapshots_chain_on_a_full_one_and_followers_get_only_full_ones() {
     let d = tempfile::tempdir().expect("tempdir");
     let unavailable = raft::Error::Store(raft::StorageError::SnapshotTemporarilyUnavailable);
-    let s = open(d.path());
-    s.apply_snapshot(snap(1, 1, b"boot")).expect("boot");
-    s.append(&ents(2, 60, 2)).expect("append");
-    s.set_hard_state(&HardState { term: 2, vote: 1, commit: 60 }).expect("hs");
-    s.sync().expect("sync");
+    let s = open_with_log(d.path(), 60);
     s.save_snapshot(10, &cs(&[1, 2, 3]), b"full 10".to_vec()).expect("full");
     assert!(save_delta(&s, 20, 10, b"delta 20").expect("delta") > Duration::ZERO);
     save_delta(&s, 30, 20, b"delta 30").expect("delta");
@@ -465,11 +471,7 @@ fn delta_snapshots_chain_on_a_full_one_and_followers_get_only_full_ones() {
 fn a_delta_chain_without_its_full_snapshot_or_with_a_damaged_delta_is_corrupt() {
     let d = tempfile::tempdir().expect("tempdir");
     {
-        let s = open(d.path());
-        s.apply_snapshot(snap(1, 1, b"boot")).expect("boot");
-        s.append(&ents(2, 30, 2)).expect("append");
-        s.set_hard_state(&HardState { term: 2, vote: 1, commit: 30 }).expect("hs");
-        s.sync().expect("sync");
+        let s = open_with_log(d.path(), 30);
         s.save_snapshot(10, &cs(&[1, 2, 3]), b"full 10".to_vec()).expect("full");
         save_delta(&s, 20, 10, b"delta 20").expect("delta");
         s.compact(5).expect("compact");
