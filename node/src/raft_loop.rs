@@ -10,7 +10,10 @@
 //! fsync is done). Messages that vouch for a Ready — a follower's append response, a
 //! vote — are held until that Ready is durable. While an fsync runs, the loop keeps
 //! stepping messages, committing and applying; proposals that arrive meanwhile share the
-//! next fsync (group commit). Clients are answered only after their entry is committed
+//! next fsync (group commit). The client commands gathered in one loop iteration are
+//! proposed as one raft message (one append and one broadcast on a leader, one forward
+//! on a follower), and raft merges the appends for one follower in one Ready into one
+//! message (`batch_append`). Clients are answered only after their entry is committed
 //! and applied, so an acknowledged write is on a quorum's disks.
 //!
 //! Reads use raft's ReadIndex: every read gathered in one loop iteration shares one
@@ -58,6 +61,8 @@ const MAX_DELTAS: usize = 32;
 const READ_RETRY: Duration = Duration::from_millis(300);
 /// Longest a SIGTERM'd leader waits for its leadership transfer.
 const TRANSFER_ON_STOP: Duration = Duration::from_secs(3);
+/// Bytes of client commands gathered into one proposal message before it is stepped.
+const PROPOSAL_BATCH_BYTES: usize = 1 << 20;
 
 /// raft-rs's view of [`DiskStorage`]. The one difference: when the newest snapshot does
 /// not yet contain the member it is meant for (a member added after it was taken), it
@@ -318,6 +323,36 @@ struct Unpersisted {
     held: Vec<Message>,
 }
 
+/// Client commands waiting to be proposed together: one `MsgPropose` means one append
+/// and one broadcast on a leader, one forward to the leader on a follower.
+#[derive(Default)]
+struct ProposalBatch {
+    entries: Vec<Entry>,
+    replies: Vec<(u64, ProposeReply)>,
+    bytes: usize,
+}
+
+impl ProposalBatch {
+    /// Adds a command; true when the batch is full ([`PROPOSAL_BATCH_BYTES`]) and must be
+    /// proposed now. A bounded batch stays far below raft's uncommitted-size limit, which
+    /// would drop a whole batch of large values every time.
+    fn push(&mut self, request_id: u64, data: Vec<u8>, reply: ProposeReply) -> bool {
+        self.bytes += data.len();
+        self.entries.push(Entry { data: data.into(), ..Default::default() });
+        self.replies.push((request_id, reply));
+        self.bytes >= PROPOSAL_BATCH_BYTES
+    }
+
+    /// Empties the batch: its entries and their waiters, or `None` when it was empty.
+    fn take(&mut self) -> Option<(Vec<Entry>, Vec<(u64, ProposeReply)>)> {
+        if self.entries.is_empty() {
+            return None;
+        }
+        self.bytes = 0;
+        Some((std::mem::take(&mut self.entries), std::mem::take(&mut self.replies)))
+    }
+}
+
 struct PendingRead {
     replies: Vec<ReadReply>,
     issued: Instant,
@@ -342,6 +377,9 @@ struct RaftLoop {
     conf_state: ConfState,
     incarnation: u64,
     proposals: HashMap<u64, ProposeReply>,
+    /// Client commands gathered in this loop iteration, proposed together by
+    /// [`RaftLoop::flush_proposals`].
+    batch: ProposalBatch,
     conf_waiters: HashMap<u64, ConfReply>,
     new_reads: Vec<ReadReply>,
     reads_inflight: HashMap<u64, PendingRead>,
@@ -436,6 +474,8 @@ pub fn start(
         pre_vote: true,
         max_uncommitted_size: 256 * 1024 * 1024,
         max_committed_size_per_ready: 64 * 1024 * 1024,
+        // Appends to one follower made in one Ready go out as one message.
+        batch_append: true,
         ..Default::default()
     };
     raft_cfg.validate()?;
@@ -471,6 +511,7 @@ pub fn start(
         conf_state,
         incarnation,
         proposals: HashMap::new(),
+        batch: ProposalBatch::default(),
         conf_waiters: HashMap::new(),
         new_reads: Vec::new(),
         reads_inflight: HashMap::new(),
@@ -522,6 +563,7 @@ impl RaftLoop {
                     Err(_) => break,
                 }
             }
+            self.flush_proposals();
             let now = Instant::now();
             if now >= next_tick {
                 self.raw.tick();
@@ -589,16 +631,8 @@ impl RaftLoop {
                     let _ = reply.send(Err(ProposeError::NoLeader));
                     return;
                 }
-                match self.raw.propose(vec![], data) {
-                    Ok(()) => {
-                        self.proposals.insert(request_id, reply);
-                    }
-                    Err(raft::Error::ProposalDropped) => {
-                        let _ = reply.send(Err(ProposeError::NoLeader));
-                    }
-                    Err(e) => {
-                        let _ = reply.send(Err(ProposeError::Refused(e.to_string())));
-                    }
+                if self.batch.push(request_id, data, reply) {
+                    self.flush_proposals();
                 }
             }
             Request::ConfChange { change, peer_url, reply } => {
@@ -668,6 +702,31 @@ impl RaftLoop {
                             self.raw.transfer_leader(to);
                         }
                     }
+                }
+            }
+        }
+    }
+
+    /// Proposes the gathered client commands as one `MsgPropose` (what
+    /// `RawNode::propose` steps, with one entry per command); raft takes or drops them
+    /// together.
+    fn flush_proposals(&mut self) {
+        let Some((entries, replies)) = self.batch.take() else { return };
+        let m = Message {
+            msg_type: MessageType::MsgPropose as i32,
+            from: self.cfg.id,
+            entries,
+            ..Default::default()
+        };
+        match self.raw.raft.step(m) {
+            Ok(()) => self.proposals.extend(replies),
+            Err(e) => {
+                let err = match e {
+                    raft::Error::ProposalDropped => ProposeError::NoLeader,
+                    e => ProposeError::Refused(e.to_string()),
+                };
+                for (_, reply) in replies {
+                    let _ = reply.send(Err(err.clone()));
                 }
             }
         }
@@ -1238,6 +1297,9 @@ impl RaftLoop {
     }
 
     fn fail_all(&mut self, err: ProposeError) {
+        for (_, w) in self.batch.take().map(|(_, replies)| replies).unwrap_or_default() {
+            let _ = w.send(Err(err.clone()));
+        }
         for (_, w) in self.proposals.drain() {
             let _ = w.send(Err(err.clone()));
             metrics().proposals_failed.inc();
@@ -1348,5 +1410,40 @@ fn persist_thread(storage: DiskStorage, rx: Receiver<u64>, raft: Sender<Request>
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_proposal_batch_fills_at_its_byte_bound_and_empties_when_taken() {
+        let mut batch = ProposalBatch::default();
+        assert!(batch.take().is_none(), "an empty batch proposes nothing");
+        let chunk = 64 << 10;
+        let mut pushed = 0usize;
+        let mut receivers = Vec::new();
+        loop {
+            let (tx, rx) = oneshot::channel();
+            receivers.push(rx);
+            pushed += 1;
+            if batch.push(pushed as u64, vec![pushed as u8; chunk], tx) {
+                break;
+            }
+            assert!(pushed * chunk < PROPOSAL_BATCH_BYTES, "not reported full at {} bytes", pushed * chunk);
+        }
+        assert_eq!(pushed * chunk, PROPOSAL_BATCH_BYTES);
+        let (entries, replies) = batch.take().expect("a full batch");
+        assert_eq!(entries.len(), pushed);
+        // Entries keep the order the commands came in, each beside its own waiter.
+        for (i, (e, (id, _))) in entries.iter().zip(&replies).enumerate() {
+            assert_eq!(*id, i as u64 + 1);
+            assert_eq!(e.data[0], (i + 1) as u8);
+            assert_eq!(e.data.len(), chunk);
+        }
+        assert!(batch.take().is_none(), "taking empties the batch");
+        let (tx, _rx) = oneshot::channel();
+        assert!(!batch.push(99, vec![0; 10], tx), "the byte count starts over");
     }
 }
