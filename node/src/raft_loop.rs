@@ -685,7 +685,11 @@ impl RaftLoop {
                     }
                 }
             }
-            Request::TransferLeader(to) => self.raw.transfer_leader(to),
+            Request::TransferLeader(to) => {
+                // Commands that came first are proposed first, as when each was proposed alone.
+                self.flush_proposals();
+                self.raw.transfer_leader(to)
+            }
             Request::SnapshotSaved { index, result, compacted, full } => self.on_snapshot_saved(index, result, compacted, full),
             Request::Persisted { number, took } => self.on_persisted(number, took),
             Request::DiskFull => self.on_disk_full(),
@@ -694,6 +698,7 @@ impl RaftLoop {
                 self.fatal = Some("WAL fsync failed");
             }
             Request::Stop => {
+                self.flush_proposals();
                 if self.stop_deadline.is_none() {
                     self.stop_deadline = Some(Instant::now() + TRANSFER_ON_STOP);
                     if self.raw.raft.state == StateRole::Leader {
@@ -1297,8 +1302,8 @@ impl RaftLoop {
     }
 
     fn fail_all(&mut self, err: ProposeError) {
-        for (_, w) in self.batch.take().map(|(_, replies)| replies).unwrap_or_default() {
-            let _ = w.send(Err(err.clone()));
+        if let Some((_, replies)) = self.batch.take() {
+            self.proposals.extend(replies);
         }
         for (_, w) in self.proposals.drain() {
             let _ = w.send(Err(err.clone()));
@@ -1423,10 +1428,8 @@ mod tests {
         assert!(batch.take().is_none(), "an empty batch proposes nothing");
         let chunk = 64 << 10;
         let mut pushed = 0usize;
-        let mut receivers = Vec::new();
         loop {
-            let (tx, rx) = oneshot::channel();
-            receivers.push(rx);
+            let (tx, _rx) = oneshot::channel();
             pushed += 1;
             if batch.push(pushed as u64, vec![pushed as u8; chunk], tx) {
                 break;
