@@ -53,6 +53,10 @@ use crate::transport::Transport;
 
 /// Election timeout in ticks (heartbeats go every tick).
 const ELECTION_TICKS: u32 = 10;
+/// A learner that has heard from no peer for this long asks the voters whether it is
+/// still a member (see [`RaftLoop::probe_membership`]), and again as often while the
+/// silence lasts.
+const LEARNER_PROBE_AFTER: Duration = Duration::from_secs(5);
 /// Entries kept behind a snapshot for slow followers (etcd keeps 5000).
 const CATCH_UP_ENTRIES: u64 = 5_000;
 /// Longest chain of delta snapshots after a full one (restart applies them all).
@@ -402,6 +406,11 @@ struct RaftLoop {
     decoded_snapshot: Option<(u64, KvStore)>,
     /// After a failed snapshot save: when to try again, and the back-off used.
     snapshot_retry: Option<(Instant, Duration)>,
+    /// When the loop started (the silence of a learner that never heard from a peer
+    /// counts from here).
+    started: Instant,
+    /// The earliest time a learner sends its next membership probe.
+    next_probe: Instant,
 }
 
 fn lock_err<T>(_: T) -> StorageError {
@@ -527,6 +536,8 @@ pub fn start(
         disk_full: false,
         decoded_snapshot: None,
         snapshot_retry: None,
+        started: Instant::now(),
+        next_probe: Instant::now(),
     };
     lp.publish_status();
     let fatal = lp.shutdown.clone();
@@ -852,10 +863,45 @@ impl RaftLoop {
         self.shutdown.trigger(Reason::Removed);
     }
 
-    fn housekeeping(&mut self, _now: Instant) {
+    fn housekeeping(&mut self, now: Instant) {
         self.proposals.retain(|_, r| !r.is_closed());
         self.conf_waiters.retain(|_, r| !r.is_closed());
         metrics().proposals_pending.set(self.proposals.len() as i64);
+        self.probe_membership(now);
+    }
+
+    /// A removed voter that missed the entry removing it finds out when it campaigns:
+    /// the members refuse its votes with 410 Gone. A learner never campaigns, and once
+    /// removed nobody sends it anything (the leader drops it from replication, maybe
+    /// before the entry reached it; or it was down and comes back with its old log), so
+    /// it would wait forever. A learner that has heard from no peer for
+    /// [`LEARNER_PROBE_AFTER`] therefore sends each voter a heartbeat response of its
+    /// term: a member that knows of the removal answers 410 and this member stops as
+    /// removed (`Request::Removed`); a leader that still counts it resumes replicating
+    /// to it; a follower ignores it.
+    fn probe_membership(&mut self, now: Instant) {
+        let me = self.cfg.id;
+        if self.removed || !self.conf_state.learners.contains(&me) || now < self.next_probe {
+            return;
+        }
+        let last = self.last_heard.values().copied().max().unwrap_or(self.started).max(self.started);
+        if now.duration_since(last) < LEARNER_PROBE_AFTER {
+            return;
+        }
+        self.next_probe = now + LEARNER_PROBE_AFTER;
+        let term = self.raw.raft.term;
+        let probes: Vec<Message> = self
+            .other_voters()
+            .map(|to| Message {
+                msg_type: MessageType::MsgHeartbeatResponse as i32,
+                to,
+                from: me,
+                term,
+                ..Default::default()
+            })
+            .collect();
+        debug!(silent_ms = now.duration_since(last).as_millis() as u64, voters = probes.len(), "learner heard from nobody; asking the voters whether it is still a member");
+        self.transport.send(probes);
     }
 
     fn issue_reads(&mut self, now: Instant) {

@@ -229,6 +229,38 @@ fn which(name: &str) -> Option<std::path::PathBuf> {
     std::env::var_os("PATH")?.to_str()?.split(':').map(|d| std::path::Path::new(d).join(name)).find(|p| p.exists())
 }
 
+/// A learner never campaigns, so one that missed the entry removing it (it was down, or
+/// the leader dropped it before sending the entry) hears from nobody afterwards. It must
+/// still find out and stop, as a removed voter does when its votes are refused.
+#[test]
+fn a_learner_removed_while_it_was_down_stops_when_it_comes_back() {
+    let mut c = Cluster::start(3);
+    c.put_retry(1, "k", "v", T);
+    let leader = c.wait_leader(T);
+    let id = c.spawn_joiner();
+    let body = format!(r#"{{"id":{id},"peer_url":"{}","learner":true}}"#, c.node(id).peer_url());
+    let r = c.http.post(&format!("{}/v1/members", c.url(leader)), body).unwrap();
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text());
+    wait_for(T, "the learner to catch up", || {
+        let r = c.http.get(&format!("{}/v1/kv/k?consistency=serializable", c.url(id))).ok()?;
+        (r.status == StatusCode::OK).then_some(())
+    });
+    c.kill(id);
+    let leader = c.wait_leader(T);
+    let r = c.http.delete(&format!("{}/v1/members/{id}", c.url(leader))).unwrap();
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    c.put_retry(leader, "k2", "after the removal", T);
+    // Back with the log from before its removal: nobody sends it anything any more.
+    c.spawn(id);
+    assert_eq!(c.wait_exit(id, T), Some(0), "the removed learner finds out and exits cleanly");
+    let log = std::fs::read_to_string(&c.node(id).log).unwrap();
+    assert!(log.contains("removed"), "its log says why it stopped");
+    // It left a tombstone: started again, it refuses at once.
+    c.spawn(id);
+    assert_eq!(c.wait_exit(id, T), Some(1));
+    c.put_retry(leader, "k3", "still three", T);
+}
+
 #[test]
 fn a_removed_id_can_be_added_again_with_a_fresh_data_dir() {
     // The operator reuses ids (pod ordinals): 3 -> 2 -> 3 removes id 3 and adds it back.
