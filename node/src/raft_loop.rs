@@ -327,12 +327,15 @@ struct Unpersisted {
     held: Vec<Message>,
 }
 
+/// The waiters of proposed client commands, by request id, in the order proposed.
+type Waiters = Vec<(u64, ProposeReply)>;
+
 /// Client commands waiting to be proposed together: one `MsgPropose` means one append
 /// and one broadcast on a leader, one forward to the leader on a follower.
 #[derive(Default)]
 struct ProposalBatch {
     entries: Vec<Entry>,
-    replies: Vec<(u64, ProposeReply)>,
+    replies: Waiters,
     bytes: usize,
 }
 
@@ -342,13 +345,13 @@ impl ProposalBatch {
     /// would drop a whole batch of large values every time.
     fn push(&mut self, request_id: u64, data: Vec<u8>, reply: ProposeReply) -> bool {
         self.bytes += data.len();
-        self.entries.push(Entry { data: data.into(), ..Default::default() });
+        self.entries.push(Entry { data, ..Default::default() });
         self.replies.push((request_id, reply));
         self.bytes >= PROPOSAL_BATCH_BYTES
     }
 
     /// Empties the batch: its entries and their waiters, or `None` when it was empty.
-    fn take(&mut self) -> Option<(Vec<Entry>, Vec<(u64, ProposeReply)>)> {
+    fn take(&mut self) -> Option<(Vec<Entry>, Waiters)> {
         if self.entries.is_empty() {
             return None;
         }
