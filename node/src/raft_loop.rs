@@ -887,7 +887,7 @@ impl RaftLoop {
         if self.removed || !self.conf_state.learners.contains(&me) || now < self.next_probe {
             return;
         }
-        let last = self.last_heard.values().copied().max().unwrap_or(self.started).max(self.started);
+        let last = self.last_heard.values().copied().fold(self.started, Instant::max);
         if now.duration_since(last) < LEARNER_PROBE_AFTER {
             return;
         }
