@@ -428,8 +428,8 @@ pub fn start(
     tx: Sender<Request>,
     rx: Receiver<Request>,
 ) -> Result<Started, StartError> {
-    std::fs::create_dir_all(&cfg.data_dir)
-        .map_err(|source| StorageError::Io { path: cfg.data_dir.clone(), source })?;
+    // `DiskStorage::open` creates the data directory, fsyncing the parent of each
+    // directory it creates, so a new member's directory entry is as durable as its files.
     if let Some(reason) = storage::read_tombstone(&cfg.data_dir)? {
         return Err(StartError::Removed { reason, dir: cfg.data_dir.clone() });
     }

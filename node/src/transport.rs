@@ -192,8 +192,11 @@ pub enum FrameError {
     },
 }
 
-/// Largest term or index a peer message may carry (as the WAL: 2^63 - 1).
-const MAX_TERM_OR_INDEX: u64 = i64::MAX as u64;
+/// Largest term or index a peer message may carry: 2^62, half the WAL's bound
+/// (2^63 - 1). raft-rs adds to what peers send (a campaign bumps the term, an append
+/// extends the index), so a peer's value must leave room for what this node then writes,
+/// or the WAL would hold a term its recovery refuses.
+pub const MAX_TERM_OR_INDEX: u64 = 1 << 62;
 
 /// Checks the enum fields raft-rs reads with panicking accessors (`get_msg_type`,
 /// `get_entry_type`, and the conf change types when an entry is applied): protobuf
@@ -1292,8 +1295,10 @@ mod tests {
             assert!(ok(Message { msg_type: ty as i32, term: 0, ..base.clone() }).unwrap_err().to_string().contains("without a term"));
             assert!(ok(Message { msg_type: ty as i32, ..base.clone() }).is_ok());
         }
-        // Terms and indexes beyond 2^63 - 1 (raft-rs overflows on u64::MAX terms).
-        let huge = i64::MAX as u64 + 1;
+        // Terms and indexes beyond 2^62 (raft-rs overflows on u64::MAX terms, and a term
+        // just below the WAL's 2^63 - 1 bound would pass it at the next campaign).
+        let huge = MAX_TERM_OR_INDEX + 1;
+        assert!(ok(Message { term: i64::MAX as u64, ..base.clone() }).is_err(), "no room for a campaign");
         assert!(ok(Message { term: u64::MAX, ..base.clone() }).unwrap_err().to_string().contains("term 18446744073709551615"));
         assert!(ok(Message { commit: huge, ..base.clone() }).is_err());
         assert!(ok(Message { reject_hint: huge, ..base.clone() }).is_err());

@@ -511,7 +511,7 @@ fn wait_exit(c: &mut Cluster, within: Duration) -> Option<std::process::ExitStat
 /// A random but well-formed raft message to member 1, as a hostile or broken peer could
 /// send it once past the transport (plaintext peers, or a peer holding a certificate).
 fn hostile_message(rng: &mut StdRng) -> Message {
-    // Mostly plausible numbers: the transport refuses terms and indexes beyond 2^63 - 1.
+    // Mostly plausible numbers: the transport refuses terms and indexes beyond 2^62.
     let num = |rng: &mut StdRng| match rng.gen_range(0..10) {
         0..=3 => rng.gen_range(0..4),
         4..=7 => rng.gen_range(0..100),

@@ -86,8 +86,14 @@ pub enum StorageError {
 
 fn corrupt_kind(path: &Path) -> &'static str {
     match path.extension().and_then(|e| e.to_str()) {
-        Some("snap") | Some("delta") => "snapshot",
+        Some("snap") | Some("delta") => return "snapshot",
+        Some("wal") => return "WAL",
+        _ => {}
+    }
+    // Whole-log checks name the directory itself.
+    match path.file_name().and_then(|n| n.to_str()) {
         Some("wal") => "WAL",
+        Some("snap") => "snapshot",
         _ => "storage",
     }
 }

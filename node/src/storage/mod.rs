@@ -91,7 +91,8 @@ struct Inner {
     /// `apply_snapshot`): one snapshot writer at a time, without blocking log appends.
     /// Lock order: `snap_write`, then `core`, then `wal`. `sync_one` is taken with
     /// neither `core` nor `wal` held (it takes `wal` itself, briefly). `cache` is taken
-    /// with none of them held (it may take `core` itself).
+    /// with neither `core` nor `wal` held (it may take `core` itself); `snap_write` may be
+    /// held (`drop_cache` after a snapshot), as nothing takes `snap_write` under `cache`.
     snap_write: Mutex<()>,
     /// Held for a whole WAL sync (write + fdatasync): one at a time, in order.
     sync_one: Mutex<()>,
@@ -117,7 +118,11 @@ impl Core {
     /// Positions in `snap_files` of the chain in force: the newest full snapshot, then
     /// the deltas after it up to the one in force. Empty when there is no snapshot.
     fn chain(&self) -> Vec<usize> {
-        let (index, term) = (self.log.snap_index, self.log.snap_term);
+        self.chain_at(self.log.snap_index, self.log.snap_term)
+    }
+
+    /// Positions in `snap_files` of the chain ending at the snapshot (`index`, `term`).
+    fn chain_at(&self, index: u64, term: u64) -> Vec<usize> {
         let Some(top) = self.snap_files.iter().rposition(|f| (f.index, f.term) == (index, term)) else {
             return Vec::new();
         };
@@ -155,10 +160,16 @@ impl DiskStorage {
         fsutil::ensure_dir(&snap_dir)?;
 
         let mut snap_files = snapshot::list(&snap_dir)?;
-        let wal_was_empty = std::fs::read_dir(&wal_dir)
-            .map_err(error::io_err(&wal_dir))?
-            .next()
-            .is_none();
+        // Only segments count: a leftover `.tmp` or a stray file does not make a WAL, and
+        // recovery would otherwise start a new one and delete every snapshot as an orphan.
+        let mut wal_was_empty = true;
+        for ent in std::fs::read_dir(&wal_dir).map_err(error::io_err(&wal_dir))? {
+            let ent = ent.map_err(error::io_err(&wal_dir))?;
+            if wal::parse_segment_name(&ent.file_name().to_string_lossy()).is_some() {
+                wal_was_empty = false;
+                break;
+            }
+        }
         if wal_was_empty && !snap_files.is_empty() {
             return Err(corrupt(
                 &wal_dir,
@@ -517,7 +528,7 @@ impl DiskStorage {
     /// Drops entries before `compact_index` from memory (clamped so no gap opens after
     /// the latest snapshot: compact_index <= snapshot index + 1) and deletes WAL segments
     /// that hold nothing needed any more, and snapshot files older than the chain in
-    /// force, except the full snapshot before it.
+    /// force in the durable WAL, except the full snapshot before it.
     /// The files are deleted after the locks are released, so appends, syncs and reads
     /// on other threads never wait for an unlink or a directory fsync.
     pub fn compact(&self, compact_index: u64) -> Result<(), StorageError> {
@@ -526,9 +537,15 @@ impl DiskStorage {
             let clamped = compact_index.min(core.log.snap_index + 1);
             core.log.compact(clamped);
             let first = core.log.first_index();
-            let segments = self.wal()?.detach_unneeded(first);
+            let (segments, (durable_index, durable_term)) = {
+                let mut wal = self.wal()?;
+                (wal.detach_unneeded(first), wal.durable_snapshot())
+            };
             let mut snapshots = Vec::new();
-            if let Some(&base) = core.chain().first() {
+            // Files are kept from the chain the *durable* WAL names: a leader snapshot
+            // installed in memory whose record is not yet synced (a sync pending, or
+            // retried on a full disk) must not cost the chain a restart would need.
+            if let Some(&base) = core.chain_at(durable_index, durable_term).first() {
                 let previous_full = core.snap_files[..base].iter().rposition(|f| !f.delta);
                 let mut at = 0;
                 core.snap_files.retain(|f| {

@@ -317,6 +317,14 @@ fn wal_lost_with_snapshots_present_is_corrupt() {
     }
     let err = DiskStorage::open(d.path(), StorageOptions::default()).err().expect("must fail");
     assert!(err.is_corrupt(), "{err}");
+    // Leftovers that are not segments do not hide the loss, and the snapshots survive
+    // the refused open (recovery must not start a new WAL and drop them as orphans).
+    fs::write(d.path().join("wal").join(format!("{}.tmp", wal::segment_name(1, 1))), b"").expect("tmp");
+    fs::write(d.path().join("wal").join("notes.txt"), b"stray").expect("stray");
+    let err = DiskStorage::open(d.path(), StorageOptions::default()).err().expect("must still fail");
+    assert!(err.is_corrupt(), "{err}");
+    assert!(err.to_string().starts_with("WAL corrupt: ") && err.to_string().contains("the WAL was lost"), "{err}");
+    assert_eq!(fs::read_dir(d.path().join("snap")).expect("snap dir").count(), 1, "the snapshot file is kept");
 }
 
 #[test]
@@ -629,6 +637,35 @@ fn no_room_to_preallocate_still_rotates_and_opens() {
     let active = segments(d.path()).pop().expect("segment");
     let len = fs::metadata(&active).expect("size").len();
     assert!(len >= seg_bytes, "active segment of {len} bytes: not preallocated");
+}
+
+#[test]
+fn compaction_keeps_the_durable_chain_while_a_leader_snapshot_is_not_yet_synced() {
+    let d = tempfile::tempdir().expect("tempdir");
+    {
+        let s = open_with_log(d.path(), 60);
+        s.save_snapshot(10, &cs(&[1, 2, 3]), b"full 10".to_vec()).expect("full");
+        save_delta(&s, 20, 10, b"delta 20").expect("delta");
+        save_delta(&s, 30, 20, b"delta 30").expect("delta");
+        // A leader snapshot at 50 whose WAL record cannot be synced (the disk is full):
+        // installed in memory, not durable. The durable snapshot is still delta 30.
+        s.inject_failure(true, libc::ENOSPC);
+        let err = s.apply_snapshot(snap(50, 2, b"leader 50")).expect_err("sync fails");
+        assert!(err.is_no_space(), "{err}");
+        assert_eq!(s.snapshot_index(), 50, "installed in memory");
+        // The snapshot thread compacts meanwhile.
+        s.compact(50).expect("compact");
+        let names = snap_names(d.path());
+        for needed in [snapshot::file_name(2, 10), snapshot::delta_file_name(2, 20), snapshot::delta_file_name(2, 30)] {
+            assert!(names.contains(&needed), "{needed} was deleted: {names:?}");
+        }
+        // The process dies before the record is ever synced.
+    }
+    let s = open(d.path());
+    assert_eq!(s.snapshot_index(), 30, "the durable snapshot");
+    let chain = s.latest_snapshot().expect("latest").expect("some");
+    assert_eq!(chain.full.data, b"full 10");
+    assert_eq!(chain.deltas.iter().map(|d| d.data.as_slice()).collect::<Vec<_>>(), [b"delta 20", b"delta 30"]);
 }
 
 #[test]

@@ -417,6 +417,11 @@ impl Wal {
     /// it; such records always replace a suffix, so if any later segment has a durable
     /// record starting at or below `first_needed`, every needed entry lives in later
     /// segments, and their `Meta` records carry the snapshot and hard state.
+    /// The snapshot in force in the durable records: (index, term).
+    pub(crate) fn durable_snapshot(&self) -> (u64, u64) {
+        (self.written.snap_index, self.written.snap_term)
+    }
+
     pub(crate) fn detach_unneeded(&mut self, first_needed: u64) -> Vec<PathBuf> {
         let n = self.segments.len();
         if n < 2 {
