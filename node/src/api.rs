@@ -138,6 +138,7 @@ fn route_label(method: &Method, path: &str) -> &'static str {
         "/v1/kv" => "v1_kv_list",
         "/v1/members" => "v1_members",
         "/v1/leader/transfer" => "v1_leader_transfer",
+        "/v1" => "v1_unknown",
         p if p.starts_with("/v1/kv/") => match m {
             "GET" => "v1_kv_get",
             "PUT" => "v1_kv_put",
@@ -839,5 +840,9 @@ mod tests {
         assert_eq!(route_label(&Method::GET, "/v1/kv/anything"), "v1_kv_get");
         assert_eq!(route_label(&Method::PUT, "/whatever"), "key_put");
         assert_eq!(route_label(&Method::PATCH, "/x"), "other");
+        assert_eq!(route_label(&Method::PATCH, "/v1/kv/k"), "v1_kv_other");
+        // `/v1` is a route (404), not a key: it must not count as a key read or write.
+        assert_eq!(route_label(&Method::GET, "/v1"), "v1_unknown");
+        assert_eq!(route_label(&Method::PUT, "/v1"), "v1_unknown");
     }
 }
