@@ -17,7 +17,7 @@ use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 
 use crate::crd::{MemberStatus, Operation, OperationKind, Phase, RaftKV, RaftKVStatus};
-use crate::membership::{decide, majority, Action, ClusterView, Observed, PodView, PvcView, Role};
+use crate::membership::{decide, majority, Action, ClusterView, Observed, PodView, PvcView, Role, WaitReason};
 use crate::metrics::Metrics;
 use crate::node_client::NodeApi;
 use crate::orchestrate::{execute, observe_cluster, Addresses, Outcome, Platform, PlatformError, StepError};
@@ -422,7 +422,12 @@ pub async fn reconcile<N: NodeApi>(rkv: Arc<RaftKV>, ctx: Arc<Context<N>>) -> Re
     };
     let bootstrapped = status.bootstrapped
         || cluster.as_ref().is_some_and(|c| c.leader != 0 && c.members.len() >= initial.len());
-    let new_status = compute_status(&rkv, cluster.as_ref(), operation_now.as_ref(), &action, bootstrapped);
+    // A promotion the leader refused for now (the learner is behind) is a wait: say so.
+    let shown = match (&action, &outcome) {
+        (Action::Promote(id), Ok(Outcome::NotYet)) => Action::Wait(WaitReason::LearnerCatchingUp(*id)),
+        _ => action.clone(),
+    };
+    let new_status = compute_status(&rkv, cluster.as_ref(), operation_now.as_ref(), &shown, bootstrapped);
     let voters = cluster
         .as_ref()
         .map(|c| c.members.values().filter(|m| m.role == Role::Voter).count())

@@ -372,6 +372,10 @@ async fn learner_is_added_through_the_leader_and_promotion_waits_for_catch_up() 
     assert!(res.is_ok(), "{res:?}");
     assert_eq!(ctx.node.calls(), vec!["promote 4 via 2".to_string()]);
     assert!(find(&seen, "POST", EVENTS).is_empty());
+    // The status says what it waits for, and the operation keeps the phase at Scaling.
+    let status = &find(&seen, "PATCH", RKV_STATUS)[0].body["status"];
+    assert_eq!(status["message"], "learner 4 is catching up", "{status}");
+    assert_eq!(status["phase"], "Scaling", "{status}");
     let text = ctx.metrics.render();
     assert!(text.contains(r#"raftkv_operator_membership_operations_total{action="Promote",result="not_yet"} 1"#), "{text}");
 }

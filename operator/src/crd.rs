@@ -60,11 +60,18 @@ pub struct RaftKVSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
 
-    /// Image pull policy for the node container (Always, IfNotPresent, Never).
+    /// Image pull policy for the node container: Always, IfNotPresent or Never (the
+    /// Kubernetes default when unset).
+    #[x_kube(validation = Rule::new("self in ['Always', 'IfNotPresent', 'Never']").message("imagePullPolicy must be Always, IfNotPresent or Never"))]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_pull_policy: Option<String>,
 
-    /// Persistent storage of each member's data directory.
+    /// Persistent storage of each member's data directory. Immutable: a StatefulSet
+    /// cannot change its volume claim template.
+    // `self == oldSelf` on the optional `storageClassName` alone would let it be added or
+    // dropped (a transition rule runs only when both values exist); `storage` itself is
+    // always there (defaulted), so the rule on it sees every change.
+    #[x_kube(validation = Rule::new("has(self.storageClassName) == has(oldSelf.storageClassName) && (!has(self.storageClassName) || self.storageClassName == oldSelf.storageClassName)").message("storage.storageClassName is immutable"))]
     #[serde(default)]
     pub storage: StorageSpec,
 
@@ -95,7 +102,10 @@ pub struct RaftKVSpec {
     pub pod_anti_affinity: Option<AntiAffinityPreset>,
 }
 
-/// Preset pod anti-affinity between the members of one cluster.
+/// Preset pod anti-affinity between the members of one cluster, used when `affinity` is
+/// unset: `Soft` (default) prefers one member per node, `Hard` requires it, `None` adds
+/// nothing.
+// The CRD shows this text, not the field's: the schema of an enum field is the enum's.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema, Default)]
 pub enum AntiAffinityPreset {
     /// Prefer spreading members over nodes (preferredDuringScheduling).
@@ -116,8 +126,8 @@ pub struct StorageSpec {
     #[serde(default = "default_storage_size")]
     pub size: String,
 
-    /// Storage class of the volumes; the cluster default when unset. Immutable.
-    #[x_kube(validation = Rule::new("self == oldSelf").message("storage.storageClassName is immutable"))]
+    /// Storage class of the volumes; the cluster default when unset. Immutable (it can
+    /// be neither changed, set nor unset after creation).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub storage_class_name: Option<String>,
 }
@@ -180,18 +190,26 @@ pub struct RaftKVStatus {
     pub message: Option<String>,
 }
 
-/// Lifecycle phase of a cluster.
+/// Lifecycle phase of a cluster: `Creating` (initial members not yet serving), `Running`
+/// (membership matches the spec), `Scaling` (a membership operation in flight),
+/// `Repairing` (replacing a member that lost its data, or fixing the StatefulSet size or a
+/// leftover volume claim), `Degraded` (no leader or healthy voter majority, or an
+/// unhealthy member).
+// The CRD shows this text, not the field's: the schema of an enum field is the enum's.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
 pub enum Phase {
     /// Objects created, initial members not yet serving.
     Creating,
     /// Membership matches the spec and a leader exists.
     Running,
-    /// A scale operation is in flight.
+    /// A membership operation is in flight: a scale-up or scale-down, including one
+    /// started to finish an orphan learner or to remove members above `replicas`.
     Scaling,
-    /// Repairing an amnesiac member, an orphan learner or a count mismatch.
+    /// Replacing a member that lost its data, or a step outside any operation (the
+    /// StatefulSet's size or a leftover volume claim brought back in line).
     Repairing,
-    /// No leader or quorum, or a step is blocked.
+    /// No leader or no healthy voter majority, or (with no operation in flight) a member
+    /// is unhealthy.
     Degraded,
 }
 
@@ -341,6 +359,22 @@ mod tests {
         let spec = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"];
         let d = spec["properties"]["replicas"]["description"].as_str().unwrap_or_default();
         assert!(d.contains("Number of raft voters"), "{d}");
+        // Enum fields show the enum's doc: it must explain every value.
+        let d = spec["properties"]["podAntiAffinity"]["description"].as_str().unwrap_or_default().replace('\n', " ");
+        for v in ["`Soft` (default)", "`Hard` requires", "`None`"] {
+            assert!(d.contains(v), "podAntiAffinity's description lacks {v}: {d}");
+        }
+        let status = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"];
+        // Doc comments keep their line breaks; read the text as one line.
+        let d = status["properties"]["phase"]["description"].as_str().unwrap_or_default().replace('\n', " ");
+        for v in ["Creating", "Running", "Scaling", "Repairing", "Degraded"] {
+            assert!(d.contains(&format!("`{v}` (")), "phase's description does not explain {v}: {d}");
+        }
+        let spec_props = &spec["properties"];
+        let pull = spec_props["imagePullPolicy"]["x-kubernetes-validations"][0]["rule"].as_str().unwrap_or_default();
+        assert!(pull.contains("'IfNotPresent'"), "imagePullPolicy has no value rule: {}", spec_props["imagePullPolicy"]);
+        let storage = spec_props["storage"]["x-kubernetes-validations"][0]["rule"].as_str().unwrap_or_default();
+        assert!(storage.contains("has(oldSelf.storageClassName)"), "storage has no class transition rule: {}", spec_props["storage"]);
     }
 
     #[test]

@@ -228,9 +228,19 @@ impl NodeApi for HttpNodeClient {
         match self.call(req, &url).await {
             Ok(_) => Ok(()),
             Err(e) if e.code() == Some("member_exists") => {
-                // Already a member: fine if it is this member as a learner or voter
-                // (a later promotion may have happened); the caller re-observes.
-                Ok(())
+                // The node answers 200 for the same id, URL and role, so this is the id
+                // as a voter (a promotion raced this call) or with another peer URL.
+                // The first is this member: done. The second is not ours to promote.
+                let view = self.members(base).await?;
+                match view.members.iter().find(|m| m.id == id) {
+                    Some(m) if m.peer_url != peer_url => Err(NodeError::Status {
+                        url,
+                        status: 409,
+                        code: "member_exists".to_string(),
+                        message: format!("member {id} exists with peer URL {}, not {peer_url}", m.peer_url),
+                    }),
+                    _ => Ok(()),
+                }
             }
             Err(e) => Err(e),
         }
@@ -297,6 +307,79 @@ mod tests {
     fn urls_join_without_double_slash() {
         assert_eq!(join("http://h:1/", "/v1/status"), "http://h:1/v1/status");
         assert_eq!(join("http://h:1", "/v1/status"), "http://h:1/v1/status");
+    }
+
+    /// Serves one canned answer per request, in order, on loopback (one request per
+    /// connection); returns its base URL and the request lines it saw.
+    async fn canned(answers: Vec<(u16, &'static str)>) -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let base = format!("http://{}", listener.local_addr().expect("addr"));
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = seen.clone();
+        tokio::spawn(async move {
+            for (status, body) in answers {
+                let Ok((mut conn, _)) = listener.accept().await else { return };
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                // Headers, then the body its Content-Length announces.
+                loop {
+                    let Ok(n) = conn.read(&mut chunk).await else { return };
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    let text = String::from_utf8_lossy(&buf).to_string();
+                    if let Some(end) = text.find("\r\n\r\n") {
+                        let len = text[..end]
+                            .lines()
+                            .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap_or(0)))
+                            .unwrap_or(0usize);
+                        if buf.len() >= end + 4 + len {
+                            break;
+                        }
+                    }
+                }
+                let line = String::from_utf8_lossy(&buf).lines().next().unwrap_or_default().to_string();
+                if let Ok(mut l) = log.lock() {
+                    l.push(line);
+                }
+                let reply = format!(
+                    "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = conn.write_all(reply.as_bytes()).await;
+            }
+        });
+        (base, seen)
+    }
+
+    #[tokio::test]
+    async fn an_existing_member_is_this_learner_only_with_its_peer_url() {
+        let exists = (409, r#"{"error":"member 4 already exists","code":"member_exists"}"#);
+        let c = HttpNodeClient::new(Duration::from_secs(5)).expect("client");
+        // The id exists as a voter with our URL (a promotion raced the call): done.
+        let (base, seen) = canned(vec![
+            exists,
+            (200, r#"{"leader":1,"members":[{"id":4,"peer_url":"http://kv-3:2380","role":"voter"}]}"#),
+        ])
+        .await;
+        c.add_learner(&base, 4, "http://kv-3:2380").await.expect("our member");
+        let seen = seen.lock().expect("log").clone();
+        assert_eq!(seen, ["POST /v1/members HTTP/1.1", "GET /v1/members HTTP/1.1"]);
+        // The id exists with another peer URL: someone else's member, an error.
+        let (base, _) = canned(vec![
+            exists,
+            (200, r#"{"leader":1,"members":[{"id":4,"peer_url":"http://elsewhere:2380","role":"learner"}]}"#),
+        ])
+        .await;
+        let e = c.add_learner(&base, 4, "http://kv-3:2380").await.expect_err("a foreign member");
+        assert_eq!(e.code(), Some("member_exists"));
+        assert!(e.to_string().contains("http://elsewhere:2380"), "{e}");
+        // A plain success needs no second request.
+        let (base, seen) = canned(vec![(201, r#"{"members":[]}"#)]).await;
+        c.add_learner(&base, 4, "http://kv-3:2380").await.expect("added");
+        assert_eq!(seen.lock().expect("log").len(), 1);
     }
 
     #[tokio::test]

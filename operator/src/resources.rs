@@ -118,11 +118,23 @@ fn port(name: &str, port: i32) -> ServicePort {
     }
 }
 
-/// Headless Service `<name>-peer` giving each pod a DNS name, ready or not.
+/// Label telling a cluster's two Services apart: `peer` or `client`. A ServiceMonitor
+/// selects `peer` to scrape every pod exactly once, ready or not.
+pub const COMPONENT_LABEL: &str = "app.kubernetes.io/component";
+
+fn service_meta(rkv: &RaftKV, name: String, component: &str) -> ObjectMeta {
+    let mut m = meta(rkv, name);
+    m.labels.get_or_insert_with(BTreeMap::new).insert(COMPONENT_LABEL.to_string(), component.to_string());
+    m
+}
+
+/// Headless Service `<name>-peer` giving each pod a DNS name, ready or not (label
+/// `app.kubernetes.io/component: peer`). It also lists the client port, which the
+/// operator reaches each member on.
 pub fn peer_service(rkv: &RaftKV) -> Service {
     let name = rkv.name_any();
     Service {
-        metadata: meta(rkv, peer_service_name(&name)),
+        metadata: service_meta(rkv, peer_service_name(&name), "peer"),
         spec: Some(ServiceSpec {
             cluster_ip: Some("None".to_string()),
             publish_not_ready_addresses: Some(true),
@@ -134,11 +146,12 @@ pub fn peer_service(rkv: &RaftKV) -> Service {
     }
 }
 
-/// Client Service `<name>` on port 2379 (ready pods only; also serves `/metrics`).
+/// Client Service `<name>` on port 2379 (ready pods only; also serves `/metrics`; label
+/// `app.kubernetes.io/component: client`).
 pub fn client_service(rkv: &RaftKV) -> Service {
     let name = rkv.name_any();
     Service {
-        metadata: meta(rkv, name.clone()),
+        metadata: service_meta(rkv, name.clone(), "client"),
         spec: Some(ServiceSpec {
             selector: Some(selector_labels(&name)),
             ports: Some(vec![port("client", CLIENT_PORT)]),
@@ -443,6 +456,16 @@ mod tests {
         assert_eq!(client.metadata.name.as_deref(), Some("kv"));
         let ports = client.spec.and_then(|s| s.ports).expect("ports");
         assert_eq!((ports[0].port, ports[0].name.as_deref()), (2379, Some("client")));
+        // Both carry the cluster's labels, so only the component label tells them apart:
+        // a monitor selecting on the others alone would scrape every pod twice.
+        let component = |l: Option<&BTreeMap<String, String>>| l.and_then(|l| l.get(COMPONENT_LABEL)).cloned();
+        assert_eq!(component(peer.metadata.labels.as_ref()).as_deref(), Some("peer"));
+        assert_eq!(component(client.metadata.labels.as_ref()).as_deref(), Some("client"));
+        for svc in [&peer.metadata, &client.metadata] {
+            let l = svc.labels.as_ref().expect("labels");
+            assert_eq!(l.get("app.kubernetes.io/name").map(String::as_str), Some("raftkv"));
+            assert_eq!(l.get("app.kubernetes.io/instance").map(String::as_str), Some("kv"));
+        }
     }
 
     #[test]

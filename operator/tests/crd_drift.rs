@@ -110,3 +110,60 @@ fn chart_and_examples_use_the_crd_names() {
         assert!(rbac.contains(&needle), "chart ClusterRole lacks `{needle}`");
     }
 }
+
+/// The `matchLabels` of the chart's node ServiceMonitor (`<fullname>-nodes`), read from
+/// the template: the lines under `matchLabels:` that follow the `-nodes` name.
+fn node_monitor_selector() -> Vec<(String, String)> {
+    let rel = "charts/raftkv-operator/templates/servicemonitor.yaml";
+    let text = read(rel);
+    let nodes = text
+        .find("}}-nodes")
+        .unwrap_or_else(|| panic!("{rel} has no `-nodes` ServiceMonitor"));
+    let mut lines = text[nodes..].lines().skip_while(|l| l.trim() != "matchLabels:");
+    let indent = |l: &str| l.len() - l.trim_start().len();
+    let head = lines.next().unwrap_or_else(|| panic!("{rel}: the node ServiceMonitor has no matchLabels"));
+    lines
+        .take_while(|l| indent(l) > indent(head))
+        .map(|l| {
+            let (k, v) = l.trim().split_once(": ").unwrap_or_else(|| panic!("{rel}: not a label: {l:?}"));
+            (k.to_string(), v.to_string())
+        })
+        .collect()
+}
+
+#[test]
+fn the_node_service_monitor_selects_each_pod_once() {
+    use raftkv_operator::crd::{RaftKV, RaftKVSpec, StorageSpec};
+    use raftkv_operator::resources::{client_service, peer_service};
+    let mut rkv = RaftKV::new(
+        "kv",
+        RaftKVSpec {
+            replicas: 3,
+            image: None,
+            image_pull_policy: None,
+            storage: StorageSpec::default(),
+            resources: None,
+            snapshot_count: None,
+            node_selector: None,
+            tolerations: None,
+            affinity: None,
+            pod_anti_affinity: None,
+        },
+    );
+    rkv.metadata.namespace = Some("ns".into());
+    let selector = node_monitor_selector();
+    assert!(!selector.is_empty(), "the node ServiceMonitor selects nothing");
+    let matches = |svc: &k8s_openapi::api::core::v1::Service| {
+        let labels = svc.metadata.labels.clone().unwrap_or_default();
+        selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+    };
+    // The peer Service lists every pod (ready or not) with its client port; the client
+    // Service lists the ready ones again. Selecting both would scrape each pod twice.
+    assert!(matches(&peer_service(&rkv)), "the node ServiceMonitor {selector:?} misses the peer Service");
+    assert!(!matches(&client_service(&rkv)), "the node ServiceMonitor {selector:?} also selects the client Service");
+    let ports = peer_service(&rkv).spec.and_then(|s| s.ports).unwrap_or_default();
+    assert!(
+        ports.iter().any(|p| p.name.as_deref() == Some("client")),
+        "the peer Service has no `client` port for the ServiceMonitor's endpoint"
+    );
+}

@@ -7,7 +7,8 @@
 # installed into .tools/ by scripts/tools.sh. Exits 0 with "SKIP: ..." when docker or kind
 # is missing. Steps: create a kind cluster (unique name, deleted on exit), build and load
 # both images, helm install the operator chart, apply deploy/examples/raftkv.yaml (3
-# members), write and read keys through the client Service, scale to 5 and back to 3
+# members), check that the API server refuses invalid spec changes (the CRD's CEL
+# rules), write and read keys through the client Service, scale to 5 and back to 3
 # checking membership and data, delete a pod and see it rejoin with its data, scrape the
 # node and operator /metrics, uninstall cleanly.
 #
@@ -309,6 +310,21 @@ wait_until "3 voters, RaftKV status ready 3" "$e2e_timeout" cluster_is 3
 annotations="$(kubectl -n "$ns" get "pod/$name-0" -o jsonpath='{.metadata.annotations}')"
 grep -q '"prometheus.io/scrape":"true"' <<<"$annotations" || die "pod lacks prometheus.io/scrape: $annotations"
 grep -q '"prometheus.io/port":"2379"' <<<"$annotations" || die "pod lacks prometheus.io/port: $annotations"
+
+# The CRD's validation rules run only in a real API server: each bad change must be
+# refused with the rule's message.
+for bad in \
+    '{"spec":{"storage":{"storageClassName":"e2e-other"}}}|storage.storageClassName is immutable' \
+    '{"spec":{"storage":{"size":"5Gi"}}}|storage.size is immutable' \
+    '{"spec":{"imagePullPolicy":"Sometimes"}}|imagePullPolicy must be' \
+    '{"spec":{"replicas":10}}|spec.replicas'; do
+    patch="${bad%%|*}" want="${bad#*|}"
+    if kubectl -n "$ns" patch "rkv/$name" --type merge -p "$patch" >"$work/patch.log" 2>&1; then
+        die "the API server accepted the invalid change $patch"
+    fi
+    grep -q "$want" "$work/patch.log" || die "refusal of $patch does not say '$want': $(cat "$work/patch.log")"
+done
+log "ok: invalid spec changes refused (storage class and size, pull policy, replicas)"
 
 put_keys 1 50
 check_keys

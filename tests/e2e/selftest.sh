@@ -5,7 +5,7 @@
 #      runs every step (scale 5 and 3, pod deletion, uninstall, cluster deletion);
 #   2. the kubectl (kustomize) install path works the same way;
 #   3. a pod that comes back with a new data dir fails the suite, and the cluster is
-#      still deleted;
+#      still deleted; so does an API server that accepts an invalid spec change;
 #   4. without a Docker engine, or without kind, it prints SKIP and exits 0.
 # Needs python3 and curl. About two minutes. Usage: bash tests/e2e/selftest.sh
 set -euo pipefail
@@ -53,6 +53,8 @@ check "scaled to 5" grep -q "^kubectl .*scale rkv/example --replicas=5" "$work/p
 check "scaled to 3" grep -q "^kubectl .*scale rkv/example --replicas=3" "$work/pass.calls"
 check "deleted a pod" grep -q "^kubectl .*delete pod example-1" "$work/pass.calls"
 check "helm uninstall" grep -q "^helm uninstall raftkv-operator" "$work/pass.calls"
+check "invalid spec changes tried" grep -q "^kubectl .*patch rkv/example --type merge -p .*imagePullPolicy" "$work/pass.calls"
+check "invalid spec changes refused" grep -q "ok: invalid spec changes refused" "$work/pass.log"
 check "kind cluster deleted" grep -q "^kind delete cluster --name raftkv-e2e-" "$work/pass.calls"
 no_port_forward() { ! pgrep -f "$work/bin/kubectl" >/dev/null; }
 check "no port-forward left running" no_port_forward
@@ -71,6 +73,12 @@ check "exit status 1 (was $rc)" [ "$rc" -eq 1 ]
 check "names the cause" grep -q "came back with a new data dir" "$work/amnesia.log"
 check "prints diagnostics" grep -q "diagnostics after failure" "$work/amnesia.log"
 check "kind cluster deleted" grep -q "^kind delete cluster --name raftkv-e2e-" "$work/amnesia.calls"
+
+echo "== an API server that accepts an invalid spec change fails the suite"
+run_suite badspec FAKE_ACCEPT_BAD_SPEC=1
+check "exit status 1 (was $rc)" [ "$rc" -eq 1 ]
+check "names the cause" grep -q "accepted the invalid change" "$work/badspec.log"
+check "kind cluster deleted" grep -q "^kind delete cluster --name raftkv-e2e-" "$work/badspec.calls"
 
 echo "== skips"
 rc=0

@@ -151,6 +151,23 @@ def kubectl(args):
         elif verb == "scale":
             n = next(a for a in args if a.startswith("--replicas=")).split("=")[1]
             set_replicas(s, int(n))
+        elif verb == "patch":
+            # The CRD's CEL rules and bounds, as the API server would apply them.
+            body = json.loads(args[args.index("-p") + 1])
+            spec, refusals = body.get("spec", {}), []
+            storage = spec.get("storage", {})
+            if "storageClassName" in storage:
+                refusals.append("spec.storage: Invalid value: \"object\": storage.storageClassName is immutable")
+            if "size" in storage:
+                refusals.append("spec.storage.size: Invalid value: \"string\": storage.size is immutable")
+            if spec.get("imagePullPolicy", "Always") not in ("Always", "IfNotPresent", "Never"):
+                refusals.append("spec.imagePullPolicy: Invalid value: \"string\": imagePullPolicy must be Always, IfNotPresent or Never")
+            if not 1 <= spec.get("replicas", 1) <= 9:
+                refusals.append("spec.replicas: Invalid value: should be less than or equal to 9")
+            if refusals and not os.environ.get("FAKE_ACCEPT_BAD_SPEC"):
+                print("The RaftKV \"example\" is invalid: " + ", ".join(refusals), file=sys.stderr)
+                return 1
+            print("raftkv.raftkv.dev/example patched")
         elif verb == "delete" and args[1] == "pod":
             pod = s["pods"][args[2]]
             pod["uid"] = str(random.random())  # the StatefulSet recreates it at once
