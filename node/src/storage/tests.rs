@@ -328,6 +328,20 @@ fn wal_lost_with_snapshots_present_is_corrupt() {
 }
 
 #[test]
+fn segment_names_at_the_end_of_the_sequence_are_corrupt_not_a_panic() {
+    let d = tempfile::tempdir().expect("tempdir");
+    drop(open(d.path()));
+    let seg = segments(d.path()).pop().expect("a segment");
+    let wal = d.path().join("wal");
+    for first in [1, 2] {
+        fs::copy(&seg, wal.join(wal::segment_name(u64::MAX, first))).expect("copy");
+    }
+    fs::remove_file(&seg).expect("rm");
+    let err = DiskStorage::open(d.path(), StorageOptions::default()).err().expect("must fail");
+    assert!(err.is_corrupt() && err.to_string().contains("segment(s) missing"), "{err}");
+}
+
+#[test]
 fn second_open_of_the_same_dir_is_refused() {
     let d = tempfile::tempdir().expect("tempdir");
     let s = open(d.path());

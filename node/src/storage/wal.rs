@@ -373,7 +373,8 @@ impl Wal {
     /// preallocated to the segment size (one `fallocate` of unwritten extents: no data is
     /// written, so this adds little to the sync that rotates).
     fn rotate(&mut self) -> Result<(), StorageError> {
-        let seq = self.active().seq + 1;
+        let active = self.active();
+        let seq = active.seq.checked_add(1).ok_or_else(|| corrupt(&active.path, 0, "segment sequence number exhausted"))?;
         let first_index = self.written.last_index + 1;
         let prealloc = self.prealloc.then_some(self.segment_bytes);
         let (seg, preallocated) = create_segment(&self.dir, seq, first_index, &self.written.meta(), prealloc)?;
@@ -605,11 +606,11 @@ fn list_segments(dir: &Path) -> Result<Vec<Segment>, StorageError> {
     }
     segs.sort_by_key(|s| s.seq);
     for pair in segs.windows(2) {
-        if pair[1].seq != pair[0].seq + 1 {
+        if pair[0].seq.checked_add(1) != Some(pair[1].seq) {
             return Err(corrupt(
                 &pair[1].path,
                 0,
-                format!("segment(s) missing: expected seq {} after {}", pair[0].seq + 1, pair[0].seq),
+                format!("segment(s) missing: expected seq {} after {}", pair[0].seq.wrapping_add(1), pair[0].seq),
             ));
         }
     }
