@@ -206,13 +206,14 @@ python3 - "$out" <<'PY'
 import json, glob, os, statistics, sys
 out = sys.argv[1]
 rows = {}
+stolen = []  # runs during which the hypervisor took more than 5 % of the CPU time
 for f in glob.glob(os.path.join(out, "*.json")):
     try:
         d = json.load(open(f))
     except Exception:
         continue
     key = (d["target"], d["workload"])
-    r = rows.setdefault(key, {"tput": [], "p99": [], "rss": [], "cpu_per_op": []})
+    r = rows.setdefault(key, {"tput": [], "p99": [], "rss": [], "cpu_per_op": [], "steal": []})
     r["tput"].append(d["throughput"])
     r["p99"].append(d["latency"]["p99_us"] / 1000)
     # Missing when a server process could not be sampled (e.g. it died): skip the value.
@@ -220,11 +221,21 @@ for f in glob.glob(os.path.join(out, "*.json")):
         r["rss"].append(d["server_peak_rss_kib_sum"] / 1024)
     if d.get("server_cpu_seconds_sum") is not None:
         r["cpu_per_op"].append(d["server_cpu_seconds_sum"] / max(d["ok"], 1) * 1e6)
+    if d.get("host"):
+        r["steal"].append(d["host"]["steal_percent"])
+        if d["host"]["steal_percent"] > 5:
+            stolen.append(f"{d['target']} {d['workload']} {os.path.basename(f)}: {d['host']['steal_percent']:.0f} %")
 med = {k: {m: (statistics.median(v) if v else float("nan")) for m, v in r.items()} for k, r in rows.items()}
-print(f"{'system':12} {'workload':17} {'ops/s':>9} {'p99 ms':>8} {'peak RSS MiB':>13} {'server CPU us/op':>17}")
+print(f"{'system':12} {'workload':17} {'ops/s':>9} {'p99 ms':>8} {'peak RSS MiB':>13} {'server CPU us/op':>17} {'steal %':>8}")
 for (s, w) in sorted(med):
     m = med[(s, w)]
-    print(f"{s:12} {w:17} {m['tput']:9.0f} {m['p99']:8.2f} {m['rss']:13.1f} {m['cpu_per_op']:17.1f}")
+    print(f"{s:12} {w:17} {m['tput']:9.0f} {m['p99']:8.2f} {m['rss']:13.1f} {m['cpu_per_op']:17.1f} {m['steal']:8.1f}")
+if stolen:
+    print()
+    print("WARNING: the hypervisor took more than 5 % of the CPU time during these runs; their")
+    print("numbers measure the host's other tenants too (repeat the comparison):")
+    for s in sorted(stolen):
+        print("  " + s)
 print()
 def ratio(w, other, ow=None, metric="tput"):
     a, b = med.get(("raftkv", w)), med.get((other, ow or w))

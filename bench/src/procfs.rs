@@ -1,6 +1,7 @@
 //! Resource use of the measured processes, read from `/proc/<pid>/status` (peak and
 //! current resident set: `VmHWM`, `VmRSS`) and `/proc/<pid>/stat` (CPU time:
-//! `utime + stime`).
+//! `utime + stime`), and of the whole machine from `/proc/stat` (busy and stolen time:
+//! a run during which the hypervisor gave the vCPUs to someone else says so).
 
 use std::fs;
 use std::path::PathBuf;
@@ -79,6 +80,63 @@ pub fn parse_stat_ticks(text: &str) -> Result<u64, &'static str> {
     let utime = next()?;
     let stime = next()?;
     Ok(utime + stime)
+}
+
+/// The machine's CPU time from the `cpu` line of `/proc/stat`, in clock ticks summed
+/// over all CPUs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct HostCpu {
+    /// user + nice + system + irq + softirq.
+    pub busy: u64,
+    /// idle + iowait.
+    pub idle: u64,
+    /// Time the hypervisor ran something else while a vCPU wanted to run (`steal`).
+    pub steal: u64,
+}
+
+/// Shares of the machine's CPU time between two [`HostCpu`] samples, in percent.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct HostShares {
+    /// Busy (user, system, interrupts) share of all CPU time.
+    pub busy_percent: f64,
+    /// Stolen share of all CPU time.
+    pub steal_percent: f64,
+}
+
+impl HostCpu {
+    /// The shares of the time from `before` to `self`; None when no time passed.
+    pub fn shares_since(&self, before: &HostCpu) -> Option<HostShares> {
+        let busy = self.busy.checked_sub(before.busy)?;
+        let idle = self.idle.checked_sub(before.idle)?;
+        let steal = self.steal.checked_sub(before.steal)?;
+        let total = busy + idle + steal;
+        (total > 0).then(|| HostShares {
+            busy_percent: busy as f64 * 100.0 / total as f64,
+            steal_percent: steal as f64 * 100.0 / total as f64,
+        })
+    }
+}
+
+/// Parses the first (`cpu `) line of `/proc/stat`: user nice system idle iowait irq
+/// softirq steal (guest time is already counted in user).
+pub fn parse_host_cpu(text: &str) -> Result<HostCpu, &'static str> {
+    let line = text.lines().find(|l| l.starts_with("cpu ")).ok_or("no cpu line")?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .map(|f| f.parse::<u64>().map_err(|_| "cpu time is not a number"))
+        .collect::<Result<_, _>>()?;
+    if v.len() < 8 {
+        return Err("cpu line has fewer than 8 fields");
+    }
+    Ok(HostCpu { busy: v[0] + v[1] + v[2] + v[5] + v[6], idle: v[3] + v[4], steal: v[7] })
+}
+
+/// Samples the machine's CPU time.
+pub fn sample_host() -> Result<HostCpu, ProcError> {
+    let (path, text) = read(PathBuf::from("/proc/stat"))?;
+    parse_host_cpu(&text).map_err(|what| ProcError::Parse { path, what })
 }
 
 /// Clock ticks per second (`sysconf(_SC_CLK_TCK)`), 100 if unavailable.
@@ -165,6 +223,21 @@ VmSize:\t11418212 kB\nVmHWM:\t   84412 kB\nVmRSS:\t   61236 kB\nThreads:\t14\n";
         assert_eq!(parse_stat_ticks(stat).unwrap(), 325);
         assert!(parse_stat_ticks("4242 (x) S 1 2").is_err());
         assert!(parse_stat_ticks("garbage").is_err());
+    }
+
+    #[test]
+    fn host_cpu_shares_count_stolen_time() {
+        let before = parse_host_cpu("cpu  100 0 50 800 50 0 0 0 0 0\ncpu0 1 2 3 4 5 6 7 8\n").unwrap();
+        assert_eq!(before, HostCpu { busy: 150, idle: 850, steal: 0 });
+        // 100 ticks later: 40 busy, 20 idle, 40 stolen.
+        let after = parse_host_cpu("cpu  130 0 60 815 55 0 0 40 7 0\n").unwrap();
+        let s = after.shares_since(&before).unwrap();
+        assert!((s.busy_percent - 40.0).abs() < 1e-9 && (s.steal_percent - 40.0).abs() < 1e-9, "{s:?}");
+        assert_eq!(before.shares_since(&before), None, "no time passed");
+        assert_eq!(before.shares_since(&after), None, "counters went backwards");
+        assert!(parse_host_cpu("cpu  1 2 3\n").is_err());
+        assert!(parse_host_cpu("intr 5\n").is_err());
+        assert!(sample_host().is_ok());
     }
 
     #[test]

@@ -83,6 +83,9 @@ pub struct Report {
     pub server_cpu_seconds_sum: Option<f64>,
     /// CPU seconds the bench itself used during the measurement.
     pub client_cpu_seconds: Option<f64>,
+    /// The machine's busy and stolen CPU shares during the measurement (`/proc/stat`):
+    /// a run with much stolen time measured the host's other tenants too.
+    pub host: Option<crate::procfs::HostShares>,
 }
 
 impl Report {
@@ -149,6 +152,7 @@ impl Report {
                 .then(|| processes.iter().filter_map(|p| p.cpu_seconds).sum()),
             processes,
             client_cpu_seconds: result.client_cpu_seconds,
+            host: result.host,
         }
     }
 
@@ -243,6 +247,9 @@ impl Report {
         if let Some(c) = self.client_cpu_seconds {
             let _ = writeln!(s, "bench itself: cpu {c:.2} s");
         }
+        if let Some(h) = self.host {
+            let _ = writeln!(s, "machine: {:.0} % busy, {:.1} % stolen by the hypervisor", h.busy_percent, h.steal_percent);
+        }
         s
     }
 }
@@ -313,6 +320,7 @@ mod tests {
                 },
             ],
             client_cpu_seconds: Some(0.5),
+            host: Some(crate::procfs::HostShares { busy_percent: 80.0, steal_percent: 12.5 }),
         };
         let r = Report::new(&cfg, &result);
         assert_eq!(r.ok, 1000);
@@ -339,6 +347,8 @@ mod tests {
         assert!(text.contains("throughput 500 ops/s"), "{text}");
         assert!(text.contains("error http_503: 1"), "{text}");
         assert!(text.contains("peak rss sum 3.0 MiB"), "{text}");
+        assert!(text.contains("machine: 80 % busy, 12.5 % stolen"), "{text}");
+        assert_eq!(json["host"]["steal_percent"], 12.5);
     }
 
     #[test]
@@ -355,6 +365,7 @@ mod tests {
                 after: Err("reading /proc/7/status: gone".into()),
             }],
             client_cpu_seconds: None,
+            host: None,
         };
         let r = Report::new(&cfg, &result);
         assert_eq!(r.throughput, 0.0);

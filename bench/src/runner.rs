@@ -42,6 +42,8 @@ pub struct RunResult {
     pub processes: Vec<ProcDelta>,
     /// CPU seconds the bench itself used during the measurement.
     pub client_cpu_seconds: Option<f64>,
+    /// The machine's busy and stolen CPU shares during the measurement.
+    pub host: Option<procfs::HostShares>,
 }
 
 /// Resource use of one server process over the measured part.
@@ -143,7 +145,8 @@ pub async fn run(cfg: &Config) -> anyhow::Result<RunResult> {
         sleep_until(measure_start).await;
         let servers = sample_all(&pids);
         let client = procfs::sample_self().ok();
-        (servers, client)
+        let host = procfs::sample_host().ok();
+        (servers, client, host)
     });
 
     let mut workers = Vec::with_capacity(cfg.connections);
@@ -169,9 +172,10 @@ pub async fn run(cfg: &Config) -> anyhow::Result<RunResult> {
     let finished = Instant::now();
     let after = sample_all(&cfg.pids);
     let client_after = procfs::sample_self().ok();
+    let host_after = procfs::sample_host().ok();
     // The measurement may have ended before the warm-up did (e.g. every request failed
     // fast in a --requests run); the start sample still comes, just late.
-    let (before, client_before) = before_task.await?;
+    let (before, client_before, host_before) = before_task.await?;
     let processes = cfg
         .pids
         .iter()
@@ -194,6 +198,7 @@ pub async fn run(cfg: &Config) -> anyhow::Result<RunResult> {
         endpoints_used,
         processes,
         client_cpu_seconds,
+        host: host_after.zip(host_before).and_then(|(a, b)| a.shares_since(&b)),
     })
 }
 
