@@ -102,6 +102,24 @@ pub struct RaftKVSpec {
     pub pod_anti_affinity: Option<AntiAffinityPreset>,
 }
 
+impl RaftKVSpec {
+    /// A spec of `replicas` members with every optional field unset (their defaults apply).
+    pub fn with_replicas(replicas: i32) -> Self {
+        RaftKVSpec {
+            replicas,
+            image: None,
+            image_pull_policy: None,
+            storage: StorageSpec::default(),
+            resources: None,
+            snapshot_count: None,
+            node_selector: None,
+            tolerations: None,
+            affinity: None,
+            pod_anti_affinity: None,
+        }
+    }
+}
+
 /// Preset pod anti-affinity between the members of one cluster, used when `affinity` is
 /// unset: `Soft` (default) prefers one member per node, `Hard` requires it, `None` adds
 /// nothing.

@@ -133,23 +133,9 @@ fn node_monitor_selector() -> Vec<(String, String)> {
 
 #[test]
 fn the_node_service_monitor_selects_each_pod_once() {
-    use raftkv_operator::crd::{RaftKV, RaftKVSpec, StorageSpec};
+    use raftkv_operator::crd::{RaftKV, RaftKVSpec};
     use raftkv_operator::resources::{client_service, peer_service};
-    let mut rkv = RaftKV::new(
-        "kv",
-        RaftKVSpec {
-            replicas: 3,
-            image: None,
-            image_pull_policy: None,
-            storage: StorageSpec::default(),
-            resources: None,
-            snapshot_count: None,
-            node_selector: None,
-            tolerations: None,
-            affinity: None,
-            pod_anti_affinity: None,
-        },
-    );
+    let mut rkv = RaftKV::new("kv", RaftKVSpec::with_replicas(3));
     rkv.metadata.namespace = Some("ns".into());
     let selector = node_monitor_selector();
     assert!(!selector.is_empty(), "the node ServiceMonitor selects nothing");

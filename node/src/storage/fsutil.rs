@@ -36,6 +36,41 @@ pub(crate) fn ensure_dir(dir: &Path) -> Result<(), StorageError> {
     Ok(())
 }
 
+/// The files of `dir` whose names `parse` accepts, with their paths and sizes, in
+/// directory order. Leftover `*.tmp` files of an interrupted write are deleted (and the
+/// deletion made durable); other names are logged and ignored. `what` names the files
+/// in the logs ("WAL", "snapshot").
+pub(crate) fn list_files<T>(
+    dir: &Path,
+    what: &str,
+    parse: impl Fn(&str) -> Option<T>,
+) -> Result<Vec<(T, PathBuf, u64)>, StorageError> {
+    let mut out = Vec::new();
+    let mut removed = false;
+    for ent in fs::read_dir(dir).map_err(io_err(dir))? {
+        let ent = ent.map_err(io_err(dir))?;
+        let path = ent.path();
+        let name = ent.file_name().to_string_lossy().into_owned();
+        if name.ends_with(".tmp") {
+            tracing::warn!(file = %path.display(), "removing leftover temporary {what} file");
+            fs::remove_file(&path).map_err(io_err(&path))?;
+            removed = true;
+            continue;
+        }
+        match parse(&name) {
+            Some(parsed) => {
+                let size = ent.metadata().map_err(io_err(&path))?.len();
+                out.push((parsed, path, size));
+            }
+            None => tracing::warn!(file = %path.display(), "ignoring unknown file in the {what} directory"),
+        }
+    }
+    if removed {
+        sync_dir(dir)?;
+    }
+    Ok(out)
+}
+
 /// The temporary name `path` is written under before the rename.
 pub(crate) fn tmp_path(path: &Path) -> PathBuf {
     let mut s = path.as_os_str().to_owned();

@@ -14,7 +14,6 @@ use std::path::{Path, PathBuf};
 use prost::encoding::{decode_key, decode_varint, encode_key, encode_varint, skip_field, DecodeContext, WireType};
 use prost::Message;
 use raft::eraftpb::{Snapshot, SnapshotMetadata};
-use tracing::warn;
 
 use super::error::{corrupt, io_err, StorageError};
 use super::fsutil::{self, write_atomic};
@@ -68,29 +67,10 @@ fn parse_any_name(name: &str) -> Option<(u64, u64, bool)> {
 /// a delta at the same index (it supersedes it). Leftover temporary
 /// files from an interrupted write are deleted; unknown files are logged and ignored.
 pub(crate) fn list(dir: &Path) -> Result<Vec<SnapFile>, StorageError> {
-    let mut out = Vec::new();
-    let mut removed = false;
-    for ent in fs::read_dir(dir).map_err(io_err(dir))? {
-        let ent = ent.map_err(io_err(dir))?;
-        let path = ent.path();
-        let name = ent.file_name().to_string_lossy().into_owned();
-        if name.ends_with(".tmp") {
-            warn!(file = %path.display(), "removing leftover temporary snapshot file");
-            fs::remove_file(&path).map_err(io_err(&path))?;
-            removed = true;
-            continue;
-        }
-        match parse_any_name(&name) {
-            Some((term, index, delta)) => {
-                let size = ent.metadata().map_err(io_err(&path))?.len();
-                out.push(SnapFile { term, index, path, size, delta });
-            }
-            None => warn!(file = %path.display(), "ignoring unknown file in the snapshot directory"),
-        }
-    }
-    if removed {
-        fsutil::sync_dir(dir)?;
-    }
+    let mut out: Vec<SnapFile> = fsutil::list_files(dir, "snapshot", parse_any_name)?
+        .into_iter()
+        .map(|((term, index, delta), path, size)| SnapFile { term, index, path, size, delta })
+        .collect();
     out.sort_by_key(|f| (f.index, f.term, !f.delta));
     Ok(out)
 }

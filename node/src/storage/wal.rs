@@ -12,7 +12,7 @@
 //! [`ZERO_CHUNK`]); zeros after the last record are the normal end of a segment.
 //! Filesystems that cannot preallocate get growing files.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -581,29 +581,10 @@ impl Replay {
 
 /// Lists segment files (oldest first), removing leftover temporary files.
 fn list_segments(dir: &Path) -> Result<Vec<Segment>, StorageError> {
-    let mut segs = Vec::new();
-    let mut removed = false;
-    for ent in fs::read_dir(dir).map_err(io_err(dir))? {
-        let ent = ent.map_err(io_err(dir))?;
-        let path = ent.path();
-        let name = ent.file_name().to_string_lossy().into_owned();
-        if name.ends_with(".tmp") {
-            warn!(file = %path.display(), "removing leftover temporary WAL file");
-            fs::remove_file(&path).map_err(io_err(&path))?;
-            removed = true;
-            continue;
-        }
-        match parse_segment_name(&name) {
-            Some((seq, first_index)) => {
-                let size = ent.metadata().map_err(io_err(&path))?.len();
-                segs.push(Segment { seq, first_index, path, size, min_index: u64::MAX });
-            }
-            None => warn!(file = %path.display(), "ignoring unknown file in the WAL directory"),
-        }
-    }
-    if removed {
-        fsutil::sync_dir(dir)?;
-    }
+    let mut segs: Vec<Segment> = fsutil::list_files(dir, "WAL", parse_segment_name)?
+        .into_iter()
+        .map(|((seq, first_index), path, size)| Segment { seq, first_index, path, size, min_index: u64::MAX })
+        .collect();
     segs.sort_by_key(|s| s.seq);
     for pair in segs.windows(2) {
         if pair[0].seq.checked_add(1) != Some(pair[1].seq) {
@@ -847,6 +828,8 @@ pub(crate) fn recover(
 
 #[cfg(test)]
 mod tests {
+    use std::fs;
+
     use super::*;
 
     fn e(index: u64, term: u64) -> Entry {
