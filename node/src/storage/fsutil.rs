@@ -28,12 +28,11 @@ pub(crate) fn ensure_dir(dir: &Path) -> Result<(), StorageError> {
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(()),
         Err(e) => return Err(io_err(dir)(e)),
     }
-    if let Some(parent) = dir.parent() {
-        if !parent.as_os_str().is_empty() {
-            sync_dir(parent)?;
-        }
+    // A relative name of one component (`raftkv-1`) lives in the working directory.
+    match dir.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => sync_dir(parent),
+        _ => sync_dir(Path::new(".")),
     }
-    Ok(())
 }
 
 /// The files of `dir` whose names `parse` accepts, with their paths and sizes, in
