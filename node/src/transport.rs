@@ -196,7 +196,7 @@ pub enum FrameError {
 /// (2^63 - 1). raft-rs adds to what peers send (a campaign bumps the term, an append
 /// extends the index), so a peer's value must leave room for what this node then writes,
 /// or the WAL would hold a term its recovery refuses.
-pub const MAX_TERM_OR_INDEX: u64 = 1 << 62;
+const MAX_TERM_OR_INDEX: u64 = 1 << 62;
 
 /// Checks the enum fields raft-rs reads with panicking accessors (`get_msg_type`,
 /// `get_entry_type`, and the conf change types when an entry is applied): protobuf

@@ -11,7 +11,7 @@ use kube::runtime::events::Reporter;
 use serde_json::{json, Value};
 
 use super::*;
-use crate::crd::{OperationStage, RaftKVSpec, StorageSpec};
+use crate::crd::{OperationStage, RaftKVSpec};
 use crate::node_client::{Member, Members, NodeError, NodeStatus, Promotion};
 
 // ------------------------------------------------------------------------------------
@@ -161,21 +161,7 @@ async fn serve(mut handle: Handle, script: Vec<Expect>) -> Vec<Seen> {
 }
 
 fn rkv(replicas: i32, status: Option<RaftKVStatus>) -> RaftKV {
-    let mut r = RaftKV::new(
-        "kv",
-        RaftKVSpec {
-            replicas,
-            image: Some("raftkv-node:test".into()),
-            image_pull_policy: None,
-            storage: StorageSpec::default(),
-            resources: None,
-            snapshot_count: None,
-            node_selector: None,
-            tolerations: None,
-            affinity: None,
-            pod_anti_affinity: None,
-        },
-    );
+    let mut r = RaftKV::new("kv", RaftKVSpec { image: Some("raftkv-node:test".into()), ..RaftKVSpec::with_replicas(replicas) });
     r.metadata.namespace = Some("db".into());
     r.metadata.uid = Some("uid-kv".into());
     r.metadata.generation = Some(3);
