@@ -7,9 +7,10 @@
 //!
 //! * [`config`] — flags and `RAFTKV_*` environment variables, validated into a `Config`
 //!   (raftexample's `--id --cluster --port --join` work unchanged).
-//! * [`raft_loop`] — the only owner of raft-rs's `RawNode`: ticks, steps peer messages,
-//!   proposes, handles each `Ready` (send, apply, append) and wakes waiters; a persist
-//!   thread does the WAL fsyncs and a snapshot thread writes snapshots beside it.
+//! * [`raft_loop`] — the only owner of raft-rs's `RawNode`: ticks, steps peer messages
+//!   (vetted against its state first), proposes, handles each `Ready` (send, apply,
+//!   append) and wakes waiters; a persist thread does the WAL fsyncs and a snapshot
+//!   thread writes snapshots beside it.
 //! * [`storage`] — the write-ahead log and snapshot files on the data directory; it is
 //!   also raft-rs's `Storage`.
 //! * [`kv`] — the key-value state machine, decoupled from raft; its image (whole, or the

@@ -16,6 +16,9 @@
 //! message (`batch_append`). Clients are answered only after their entry is committed
 //! and applied, so an acknowledged write is on a quorum's disks.
 //!
+//! A peer's message is stepped only after [`vet`] has checked it against this member's
+//! state: raft-rs trusts its peers, and panics on some messages no correct member sends.
+//!
 //! Reads use raft's ReadIndex: every read gathered in one loop iteration shares one
 //! `read_index` call (batching); a read is answered once the applied index reaches the
 //! read index. Unanswered read contexts are re-issued, because a leader that has not yet
@@ -50,6 +53,8 @@ use crate::metrics::metrics;
 use crate::shutdown::{Reason, Shutdown};
 use crate::storage::{self, DiskStorage, StorageError, StorageOptions};
 use crate::transport::Transport;
+
+mod vet;
 
 /// Election timeout in ticks (heartbeats go every tick).
 const ELECTION_TICKS: u32 = 10;
@@ -671,6 +676,11 @@ impl RaftLoop {
             }
             Request::Read { reply } => self.new_reads.push(reply),
             Request::Raft(m) => {
+                if let Err(reason) = vet::vet(&self.raw.raft, &m) {
+                    debug!(from = m.from, msg_type = ?m.get_msg_type(), term = m.term, reason, "dropped a peer message no correct member sends");
+                    metrics().peer_refused_messages.with_label_values(&[reason]).inc();
+                    return;
+                }
                 if self.lost_acknowledged_entries(&m) || self.quarantined(&m) || !self.snapshot_decodes(&m) {
                     return;
                 }
@@ -758,11 +768,14 @@ impl RaftLoop {
     /// restored backup, a replaced volume). raft-rs would panic on it; continuing would
     /// let this member vote and count towards quorums without data it promised to keep.
     /// Stops the node with a message that says how to recover.
+    ///
+    /// [`vet::vet`] has already dropped such a heartbeat from a sender that is not a
+    /// voter here (no leader is), unless this member is still joining.
     fn lost_acknowledged_entries(&mut self, m: &Message) -> bool {
-        let last = self.raw.raft.raft_log.last_index();
-        if m.get_msg_type() != MessageType::MsgHeartbeat || m.term < self.raw.raft.term || m.commit <= last {
+        if !vet::claims_lost_entries(&self.raw.raft, m) {
             return false;
         }
+        let last = self.raw.raft.raft_log.last_index();
         if self.empty_joiner && last == 0 {
             // Nothing was ever written here: this is an old member's id on a new, empty
             // data dir (a lost or replaced volume). Stay up, answer /v1/status (the

@@ -182,7 +182,8 @@ pub enum FrameError {
     /// A raft message with a value raft-rs cannot take (it would panic on it): an
     /// unknown message, entry or conf change type, a term or index beyond 2^63 - 1, an
     /// empty proposal, an append whose entries do not follow its index, a vote without
-    /// a term.
+    /// a term, a read-index request without its one context entry, a forwarded proposal
+    /// or read-index request with a term, any other message without one.
     #[error("invalid raft message at byte {offset}: {reason}")]
     Invalid {
         /// Offset of the frame.
@@ -202,7 +203,7 @@ const MAX_TERM_OR_INDEX: u64 = 1 << 62;
 /// `get_entry_type`, and the conf change types when an entry is applied): protobuf
 /// decoding accepts any number there. Also refuses terms and indexes beyond
 /// [`MAX_TERM_OR_INDEX`] and two shapes raft-rs is fatal on.
-fn check_message(m: &Message) -> Result<(), String> {
+pub(crate) fn check_message(m: &Message) -> Result<(), String> {
     let Some(ty) = MessageType::from_i32(m.msg_type) else {
         return Err(format!("unknown message type {}", m.msg_type));
     };
@@ -251,22 +252,34 @@ fn check_message(m: &Message) -> Result<(), String> {
     if ty == MessageType::MsgPropose && m.entries.is_empty() {
         return Err("empty proposal".into());
     }
-    // A (pre-)vote and its answer always carry the term being campaigned for; raft-rs
-    // answers a term-0 pre-vote with a term-0 message and is fatal on sending it.
-    let votes = [
-        MessageType::MsgRequestVote,
-        MessageType::MsgRequestVoteResponse,
-        MessageType::MsgRequestPreVote,
-        MessageType::MsgRequestPreVoteResponse,
-    ];
-    if votes.contains(&ty) && m.term == 0 {
+    // A read-index request carries its context as its one entry; a leader indexes it.
+    if ty == MessageType::MsgReadIndex && m.entries.len() != 1 {
+        return Err(format!("read index request with {} entries instead of 1", m.entries.len()));
+    }
+    // A follower forwards proposals and read-index requests to the leader as raft-rs
+    // made them, without a term; raft-rs is fatal on forwarding one that has a term.
+    let forwarded = matches!(ty, MessageType::MsgPropose | MessageType::MsgReadIndex);
+    if forwarded && m.term != 0 {
+        return Err(format!("{ty:?} with term {} (forwarded requests carry none)", m.term));
+    }
+    // Everything else carries its sender's term (a vote the term campaigned for).
+    // raft-rs steps a term-0 message as one of its own, with no term check at all, and
+    // answers a term-0 pre-vote with a term-0 message it is fatal on sending.
+    if !forwarded && m.term == 0 {
         return Err(format!("{ty:?} without a term"));
     }
     if ty == MessageType::MsgAppend {
+        // A leader's entries are of its term or older ones, in order, none older than
+        // the entry they follow.
+        let mut prev_term = m.log_term;
         for (i, e) in m.entries.iter().enumerate() {
             if m.index.checked_add(i as u64 + 1) != Some(e.index) {
                 return Err(format!("append at index {}: entry {i} has index {}", m.index, e.index));
             }
+            if e.term < prev_term || e.term > m.term {
+                return Err(format!("append of term {}: entry {} has term {} after term {prev_term}", m.term, e.index, e.term));
+            }
+            prev_term = e.term;
         }
     }
     Ok(())
@@ -1283,15 +1296,43 @@ mod tests {
             assert!(ok(append(e)).is_ok());
         }
         assert!(ok(Message { msg_type: MessageType::MsgSnapshot as i32, ..base.clone() }).is_ok());
-        // raft-rs is fatal on an empty proposal; an append must continue its index.
-        assert!(ok(Message { msg_type: MessageType::MsgPropose as i32, ..base.clone() }).is_err());
-        assert!(ok(Message { msg_type: MessageType::MsgPropose as i32, entries: vec![entry(0, vec![])], ..base.clone() }).is_ok());
+        // raft-rs is fatal on an empty proposal, and on forwarding a proposal or a
+        // read-index request with a term; a read-index request carries one context
+        // entry. An append must continue its index.
+        let forwarded = |ty: MessageType, entries: Vec<Entry>| Message { msg_type: ty as i32, term: 0, entries, ..base.clone() };
+        assert!(ok(forwarded(MessageType::MsgPropose, vec![])).unwrap_err().to_string().contains("empty proposal"));
+        assert!(ok(forwarded(MessageType::MsgPropose, vec![entry(0, vec![])])).is_ok());
+        assert!(ok(forwarded(MessageType::MsgReadIndex, vec![entry(0, b"ctx".to_vec())])).is_ok());
+        assert!(ok(forwarded(MessageType::MsgReadIndex, vec![])).unwrap_err().to_string().contains("0 entries instead of 1"));
+        for ty in [MessageType::MsgPropose, MessageType::MsgReadIndex] {
+            let m = Message { term: 3, ..forwarded(ty, vec![entry(0, vec![])]) };
+            assert!(ok(m).unwrap_err().to_string().contains("with term 3"), "{ty:?}");
+        }
+        // Entries of an append: none newer than the message's term, none older than the
+        // entry they follow or the one before.
+        let terms = |log_term: u64, ts: &[u64]| Message {
+            log_term,
+            term: 3,
+            entries: ts.iter().enumerate().map(|(i, t)| Entry { index: 5 + i as u64, term: *t, ..Default::default() }).collect(),
+            ..append(entry(0, vec![]))
+        };
+        assert!(ok(terms(1, &[1, 2, 3])).is_ok());
+        assert!(ok(terms(2, &[1])).unwrap_err().to_string().contains("entry 5 has term 1 after term 2"));
+        assert!(ok(terms(1, &[3, 2])).is_err());
+        assert!(ok(terms(1, &[4])).is_err());
         let gap = Message { index: 3, ..append(entry(0, vec![])) };
         assert!(ok(gap).unwrap_err().to_string().contains("append at index 3: entry 0 has index 5"));
         let wrap = Message { index: u64::MAX, ..append(entry(0, vec![])) };
         assert!(ok(wrap).is_err());
         assert!(ok(Message { index: 4, ..append(entry(0, vec![])) }).is_ok());
-        for ty in [MessageType::MsgRequestPreVote, MessageType::MsgRequestVoteResponse] {
+        let carry_terms = [
+            MessageType::MsgRequestPreVote,
+            MessageType::MsgRequestVoteResponse,
+            MessageType::MsgAppend,
+            MessageType::MsgHeartbeat,
+            MessageType::MsgTransferLeader,
+        ];
+        for ty in carry_terms {
             assert!(ok(Message { msg_type: ty as i32, term: 0, ..base.clone() }).unwrap_err().to_string().contains("without a term"));
             assert!(ok(Message { msg_type: ty as i32, ..base.clone() }).is_ok());
         }

@@ -508,34 +508,81 @@ fn wait_exit(c: &mut Cluster, within: Duration) -> Option<std::process::ExitStat
     }
 }
 
-/// A random but well-formed raft message to member 1, as a hostile or broken peer could
-/// send it once past the transport (plaintext peers, or a peer holding a certificate).
+/// A random raft message to member 1, as a hostile or broken peer could send it once
+/// past TLS (plaintext peers, or a peer holding a certificate). Most are well formed,
+/// with numbers near a young cluster's, so they pass the transport's checks and reach
+/// the raft loop; one in five has a wild number or shape the transport refuses.
 fn hostile_message(rng: &mut StdRng) -> Message {
-    // Mostly plausible numbers: the transport refuses terms and indexes beyond 2^62.
+    const TYPES: [MessageType; 14] = [
+        MessageType::MsgAppend,
+        MessageType::MsgAppendResponse,
+        MessageType::MsgRequestVote,
+        MessageType::MsgRequestVoteResponse,
+        MessageType::MsgSnapshot,
+        MessageType::MsgHeartbeat,
+        MessageType::MsgHeartbeatResponse,
+        MessageType::MsgTransferLeader,
+        MessageType::MsgTimeoutNow,
+        MessageType::MsgReadIndex,
+        MessageType::MsgReadIndexResp,
+        MessageType::MsgRequestPreVote,
+        MessageType::MsgRequestPreVoteResponse,
+        MessageType::MsgPropose,
+    ];
+    let wild = rng.gen_ratio(1, 5);
     let num = |rng: &mut StdRng| match rng.gen_range(0..10) {
-        0..=3 => rng.gen_range(0..4),
-        4..=7 => rng.gen_range(0..100),
-        8 => rng.gen_range(0..=i64::MAX as u64),
-        _ => u64::MAX - rng.gen_range(0..2),
+        0..=4 => rng.gen_range(0..8),
+        5..=8 => rng.gen_range(0..100),
+        _ if wild => u64::MAX - rng.gen_range(0..2),
+        _ => rng.gen_range(0..=1 << 40),
     };
-    let entries = (0..rng.gen_range(0..3))
-        .map(|_| Entry { entry_type: rng.gen_range(0..3), index: num(rng), term: num(rng), data: vec![rng.gen(); rng.gen_range(0..8)], ..Default::default() })
+    let ty = TYPES[rng.gen_range(0..TYPES.len())];
+    let forwarded = matches!(ty, MessageType::MsgPropose | MessageType::MsgReadIndex | MessageType::MsgTransferLeader);
+    let term = if forwarded && !wild { 0 } else { num(rng).max(1) };
+    let index = num(rng);
+    let log_term = rng.gen_range(0..=term);
+    let n = match ty {
+        MessageType::MsgReadIndex if !wild => 1,
+        MessageType::MsgPropose if !wild => rng.gen_range(1..4),
+        _ => rng.gen_range(0..3),
+    };
+    let entries = (0..n)
+        .map(|i| {
+            let data = if rng.gen_ratio(1, 2) {
+                let cmd = Command { op: OpType::Put as i32, key: format!("k{}", rng.gen::<u8>()), value: vec![rng.gen(); 4], request_id: rng.gen(), ..Default::default() };
+                cmd.encode_to_vec()
+            } else {
+                vec![rng.gen(); rng.gen_range(0..8)]
+            };
+            let append = ty == MessageType::MsgAppend && !wild;
+            Entry {
+                entry_type: if wild { rng.gen_range(0..3) } else { EntryType::EntryNormal as i32 },
+                index: if append { index + i + 1 } else { num(rng) },
+                term: if append { log_term.max(term.saturating_sub(1)) } else { num(rng) },
+                data,
+                ..Default::default()
+            }
+        })
         .collect();
-    let snapshot = rng.gen_ratio(1, 4).then(|| Snapshot {
-        data: vec![rng.gen(); rng.gen_range(0..16)],
-        metadata: Some(SnapshotMetadata {
-            conf_state: Some(ConfState { voters: vec![rng.gen_range(1..4)], ..Default::default() }),
-            index: num(rng),
-            term: num(rng),
-        }),
+    let snapshot = (ty == MessageType::MsgSnapshot || wild && rng.gen_ratio(1, 4)).then(|| {
+        let data = if rng.gen_ratio(2, 3) { KvStore::new().snapshot_image() } else { vec![rng.gen(); rng.gen_range(0..16)] };
+        let ids = |rng: &mut StdRng| (1..=4).filter(|_| rng.gen_ratio(1, 2)).collect::<Vec<u64>>();
+        Snapshot {
+            data,
+            metadata: Some(SnapshotMetadata {
+                conf_state: Some(ConfState { voters: ids(rng), learners: ids(rng), ..Default::default() }),
+                index: num(rng),
+                term: rng.gen_range(0..=term.saturating_add(1)),
+            }),
+        }
     });
     Message {
-        msg_type: rng.gen_range(0..20),
+        msg_type: if wild && rng.gen_ratio(1, 4) { rng.gen_range(0..25) } else { ty as i32 },
         to: 1,
-        from: rng.gen_range(0..4),
-        term: num(rng),
-        log_term: num(rng),
-        index: num(rng),
+        from: if wild { rng.gen_range(0..5) } else { rng.gen_range(2..5) },
+        term,
+        log_term,
+        index,
         entries,
         commit: num(rng),
         snapshot,
@@ -572,36 +619,43 @@ fn heartbeats_from_member_0_or_from_itself_get_400_and_the_node_stays_up() {
     assert_alive(&mut c, "heartbeats from members 0 and 1");
 }
 
-/// Well-formed raft messages with hostile fields (terms and indexes anywhere, entries
-/// that conflict with committed ones, snapshots out of nowhere): the node may refuse or
-/// ignore them, but must not die.
+/// Raft messages with hostile fields from senders that are not members (terms and
+/// indexes anywhere, commits beyond the log, snapshots out of nowhere, forged read-index
+/// answers and hand-overs): the node may refuse, drop or follow them, but must not die
+/// and must go on answering. The transport refuses what it can judge alone, the raft
+/// loop's vetting (`raft_loop::vet`, fuzzed against raft-rs in its unit tests) what needs
+/// its state. `RAFTKV_HOSTILE_SEED` varies the messages.
 ///
-/// The transport now refuses what it can judge alone (unknown enum values, terms and
-/// indexes beyond 2^63 - 1, empty proposals, appends out of line with their index,
-/// votes without a term, senders 0 or this member itself). What needs the node's state still stops it: a heartbeat or
-/// append whose commit is beyond this member's log (raft-rs panics "to_commit is out of
-/// range"; the raft loop's lost-entries check stops the node instead), a snapshot whose
-/// image does not decode (a Fatal stop), and other raft-rs `fatal!` paths reached from a
-/// sender that is not the leader. The raft loop must vet messages against its state
-/// before stepping them. Ignored until it does: `-- --ignored` shows the current state
-/// (`RAFTKV_HOSTILE_SEED` varies the messages).
+/// Writes are not checked afterwards: as in any raft (etcd's too), a sender of a newer
+/// term that is not a member is taken for a leader this member has not heard of yet (one
+/// added since it last applied), so its log or snapshot can take this member over. The
+/// peer port is for members only (docs/security.md).
 #[test]
-#[ignore = "the raft loop does not vet well-formed hostile peer messages against its state yet"]
 fn a_real_node_survives_well_formed_hostile_raft_messages() {
     let mut c = Cluster::start(1);
     let port = c.nodes[0].peer_port;
     let mut rng = StdRng::seed_from_u64(seed() + 2);
-    for i in 0..200 {
-        let msgs: Vec<Message> = (0..rng.gen_range(1..4)).map(|_| hostile_message(&mut rng)).collect();
+    let batches = 300;
+    let mut taken = 0;
+    for i in 0..batches {
+        let msgs: Vec<Message> = (0..rng.gen_range(1..3)).map(|_| hostile_message(&mut rng)).collect();
         let codes = post_raft(port, &encode_frames(&msgs), Some(msgs[0].from));
-        let exited = wait_exit(&mut c, Duration::from_millis(50));
+        let exited = wait_exit(&mut c, Duration::from_millis(30));
         if let Some(exit) = exited {
             c.dump_logs(30);
             panic!("the node exited ({exit}) after batch {i}: {msgs:?}");
         }
         for code in codes {
             assert!(acceptable(code), "peer port answered {code} to batch {i}");
+            taken += usize::from(code == 204);
         }
     }
-    assert_alive(&mut c, "hostile raft messages");
+    // Most batches must get past the transport to the raft loop, or this proves little.
+    assert!(taken > batches / 3, "only {taken} of {batches} batches reached the raft loop");
+    if let Some(exit) = wait_exit(&mut c, Duration::from_millis(200)) {
+        c.dump_logs(30);
+        panic!("the node exited ({exit}) after the hostile raft messages");
+    }
+    let status = c.status(1).expect("GET /v1/status answers after the hostile raft messages");
+    assert_eq!(status["id"], 1, "{status}");
 }

@@ -1,0 +1,375 @@
+//! [`vet`] against raft-rs itself: random well-formed messages from voters, a learner
+//! and a stranger are stepped into a real `RawNode` (on raft-rs's `MemStorage`) in each
+//! role. With the vetting none may panic; without it the same messages must, or this
+//! harness would prove nothing.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use prost::Message as _;
+use raft::eraftpb::{ConfChangeV2, Entry, EntryType, HardState, Snapshot, SnapshotMetadata};
+use raft::storage::MemStorage;
+use raft::{Config, RawNode};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::*;
+
+/// The message types a peer sends over the network (raft-rs refuses the local ones).
+const NETWORK_TYPES: [MessageType; 14] = [
+    MessageType::MsgAppend,
+    MessageType::MsgAppendResponse,
+    MessageType::MsgRequestVote,
+    MessageType::MsgRequestVoteResponse,
+    MessageType::MsgSnapshot,
+    MessageType::MsgHeartbeat,
+    MessageType::MsgHeartbeatResponse,
+    MessageType::MsgTransferLeader,
+    MessageType::MsgTimeoutNow,
+    MessageType::MsgReadIndex,
+    MessageType::MsgReadIndexResp,
+    MessageType::MsgRequestPreVote,
+    MessageType::MsgRequestPreVoteResponse,
+    MessageType::MsgPropose,
+];
+
+/// Member 1 of voters {1, 2, 3} and learner 4: a snapshot at index 5 (term 2), entries
+/// 6..=12 of terms 2 to 5, commit 10, term 5. `role`: 0 follower without a leader, 1
+/// follower of 2, 2 pre-candidate, 3 candidate, 4 leader.
+fn node(role: u32) -> RawNode<MemStorage> {
+    let storage = MemStorage::new();
+    let snap = Snapshot {
+        metadata: Some(SnapshotMetadata {
+            conf_state: Some(ConfState { voters: vec![1, 2, 3], learners: vec![4], ..Default::default() }),
+            index: 5,
+            term: 2,
+        }),
+        ..Default::default()
+    };
+    storage.wl().apply_snapshot(snap).expect("snapshot");
+    let terms = [2, 2, 3, 3, 4, 5, 5];
+    let entries: Vec<Entry> = (6..=12).map(|i| Entry { index: i, term: terms[(i - 6) as usize], ..Default::default() }).collect();
+    storage.wl().append(&entries).expect("entries");
+    storage.wl().set_hardstate(HardState { term: 5, vote: 2, commit: 10 });
+    let cfg = Config {
+        id: 1,
+        election_tick: 10,
+        heartbeat_tick: 1,
+        applied: 5,
+        check_quorum: true,
+        pre_vote: true,
+        batch_append: true,
+        max_inflight_msgs: 256,
+        ..Default::default()
+    };
+    let mut raw = RawNode::new(&cfg, storage, &crate::logger::raft_logger(1)).expect("raw node");
+    match role {
+        1 => {
+            let hb = Message { msg_type: MessageType::MsgHeartbeat as i32, to: 1, from: 2, term: 5, commit: 10, ..Default::default() };
+            raw.step(hb).expect("heartbeat");
+        }
+        2 => raw.raft.become_pre_candidate(),
+        3 => raw.raft.become_candidate(),
+        4 => {
+            raw.raft.become_candidate();
+            raw.raft.become_leader();
+        }
+        _ => {}
+    }
+    handle_ready(&mut raw);
+    raw
+}
+
+/// What the raft loop does with a Ready, on `MemStorage`, dropping the messages.
+fn handle_ready(raw: &mut RawNode<MemStorage>) {
+    if !raw.has_ready() {
+        return;
+    }
+    let store = raw.store().clone();
+    let mut rd = raw.ready();
+    if !rd.snapshot().is_empty() {
+        store.wl().apply_snapshot(rd.snapshot().clone()).expect("a snapshot raft handed over");
+    }
+    store.wl().append(rd.entries()).expect("entries raft handed over");
+    if let Some(hs) = rd.hs() {
+        store.wl().set_hardstate(hs.clone());
+    }
+    let committed = rd.take_committed_entries();
+    apply(raw, committed);
+    let mut light = raw.advance(rd);
+    if let Some(commit) = light.commit_index() {
+        store.wl().mut_hard_state().commit = commit;
+    }
+    apply(raw, light.take_committed_entries());
+    raw.advance_apply();
+}
+
+fn apply(raw: &mut RawNode<MemStorage>, entries: Vec<Entry>) {
+    for e in entries {
+        if e.get_entry_type() == EntryType::EntryConfChangeV2 {
+            if let Ok(cc) = ConfChangeV2::decode(e.data.as_slice()) {
+                // The raft loop logs a refused change and goes on.
+                let _ = raw.apply_conf_change(&cc);
+            }
+        }
+    }
+}
+
+/// A random message to member 1 (of type `only`, if given) with numbers near its
+/// state, as `check_message` lets through most of the time.
+fn message(rng: &mut StdRng, raft: &Raft<MemStorage>, only: Option<MessageType>) -> Message {
+    let last = raft.raft_log.last_index();
+    let committed = raft.raft_log.committed;
+    let near = |rng: &mut StdRng, base: u64| base.saturating_add_signed(rng.gen_range(-6i64..=4));
+    let msg_type = only.unwrap_or_else(|| NETWORK_TYPES[rng.gen_range(0..NETWORK_TYPES.len())]);
+    let term = match rng.gen_range(0..6) {
+        0 => raft.term.saturating_sub(1),
+        1 | 2 => raft.term,
+        3 => raft.term + 1,
+        4 => raft.term + 2,
+        _ => rng.gen_range(0..=raft.term + 3),
+    };
+    let index = near(rng, last);
+    let log_term = rng.gen_range(0..=term);
+    let entries = match msg_type {
+        MessageType::MsgAppend | MessageType::MsgPropose | MessageType::MsgReadIndex | MessageType::MsgReadIndexResp => {
+            let n = rng.gen_range(0..4);
+            (0..n)
+                .map(|i| {
+                    let conf = rng.gen_ratio(1, 5);
+                    let data = if conf {
+                        let change = ConfChangeSingle { node_id: rng.gen_range(1..=5), change_type: rng.gen_range(0..3) };
+                        ConfChangeV2 { changes: vec![change], ..Default::default() }.encode_to_vec()
+                    } else {
+                        vec![rng.gen(); rng.gen_range(0..4)]
+                    };
+                    Entry {
+                        entry_type: if conf { EntryType::EntryConfChangeV2 as i32 } else { EntryType::EntryNormal as i32 },
+                        index: if msg_type == MessageType::MsgAppend { index + i + 1 } else { 0 },
+                        term: if msg_type == MessageType::MsgAppend { rng.gen_range(log_term..=term) } else { 0 },
+                        data,
+                        ..Default::default()
+                    }
+                })
+                .collect()
+        }
+        _ => Vec::new(),
+    };
+    let ids = |rng: &mut StdRng, p: f64| (1..=5).filter(|_| rng.gen_bool(p)).collect::<Vec<u64>>();
+    let snapshot = (msg_type == MessageType::MsgSnapshot).then(|| {
+        let conf_state = ConfState {
+            voters: ids(rng, 0.6),
+            learners: ids(rng, 0.2),
+            voters_outgoing: if rng.gen_ratio(1, 5) { ids(rng, 0.5) } else { Vec::new() },
+            learners_next: if rng.gen_ratio(1, 10) { ids(rng, 0.3) } else { Vec::new() },
+            auto_leave: rng.gen_ratio(1, 5),
+        };
+        let index = near(rng, committed) + rng.gen_range(0..8);
+        Snapshot {
+            metadata: Some(SnapshotMetadata { conf_state: Some(conf_state), index, term: rng.gen_range(0..=term + 1) }),
+            ..Default::default()
+        }
+    });
+    Message {
+        msg_type: msg_type as i32,
+        to: 1,
+        from: [2, 2, 3, 3, 4, 5][rng.gen_range(0..6)],
+        term,
+        log_term,
+        index,
+        entries,
+        commit: if rng.gen() { near(rng, committed) } else { near(rng, last) },
+        snapshot,
+        reject: rng.gen_ratio(1, 3),
+        reject_hint: near(rng, last),
+        ..Default::default()
+    }
+}
+
+/// What [`fuzz`] saw.
+#[derive(Default)]
+struct Outcome {
+    /// Messages raft-rs stepped.
+    stepped: usize,
+    /// Messages [`vet`] dropped.
+    dropped: usize,
+    /// The first raft-rs panic (or stop of the node): the message and what it said.
+    panic: Option<(Message, String)>,
+}
+
+/// Steps `count` random messages (of type `only`, if given) into fresh nodes of every
+/// role, through the transport's check and (when `vetted`) [`vet`], as the raft loop
+/// does, until raft-rs panics.
+fn fuzz(seed: u64, count: usize, vetted: bool, only: Option<MessageType>) -> Outcome {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut out = Outcome::default();
+    let mut raw = node(0);
+    for i in 0..count {
+        if i % 200 == 0 {
+            raw = node((i / 200) as u32 % 5);
+        }
+        if i % 7 == 0 {
+            raw.tick();
+        }
+        let m = message(&mut rng, &raw.raft, only);
+        if crate::transport::check_message(&m).is_err() {
+            continue;
+        }
+        if vetted && vet(&raw.raft, &m).is_err() {
+            out.dropped += 1;
+            continue;
+        }
+        if claims_lost_entries(&raw.raft, &m) {
+            // The raft loop stops the node here: right for a voter (a leader) saying so,
+            // as bad as a panic for anyone else.
+            if !raw.raft.prs().conf().voters().contains(m.from) {
+                out.panic = Some((m, "the node stops: a non-voter claims it lost entries".into()));
+                break;
+            }
+            continue;
+        }
+        out.stepped += 1;
+        let step = catch_unwind(AssertUnwindSafe(|| {
+            let _ = raw.step(m.clone());
+            handle_ready(&mut raw);
+        }));
+        if let Err(panic) = step {
+            let what = panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()));
+            out.panic = Some((m, what.unwrap_or_default()));
+            break;
+        }
+    }
+    out
+}
+
+const MESSAGES: usize = 20_000;
+
+/// Seeds to try: 3, or `RAFTKV_VET_SEEDS` for a longer run by hand.
+fn seeds() -> u64 {
+    std::env::var("RAFTKV_VET_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(3)
+}
+
+#[test]
+fn raft_rs_survives_every_message_that_passes_the_vetting() {
+    for seed in 0..seeds() {
+        let out = fuzz(seed, MESSAGES, true, None);
+        if let Some((m, what)) = out.panic {
+            panic!("seed {seed}: raft-rs panicked ({what}) on a vetted message: {m:?}");
+        }
+        // Most messages must reach raft-rs, or this proves little.
+        assert!(out.stepped > MESSAGES / 3, "seed {seed}: only {} of {MESSAGES} messages stepped ({} vetted out)", out.stepped, out.dropped);
+    }
+}
+
+/// The harness has teeth: without [`vet`] raft-rs panics on snapshots, appends and
+/// heartbeats of the same kind, each of its own.
+#[test]
+fn without_the_vetting_the_same_messages_make_raft_rs_panic() {
+    for ty in [MessageType::MsgSnapshot, MessageType::MsgAppend, MessageType::MsgHeartbeat] {
+        let found = (0..3).filter(|seed| fuzz(*seed, MESSAGES, false, Some(ty)).panic.is_some()).count();
+        assert!(found > 0, "no seed made raft-rs panic on a {ty:?} without the vetting: the fuzz cannot fail");
+        let out = fuzz(0, MESSAGES, true, Some(ty));
+        assert!(out.panic.is_none() && out.stepped > 0, "{ty:?}: vetted, {} stepped", out.stepped);
+    }
+}
+
+fn heartbeat(from: u64, term: u64, commit: u64) -> Message {
+    Message { msg_type: MessageType::MsgHeartbeat as i32, to: 1, from, term, commit, ..Default::default() }
+}
+
+#[test]
+fn a_heartbeat_commit_beyond_the_log_is_lost_entries_from_a_voter_and_dropped_from_anyone_else() {
+    let raw = node(1);
+    let beyond = raw.raft.raft_log.last_index() + 1;
+    for from in [2, 3] {
+        let m = heartbeat(from, 5, beyond);
+        assert_eq!(vet(&raw.raft, &m), Ok(()), "voter {from}");
+        assert!(claims_lost_entries(&raw.raft, &m), "voter {from}");
+    }
+    for from in [4, 5] {
+        assert_eq!(vet(&raw.raft, &heartbeat(from, 5, beyond)), Err("heartbeat_commit_beyond_log"), "non-voter {from}");
+    }
+    // Within the log, from anyone: raft's business.
+    assert_eq!(vet(&raw.raft, &heartbeat(5, 6, 10)), Ok(()));
+    assert!(!claims_lost_entries(&raw.raft, &heartbeat(2, 5, 12)));
+    // An older term: raft-rs only answers it.
+    assert!(!claims_lost_entries(&raw.raft, &heartbeat(2, 4, beyond)));
+}
+
+#[test]
+fn read_index_answers_and_leadership_hand_overs_come_only_from_this_terms_leader() {
+    let raw = node(1);
+    for msg_type in [MessageType::MsgReadIndexResp, MessageType::MsgTimeoutNow] {
+        let m = |from, term| Message { msg_type: msg_type as i32, to: 1, from, term, index: 3, ..Default::default() };
+        assert_eq!(vet(&raw.raft, &m(2, 5)), Ok(()), "{msg_type:?} from the leader");
+        assert_eq!(vet(&raw.raft, &m(3, 5)), Err("not_from_the_leader"), "{msg_type:?} from a follower");
+        assert_eq!(vet(&raw.raft, &m(2, 6)), Err("not_from_the_leader"), "{msg_type:?} of another term");
+    }
+}
+
+#[test]
+fn proposals_come_only_from_members() {
+    let raw = node(4);
+    let m = |from| Message {
+        msg_type: MessageType::MsgPropose as i32,
+        to: 1,
+        from,
+        entries: vec![Entry { data: b"x".to_vec(), ..Default::default() }],
+        ..Default::default()
+    };
+    assert_eq!(vet(&raw.raft, &m(2)), Ok(()));
+    assert_eq!(vet(&raw.raft, &m(4)), Ok(()), "a learner forwards its clients' writes");
+    assert_eq!(vet(&raw.raft, &m(5)), Err("proposal_from_a_non_member"));
+}
+
+#[test]
+fn an_append_older_than_this_commit_is_dropped() {
+    let raw = node(1);
+    // Entry 10 (the commit) has term 4.
+    let m = |log_term| Message { msg_type: MessageType::MsgAppend as i32, to: 1, from: 2, term: 5, index: 11, log_term, ..Default::default() };
+    assert_eq!(vet(&raw.raft, &m(3)), Err("append_older_than_commit"));
+    assert_eq!(vet(&raw.raft, &m(4)), Ok(()));
+    assert_eq!(vet(&raw.raft, &m(5)), Ok(()));
+}
+
+#[test]
+fn snapshots_are_checked_for_term_and_configuration() {
+    let raw = node(1);
+    let snap = |index, term, cs: ConfState| Message {
+        msg_type: MessageType::MsgSnapshot as i32,
+        to: 1,
+        from: 2,
+        term: 5,
+        snapshot: Some(Snapshot { metadata: Some(SnapshotMetadata { conf_state: Some(cs), index, term }), ..Default::default() }),
+        ..Default::default()
+    };
+    let voters = |v: &[u64]| ConfState { voters: v.to_vec(), ..Default::default() };
+    assert_eq!(vet(&raw.raft, &snap(20, 5, voters(&[1, 2, 3]))), Ok(()));
+    assert_eq!(vet(&raw.raft, &snap(20, 0, voters(&[1, 2, 3]))), Err("snapshot_term_out_of_range"));
+    assert_eq!(vet(&raw.raft, &snap(20, 6, voters(&[1, 2, 3]))), Err("snapshot_term_out_of_range"));
+    assert_eq!(vet(&raw.raft, &snap(10, 4, voters(&[1, 2, 3]))), Ok(()), "the commit, as this log has it");
+    assert_eq!(vet(&raw.raft, &snap(10, 5, voters(&[1, 2, 3]))), Err("snapshot_conflicts_with_commit"));
+    let bad = [
+        voters(&[]),
+        voters(&[0, 1]),
+        ConfState { voters: vec![1, 2], learners: vec![2], ..Default::default() },
+        ConfState { voters: vec![1], learners_next: vec![2], ..Default::default() },
+    ];
+    for cs in bad {
+        assert_eq!(vet(&raw.raft, &snap(20, 5, cs.clone())), Err("snapshot_configuration_invalid"), "{cs:?}");
+    }
+    let joint = ConfState { voters: vec![1, 2, 3], voters_outgoing: vec![1, 2, 4], learners_next: vec![4], ..Default::default() };
+    assert_eq!(vet(&raw.raft, &snap(20, 5, joint)), Ok(()));
+    let m = Message { snapshot: Some(Snapshot::default()), ..snap(20, 5, voters(&[1])) };
+    assert_eq!(vet(&raw.raft, &m), Err("snapshot_without_metadata"));
+}
+
+
+#[test]
+fn a_leadership_transfer_is_stepped_only_by_the_leader() {
+    let transfer = Message { msg_type: MessageType::MsgTransferLeader as i32, to: 1, from: 3, term: 6, ..Default::default() };
+    let leader = node(4);
+    assert_eq!(vet(&leader.raft, &transfer), Ok(()));
+    for role in [0, 1, 2, 3] {
+        assert_eq!(vet(&node(role).raft, &transfer), Err("transfer_to_a_non_leader"), "role {role}");
+    }
+}
