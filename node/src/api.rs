@@ -395,6 +395,7 @@ impl Api {
 
     fn status_json(&self) -> Resp {
         let st = self.status();
+        let cluster_id = self.kv.read().map(|k| k.cluster_id()).unwrap_or(0);
         json(
             StatusCode::OK,
             &json!({
@@ -407,6 +408,7 @@ impl Api {
                 "snapshot_index": st.snapshot_index,
                 "wal_bytes": st.wal_bytes,
                 "incarnation": format!("{:016x}", st.incarnation),
+                "cluster_id": (cluster_id != 0).then(|| format!("{cluster_id:016x}")),
                 "lost_log": st.lost_log,
                 "disk_full": st.disk_full,
                 "keys": self.kv.read().map(|k| k.len()).unwrap_or(0),

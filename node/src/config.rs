@@ -94,6 +94,11 @@ pub struct Args {
     /// (required with client TLS).
     #[arg(long, env = "RAFTKV_ADMIN_TOKEN_FILE")]
     pub admin_token_file: Option<PathBuf>,
+    /// Mixed into the cluster id a new cluster gets at bootstrap (etcd's flag): give
+    /// clusters with the same --cluster URLs different tokens. Ignored once bootstrapped
+    /// and when joining.
+    #[arg(long, env = "RAFTKV_INITIAL_CLUSTER_TOKEN", default_value = "raftkv-cluster")]
+    pub initial_cluster_token: String,
 }
 
 /// Validated configuration of one node.
@@ -103,6 +108,9 @@ pub struct Config {
     pub id: u64,
     /// Initial members: (id, peer URL), ids 1..=n in order.
     pub initial_members: Vec<(u64, String)>,
+    /// The id a cluster bootstrapped from this configuration gets: [`cluster_id`] of
+    /// the initial members and `--initial-cluster-token`.
+    pub initial_cluster_id: u64,
     /// This node's advertised peer URL.
     pub peer_url: String,
     /// Whether a fresh node waits to be added instead of bootstrapping.
@@ -131,6 +139,29 @@ pub struct Config {
     pub peer_tls: Option<PeerTls>,
     /// Bearer token the membership and leadership routes require (`None`: open).
     pub admin_token: Option<AdminToken>,
+}
+
+/// The id of a cluster bootstrapped with `members` and `token`, as etcd derives its
+/// cluster id from the initial members and `--initial-cluster-token`: every initial
+/// member computes the same one alone, and clusters that differ in either get different
+/// ones. FNV-1a (64-bit) of the token and each `id=url`, never 0 (0 means "not known").
+/// Peers send it with every raft message, so a node of another cluster is refused.
+pub fn cluster_id(members: &[(u64, String)], token: &str) -> u64 {
+    let mut sorted: Vec<&(u64, String)> = members.iter().collect();
+    sorted.sort();
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut feed = |bytes: &[u8]| {
+        for b in bytes {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    };
+    feed(token.as_bytes());
+    for (id, url) in sorted {
+        feed(b"\n");
+        feed(format!("{id}={url}").as_bytes());
+    }
+    h.max(1)
 }
 
 /// A flag value that does not make sense.
@@ -279,10 +310,15 @@ impl Args {
             return err("--worker-threads must be between 1 and 1024");
         }
         let security = Security::load(&self, &urls, &peer_url)?;
+        if self.initial_cluster_token.is_empty() || self.initial_cluster_token.len() > 256 {
+            return err("--initial-cluster-token must be 1 to 256 bytes");
+        }
         let data_dir = self.data_dir.unwrap_or_else(|| PathBuf::from(format!("raftkv-{id}")));
+        let initial_members: Vec<(u64, String)> = urls.iter().enumerate().map(|(i, u)| (i as u64 + 1, u.clone())).collect();
         Ok(Config {
             id,
-            initial_members: urls.iter().enumerate().map(|(i, u)| (i as u64 + 1, u.clone())).collect(),
+            initial_cluster_id: cluster_id(&initial_members, &self.initial_cluster_token),
+            initial_members,
             peer_url,
             join,
             data_dir,
@@ -405,6 +441,21 @@ mod tests {
         assert_eq!(c.listen_client_addr.port(), 22380);
         assert!(!c.join);
         assert_eq!(c.data_dir, PathBuf::from("raftkv-2"));
+    }
+
+    #[test]
+    fn the_cluster_id_depends_on_the_members_and_the_token_only() {
+        let urls = "http://127.0.0.1:1,http://127.0.0.1:2,http://127.0.0.1:3";
+        let id_of = |args: &[&str]| parse(args).unwrap().initial_cluster_id;
+        let one = id_of(&["--id", "1", "--cluster", urls]);
+        assert_ne!(one, 0);
+        assert_eq!(id_of(&["--id", "3", "--cluster", urls, "--port", "7"]), one, "the same for every initial member");
+        assert_ne!(id_of(&["--id", "1", "--cluster", urls, "--initial-cluster-token", "other"]), one, "another token");
+        assert_ne!(id_of(&["--id", "1", "--cluster", "http://127.0.0.1:1,http://127.0.0.1:2,http://127.0.0.1:4"]), one, "another member");
+        let m = |v: &[(u64, &str)]| v.iter().map(|(i, u)| (*i, u.to_string())).collect::<Vec<_>>();
+        assert_eq!(cluster_id(&m(&[(1, "a"), (2, "b")]), "t"), cluster_id(&m(&[(2, "b"), (1, "a")]), "t"), "order does not matter");
+        assert_ne!(cluster_id(&m(&[(1, "b"), (2, "a")]), "t"), cluster_id(&m(&[(1, "a"), (2, "b")]), "t"), "ids do");
+        assert!(parse(&["--initial-cluster-token", ""]).unwrap_err().contains("--initial-cluster-token"));
     }
 
     #[test]

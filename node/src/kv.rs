@@ -118,6 +118,10 @@ pub struct SnapshotImage {
     /// A delta: the keys deleted since the base, in order.
     #[prost(string, repeated, tag = "7")]
     pub deleted: Vec<String>,
+    /// The cluster's id, fixed when it was bootstrapped (see
+    /// [`crate::config::cluster_id`]); 0 in images written before cluster ids.
+    #[prost(uint64, tag = "8")]
+    pub cluster_id: u64,
 }
 
 /// Result of applying a command.
@@ -285,6 +289,9 @@ pub struct KvStore {
     members: BTreeMap<u64, String>,
     removed: BTreeSet<u64>,
     applied: u64,
+    /// The cluster's id (0: not known, a member still joining or data from before
+    /// cluster ids).
+    cluster_id: u64,
     /// Pairs written (the new pair) or deleted (the old one) since the image at
     /// `changes_since`, repeats included: what the next delta holds.
     changes: Vec<Pair>,
@@ -402,6 +409,12 @@ impl KvStore {
         &self.members
     }
 
+    /// The cluster's id, as its bootstrap image set it (0: not known yet, or data from
+    /// before cluster ids).
+    pub fn cluster_id(&self) -> u64 {
+        self.cluster_id
+    }
+
     /// Whether `id` was removed from the cluster (and not re-added).
     pub fn is_removed(&self, id: u64) -> bool {
         self.removed.contains(&id)
@@ -421,6 +434,7 @@ impl KvStore {
             members: self.members.clone(),
             removed: self.removed.clone(),
             applied: self.applied,
+            cluster_id: self.cluster_id,
             delta: None,
         }
     }
@@ -458,6 +472,7 @@ impl KvStore {
         self.members = img.members.into_iter().map(|m| (m.id, m.peer_url)).collect();
         self.removed = img.removed.into_iter().collect();
         self.applied = img.applied_index;
+        self.cluster_id = img.cluster_id;
         self.changes = Vec::new();
         self.changes_since = Some(self.applied);
     }
@@ -482,12 +497,13 @@ impl KvStore {
     }
 
     /// The image of a brand-new cluster: no keys, the initial members.
-    pub fn bootstrap_image(members: &[(u64, String)], applied: u64) -> Vec<u8> {
+    pub fn bootstrap_image(members: &[(u64, String)], applied: u64, cluster_id: u64) -> Vec<u8> {
         let mut kv = KvStore::new();
         for (id, url) in members {
             kv.set_member(*id, url.clone());
         }
         kv.applied = applied;
+        kv.cluster_id = cluster_id;
         kv.snapshot_image()
     }
 }
@@ -552,6 +568,7 @@ pub struct ImageSource {
     members: BTreeMap<u64, String>,
     removed: BTreeSet<u64>,
     applied: u64,
+    cluster_id: u64,
     delta: Option<DeltaPart>,
 }
 
@@ -663,6 +680,7 @@ impl ImageSource {
             removed: self.removed.iter().copied().collect(),
             base_index: self.delta_base().unwrap_or(0),
             deleted: self.contents().1.to_vec(),
+            cluster_id: self.cluster_id,
         }
     }
 }
@@ -775,6 +793,32 @@ mod tests {
         assert!(back.is_removed(2));
         assert_eq!(back.applied(), 3);
         assert!(back.restore(b"\xff\xff\xff").is_err());
+    }
+
+    #[test]
+    fn the_cluster_id_of_the_bootstrap_image_is_kept_by_every_later_image() {
+        let members = [(1, "http://127.0.0.1:1".to_string())];
+        let mut kv = KvStore::new();
+        kv.restore(&KvStore::bootstrap_image(&members, 1, 0xabc)).unwrap();
+        assert_eq!(kv.cluster_id(), 0xabc);
+        for i in 0..10u64 {
+            kv.apply(i + 2, &put(&format!("k{i}"), "v", None));
+        }
+        let full_image = kv.take_image(None).encode();
+        kv.apply(20, &put("k0", "w", None));
+        let delta = kv.take_image(Some(11)).encode();
+        let mut back = KvStore::new();
+        back.restore(&full_image).unwrap();
+        assert_eq!(back.cluster_id(), 0xabc, "a full image");
+        back.apply_delta(&delta).unwrap();
+        assert_eq!(back.cluster_id(), 0xabc, "a delta");
+        // An image from before cluster ids (no field 8) has none.
+        let mut old = SnapshotImage::decode(full_image.as_slice()).unwrap();
+        old.cluster_id = 0;
+        let mut legacy = KvStore::new();
+        legacy.restore(&old.encode_to_vec()).unwrap();
+        assert_eq!(legacy.cluster_id(), 0);
+        assert_eq!(legacy.len(), 10);
     }
 
     /// The full image of `kv`, decoded (for comparing states).

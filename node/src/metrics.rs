@@ -46,8 +46,9 @@ pub struct Metrics {
     pub peer_received_bytes: IntCounterVec,
     /// Raft messages dropped because a peer's queue was full or it was unknown, by peer.
     pub peer_dropped_messages: IntCounterVec,
-    /// Raft messages from peers dropped before raft saw them because no correct member
-    /// sends them (`raft_loop` vetting), by reason.
+    /// Peer requests refused as from another cluster (`cluster_id_mismatch`), and raft
+    /// messages from peers dropped before raft saw them because no correct member sends
+    /// them (`raft_loop` vetting), by reason.
     pub peer_refused_messages: IntCounterVec,
     /// Round trip of a batch of raft messages to a peer, by peer.
     pub peer_round_trip_seconds: HistogramVec,
@@ -114,7 +115,7 @@ impl Metrics {
             peer_sent_bytes: counter_vec(&r, "raftkv_network_peer_sent_bytes_total", "Bytes of raft messages sent to a peer.", &["to"]),
             peer_received_bytes: counter_vec(&r, "raftkv_network_peer_received_bytes_total", "Bytes of raft messages received from a peer.", &["from"]),
             peer_dropped_messages: counter_vec(&r, "raftkv_network_peer_dropped_messages_total", "Raft messages dropped for a peer (queue full, unknown peer).", &["to"]),
-            peer_refused_messages: counter_vec(&r, "raftkv_network_peer_refused_messages_total", "Raft messages from peers dropped before raft saw them: no correct member sends them.", &["reason"]),
+            peer_refused_messages: counter_vec(&r, "raftkv_network_peer_refused_messages_total", "Peer requests from another cluster, and raft messages no correct member sends, refused before raft saw them.", &["reason"]),
             peer_round_trip_seconds: histogram_vec(&r, "raftkv_network_peer_round_trip_time_seconds", "Round trip of one batch of raft messages to a peer.", &["to"], net),
             http_requests: counter_vec(&r, "raftkv_http_requests_total", "Client HTTP requests by route and status code.", &["route", "code"]),
             http_request_seconds: histogram_vec(&r, "raftkv_http_request_duration_seconds", "Client HTTP request latency by route.", &["route"], http),

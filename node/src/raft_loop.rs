@@ -445,7 +445,7 @@ pub fn start(
         // index 1, term 1. Joining nodes receive it from the leader instead.
         let voters: Vec<u64> = cfg.initial_members.iter().map(|(id, _)| *id).collect();
         let snap = Snapshot {
-            data: KvStore::bootstrap_image(&cfg.initial_members, 1),
+            data: KvStore::bootstrap_image(&cfg.initial_members, 1, cfg.initial_cluster_id),
             metadata: Some(SnapshotMetadata {
                 conf_state: Some(ConfState { voters, ..Default::default() }),
                 index: 1,
@@ -480,6 +480,8 @@ pub fn start(
             transport.set_peer(*id, url);
         }
     }
+    // A joining member learns it from the leader's snapshot (`install_snapshot`).
+    transport.set_cluster_id(kv.cluster_id());
     let raft_cfg = raft::Config {
         id: cfg.id,
         election_tick: ELECTION_TICKS as usize,
@@ -1090,6 +1092,7 @@ impl RaftLoop {
                 self.transport.set_peer(*id, url);
             }
         }
+        self.transport.set_cluster_id(kv.cluster_id());
         metrics().keys.set(kv.len() as i64);
         *self.kv.write().map_err(lock_err)? = kv;
         self.conf_state = meta.conf_state.unwrap_or_default();

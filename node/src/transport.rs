@@ -66,6 +66,10 @@ pub const URL_HEADER: &str = "x-raftkv-peer-url";
 /// Header of a 410 answer: the applied index of the member that refused, so the sender
 /// can tell a lagging peer's stale view from its own removal.
 pub const APPLIED_HEADER: &str = "x-raftkv-applied";
+/// Header carrying the sender's cluster id (16 hex digits; absent while the sender does
+/// not know it, as a joining node before its first snapshot). A peer of another cluster
+/// gets 412 with this member's id in the same header.
+pub const CLUSTER_HEADER: &str = "x-raftkv-cluster-id";
 /// The path a peer stream is opened on.
 pub const STREAM_PATH: &str = "/raft/stream";
 /// The `Upgrade` token of a peer stream (its version is in the name).
@@ -104,6 +108,8 @@ struct Peer {
 struct Inner {
     id: u64,
     self_url: String,
+    /// This member's cluster id (0: not known yet), sent with every request.
+    cluster_id: std::sync::atomic::AtomicU64,
     peers: RwLock<HashMap<u64, Peer>>,
     raft: Sender<Request>,
     client: HttpClient,
@@ -312,7 +318,13 @@ impl Transport {
     /// `tls` is the peer TLS of the node (`None`: plaintext peers).
     pub fn new(id: u64, self_url: String, tls: Option<&PeerTls>, raft: Sender<Request>, rt: tokio::runtime::Handle) -> Self {
         let client = peer_client(tls);
-        Transport { inner: Arc::new(Inner { id, self_url, peers: RwLock::new(HashMap::new()), raft, client, rt }) }
+        let cluster_id = std::sync::atomic::AtomicU64::new(0);
+        Transport { inner: Arc::new(Inner { id, self_url, cluster_id, peers: RwLock::new(HashMap::new()), raft, client, rt }) }
+    }
+
+    /// Sets the cluster id sent to peers (the raft loop's, once its state machine has it).
+    pub fn set_cluster_id(&self, id: u64) {
+        self.inner.cluster_id.store(id, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Adds or updates a peer's URL (starting its sender task).
@@ -385,6 +397,7 @@ struct PeerLink {
     url: String,
     label: String,
     last_tls_warning: Option<Instant>,
+    last_cluster_warning: Option<Instant>,
 }
 
 /// How opening a stream failed.
@@ -411,7 +424,7 @@ fn drain_into(rx: &mut mpsc::Receiver<Message>, batch: &mut Vec<Message>) {
 }
 
 async fn run_peer(inner: Arc<Inner>, id: u64, url: String, mut rx: mpsc::Receiver<Message>) {
-    let mut link = PeerLink { label: id.to_string(), inner, id, url, last_tls_warning: None };
+    let mut link = PeerLink { label: id.to_string(), inner, id, url, last_tls_warning: None, last_cluster_warning: None };
     let mut backoff = Duration::from_millis(50);
     let mut posts_until: Option<Instant> = None;
     while let Some(m) = rx.recv().await {
@@ -473,11 +486,32 @@ struct Acks {
 
 impl PeerLink {
     fn request(&self, method: Method, path: &str) -> hyper::http::request::Builder {
-        HttpRequest::builder()
+        let b = HttpRequest::builder()
             .method(method)
             .uri(format!("{}{path}", self.url))
             .header(FROM_HEADER, self.inner.id.to_string())
-            .header(URL_HEADER, &self.inner.self_url)
+            .header(URL_HEADER, &self.inner.self_url);
+        match self.inner.cluster_id.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => b,
+            id => b.header(CLUSTER_HEADER, format!("{id:016x}")),
+        }
+    }
+
+    /// Logs a peer's 412: it belongs to another cluster (at most every 30 s per peer).
+    fn other_cluster<B>(&mut self, resp: &Response<B>) {
+        if self.last_cluster_warning.is_some_and(|t| t.elapsed() < TLS_WARN_EVERY) {
+            return;
+        }
+        let theirs = resp.headers().get(CLUSTER_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("?");
+        let ours = self.inner.cluster_id.load(std::sync::atomic::Ordering::Relaxed);
+        warn!(
+            peer = self.id,
+            url = %self.url,
+            peer_cluster = theirs,
+            cluster = %format!("{ours:016x}"),
+            "the peer at this URL belongs to another cluster; nothing is sent to it (check --cluster, --initial-cluster-token and the data dirs)"
+        );
+        self.last_cluster_warning = Some(Instant::now());
     }
 
     /// Logs a failed request: a refused certificate as a warning (configuration, not a
@@ -529,6 +563,10 @@ impl PeerLink {
             StatusCode::NOT_FOUND => Err(OpenError::Unsupported),
             StatusCode::GONE => {
                 self.gone(&resp);
+                Err(OpenError::Failed)
+            }
+            StatusCode::PRECONDITION_FAILED => {
+                self.other_cluster(&resp);
                 Err(OpenError::Failed)
             }
             status => {
@@ -654,6 +692,10 @@ impl PeerLink {
             }
             Ok(Ok(resp)) if resp.status() == StatusCode::GONE => {
                 self.gone(&resp);
+                false
+            }
+            Ok(Ok(resp)) if resp.status() == StatusCode::PRECONDITION_FAILED => {
+                self.other_cluster(&resp);
                 false
             }
             Ok(Ok(resp)) => {
@@ -826,6 +868,38 @@ impl PeerListener {
         admit(msgs, sender, self.my_id, &self.kv, || self.current_status().term)
     }
 
+    /// The refusal of a request from another cluster: 412 when the sender names a
+    /// cluster other than this member's (both known), 400 when its cluster header is not
+    /// an id. `None`: go on.
+    fn refuse_other_cluster(&self, req: &HttpRequest<Incoming>) -> Option<Response<Full<Bytes>>> {
+        let theirs = header(req, CLUSTER_HEADER)?;
+        let Ok(theirs) = u64::from_str_radix(theirs, 16) else {
+            return Some(text(StatusCode::BAD_REQUEST, format!("`{CLUSTER_HEADER}` must be 16 hex digits\n")));
+        };
+        let mine = self.kv.read().map(|k| k.cluster_id()).unwrap_or(0);
+        if mine == 0 || theirs == 0 || mine == theirs {
+            return None;
+        }
+        let from = header(req, FROM_HEADER).unwrap_or("?");
+        let url = header(req, URL_HEADER).unwrap_or("?");
+        warn!(
+            from,
+            url,
+            sender_cluster = %format!("{theirs:016x}"),
+            cluster = %format!("{mine:016x}"),
+            "refused raft traffic from a member of another cluster"
+        );
+        metrics().peer_refused_messages.with_label_values(&["cluster_id_mismatch"]).inc();
+        let mut r = text(
+            StatusCode::PRECONDITION_FAILED,
+            format!("this member belongs to cluster {mine:016x}, the sender to cluster {theirs:016x}\n"),
+        );
+        if let Ok(v) = HeaderValue::from_str(&format!("{mine:016x}")) {
+            r.headers_mut().insert(CLUSTER_HEADER, v);
+        }
+        Some(r)
+    }
+
     /// Learns the peer URL of a sender this member has no address for (a joining node
     /// answering a leader it never heard of).
     fn learn_sender(&self, sender: u64, url: Option<&str>) {
@@ -849,6 +923,9 @@ impl PeerListener {
             (_, "/raft") => return text(StatusCode::METHOD_NOT_ALLOWED, "use POST\n"),
             (_, STREAM_PATH) => return text(StatusCode::METHOD_NOT_ALLOWED, "use GET with Upgrade\n"),
             _ => return text(StatusCode::NOT_FOUND, "not a raftkv peer route\n"),
+        }
+        if let Some(refused) = self.refuse_other_cluster(&req) {
+            return refused;
         }
         let from_hdr: Option<u64> = header(&req, FROM_HEADER).and_then(|s| s.parse().ok());
         let from_url = header(&req, URL_HEADER).map(str::to_string);
@@ -894,6 +971,9 @@ impl PeerListener {
             Some(id) if id != 0 && id != self.my_id => id,
             _ => return text(StatusCode::BAD_REQUEST, format!("a peer stream needs `{FROM_HEADER}`: the sender's member id\n")),
         };
+        if let Some(refused) = self.refuse_other_cluster(&req) {
+            return refused;
+        }
         self.learn_sender(sender, header(&req, URL_HEADER));
         let upgrade = hyper::upgrade::on(&mut req);
         tokio::spawn(async move {

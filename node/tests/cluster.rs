@@ -288,6 +288,70 @@ fn a_fourth_node_joins_with_join() {
     wait_for(T, "the joiner to come back", || (c.get(id, "after").ok()?? == "join").then_some(()));
 }
 
+/// `raftkv_network_peer_refused_messages_total{reason="cluster_id_mismatch"}` of node `id`.
+fn cluster_refusals(c: &Cluster, id: u64) -> u64 {
+    let text = c.http.get(&format!("{}/metrics", c.url(id))).map(|r| r.text()).unwrap_or_default();
+    text.lines()
+        .find(|l| l.starts_with("raftkv_network_peer_refused_messages_total{reason=\"cluster_id_mismatch\"}"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// `POST /raft` with an empty body and `headers` to `peer_port`: the status and the
+/// answer's cluster id header.
+fn post_raft_with(peer_port: u16, headers: &str) -> (u16, Option<String>) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", peer_port)).expect("connect");
+    s.set_read_timeout(Some(T)).expect("timeout");
+    let req = format!("POST /raft HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-length: 0\r\nx-raftkv-from: 9\r\n{headers}\r\n");
+    s.write_all(req.as_bytes()).expect("write");
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    let status = answer.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let id = answer.lines().find_map(|l| l.strip_prefix("x-raftkv-cluster-id: ").map(|v| v.trim().to_string()));
+    (status, id)
+}
+
+/// Every member of a cluster reports its id (`/v1/status` `cluster_id`). A node of
+/// another cluster that takes one of them for a member of its own gets 412 for each
+/// message: the member counts the refusal, the stranger logs that the peer belongs to
+/// another cluster, and nothing changes in the cluster.
+#[test]
+fn a_node_of_another_cluster_gets_412_and_changes_nothing() {
+    let a = Cluster::start(3);
+    let id_of = |c: &Cluster, n: u64| c.status(n).and_then(|s| s["cluster_id"].as_str().map(str::to_string)).expect("a cluster_id");
+    let ours = id_of(&a, 1);
+    assert_eq!(ours.len(), 16, "{ours}");
+    for n in [2, 3] {
+        assert_eq!(id_of(&a, n), ours, "member {n}");
+    }
+    // By hand: no header (a member still joining) passes, another id gets 412 and this
+    // member's id, a malformed one 400.
+    let port = a.node(2).peer_port;
+    assert_eq!(post_raft_with(port, "").0, 204);
+    assert_eq!(post_raft_with(port, &format!("x-raftkv-cluster-id: {ours}\r\n")).0, 204);
+    assert_eq!(post_raft_with(port, "x-raftkv-cluster-id: 0000000000000001\r\n"), (412, Some(ours.clone())));
+    assert_eq!(post_raft_with(port, "x-raftkv-cluster-id: zz\r\n").0, 400);
+    assert_eq!(cluster_refusals(&a, 2), 1);
+
+    let stranger = Cluster::start(1);
+    let theirs = id_of(&stranger, 1);
+    assert_ne!(theirs, ours);
+    // The stranger adds a's member 2 as a learner of its own and replicates to it.
+    let body = format!(r#"{{"id":2,"peer_url":"{}","learner":true}}"#, a.node(2).peer_url());
+    let r = stranger.http.post(&format!("{}/v1/members", stranger.url(1)), body).unwrap();
+    assert!(r.status.is_success(), "{} {}", r.status, r.text());
+    wait_for(T, "a's member 2 to refuse the stranger", || (cluster_refusals(&a, 2) > 1).then_some(()));
+    wait_for(T, "the stranger to log the refusal", || {
+        std::fs::read_to_string(&stranger.node(1).log).ok()?.contains("belongs to another cluster").then_some(())
+    });
+    a.put_retry(1, "after-the-stranger", "v", T);
+    wait_for(T, "member 2 to read the write", || (a.get(2, "after-the-stranger").ok()?? == "v").then_some(()));
+    let st = a.status(2).unwrap();
+    assert_eq!(st["cluster_id"], ours.as_str());
+    assert_eq!(st["members"].as_array().map(Vec::len), Some(3), "{st}");
+}
+
 #[test]
 fn a_removed_node_exits_and_cannot_rejoin_with_old_data() {
     let mut c = Cluster::start(3);

@@ -227,7 +227,9 @@ fn affinity(rkv: &RaftKV) -> Option<Affinity> {
 
 /// The StatefulSet `<name>` with `replicas` pods. `initial_cluster` is the fixed
 /// RAFTKV_CLUSTER; once `bootstrapped`, pods with an empty volume start in join mode
-/// (RAFTKV_JOIN=true) so a lost volume never bootstraps a second cluster.
+/// (RAFTKV_JOIN=true) so a lost volume never bootstraps a second cluster. The resource's
+/// uid is the cluster token, so a RaftKV deleted and created again under the same name
+/// (same pod and peer names) gets another cluster id, and pods of the old one are refused.
 ///
 /// The update strategy is OnDelete: the operator, not the StatefulSet controller, decides
 /// when a member restarts.
@@ -237,6 +239,7 @@ pub fn statefulset(rkv: &RaftKV, replicas: u32, initial_cluster: &[String], boot
     let mut envs = vec![
         env("RAFTKV_ID_FROM_HOSTNAME", "true"),
         env("RAFTKV_CLUSTER", initial_cluster.join(",")),
+        env("RAFTKV_INITIAL_CLUSTER_TOKEN", rkv.uid().unwrap_or_else(|| name.clone())),
         env("RAFTKV_PORT", CLIENT_PORT.to_string()),
         env("RAFTKV_DATA_DIR", DATA_DIR),
         env("RAFTKV_SNAPSHOT_COUNT", spec.snapshot_count.unwrap_or(DEFAULT_SNAPSHOT_COUNT).to_string()),
@@ -422,6 +425,7 @@ mod tests {
         let env = env_of(&sts);
         assert_eq!(env["RAFTKV_CLUSTER"], init.join(","));
         assert_eq!(env["RAFTKV_ID_FROM_HOSTNAME"], "true");
+        assert_eq!(env["RAFTKV_INITIAL_CLUSTER_TOKEN"], "uid-1");
         assert_eq!(env["RAFTKV_PORT"], "2379");
         assert_eq!(env["RAFTKV_DATA_DIR"], DATA_DIR);
         assert_eq!(env["RAFTKV_SNAPSHOT_COUNT"], "500");

@@ -33,13 +33,13 @@ pub fn vet<S: Storage>(raft: &Raft<S>, m: &Message) -> Result<(), Reason> {
     let committed = raft.raft_log.committed;
     // raft-rs ignores, or only answers, messages of an older term.
     let current = m.term >= raft.term;
-    let configured = !conf.voters().ids().is_empty();
-    let member = conf.voters().contains(m.from) || conf.learners().contains(&m.from) || conf.learners_next().contains(&m.from);
+    let configured = || !conf.voters().ids().is_empty();
+    let member = || conf.voters().contains(m.from) || conf.learners().contains(&m.from) || conf.learners_next().contains(&m.from);
     match m.get_msg_type() {
         // A leader sends `min(match, commit)`; a commit beyond this log from a voter is
         // lost entries ([`claims_lost_entries`]), from anyone else a lie raft-rs would
         // panic on. A member still joining (no configuration yet) has its own check.
-        MessageType::MsgHeartbeat if m.commit > last && configured && !conf.voters().contains(m.from) => {
+        MessageType::MsgHeartbeat if m.commit > last && configured() && !conf.voters().contains(m.from) => {
             Err("heartbeat_commit_beyond_log")
         }
         // A leader's log holds every committed entry, so its term at any index from this
@@ -55,7 +55,7 @@ pub fn vet<S: Storage>(raft: &Raft<S>, m: &Message) -> Result<(), Reason> {
             Err("not_from_the_leader")
         }
         // Followers forward client proposals to the leader; nobody else proposes.
-        MessageType::MsgPropose if !member => Err("proposal_from_a_non_member"),
+        MessageType::MsgPropose if !member() => Err("proposal_from_a_non_member"),
         // A member forwards a leadership transfer to the one it takes for the leader,
         // with its term. One that reaches a member that is not (any more) the leader
         // would be forwarded again with that term, and raft-rs is fatal on that: the
