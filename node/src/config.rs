@@ -145,9 +145,17 @@ pub struct Config {
 /// cluster id from the initial members and `--initial-cluster-token`: every initial
 /// member computes the same one alone, and clusters that differ in either get different
 /// ones. FNV-1a (64-bit) of the token and each `id=url`, never 0 (0 means "not known").
+/// A URL counts as its scheme, host and port (so `http://A:1/` is `http://a:1`).
 /// Peers send it with every raft message, so a node of another cluster is refused.
 pub fn cluster_id(members: &[(u64, String)], token: &str) -> u64 {
-    let mut sorted: Vec<&(u64, String)> = members.iter().collect();
+    let canonical = |url: &str| match parse_peer_url(url) {
+        Ok((host, port)) => {
+            let scheme = if url.starts_with("https://") { "https" } else { "http" };
+            format!("{scheme}://{}:{port}", host.to_ascii_lowercase())
+        }
+        Err(_) => url.to_string(),
+    };
+    let mut sorted: Vec<(u64, String)> = members.iter().map(|(id, url)| (*id, canonical(url))).collect();
     sorted.sort();
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     let mut feed = |bytes: &[u8]| {
@@ -455,6 +463,9 @@ mod tests {
         let m = |v: &[(u64, &str)]| v.iter().map(|(i, u)| (*i, u.to_string())).collect::<Vec<_>>();
         assert_eq!(cluster_id(&m(&[(1, "a"), (2, "b")]), "t"), cluster_id(&m(&[(2, "b"), (1, "a")]), "t"), "order does not matter");
         assert_ne!(cluster_id(&m(&[(1, "b"), (2, "a")]), "t"), cluster_id(&m(&[(1, "a"), (2, "b")]), "t"), "ids do");
+        let spelled = |u: &str| cluster_id(&m(&[(1, u)]), "t");
+        assert_eq!(spelled("http://Node-1.example:80/"), spelled("http://node-1.example:80"), "spelling does not matter");
+        assert_ne!(spelled("https://node-1.example:80"), spelled("http://node-1.example:80"), "the scheme does");
         assert!(parse(&["--initial-cluster-token", ""]).unwrap_err().contains("--initial-cluster-token"));
     }
 

@@ -66,6 +66,9 @@ const LEARNER_PROBE_AFTER: Duration = Duration::from_secs(5);
 const CATCH_UP_ENTRIES: u64 = 5_000;
 /// Longest chain of delta snapshots after a full one (restart applies them all).
 const MAX_DELTAS: usize = 32;
+/// Least time between two warnings about dropped peer messages.
+const VET_WARN_EVERY: Duration = Duration::from_secs(30);
+
 /// How long a ReadIndex context may stay unanswered before it is re-issued.
 const READ_RETRY: Duration = Duration::from_millis(300);
 /// Longest a SIGTERM'd leader waits for its leadership transfer.
@@ -408,6 +411,8 @@ struct RaftLoop {
     empty_joiner: bool,
     /// The cluster knows this id by a log this (empty) data dir never had: quarantined.
     lost_log: bool,
+    /// When a dropped peer message (see [`vet`]) was last logged as a warning.
+    last_vet_warning: Option<Instant>,
     /// The last write to the disk failed for want of space; new writes are refused.
     disk_full: bool,
     /// The state machine of the last snapshot message, decoded when it arrived.
@@ -543,6 +548,7 @@ pub fn start(
         fatal: None,
         empty_joiner: started_empty,
         lost_log: false,
+        last_vet_warning: None,
         disk_full: false,
         decoded_snapshot: None,
         snapshot_retry: None,
@@ -679,8 +685,14 @@ impl RaftLoop {
             Request::Read { reply } => self.new_reads.push(reply),
             Request::Raft(m) => {
                 if let Err(reason) = vet::vet(&self.raw.raft, &m) {
-                    debug!(from = m.from, msg_type = ?m.get_msg_type(), term = m.term, reason, "dropped a peer message no correct member sends");
                     metrics().peer_refused_messages.with_label_values(&[reason]).inc();
+                    // A warning at most every 30 s (a flood must not flood the log).
+                    if self.last_vet_warning.is_none_or(|t| t.elapsed() >= VET_WARN_EVERY) {
+                        self.last_vet_warning = Some(Instant::now());
+                        warn!(from = m.from, msg_type = ?m.get_msg_type(), term = m.term, reason, "dropped a peer message no correct member sends (more are counted in raftkv_network_peer_refused_messages_total)");
+                    } else {
+                        debug!(from = m.from, msg_type = ?m.get_msg_type(), term = m.term, reason, "dropped a peer message no correct member sends");
+                    }
                     return;
                 }
                 if self.lost_acknowledged_entries(&m) || self.quarantined(&m) || !self.snapshot_decodes(&m) {

@@ -873,7 +873,8 @@ impl PeerListener {
     /// an id. `None`: go on.
     fn refuse_other_cluster(&self, req: &HttpRequest<Incoming>) -> Option<Response<Full<Bytes>>> {
         let theirs = header(req, CLUSTER_HEADER)?;
-        let Ok(theirs) = u64::from_str_radix(theirs, 16) else {
+        let parsed = (theirs.len() == 16 && theirs.bytes().all(|b| b.is_ascii_hexdigit())).then(|| u64::from_str_radix(theirs, 16).ok());
+        let Some(Some(theirs)) = parsed else {
             return Some(text(StatusCode::BAD_REQUEST, format!("`{CLUSTER_HEADER}` must be 16 hex digits\n")));
         };
         let mine = self.kv.read().map(|k| k.cluster_id()).unwrap_or(0);

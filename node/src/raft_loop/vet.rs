@@ -2,21 +2,29 @@
 //!
 //! raft-rs trusts its peers. A few well-formed messages that no correct peer sends make
 //! it panic: a heartbeat commit beyond this member's log, an append whose log term is
-//! older than this member's commit, a snapshot whose configuration cannot be restored.
-//! A few more let any sender steer this member: a read-index answer or a leadership
-//! hand-over from a member that is not the leader, a proposal from a non-member, a
-//! snapshot that rewrites committed entries. One is reached by correct members too: a
-//! leadership transfer forwarded to a member that has just stopped being the leader. The transport refuses what it can judge
-//! from a message alone (`transport::check_message`); [`vet`] refuses what needs this
-//! member's state. Every rule holds for each message a correct member sends, so what
-//! breaks one is dropped and nothing is lost (raft sends again what matters).
+//! older than this member's commit, a snapshot whose configuration cannot be restored,
+//! vote grants that arrive before the campaign's state is on disk (a leader with
+//! unpersisted entries), a leadership transfer that a non-leader would forward with its
+//! term. A few more let any sender steer this member: a read-index answer or a
+//! leadership hand-over from a member that is not the leader, a proposal from a
+//! non-member, a snapshot that rewrites committed entries. The transport refuses what it
+//! can judge from a message alone (`transport::check_message`); [`vet`] refuses what
+//! needs this member's state. A correct member's message breaks no rule except in two
+//! rare windows where dropping it costs a retry: a hand-over reaching a member that
+//! restarted and has not heard from the leader yet (the transfer times out), a proposal
+//! forwarded to a new leader that has not yet applied the sender's addition (the client
+//! retries).
 //!
 //! What is not covered: raft is not Byzantine fault tolerant, and a sender that is a
-//! voter of this member's configuration is trusted as raft trusts it. A heartbeat from
-//! a voter whose commit is beyond this log means this member lost entries it
-//! acknowledged, and stops it ([`claims_lost_entries`]). A sender that is not a member
-//! can still disturb (a higher term makes this member a follower, as in any raft):
-//! the peer port is for members only (peer TLS, docs/security.md).
+//! voter of this member's configuration is trusted as raft trusts it; nothing ties the
+//! `from` of a message to its sender's identity (peer TLS proves "a member", not which).
+//! A heartbeat from a voter whose commit is beyond this log means this member lost
+//! entries it acknowledged, and stops it ([`claims_lost_entries`]). Such a heartbeat
+//! from a sender that is not a voter here is dropped: a liar, or a leader added since
+//! this member last applied, when this member's loss goes unnoticed (it is logged). A
+//! sender that is not a member can still disturb (a higher term makes this member a
+//! follower, as in any raft): the peer port is for members only (peer TLS,
+//! docs/security.md).
 
 use std::collections::BTreeSet;
 
@@ -49,6 +57,12 @@ pub fn vet<S: Storage>(raft: &Raft<S>, m: &Message) -> Result<(), Reason> {
             Err("append_older_than_commit")
         }
         MessageType::MsgSnapshot if current => vet_snapshot(raft, m),
+        // A candidate's vote requests leave only once its Ready is on disk, and it adds no
+        // entries while it campaigns, so a real grant finds its log persisted. raft-rs
+        // asserts that when the grants make it leader.
+        MessageType::MsgRequestVoteResponse | MessageType::MsgRequestPreVoteResponse if raft.raft_log.persisted < last => {
+            Err("vote_answer_before_the_request")
+        }
         // Only this term's leader answers read-index requests and hands leadership over;
         // raft-rs takes either from anyone (a forged read index would serve a stale read).
         MessageType::MsgReadIndexResp | MessageType::MsgTimeoutNow if m.from != raft.leader_id || m.term != raft.term => {
@@ -57,9 +71,9 @@ pub fn vet<S: Storage>(raft: &Raft<S>, m: &Message) -> Result<(), Reason> {
         // Followers forward client proposals to the leader; nobody else proposes.
         MessageType::MsgPropose if !member() => Err("proposal_from_a_non_member"),
         // A member forwards a leadership transfer to the one it takes for the leader,
-        // with its term. One that reaches a member that is not (any more) the leader
-        // would be forwarded again with that term, and raft-rs is fatal on that: the
-        // request is dropped, and its client sees leadership not move.
+        // with its term. A non-leader would forward it again with that term, and raft-rs
+        // is fatal on that; a correct member's transfer never gets there (a leader that
+        // steps down knows no leader at that term, and a newer term ignores it).
         MessageType::MsgTransferLeader if raft.state != StateRole::Leader => Err("transfer_to_a_non_leader"),
         // A follower acknowledges (or refuses) an append the leader sent, so at an index
         // of the leader's log.
@@ -83,9 +97,10 @@ fn vet_snapshot<S: Storage>(raft: &Raft<S>, m: &Message) -> Result<(), Reason> {
     };
     if meta.index <= raft.raft_log.committed {
         // raft-rs ignores it, or fast-forwards to it if this log agrees; at the commit
-        // index with another term it would replace committed entries.
+        // index with another term it would replace committed entries. (Term 0: compacted
+        // here, nothing to compare.)
         return match raft.raft_log.term(meta.index) {
-            Ok(t) if t != meta.term => Err("snapshot_conflicts_with_commit"),
+            Ok(t) if t != 0 && t != meta.term => Err("snapshot_conflicts_with_commit"),
             _ => Ok(()),
         };
     }

@@ -348,6 +348,7 @@ fn snapshots_are_checked_for_term_and_configuration() {
     assert_eq!(vet(&raw.raft, &snap(20, 6, voters(&[1, 2, 3]))), Err("snapshot_term_out_of_range"));
     assert_eq!(vet(&raw.raft, &snap(10, 4, voters(&[1, 2, 3]))), Ok(()), "the commit, as this log has it");
     assert_eq!(vet(&raw.raft, &snap(10, 5, voters(&[1, 2, 3]))), Err("snapshot_conflicts_with_commit"));
+    assert_eq!(vet(&raw.raft, &snap(3, 1, voters(&[1, 2, 3]))), Ok(()), "compacted here: raft-rs ignores it");
     let bad = [
         voters(&[]),
         voters(&[0, 1]),
@@ -363,6 +364,41 @@ fn snapshots_are_checked_for_term_and_configuration() {
     assert_eq!(vet(&raw.raft, &m), Err("snapshot_without_metadata"));
 }
 
+
+/// raft-rs asserts that a new leader's log is on disk; vote grants forged before the
+/// campaign's Ready is persisted would break that.
+#[test]
+fn vote_grants_before_the_campaign_is_persisted_are_dropped() {
+    let mut raw = node(1);
+    // An entry from the leader, not yet persisted (no Ready handled), then a campaign.
+    let append = Message {
+        msg_type: MessageType::MsgAppend as i32,
+        to: 1,
+        from: 2,
+        term: 5,
+        index: 12,
+        log_term: 5,
+        commit: 10,
+        entries: vec![Entry { index: 13, term: 5, ..Default::default() }],
+        ..Default::default()
+    };
+    raw.step(append).expect("append");
+    raw.raft.become_candidate();
+    assert!(raw.raft.raft_log.persisted < raw.raft.raft_log.last_index());
+    let grant = |from| Message { msg_type: MessageType::MsgRequestVoteResponse as i32, to: 1, from, term: 6, ..Default::default() };
+    assert_eq!(vet(&raw.raft, &grant(2)), Err("vote_answer_before_the_request"));
+    // Stepped anyway, two grants make it leader with an unpersisted entry: raft-rs panics.
+    let stepped = catch_unwind(AssertUnwindSafe(|| {
+        let _ = raw.step(grant(2));
+        let _ = raw.step(grant(3));
+    }));
+    assert!(stepped.is_err(), "raft-rs took forged grants for a campaign not on disk");
+    // Once the Ready is persisted, grants are stepped.
+    let mut raw = node(1);
+    raw.raft.become_candidate();
+    handle_ready(&mut raw);
+    assert_eq!(vet(&raw.raft, &grant(2)), Ok(()));
+}
 
 #[test]
 fn a_leadership_transfer_is_stepped_only_by_the_leader() {
