@@ -3,15 +3,16 @@
 //! raft-rs trusts its peers. A few well-formed messages that no correct peer sends make
 //! it panic: a heartbeat commit beyond this member's log, an append whose log term is
 //! older than this member's commit, a snapshot whose configuration cannot be restored,
-//! vote grants that arrive before the campaign's state is on disk (a leader with
-//! unpersisted entries), a leadership transfer that a non-leader would forward with its
-//! term. A few more let any sender steer this member: a read-index answer or a
+//! vote grants that arrive before the campaign's state is on disk and a hand-over to a
+//! member whose log is not on disk yet (a leader with unpersisted entries: an
+//! assertion), a leadership transfer that a non-leader would forward with its term. A few more let any sender steer this member: a read-index answer or a
 //! leadership hand-over from a member that is not the leader, a proposal from a
 //! non-member, a snapshot that rewrites committed entries. The transport refuses what it
 //! can judge from a message alone (`transport::check_message`); [`vet`] refuses what
 //! needs this member's state. A correct member's message breaks no rule except in two
 //! rare windows where dropping it costs a retry: a hand-over reaching a member that
-//! restarted and has not heard from the leader yet (the transfer times out), a proposal
+//! restarted and has not heard from the leader yet, or that has entries not yet on disk
+//! (the transfer times out), a proposal
 //! forwarded to a new leader that has not yet applied the sender's addition (the client
 //! retries).
 //!
@@ -68,6 +69,11 @@ pub fn vet<S: Storage>(raft: &Raft<S>, m: &Message) -> Result<(), Reason> {
         MessageType::MsgReadIndexResp | MessageType::MsgTimeoutNow if m.from != raft.leader_id || m.term != raft.term => {
             Err("not_from_the_leader")
         }
+        // A hand-over starts a campaign at once, and raft-rs asserts that a member that
+        // wins one (alone, if it is the only voter) has its log on disk. The leader hands
+        // over only to a member that acknowledged its whole log, so a correct one gets
+        // here only if entries arrived since: the transfer then times out.
+        MessageType::MsgTimeoutNow if raft.raft_log.persisted < last => Err("campaign_before_the_log_is_on_disk"),
         // Followers forward client proposals to the leader; nobody else proposes.
         MessageType::MsgPropose if !member() => Err("proposal_from_a_non_member"),
         // A member forwards a leadership transfer to the one it takes for the leader,
