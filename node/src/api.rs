@@ -395,7 +395,7 @@ impl Api {
 
     fn status_json(&self) -> Resp {
         let st = self.status();
-        let cluster_id = self.kv.read().map(|k| k.cluster_id()).unwrap_or(0);
+        let (keys, cluster_id) = self.kv.read().map(|k| (k.len(), k.cluster_id())).unwrap_or((0, 0));
         json(
             StatusCode::OK,
             &json!({
@@ -411,7 +411,7 @@ impl Api {
                 "cluster_id": (cluster_id != 0).then(|| format!("{cluster_id:016x}")),
                 "lost_log": st.lost_log,
                 "disk_full": st.disk_full,
-                "keys": self.kv.read().map(|k| k.len()).unwrap_or(0),
+                "keys": keys,
                 "members": local_members(&st),
             }),
         )

@@ -68,7 +68,6 @@ const CATCH_UP_ENTRIES: u64 = 5_000;
 const MAX_DELTAS: usize = 32;
 /// Least time between two warnings about dropped peer messages.
 const VET_WARN_EVERY: Duration = Duration::from_secs(30);
-
 /// How long a ReadIndex context may stay unanswered before it is re-issued.
 const READ_RETRY: Duration = Duration::from_millis(300);
 /// Longest a SIGTERM'd leader waits for its leadership transfer.

@@ -327,6 +327,11 @@ impl Transport {
         self.inner.cluster_id.store(id, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// This member's cluster id as last set (0: not known yet).
+    pub fn cluster_id(&self) -> u64 {
+        self.inner.cluster_id.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Adds or updates a peer's URL (starting its sender task).
     pub fn set_peer(&self, id: u64, url: &str) {
         let mut peers = match self.inner.peers.write() {
@@ -877,7 +882,7 @@ impl PeerListener {
         let Some(Some(theirs)) = parsed else {
             return Some(text(StatusCode::BAD_REQUEST, format!("`{CLUSTER_HEADER}` must be 16 hex digits\n")));
         };
-        let mine = self.kv.read().map(|k| k.cluster_id()).unwrap_or(0);
+        let mine = self.transport.cluster_id();
         if mine == 0 || theirs == 0 || mine == theirs {
             return None;
         }

@@ -79,10 +79,12 @@ fn node(role: u32) -> RawNode<MemStorage> {
     raw
 }
 
-/// What the raft loop does with a Ready, on `MemStorage`, dropping the messages.
-fn handle_ready(raw: &mut RawNode<MemStorage>) {
+/// Takes the next Ready, writes its snapshot, entries and hard state to `MemStorage` and
+/// applies its committed entries, as the raft loop does before the fsync (messages are
+/// dropped). `None`: nothing is ready.
+fn write_ready(raw: &mut RawNode<MemStorage>) -> Option<raft::Ready> {
     if !raw.has_ready() {
-        return;
+        return None;
     }
     let store = raw.store().clone();
     let mut rd = raw.ready();
@@ -95,6 +97,13 @@ fn handle_ready(raw: &mut RawNode<MemStorage>) {
     }
     let committed = rd.take_committed_entries();
     apply(raw, committed);
+    Some(rd)
+}
+
+/// What the raft loop does with a Ready, its fsync done at once.
+fn handle_ready(raw: &mut RawNode<MemStorage>) {
+    let Some(rd) = write_ready(raw) else { return };
+    let store = raw.store().clone();
     let mut light = raw.advance(rd);
     if let Some(commit) = light.commit_index() {
         store.wl().mut_hard_state().commit = commit;
@@ -107,20 +116,7 @@ fn handle_ready(raw: &mut RawNode<MemStorage>) {
 /// writes land, raft-rs hears they are durable only at [`persist`]. Meanwhile its
 /// `persisted` lags its log, as in the real loop while an fsync runs.
 fn handle_ready_async(raw: &mut RawNode<MemStorage>, pending: &mut Vec<u64>) {
-    if !raw.has_ready() {
-        return;
-    }
-    let store = raw.store().clone();
-    let mut rd = raw.ready();
-    if !rd.snapshot().is_empty() {
-        store.wl().apply_snapshot(rd.snapshot().clone()).expect("a snapshot raft handed over");
-    }
-    store.wl().append(rd.entries()).expect("entries raft handed over");
-    if let Some(hs) = rd.hs() {
-        store.wl().set_hardstate(hs.clone());
-    }
-    let committed = rd.take_committed_entries();
-    apply(raw, committed);
+    let Some(rd) = write_ready(raw) else { return };
     let number = rd.number();
     let snapshot = !rd.snapshot().is_empty();
     pending.push(number);
