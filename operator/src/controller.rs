@@ -242,7 +242,21 @@ pub fn compute_status(
             let healthy = c.members.values().filter(|m| m.role == Role::Voter && m.healthy).count();
             (members, (c.leader != 0).then_some(c.leader), voters, healthy)
         }
-        None => (Vec::new(), None, 0, 0),
+        None => {
+            // No member answered: keep the membership last seen (it guides decide() and
+            // the PDB), none of it known healthy.
+            let members: Vec<MemberStatus> = old
+                .members
+                .iter()
+                .map(|m| MemberStatus {
+                    role: if m.role == "learner" { m.role.clone() } else { "voter".to_string() },
+                    healthy: false,
+                    ..m.clone()
+                })
+                .collect();
+            let voters = members.iter().filter(|m| m.role == "voter").count();
+            (members, None, voters, 0)
+        }
     };
     let available = leader.is_some() && voters > 0 && healthy_voters >= majority(voters);
     let all_healthy = members.iter().all(|m| m.healthy);
@@ -313,6 +327,12 @@ pub async fn reconcile<N: NodeApi>(rkv: Arc<RaftKV>, ctx: Arc<Context<N>>) -> Re
     let _timer = ctx.metrics.duration.start_timer();
     let name = rkv.name_any();
     let ns = rkv.namespace().ok_or_else(|| Error::NoNamespace(name.clone()))?;
+    if rkv.metadata.deletion_timestamp.is_some() {
+        // Being deleted: the garbage collector removes the owned objects; re-creating
+        // them or changing the membership now would only fight it.
+        tracing::info!(rkv = %name, namespace = %ns, "being deleted: nothing to reconcile");
+        return Ok(Requeue::await_change());
+    }
     let client = ctx.client.clone();
     let status = rkv.status.clone().unwrap_or_default();
     let desired = u32::try_from(rkv.spec.replicas.clamp(1, crate::crd::MAX_REPLICAS)).unwrap_or(1);
@@ -336,11 +356,14 @@ pub async fn reconcile<N: NodeApi>(rkv: Arc<RaftKV>, ctx: Arc<Context<N>>) -> Re
     let svc_api: Api<Service> = Api::namespaced(client.clone(), &ns);
     let existing = sts_api.get_opt(&name).await?;
     let initial_size = u32::try_from(initial.len()).unwrap_or(1);
+    let recorded_top = status.members.iter().map(|m| m.id).max().unwrap_or(0);
+    // A StatefulSet deleted out of band comes back with a pod for every member last
+    // seen, not with the initial size (that could leave the members without a quorum).
     let sts_replicas = existing
         .as_ref()
         .and_then(|s| s.spec.replicas)
         .map(|r| u32::try_from(r).unwrap_or(0))
-        .unwrap_or(initial_size);
+        .unwrap_or_else(|| initial_size.max(u32::try_from(recorded_top.min(10)).unwrap_or(1)));
     let peer = resources::peer_service(&rkv);
     svc_api.patch(&resources::peer_service_name(&name), &ssa, &Patch::Apply(&peer)).await?;
     svc_api.patch(&name, &ssa, &Patch::Apply(&resources::client_service(&rkv))).await?;
@@ -383,6 +406,7 @@ pub async fn reconcile<N: NodeApi>(rkv: Arc<RaftKV>, ctx: Arc<Context<N>>) -> Re
         cluster: cluster.clone(),
         operation: status.operation.clone(),
         incarnations,
+        recorded_top,
     };
 
     // 4. One step.
@@ -428,10 +452,12 @@ pub async fn reconcile<N: NodeApi>(rkv: Arc<RaftKV>, ctx: Arc<Context<N>>) -> Re
         _ => action.clone(),
     };
     let new_status = compute_status(&rkv, cluster.as_ref(), operation_now.as_ref(), &shown, bootstrapped);
-    let voters = cluster
-        .as_ref()
-        .map(|c| c.members.values().filter(|m| m.role == Role::Voter).count())
-        .unwrap_or(initial.len());
+    // Voters seen now, or last seen when no member answers; the initial size only
+    // before any member was ever seen.
+    let voters = match usize::try_from(new_status.replicas).unwrap_or(0) {
+        0 => initial.len(),
+        n => n,
+    };
     let pdb: PodDisruptionBudget = resources::pdb(&rkv, u32::try_from(voters).unwrap_or(1));
     Api::<PodDisruptionBudget>::namespaced(client.clone(), &ns).patch(&name, &ssa, &Patch::Apply(&pdb)).await?;
     let mut status_json = serde_json::to_value(&new_status).unwrap_or_default();
@@ -444,6 +470,7 @@ pub async fn reconcile<N: NodeApi>(rkv: Arc<RaftKV>, ctx: Arc<Context<N>>) -> Re
         for k in ["leader", "message"] {
             obj.entry(k).or_insert(serde_json::Value::Null);
         }
+        obj.entry("members").or_insert(json!([]));
     }
     rkv_api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&json!({"status": status_json}))).await?;
 

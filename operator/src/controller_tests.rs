@@ -449,6 +449,81 @@ async fn node_failure_is_an_error_with_a_warning_event_and_status_still_written(
     assert!(ctx.metrics.render().contains(r#"raftkv_operator_reconcile_errors_total{kind="node"} 1"#));
 }
 
+fn member_statuses(ids: std::ops::RangeInclusive<u64>) -> Vec<MemberStatus> {
+    ids.map(|id| MemberStatus {
+        id,
+        pod: resources::pod_name("kv", u32::try_from(id - 1).expect("small")),
+        peer_url: resources::peer_url("kv", "db", id),
+        role: if id == 1 { "leader".into() } else { "voter".into() },
+        healthy: true,
+    })
+    .collect()
+}
+
+#[tokio::test]
+async fn deleted_statefulset_comes_back_with_a_pod_for_every_member_last_seen() {
+    // Five members (grown from an initial three); the StatefulSet was deleted and no
+    // member answers. Re-creating it with the initial three pods would leave the five
+    // without a quorum for good.
+    let mut st = running_status(None);
+    st.members = member_statuses(1..=5);
+    st.replicas = 5;
+    let r = rkv(5, Some(st));
+    let script = vec![
+        not_found("GET", STS),
+        expect("PATCH", PEER_SVC, json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "kv-peer"}})),
+        expect("PATCH", CLIENT_SVC, json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "kv"}})),
+        expect("PATCH", STS, sts_json(5)),
+        expect("GET", PODS, list("PodList", vec![])),
+        expect("GET", PVCS, list("PersistentVolumeClaimList", (0..5).map(pvc_json).collect())),
+        expect("PATCH", PDB, pdb_ok()),
+        expect("PATCH", RKV_STATUS, echo_rkv(&r)),
+    ];
+    let (res, seen, _) = run_reconcile(r, FakeNode::default(), script).await;
+    assert!(res.is_ok(), "{res:?}");
+    assert_eq!(find(&seen, "PATCH", STS)[0].body["spec"]["replicas"], 5);
+    // The PDB still protects five voters (two may go), not the initial three (one).
+    assert_eq!(find(&seen, "PATCH", PDB)[0].body["spec"]["maxUnavailable"], 2);
+    // Status keeps the members last seen, none healthy, no leader.
+    let status = &find(&seen, "PATCH", RKV_STATUS)[0].body["status"];
+    let members = status["members"].as_array().expect("members");
+    assert_eq!(members.len(), 5, "{status}");
+    assert!(members.iter().all(|m| m["healthy"] == false && m["role"] == "voter"), "{status}");
+    assert_eq!(status["leader"], Value::Null);
+    assert_eq!(status["phase"], "Degraded");
+}
+
+#[tokio::test]
+async fn statefulset_scaled_below_quorum_is_scaled_back_without_a_leader() {
+    // `kubectl scale sts kv --replicas=1`: member 1 alone knows no leader.
+    let mut st = running_status(None);
+    st.members = member_statuses(1..=3);
+    let r = rkv(3, Some(st));
+    let mut node = FakeNode::cluster(&[1, 2, 3], &[], 0);
+    node.statuses.retain(|id, _| *id == 1);
+    let mut script = prelude(1, 1, &[0, 1, 2]);
+    script.extend([
+        expect("PATCH", STS, sts_json(3)),
+        expect("POST", EVENTS, event_ok()),
+        expect("PATCH", PDB, pdb_ok()),
+        expect("PATCH", RKV_STATUS, echo_rkv(&r)),
+    ]);
+    let (res, seen, _) = run_reconcile(r, node, script).await;
+    assert!(res.is_ok(), "{res:?}");
+    let patches = find(&seen, "PATCH", STS);
+    assert_eq!(patches.last().expect("scale").body, json!({"spec": {"replicas": 3}}));
+}
+
+#[tokio::test]
+async fn an_object_being_deleted_is_left_to_the_garbage_collector() {
+    let mut r = rkv(3, Some(running_status(None)));
+    r.metadata.deletion_timestamp = Some(Time(k8s_openapi::jiff::Timestamp::now()));
+    // No API call at all: the scripted server fails on any request.
+    let (res, seen, _) = run_reconcile(r, FakeNode::cluster(&[1, 2, 3], &[], 1), vec![]).await;
+    assert_eq!(res.expect("reconcile"), Requeue::await_change());
+    assert!(seen.is_empty());
+}
+
 #[tokio::test]
 async fn amnesiac_member_starts_a_replacement() {
     let r = rkv(3, Some(running_status(None)));

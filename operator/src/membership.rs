@@ -89,6 +89,9 @@ pub struct Observed {
     pub operation: Option<Operation>,
     /// Incarnations recorded in status, by raft id.
     pub incarnations: BTreeMap<u64, String>,
+    /// The highest member id in `status.members`: the membership last seen, kept while
+    /// no member answers (0 before the first one did).
+    pub recorded_top: u64,
 }
 
 /// Why nothing is done now.
@@ -209,6 +212,12 @@ pub fn majority(n: usize) -> usize {
     n / 2 + 1
 }
 
+/// Pods needed for members up to id `top`, capped at what a spec can ask plus the one
+/// member a scale-up adds.
+fn members_pods(top: u64) -> u32 {
+    ordinal(top.min(u64::from(crate::crd::MAX_REPLICAS.unsigned_abs()) + 1)) + 1
+}
+
 fn ordinal(id: u64) -> u32 {
     // Ids are at most a few dozen (replicas <= 9 plus one in flight).
     u32::try_from(id.saturating_sub(1)).unwrap_or(u32::MAX)
@@ -281,14 +290,47 @@ fn pod_running(o: &Observed, ordinal: u32) -> bool {
 
 /// Decides the next step. Pure: same input, same output.
 pub fn decide(o: &Observed) -> Action {
+    // The pods of every member must exist. A StatefulSet scaled down out of band
+    // (`kubectl scale sts`) or re-created smaller can take the quorum away, and then no
+    // leader or no member answers: growing it back needs neither.
+    // Every step below keeps the pods of all members (a removal shrinks the StatefulSet
+    // only after the member is gone), so this never undoes one of them; it also comes
+    // first while an operation is in flight (a learner without its pod never catches up).
+    let known_top = o.cluster.as_ref().and_then(|c| c.members.keys().next_back().copied()).unwrap_or(o.recorded_top);
+    if known_top > 0 && o.sts_replicas < members_pods(known_top) {
+        return Action::ScaleStatefulSet(members_pods(known_top));
+    }
     let Some(c) = o.cluster.as_ref() else {
         return Action::Wait(WaitReason::NoMemberReachable);
     };
     if c.leader == 0 || !c.members.contains_key(&c.leader) {
         return Action::Wait(WaitReason::NoLeader);
     }
+    // A member that lost its data answers, but must not count towards a quorum.
+    let amnesiacs: Vec<u64> = c.members.keys().copied().filter(|id| c.is_amnesiac(*id, o.incarnations.get(id))).collect();
+    let mut view = c.clone();
+    for id in &amnesiacs {
+        if let Some(m) = view.members.get_mut(id) {
+            m.healthy = false;
+        }
+    }
+    let c = &view;
     match o.operation.as_ref() {
-        Some(op) => continue_operation(o, c, op),
+        Some(cur) => {
+            let next = continue_operation(o, c, cur);
+            // A scaling step recorded while a member was down can find that member
+            // amnesiac, and then wait for good on the quorum it takes away: replace the
+            // member first. Only a step that waits and has not removed its member yet is
+            // dropped; next_operation finds it again from what it left (a grown
+            // StatefulSet, a learner). A removal already done finishes (its volume must go).
+            let other = amnesiacs.iter().copied().find(|id| *id != cur.id);
+            let droppable = cur.kind == OperationKind::ScaleUp
+                || (cur.kind == OperationKind::ScaleDown && c.members.contains_key(&cur.id));
+            match (other, &next) {
+                (Some(id), Action::Wait(_)) if droppable => Action::Record(Some(op(OperationKind::ReplaceAmnesiac, id))),
+                _ => next,
+            }
+        }
         None => next_operation(o, c),
     }
 }
@@ -432,7 +474,11 @@ fn replace_amnesiac(o: &Observed, c: &ClusterView, op: &Operation) -> Action {
                 // Marks the claim for deletion; it goes once the old pod is gone.
                 return Action::DeletePvc(ord);
             }
-            if let Some(p) = old_pod {
+            // While the old claim exists, any pod at this ordinal mounts it (claims are
+            // named by ordinal) and keeps it from going: the old pod, or one the
+            // StatefulSet made again meanwhile (it was scaled down and up out of band).
+            let holder = if old_pvc.is_some() { o.pods.get(&ord) } else { old_pod };
+            if let Some(p) = holder {
                 if !p.terminating {
                     return Action::DeletePod(ord);
                 }

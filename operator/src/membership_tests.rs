@@ -164,6 +164,8 @@ impl Model {
             cluster,
             operation: self.operation.clone(),
             incarnations: self.incarnations.clone(),
+            // The controller's status.members is the membership of its last reconcile.
+            recorded_top: self.members.keys().next_back().copied().unwrap_or(0),
         }
     }
 
@@ -388,6 +390,34 @@ fn no_leader_waits() {
 }
 
 #[test]
+fn quorum_taken_away_by_the_statefulset_is_given_back_without_a_leader() {
+    // `kubectl scale sts --replicas=1`: two of three members lose their pods.
+    let mut m = Model::new(3);
+    m.sts = 1;
+    m.progress();
+    m.progress();
+    m.elect();
+    let o = m.observe();
+    assert_eq!(o.cluster.as_ref().map(|c| c.leader), Some(0), "{o:?}");
+    assert_eq!(decide(&o), Action::ScaleStatefulSet(3));
+    // Scaled to zero: no member answers; the last recorded membership is the guide.
+    m.sts = 0;
+    m.progress();
+    m.progress();
+    let o = m.observe();
+    assert!(o.cluster.is_none(), "{o:?}");
+    assert_eq!(decide(&o), Action::ScaleStatefulSet(3));
+    run_until_done(&mut m, 50);
+    assert!(m.converged() && m.violations.is_empty(), "{m:#?}");
+    // Before any member was ever seen there is nothing to go by.
+    let mut o = m.observe();
+    o.cluster = None;
+    o.recorded_top = 0;
+    o.sts_replicas = 0;
+    assert_eq!(decide(&o), Action::Wait(WaitReason::NoMemberReachable));
+}
+
+#[test]
 fn scale_up_records_intent_then_grows_adds_learner_promotes() {
     let mut m = Model::new(3);
     m.desired = 4;
@@ -595,6 +625,8 @@ enum Event {
     Election(u64),
     /// A member's volume is lost (only when the rest keep a healthy majority).
     LoseVolume(u64),
+    /// Someone runs `kubectl scale sts --replicas=n` (may take the quorum away).
+    ShrinkStatefulSet(u32),
 }
 
 fn event() -> impl Strategy<Value = Event> {
@@ -607,6 +639,7 @@ fn event() -> impl Strategy<Value = Event> {
         2 => Just(Event::PodsUp),
         1 => (1u64..=9).prop_map(Event::Election),
         1 => (1u64..=9).prop_map(Event::LoseVolume),
+        1 => (0u32..=4).prop_map(Event::ShrinkStatefulSet),
     ]
 }
 
@@ -631,6 +664,7 @@ impl Model {
                 }
             }
             Event::PodsUp => self.down.clear(),
+            Event::ShrinkStatefulSet(n) => self.sts = self.sts.min(*n),
             Event::Election(id) => {
                 if self.node_up(*id)
                     && !self.amnesiac(*id)
@@ -684,8 +718,15 @@ proptest! {
             m.elect();
             let a = decide(&m.observe());
             if a == Action::Done {
-                done = true;
-                break;
+                // Done is "nothing for the operator to do": the StatefulSet may still be
+                // creating a pod the last step asked for. Let the world settle once.
+                m.progress();
+                m.elect();
+                if decide(&m.observe()) == Action::Done {
+                    done = true;
+                    break;
+                }
+                continue;
             }
             m.apply(&a);
             m.progress();
@@ -711,5 +752,21 @@ fn reused_id_is_added_again_without_waiting_for_compaction() {
     m.progress_pods_only();
     assert_eq!(decide(&m.observe()), Action::AddLearner(3));
     run_until_done(&mut m, 50);
+    assert!(m.converged() && m.violations.is_empty(), "{m:#?}");
+}
+
+#[test]
+fn an_amnesiac_member_found_during_a_scale_down_is_replaced_first() {
+    // The scale-down of 3 was recorded while amnesiac member 2 was down. Removing 3 with
+    // 2 counted healthy would leave {1, 2} with one good copy of the log: no quorum.
+    let mut m = Model::new(3);
+    for e in [Event::LoseVolume(2), Event::ShrinkStatefulSet(0), Event::Step, Event::PodDown(2), Event::SetReplicas(1), Event::Step] {
+        m.world(&e);
+    }
+    assert_eq!(m.operation.as_ref().map(|o| (o.kind, o.id)), Some((OperationKind::ScaleDown, 3)), "{m:#?}");
+    m.down.clear();
+    m.elect();
+    assert_eq!(decide(&m.observe()), Action::Record(Some(Operation::new(OperationKind::ReplaceAmnesiac, 2))));
+    run_until_done(&mut m, 80);
     assert!(m.converged() && m.violations.is_empty(), "{m:#?}");
 }

@@ -294,6 +294,7 @@ async fn drive(
                 cluster: cluster.clone(),
                 operation: w.operation.clone(),
                 incarnations: w.incarnations.clone(),
+                recorded_top: 0,
             }
         };
         let action = decide(&observed);
