@@ -42,11 +42,13 @@ pub struct ApiError {
     status: StatusCode,
     code: &'static str,
     message: String,
+    /// The `Allow` header of a 405.
+    allow: Option<String>,
 }
 
 impl ApiError {
     fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        ApiError { status, code, message: message.into() }
+        ApiError { status, code, message: message.into(), allow: None }
     }
     fn bad(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
@@ -55,7 +57,11 @@ impl ApiError {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, code, message)
     }
     fn into_response(self) -> Resp {
-        error(self.status, self.code, self.message)
+        let mut r = error(self.status, self.code, self.message);
+        if let Some(v) = self.allow.and_then(|a| hyper::header::HeaderValue::from_str(&a).ok()) {
+            r.headers_mut().insert(hyper::header::ALLOW, v);
+        }
+        r
     }
 }
 
@@ -101,10 +107,29 @@ fn parse_member_id(s: &str) -> Result<u64, ApiError> {
     }
 }
 
+/// Keys and values one page of `GET /v1/kv` holds at most (past its first pair): a page
+/// of 10 000 large values must not be built in memory whole.
+pub const LIST_PAGE_BYTES: usize = 4 << 20;
+
 /// Oversized bodies up to this size are read and dropped before the 413 is sent.
 const DRAIN_LIMIT: u64 = 64 * 1024 * 1024;
 
-async fn read_body(req: HttpRequest<Incoming>, limit: usize) -> Result<Bytes, ApiError> {
+/// Reads a request body of at most `cfg.max_request_bytes` (413 above), arriving within
+/// `cfg.request_body_timeout` (408 after: a client trickling a body must not hold a
+/// connection and its buffer for ever).
+async fn read_body(req: HttpRequest<Incoming>, cfg: &Config) -> Result<Bytes, ApiError> {
+    let timeout = cfg.request_body_timeout;
+    match tokio::time::timeout(timeout, read_body_within(req, cfg.max_request_bytes)).await {
+        Ok(r) => r,
+        Err(_) => Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "body_timeout",
+            format!("the request body did not arrive within {} ms", timeout.as_millis()),
+        )),
+    }
+}
+
+async fn read_body_within(req: HttpRequest<Incoming>, limit: usize) -> Result<Bytes, ApiError> {
     let too_big = || ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", format!("request body over {limit} bytes"));
     let declared = req.headers().get(hyper::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     if declared.is_some_and(|l| l > limit as u64) {
@@ -186,6 +211,7 @@ impl Api {
             (Method::GET, "/healthz") => Ok(response(StatusCode::OK, "text/plain", "ok\n")),
             (Method::GET, "/readyz") => Ok(self.readyz()),
             (Method::GET, "/metrics") => Ok(response(StatusCode::OK, "text/plain; version=0.0.4", metrics().render())),
+            (_, "/healthz" | "/readyz" | "/metrics") => Err(method_not_allowed(&[Method::GET])),
             (_, "/v1/status") => self.only(&method, &[Method::GET]).map(|_| self.status_json()),
             (_, "/v1/kv") => {
                 self.only(&method, &[Method::GET])?;
@@ -194,14 +220,14 @@ impl Api {
             (_, "/v1/members") => match method {
                 Method::GET => self.members().await,
                 Method::POST => {
-                    let body = read_body(req, self.cfg.max_request_bytes).await?;
+                    let body = read_body(req, &self.cfg).await?;
                     self.add_member_json(&body).await
                 }
                 _ => Err(method_not_allowed(&[Method::GET, Method::POST])),
             },
             (_, "/v1/leader/transfer") => {
                 self.only(&method, &[Method::POST])?;
-                let body = read_body(req, self.cfg.max_request_bytes).await?;
+                let body = read_body(req, &self.cfg).await?;
                 self.transfer(&body).await
             }
             (_, p) if p.starts_with("/v1/kv/") => {
@@ -241,7 +267,7 @@ impl Api {
             Method::PUT => {
                 let key = percent_decode(&raw)?;
                 check_key(&key)?;
-                let value = read_body(req, self.cfg.max_request_bytes).await?;
+                let value = read_body(req, &self.cfg).await?;
                 self.write(OpType::Put, key, value.to_vec(), None).await?;
                 Ok(response(StatusCode::NO_CONTENT, "", Bytes::new()))
             }
@@ -256,7 +282,7 @@ impl Api {
             }
             Method::POST => {
                 let id = parse_member_id(&raw)?;
-                let body = read_body(req, self.cfg.max_request_bytes).await?;
+                let body = read_body(req, &self.cfg).await?;
                 let url = std::str::from_utf8(&body).map_err(|_| ApiError::bad("peer URL is not UTF-8"))?.trim().to_string();
                 self.add_member(id, url, false).await?;
                 Ok(response(StatusCode::NO_CONTENT, "", Bytes::new()))
@@ -291,7 +317,7 @@ impl Api {
                 }
             }
             Method::PUT => {
-                let value = read_body(req, self.cfg.max_request_bytes).await?;
+                let value = read_body(req, &self.cfg).await?;
                 let (revision, _) = self.write(OpType::Put, key.clone(), value.to_vec(), prev).await?;
                 Ok(json(StatusCode::OK, &json!({ "key": key, "revision": revision })))
             }
@@ -313,12 +339,13 @@ impl Api {
             Some(s) => s.parse::<usize>().ok().filter(|l| (1..=10_000).contains(l)).ok_or_else(|| ApiError::bad("limit must be 1..=10000"))?,
             None => 1000,
         };
+        let after = query_param(req, "after")?;
         match query_param(req, "consistency")?.as_deref() {
             None | Some("linearizable") => self.read_barrier().await?,
             Some("serializable") => {}
             Some(other) => return Err(ApiError::bad(format!("consistency must be linearizable or serializable, not {other:?}"))),
         }
-        let (items, more) = self.kv.read().map_err(|_| internal())?.list(&prefix, limit);
+        let (items, more) = self.kv.read().map_err(|_| internal())?.list_page(&prefix, after.as_deref(), limit, LIST_PAGE_BYTES);
         let items: Vec<Json> = items.iter().map(|(k, v)| value_json(k, &v.data, v.revision)).collect();
         Ok(json(StatusCode::OK, &json!({ "items": items, "more": more })))
     }
@@ -343,8 +370,14 @@ impl Api {
                     metrics().proposals_failed.inc();
                     return Err(ApiError::unavailable("timeout", "timed out waiting for the write to commit (no quorum?); its outcome is unknown"));
                 }
-                Ok(Err(_)) => return Err(ApiError::unavailable("stopping", "node is stopping")),
+                Ok(Err(_)) => {
+                    metrics().proposals_failed.inc();
+                    return Err(ApiError::unavailable("stopping", "node is stopping; the write's outcome is unknown"));
+                }
                 Ok(Ok(Ok(ApplyOutcome::Applied { revision, existed }))) => return Ok((revision, existed)),
+                Ok(Ok(Ok(ApplyOutcome::UnknownOp { op }))) => {
+                    return Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("this member does not know operation {op}")))
+                }
                 Ok(Ok(Ok(ApplyOutcome::PreconditionFailed { current }))) => {
                     return Err(ApiError::new(
                         StatusCode::PRECONDITION_FAILED,
@@ -358,9 +391,20 @@ impl Api {
                         return Err(ApiError::unavailable("no_leader", "no leader elected within the request timeout"));
                     }
                 }
+                Ok(Ok(Err(ProposeError::Dropped))) => {
+                    // Not appended anywhere: proposing the same command again is safe.
+                    metrics().proposals_dropped.inc();
+                    if !sleep_before(deadline, Duration::from_millis(10)).await {
+                        metrics().proposals_failed.inc();
+                        return Err(ApiError::unavailable("no_leader", "the leader kept dropping the write (leadership moving?) within the request timeout; it was not committed"));
+                    }
+                }
                 Ok(Ok(Err(e @ ProposeError::DiskFull { .. }))) => {
                     metrics().proposals_failed.inc();
                     return Err(ApiError::unavailable("disk_full", e.to_string()));
+                }
+                Ok(Ok(Err(e @ ProposeError::Stopping { .. }))) => {
+                    return Err(ApiError::unavailable("stopping", e.to_string()));
                 }
                 Ok(Ok(Err(e))) => {
                     metrics().proposals_failed.inc();
@@ -530,7 +574,7 @@ impl Api {
             .and_then(|ms| ms.iter().find(|m| m.get("id").and_then(Json::as_u64) == Some(id)))
             .and_then(|m| m.get("match_index").and_then(Json::as_u64));
         match matched {
-            Some(m) if m > 0 && m + self.cfg.promote_max_lag >= commit => {}
+            Some(m) if m > 0 && m.saturating_add(self.cfg.promote_max_lag) >= commit => {}
             Some(m) => {
                 return Err(ApiError::new(
                     StatusCode::CONFLICT,
@@ -571,6 +615,16 @@ impl Api {
     async fn conf_change(&self, id: u64, ty: ConfChangeType, peer_url: String) -> Result<ConfState, ApiError> {
         let deadline = tokio::time::Instant::now() + self.cfg.request_timeout;
         let change = ConfChangeSingle { change_type: ty as i32, node_id: id };
+        let busy = |m: String| ApiError::new(StatusCode::CONFLICT, "change_in_progress", m);
+        if self.status().role != "leader" {
+            // A follower forwards the change to the leader, which would drop it silently
+            // while another is pending: ask the leader first. (A change proposed on the
+            // leader in between still makes this one wait out the timeout: 503.)
+            let view = self.members_view().await?;
+            if view.get("conf_change_pending").and_then(Json::as_bool) == Some(true) {
+                return Err(busy(ProposeError::ConfChangeInProgress.to_string()));
+            }
+        }
         loop {
             let (tx, rx) = oneshot::channel();
             if !self.raft.send(Request::ConfChange { change: change.clone(), peer_url: peer_url.clone(), reply: tx }) {
@@ -585,9 +639,12 @@ impl Api {
                         return Err(ApiError::unavailable("no_leader", "no leader elected within the request timeout"));
                     }
                 }
-                Ok(Ok(Err(ProposeError::Refused(m)))) if m.contains("pending") || m.contains("conf") => {
-                    // Another membership change is still in flight; one at a time.
-                    return Err(ApiError::new(StatusCode::CONFLICT, "change_in_progress", m));
+                Ok(Ok(Err(e @ ProposeError::ConfChangeInProgress))) => return Err(busy(e.to_string())),
+                Ok(Ok(Err(ProposeError::LeaderNotReady))) => {
+                    // A new leader applies its log up to its election first (milliseconds).
+                    if !sleep_before(deadline, Duration::from_millis(20)).await {
+                        return Err(ApiError::unavailable("no_leader", "the new leader did not become ready for membership changes within the request timeout"));
+                    }
                 }
                 Ok(Ok(Err(e))) => return Err(ApiError::unavailable("unavailable", e.to_string())),
             }
@@ -680,8 +737,10 @@ fn check_key(key: &str) -> Result<(), ApiError> {
 }
 
 fn method_not_allowed(allowed: &[Method]) -> ApiError {
-    let list: Vec<&str> = allowed.iter().map(Method::as_str).collect();
-    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", format!("method not allowed; allowed: {}", list.join(", ")))
+    let list = allowed.iter().map(Method::as_str).collect::<Vec<_>>().join(", ");
+    let mut e = ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", format!("method not allowed; allowed: {list}"));
+    e.allow = Some(list);
+    e
 }
 
 fn value_json(key: &str, data: &[u8], revision: u64) -> Json {
@@ -735,7 +794,13 @@ pub fn members_json(st: &NodeStatus) -> Json {
         m["match_index"] = p.map(|p| json!(p.match_index)).unwrap_or(Json::Null);
         m["reachable"] = p.map(|p| json!(p.recent_active)).unwrap_or(Json::Null);
     }
-    json!({ "leader": st.leader, "term": st.term, "commit_index": st.commit_index, "members": members })
+    json!({
+        "leader": st.leader,
+        "term": st.term,
+        "commit_index": st.commit_index,
+        "conf_change_pending": st.conf_change_pending,
+        "members": members,
+    })
 }
 
 /// Whether a route changes membership or leadership (needs the admin token when one is

@@ -57,6 +57,9 @@ pub struct Args {
     /// How long a request may wait for a leader, a quorum or its commit, in milliseconds.
     #[arg(long, env = "RAFTKV_REQUEST_TIMEOUT_MS", default_value_t = 5_000)]
     pub request_timeout_ms: u64,
+    /// How long a client may take to send a request body, in milliseconds (then 408).
+    #[arg(long, env = "RAFTKV_REQUEST_BODY_TIMEOUT_MS", default_value_t = 30_000)]
+    pub request_body_timeout_ms: u64,
     /// Raft tick interval in milliseconds (election timeout is 10 ticks, heartbeat 1).
     #[arg(long, env = "RAFTKV_TICK_MS", default_value_t = 100)]
     pub tick_ms: u64,
@@ -127,6 +130,8 @@ pub struct Config {
     pub listen_client_addr: SocketAddr,
     /// Bound on waiting for leader/quorum/commit.
     pub request_timeout: Duration,
+    /// Bound on receiving a request body.
+    pub request_body_timeout: Duration,
     /// Raft tick interval.
     pub tick: Duration,
     /// Promotion lag bound for learners.
@@ -176,6 +181,10 @@ pub fn cluster_id(members: &[(u64, String)], token: &str) -> u64 {
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct ConfigError(pub String);
+
+/// Largest request and body timeout (an hour): far past any use, and far from the
+/// overflow of a deadline computed from it.
+pub const MAX_TIMEOUT_MS: u64 = 3_600_000;
 
 fn err<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
     Err(ConfigError(msg.into()))
@@ -308,8 +317,11 @@ impl Args {
         if self.max_request_bytes < 1024 {
             return err("--max-request-bytes must be at least 1024");
         }
-        if self.request_timeout_ms < 100 {
-            return err("--request-timeout-ms must be at least 100");
+        if !(100..=MAX_TIMEOUT_MS).contains(&self.request_timeout_ms) {
+            return err(format!("--request-timeout-ms must be between 100 and {MAX_TIMEOUT_MS}"));
+        }
+        if !(100..=MAX_TIMEOUT_MS).contains(&self.request_body_timeout_ms) {
+            return err(format!("--request-body-timeout-ms must be between 100 and {MAX_TIMEOUT_MS}"));
         }
         if self.tick_ms == 0 || self.tick_ms > 10_000 {
             return err("--tick-ms must be between 1 and 10000");
@@ -335,6 +347,7 @@ impl Args {
             listen_peer_addr,
             listen_client_addr,
             request_timeout: Duration::from_millis(self.request_timeout_ms),
+            request_body_timeout: Duration::from_millis(self.request_body_timeout_ms),
             tick: Duration::from_millis(self.tick_ms),
             promote_max_lag: self.promote_max_lag,
             worker_threads: self.worker_threads,

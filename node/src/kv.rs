@@ -139,6 +139,11 @@ pub enum ApplyOutcome {
         /// Current revision.
         current: u64,
     },
+    /// The command's operation is unknown to this version; nothing was changed.
+    UnknownOp {
+        /// The operation's number.
+        op: i32,
+    },
 }
 
 /// A value read from the store. Its bytes are shared with the store, not copied.
@@ -327,7 +332,13 @@ impl KvStore {
                 return ApplyOutcome::PreconditionFailed { current };
             }
         }
-        match OpType::from_i32(cmd.op).unwrap_or(OpType::Put) {
+        let Some(op) = OpType::from_i32(cmd.op) else {
+            // Not a command this version knows (a newer member proposed it). Applying it
+            // as something else would corrupt the state: leave the state as it is, the
+            // same on every member of this version.
+            return ApplyOutcome::UnknownOp { op: cmd.op };
+        };
+        match op {
             OpType::Put => {
                 // One walk of the tree: the replaced pair tells whether the key existed.
                 let pair = Pair::new(&cmd.key, &cmd.value, index);
@@ -366,17 +377,33 @@ impl KvStore {
 
     /// Keys with `prefix`, in order, at most `limit`; also whether more exist.
     pub fn list(&self, prefix: &str, limit: usize) -> (Vec<(String, Value)>, bool) {
+        self.list_page(prefix, None, limit, usize::MAX)
+    }
+
+    /// One page of the keys with `prefix`, in order: those after `after` (exclusive) when
+    /// given, at most `limit` of them and, past the first, no more than `max_bytes` of keys
+    /// and values in all (one pair larger than that still makes a page of its own). Also
+    /// whether more exist.
+    pub fn list_page(&self, prefix: &str, after: Option<&str>, limit: usize, max_bytes: usize) -> (Vec<(String, Value)>, bool) {
+        use std::ops::Bound;
         let mut out = Vec::new();
         let mut more = false;
-        let from: &[u8] = prefix.as_bytes();
-        for p in self.data.range::<_, [u8]>((std::ops::Bound::Included(from), std::ops::Bound::Unbounded)) {
-            if !p.key_bytes().starts_with(from) {
+        let mut bytes = 0usize;
+        let pre: &[u8] = prefix.as_bytes();
+        let start = match after {
+            Some(a) if a.as_bytes() >= pre => Bound::Excluded(a.as_bytes()),
+            _ => Bound::Included(pre),
+        };
+        for p in self.data.range::<_, [u8]>((start, Bound::Unbounded)) {
+            if !p.key_bytes().starts_with(pre) {
                 break;
             }
-            if out.len() == limit {
+            let size = p.key_bytes().len().saturating_add(p.value_bytes().len());
+            if out.len() == limit || (!out.is_empty() && bytes.saturating_add(size) > max_bytes) {
                 more = true;
                 break;
             }
+            bytes = bytes.saturating_add(size);
             out.push((p.key().to_string(), p.value()));
         }
         (out, more)
@@ -736,6 +763,41 @@ mod tests {
         let (items, more) = kv.list("p/", 10);
         assert_eq!(items.len(), 3);
         assert!(!more);
+    }
+
+    #[test]
+    fn a_page_continues_after_a_key_and_is_bounded_in_bytes() {
+        let mut kv = KvStore::new();
+        for (i, k) in ["p/a", "p/b", "p/c", "p/d", "q"].iter().enumerate() {
+            kv.apply(i as u64 + 1, &put(k, "0123456789", None));
+        }
+        let keys = |items: Vec<(String, Value)>| items.into_iter().map(|(k, _)| k).collect::<Vec<_>>();
+        // After a key: exclusive; an `after` before the prefix starts at the prefix.
+        let (items, more) = kv.list_page("p/", Some("p/b"), 10, usize::MAX);
+        assert_eq!((keys(items), more), (vec!["p/c".to_string(), "p/d".to_string()], false));
+        let (items, _) = kv.list_page("p/", Some("a"), 1, usize::MAX);
+        assert_eq!(keys(items), ["p/a"]);
+        let (items, more) = kv.list_page("p/", Some("p/d"), 10, usize::MAX);
+        assert!(items.is_empty() && !more);
+        // 13 bytes a pair: 30 bytes hold two, and a budget below one pair still gives one.
+        let (items, more) = kv.list_page("p/", None, 10, 30);
+        assert_eq!((keys(items), more), (vec!["p/a".to_string(), "p/b".to_string()], true));
+        let (items, more) = kv.list_page("p/", Some("p/b"), 10, 1);
+        assert_eq!((keys(items), more), (vec!["p/c".to_string()], true));
+    }
+
+    #[test]
+    fn an_unknown_operation_changes_nothing() {
+        let mut kv = KvStore::new();
+        kv.apply(1, &put("a", "1", None));
+        let odd = Command { op: 99, ..put("a", "2", None) };
+        assert_eq!(kv.apply(2, &odd), ApplyOutcome::UnknownOp { op: 99 });
+        assert_eq!(&kv.get("a").unwrap().data[..], b"1");
+        assert_eq!(kv.get("a").unwrap().revision, 1);
+        assert_eq!(kv.applied(), 2);
+        let odd_new = Command { op: 99, ..put("b", "2", None) };
+        kv.apply(3, &odd_new);
+        assert!(kv.get("b").is_none());
     }
 
     #[test]

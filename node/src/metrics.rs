@@ -28,6 +28,8 @@ pub struct Metrics {
     pub proposals_pending: IntGauge,
     /// Client proposals that failed (dropped, timed out, refused by the disk).
     pub proposals_failed: IntCounter,
+    /// Forwarded client proposals the leader dropped unappended, proposed again.
+    pub proposals_dropped: IntCounter,
     /// WAL fsync latency.
     pub wal_fsync_seconds: Histogram,
     /// Snapshot save latency.
@@ -106,6 +108,7 @@ impl Metrics {
             proposals_applied: gauge(&r, "raftkv_server_proposals_applied_total", "The total number of consensus proposals applied (the applied index)."),
             proposals_pending: gauge(&r, "raftkv_server_proposals_pending", "Client proposals from this member waiting for their commit."),
             proposals_failed: counter(&r, "raftkv_server_proposals_failed_total", "Client proposals that failed: dropped, timed out or refused by the disk."),
+            proposals_dropped: counter(&r, "raftkv_server_proposals_retried_total", "Client proposals this member forwarded that the leader dropped without appending them (a leadership transfer), proposed again."),
             wal_fsync_seconds: histogram(&r, "raftkv_disk_wal_fsync_duration_seconds", "Latency of WAL fsync calls (one per raft Ready).", disk.clone()),
             snapshot_save_seconds: histogram(&r, "raftkv_disk_snapshot_save_total_duration_seconds", "Latency of saving a snapshot to disk.", disk),
             snapshots_saved: counter_vec(&r, "raftkv_disk_snapshots_saved_total", "Snapshots saved by this member, by kind: full image or delta.", &["kind"]),

@@ -140,9 +140,30 @@ pub enum ProposeError {
     /// Raft refused the proposal.
     #[error("proposal refused: {0}")]
     Refused(String),
-    /// The node is shutting down.
-    #[error("node is stopping")]
-    Stopping,
+    /// The node is shutting down. `proposed`: the write was already proposed (it may
+    /// still be committed by the other members: its outcome is unknown).
+    #[error("{}", if *proposed {
+        "node is stopping: the write had been proposed and may still be committed (outcome unknown)"
+    } else {
+        "node is stopping: the write was not proposed"
+    })]
+    Stopping {
+        /// Whether the write was proposed already.
+        proposed: bool,
+    },
+    /// Another membership change is proposed and not yet applied (raft takes one at a
+    /// time; raft-rs would silently turn a second one into an empty entry).
+    #[error("another membership change is still being applied; retry when it is done")]
+    ConfChangeInProgress,
+    /// This member has just become leader and has not yet applied its log up to its
+    /// election: it takes no membership change before (raft-rs would drop it). Retryable.
+    #[error("the new leader is not ready for a membership change yet")]
+    LeaderNotReady,
+    /// The leader refused this member's forwarded proposal without appending it (a
+    /// leadership transfer was under way, or it was no longer leader): proposing it
+    /// again is safe.
+    #[error("the leader dropped the forwarded proposal")]
+    Dropped,
     /// This node's disk is full. `proposed`: the write was already in the log (it may
     /// still be committed: its outcome is unknown); otherwise it was never proposed.
     #[error("{}", if *proposed {
@@ -199,6 +220,14 @@ pub enum Request {
     Removed {
         /// The peer's applied index.
         peer_applied: Option<u64>,
+    },
+    /// The leader `from` dropped the proposals with these request ids, forwarded by
+    /// this member, without appending them.
+    ProposalsDropped {
+        /// The member that dropped them (honoured only from the current leader).
+        from: u64,
+        /// Request ids of the dropped commands.
+        ids: Vec<u64>,
     },
     /// Move leadership to `to`.
     TransferLeader(u64),
@@ -288,6 +317,9 @@ pub struct NodeStatus {
     pub lost_log: bool,
     /// The disk is full: new writes are refused until space returns.
     pub disk_full: bool,
+    /// This member leads and a membership change proposed in its term is not yet
+    /// applied: another one gets 409 (followers ask the leader before forwarding one).
+    pub conf_change_pending: bool,
 }
 
 /// Shared, read-mostly view of the status.
@@ -336,6 +368,26 @@ struct Unpersisted {
 
 /// The waiters of proposed client commands, by request id, in the order proposed.
 type Waiters = Vec<(u64, ProposeReply)>;
+
+/// Only the request id of an encoded [`Command`] (same tag): decoding it skips the key
+/// and value without copying them.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RequestIdOnly {
+    #[prost(uint64, tag = "1")]
+    request_id: u64,
+}
+
+/// The request ids of the client commands in a proposal's entries (entries that are not
+/// commands, as conf changes, are skipped).
+fn proposal_ids(entries: &[Entry]) -> Vec<u64> {
+    entries
+        .iter()
+        .filter(|e| e.get_entry_type() == EntryType::EntryNormal && !e.data.is_empty())
+        .filter_map(|e| RequestIdOnly::decode(e.data.as_slice()).ok())
+        .map(|c| c.request_id)
+        .filter(|id| *id != 0)
+        .collect()
+}
 
 /// Client commands waiting to be proposed together: one `MsgPropose` means one append
 /// and one broadcast on a leader, one forward to the leader on a follower.
@@ -391,6 +443,9 @@ struct RaftLoop {
     conf_state: ConfState,
     incarnation: u64,
     proposals: HashMap<u64, ProposeReply>,
+    /// The leader each of this member's proposals was forwarded to (none while this
+    /// member leads): only its word that it dropped one counts.
+    forwarded_to: HashMap<u64, u64>,
     /// Client commands gathered in this loop iteration, proposed together by
     /// [`RaftLoop::flush_proposals`].
     batch: ProposalBatch,
@@ -534,6 +589,7 @@ pub fn start(
         conf_state,
         incarnation,
         proposals: HashMap::new(),
+        forwarded_to: HashMap::new(),
         batch: ProposalBatch::default(),
         conf_waiters: HashMap::new(),
         new_reads: Vec::new(),
@@ -610,20 +666,20 @@ impl RaftLoop {
             self.decoded_snapshot = None;
             if let Err(e) = ready {
                 error!(error = %e, "storage failed; stopping this node");
-                self.fail_all(ProposeError::Stopping);
+                self.fail_all(|proposed| ProposeError::Stopping { proposed });
                 self.shutdown.trigger(Reason::Fatal);
                 break;
             }
             self.publish_status();
             if self.removed {
-                self.fail_all(ProposeError::Stopping);
+                self.fail_all(|proposed| ProposeError::Stopping { proposed });
                 break;
             }
             if let Some(deadline) = self.stop_deadline {
                 let still_leader = self.raw.raft.state == StateRole::Leader && self.other_voters().next().is_some();
                 if !still_leader || Instant::now() >= deadline {
                     info!(leader = self.raw.raft.leader_id, "raft loop stopping");
-                    self.fail_all(ProposeError::Stopping);
+                    self.fail_all(|proposed| ProposeError::Stopping { proposed });
                     break;
                 }
             }
@@ -646,7 +702,7 @@ impl RaftLoop {
         match req {
             Request::Propose { request_id, data, reply } => {
                 if self.stop_deadline.is_some() {
-                    let _ = reply.send(Err(ProposeError::Stopping));
+                    let _ = reply.send(Err(ProposeError::Stopping { proposed: false }));
                     return;
                 }
                 if self.disk_full {
@@ -664,6 +720,10 @@ impl RaftLoop {
             Request::ConfChange { change, peer_url, reply } => {
                 if self.raw.raft.leader_id == 0 {
                     let _ = reply.send(Err(ProposeError::NoLeader));
+                    return;
+                }
+                if let Some(busy) = self.conf_change_refusal() {
+                    let _ = reply.send(Err(busy));
                     return;
                 }
                 let request_id = rand::random::<u64>();
@@ -698,8 +758,19 @@ impl RaftLoop {
                     return;
                 }
                 self.last_heard.insert(m.from, Instant::now());
-                if let Err(e) = self.raw.step(*m) {
-                    debug!(error = %e, "raft refused a peer message");
+                // A forwarded proposal raft drops is not appended: tell its proposer, who
+                // would otherwise wait out the request timeout, so it can propose again.
+                let forwarded = (m.get_msg_type() == MessageType::MsgPropose && m.from != self.cfg.id)
+                    .then(|| (m.from, proposal_ids(&m.entries)));
+                match self.raw.step(*m) {
+                    Ok(()) => {}
+                    Err(raft::Error::ProposalDropped) => {
+                        if let Some((from, ids)) = forwarded.filter(|(_, ids)| !ids.is_empty()) {
+                            debug!(to = from, count = ids.len(), "dropped forwarded proposals; telling their proposer");
+                            self.transport.notify_dropped(from, ids);
+                        }
+                    }
+                    Err(e) => debug!(error = %e, "raft refused a peer message"),
                 }
             }
             Request::Unreachable(id) => self.raw.report_unreachable(id),
@@ -719,6 +790,21 @@ impl RaftLoop {
                     _ => {
                         warn!("a peer reports this member was removed from the cluster");
                         self.mark_removed("a peer reported this member as removed");
+                    }
+                }
+            }
+            Request::ProposalsDropped { from, ids } => {
+                // Only the word of the member a proposal was forwarded to counts: raft
+                // there either appended (or forwarded) it or dropped it, never both. A
+                // notice for a proposal appended after all would have it proposed twice.
+                for id in ids {
+                    if self.forwarded_to.get(&id) == Some(&from) {
+                        self.forwarded_to.remove(&id);
+                        if let Some(w) = self.proposals.remove(&id) {
+                            let _ = w.send(Err(ProposeError::Dropped));
+                        }
+                    } else {
+                        debug!(from, id, "ignored a dropped-proposal notice for a proposal not forwarded to its sender");
                     }
                 }
             }
@@ -761,7 +847,14 @@ impl RaftLoop {
             ..Default::default()
         };
         match self.raw.raft.step(m) {
-            Ok(()) => self.proposals.extend(replies),
+            Ok(()) => {
+                let r = &self.raw.raft;
+                if r.state != StateRole::Leader && r.leader_id != 0 {
+                    // raft forwarded them to the leader it knows.
+                    self.forwarded_to.extend(replies.iter().map(|(id, _)| (*id, r.leader_id)));
+                }
+                self.proposals.extend(replies)
+            }
             Err(e) => {
                 let err = match e {
                     raft::Error::ProposalDropped => ProposeError::NoLeader,
@@ -894,6 +987,8 @@ impl RaftLoop {
 
     fn housekeeping(&mut self, now: Instant) {
         self.proposals.retain(|_, r| !r.is_closed());
+        let proposals = &self.proposals;
+        self.forwarded_to.retain(|id, _| proposals.contains_key(id));
         self.conf_waiters.retain(|_, r| !r.is_closed());
         metrics().proposals_pending.set(self.proposals.len() as i64);
         self.probe_membership(now);
@@ -1165,6 +1260,10 @@ impl RaftLoop {
         match Command::decode(e.data.as_slice()) {
             Ok(cmd) => {
                 let outcome = kv.apply(e.index, &cmd);
+                if let ApplyOutcome::UnknownOp { op } = outcome {
+                    error!(index = e.index, op, "a command with an operation this version does not know; the state is left as it is (upgrade this member)");
+                }
+                self.forwarded_to.remove(&cmd.request_id);
                 if let Some(w) = self.proposals.remove(&cmd.request_id) {
                     let _ = w.send(Ok(outcome));
                 }
@@ -1374,19 +1473,40 @@ impl RaftLoop {
             warn!("disk full: refusing new writes until space returns");
         }
         self.disk_full = true;
-        self.fail_all(ProposeError::DiskFull { proposed: true });
+        self.fail_all(|proposed| ProposeError::DiskFull { proposed });
     }
 
-    fn fail_all(&mut self, err: ProposeError) {
-        if let Some((_, replies)) = self.batch.take() {
-            self.proposals.extend(replies);
+    /// Why a membership change cannot be proposed now, on a leader: raft-rs takes one
+    /// at a time and turns another into an empty entry, silently (its proposer would
+    /// wait out the request timeout). `pending_conf_index` is set by a conf change
+    /// proposed in this term (its index has this term), or by the election to the last
+    /// index of earlier terms (the leader must apply its log up to there first).
+    fn conf_change_refusal(&self) -> Option<ProposeError> {
+        let r = &self.raw.raft;
+        if r.state != StateRole::Leader || !r.has_pending_conf() {
+            return None;
         }
+        let this_term = r.raft_log.term(r.pending_conf_index).is_ok_and(|t| t == r.term);
+        Some(if this_term { ProposeError::ConfChangeInProgress } else { ProposeError::LeaderNotReady })
+    }
+
+    /// Fails every waiting command with `err(proposed)`: `proposed` is false for the
+    /// commands still gathered in the batch (never proposed), true for the rest (their
+    /// outcome is unknown: the other members may still commit them).
+    fn fail_all(&mut self, err: impl Fn(bool) -> ProposeError) {
+        if let Some((_, replies)) = self.batch.take() {
+            for (_, w) in replies {
+                let _ = w.send(Err(err(false)));
+                metrics().proposals_failed.inc();
+            }
+        }
+        self.forwarded_to.clear();
         for (_, w) in self.proposals.drain() {
-            let _ = w.send(Err(err.clone()));
+            let _ = w.send(Err(err(true)));
             metrics().proposals_failed.inc();
         }
         for (_, w) in self.conf_waiters.drain() {
-            let _ = w.send(Err(err.clone()));
+            let _ = w.send(Err(err(true)));
         }
     }
 
@@ -1456,6 +1576,7 @@ impl RaftLoop {
             stopping: self.stop_deadline.is_some() || self.removed,
             lost_log: self.lost_log,
             disk_full: self.disk_full,
+            conf_change_pending: self.conf_change_refusal() == Some(ProposeError::ConfChangeInProgress),
         };
         self.store_status(st);
     }

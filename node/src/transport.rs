@@ -72,6 +72,11 @@ pub const APPLIED_HEADER: &str = "x-raftkv-applied";
 pub const CLUSTER_HEADER: &str = "x-raftkv-cluster-id";
 /// The path a peer stream is opened on.
 pub const STREAM_PATH: &str = "/raft/stream";
+/// The path a leader tells a member on: proposals it forwarded were dropped without
+/// being appended (body: their request ids, `u64` big-endian each).
+pub const DROPPED_PATH: &str = "/raft/dropped";
+/// Most request ids one dropped-proposal notice may carry.
+const MAX_DROPPED_IDS: usize = 1 << 16;
 /// The `Upgrade` token of a peer stream (its version is in the name).
 pub const STREAM_PROTOCOL: &str = "raftkv-raft/1";
 /// Largest message sent on a stream; larger ones (snapshots) go as a `POST /raft`.
@@ -367,6 +372,31 @@ impl Transport {
         peers.get(&id).map(|p| p.url.clone())
     }
 
+    /// Tells member `to` that the proposals with these request ids, which it forwarded,
+    /// were dropped without being appended, so it can propose them again instead of
+    /// waiting out its request timeout. Best effort, in the background: a lost notice
+    /// leaves the proposer to its timeout, as before.
+    pub fn notify_dropped(&self, to: u64, ids: Vec<u64>) {
+        let Some(url) = self.peer_url(to) else { return };
+        let inner = self.inner.clone();
+        self.inner.rt.spawn(async move {
+            let mut body = BytesMut::with_capacity(ids.len().min(MAX_DROPPED_IDS) * 8);
+            for id in ids.iter().take(MAX_DROPPED_IDS) {
+                body.put_u64(*id);
+            }
+            let req = match peer_request(&inner, &url, Method::POST, DROPPED_PATH).body(Full::new(body.freeze())) {
+                Ok(r) => r,
+                Err(e) => return debug!(peer = to, error = %e, "bad peer URL; dropped-proposal notice not sent"),
+            };
+            match tokio::time::timeout(Duration::from_secs(2), inner.client.request(req)).await {
+                Ok(Ok(resp)) if resp.status().is_success() => {}
+                Ok(Ok(resp)) => debug!(peer = to, status = %resp.status(), "dropped-proposal notice refused"),
+                Ok(Err(e)) => debug!(peer = to, error = %e, "dropped-proposal notice not delivered"),
+                Err(_) => debug!(peer = to, "dropped-proposal notice timed out"),
+            }
+        });
+    }
+
     /// Queues messages for their peers; never blocks.
     pub fn send(&self, msgs: Vec<Message>) {
         if msgs.is_empty() {
@@ -489,17 +519,22 @@ struct Acks {
     writes: std::collections::VecDeque<(u64, Instant)>,
 }
 
+/// A request to the peer at `url` with this member's id, URL and cluster id.
+fn peer_request(inner: &Inner, url: &str, method: Method, path: &str) -> hyper::http::request::Builder {
+    let b = HttpRequest::builder()
+        .method(method)
+        .uri(format!("{url}{path}"))
+        .header(FROM_HEADER, inner.id.to_string())
+        .header(URL_HEADER, &inner.self_url);
+    match inner.cluster_id.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => b,
+        id => b.header(CLUSTER_HEADER, format!("{id:016x}")),
+    }
+}
+
 impl PeerLink {
     fn request(&self, method: Method, path: &str) -> hyper::http::request::Builder {
-        let b = HttpRequest::builder()
-            .method(method)
-            .uri(format!("{}{path}", self.url))
-            .header(FROM_HEADER, self.inner.id.to_string())
-            .header(URL_HEADER, &self.inner.self_url);
-        match self.inner.cluster_id.load(std::sync::atomic::Ordering::Relaxed) {
-            0 => b,
-            id => b.header(CLUSTER_HEADER, format!("{id:016x}")),
-        }
+        peer_request(&self.inner, &self.url, method, path)
     }
 
     /// Logs a peer's 412: it belongs to another cluster (at most every 30 s per peer).
@@ -921,6 +956,7 @@ impl PeerListener {
         match (req.method(), req.uri().path()) {
             (&Method::POST, "/raft") => {}
             (&Method::GET, STREAM_PATH) => return self.open_stream(req),
+            (&Method::POST, DROPPED_PATH) => return self.dropped(req).await,
             (&Method::GET, "/members") => {
                 let mut r = text(StatusCode::OK, crate::api::members_json(&self.current_status()).to_string());
                 r.headers_mut().insert("content-type", HeaderValue::from_static("application/json"));
@@ -928,6 +964,7 @@ impl PeerListener {
             }
             (_, "/raft") => return text(StatusCode::METHOD_NOT_ALLOWED, "use POST\n"),
             (_, STREAM_PATH) => return text(StatusCode::METHOD_NOT_ALLOWED, "use GET with Upgrade\n"),
+            (_, DROPPED_PATH) => return text(StatusCode::METHOD_NOT_ALLOWED, "use POST\n"),
             _ => return text(StatusCode::NOT_FOUND, "not a raftkv peer route\n"),
         }
         if let Some(refused) = self.refuse_other_cluster(&req) {
@@ -964,6 +1001,30 @@ impl PeerListener {
             if self.raft.send(Request::Raft(Box::new(m))).is_err() {
                 return text(StatusCode::SERVICE_UNAVAILABLE, "node is stopping\n");
             }
+        }
+        text(StatusCode::NO_CONTENT, Bytes::new())
+    }
+
+    /// Answers `POST /raft/dropped`: the leader dropped proposals this member forwarded.
+    /// The raft loop honours it only from its current leader.
+    async fn dropped(self, req: HttpRequest<Incoming>) -> Response<Full<Bytes>> {
+        let from: u64 = match header(&req, FROM_HEADER).and_then(|s| s.parse().ok()) {
+            Some(id) if id != 0 && id != self.my_id => id,
+            _ => return text(StatusCode::BAD_REQUEST, format!("a dropped-proposal notice needs `{FROM_HEADER}`: the sender's member id\n")),
+        };
+        if let Some(refused) = self.refuse_other_cluster(&req) {
+            return refused;
+        }
+        let body = match Limited::new(req.into_body(), MAX_DROPPED_IDS * 8).collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(e) => return text(StatusCode::BAD_REQUEST, format!("unreadable body: {e}\n")),
+        };
+        if body.len() % 8 != 0 {
+            return text(StatusCode::BAD_REQUEST, "the body must be request ids of 8 bytes each\n");
+        }
+        let ids: Vec<u64> = body.chunks_exact(8).map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8]))).collect();
+        if self.raft.send(Request::ProposalsDropped { from, ids }).is_err() {
+            return text(StatusCode::SERVICE_UNAVAILABLE, "node is stopping\n");
         }
         text(StatusCode::NO_CONTENT, Bytes::new())
     }

@@ -420,7 +420,8 @@ fn with_two_of_three_down_a_write_gets_503_never_2xx() {
 
 #[test]
 fn bad_input_gets_its_status_and_the_node_stays_up() {
-    let c = Cluster::start_with(1, Options::default());
+    let opts = Options { extra_args: vec!["--request-body-timeout-ms".into(), "500".into()], ..Options::default() };
+    let c = Cluster::start_with(1, opts);
     let u = c.url(1);
     let h = &c.http;
     // 413 above --max-request-bytes (default 1.5 MiB).
@@ -458,9 +459,49 @@ fn bad_input_gets_its_status_and_the_node_stays_up() {
     let peer = format!("{}/raft", c.node(1).peer_url());
     assert_eq!(h.post(&peer, vec![0xff, 0xff, 0xff, 0x7f, 1, 2, 3]).unwrap().status, StatusCode::BAD_REQUEST);
     assert_eq!(h.post(&peer, vec![3, 0, 0, 0, 0xff, 0xff, 0xff]).unwrap().status, StatusCode::BAD_REQUEST);
+    // A 405 names the allowed methods; the probes and /metrics take GET only.
+    let port = c.node(1).client_port;
+    let allow = |head: &str| head.lines().find_map(|l| l.to_ascii_lowercase().strip_prefix("allow: ").map(str::to_string));
+    let head = raw_exchange(port, b"PATCH /k HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+    assert!(head.starts_with("HTTP/1.1 405"), "{head}");
+    assert_eq!(allow(&head).as_deref(), Some("put, get, post, delete"), "{head}");
+    for path in ["/healthz", "/readyz", "/metrics"] {
+        let head = raw_exchange(port, format!("POST {path} HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").as_bytes());
+        assert!(head.starts_with("HTTP/1.1 405"), "{path}: {head}");
+        assert_eq!(allow(&head).as_deref(), Some("get"), "{path}: {head}");
+        assert!(head.contains("method_not_allowed"), "{path}: {head}");
+    }
+    // A body that does not arrive within --request-body-timeout-ms: 408, not a held connection.
+    let head = raw_exchange(port, b"PUT /slow HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\nonly-part");
+    assert!(head.starts_with("HTTP/1.1 408"), "{head}");
+    assert!(head.contains("body_timeout"), "{head}");
+    assert_eq!(h.get(&format!("{u}/slow")).unwrap().status, StatusCode::NOT_FOUND, "nothing was written");
     // Still serving, still writable.
     assert_eq!(c.put(1, "still", "up").unwrap(), StatusCode::NO_CONTENT);
     assert_eq!(c.get(1, "still").unwrap().as_deref(), Some("up"));
+}
+
+/// Sends `request` on a new connection and returns what comes back within 10 s (the
+/// server's answer, as text).
+fn raw_exchange(port: u16, request: &[u8]) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(request).unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    // Read until the server closes or the headers and a JSON body are in.
+    while let Ok(n) = s.read(&mut chunk) {
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&buf);
+        if text.contains("\r\n\r\n") && text.trim_end().ends_with('}') {
+            break;
+        }
+    }
+    String::from_utf8_lossy(&buf).into_owned()
 }
 
 #[test]
@@ -472,6 +513,8 @@ fn bad_flags_exit_2_with_a_message() {
         vec!["--cluster", "127.0.0.1:1"],
         vec!["--id", "3", "--cluster", "http://127.0.0.1:1"],
         vec!["--snapshot-count", "0"],
+        vec!["--request-timeout-ms", "18446744073709551615"],
+        vec!["--request-body-timeout-ms", "0"],
         vec!["--frobnicate"],
     ] {
         let out = std::process::Command::new(&bin).args(&args).output().unwrap();

@@ -1,9 +1,11 @@
 //! The operations API on real processes: learners, promotion, removal, leader transfer,
 //! compare-and-swap, prefix listing, readiness, and metrics scraped by a real Prometheus.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use raftkv_tests::{free_port, wait_for, Cluster, StatusCode};
+use raftkv_tests::{free_port, wait_for, Cluster, Http, Options, StatusCode};
 use serde_json::Value;
 
 const T: Duration = Duration::from_secs(20);
@@ -115,6 +117,11 @@ fn compare_and_swap_and_prefix_listing() {
     assert_eq!(r["more"], true);
     let r = h.get(&format!("{u}/v1/kv?prefix=p/")).unwrap().json();
     assert_eq!(r["items"].as_array().unwrap().len(), 4);
+    assert_eq!(r["more"], false);
+    // The next page starts after the last key of this one.
+    let r = h.get(&format!("{u}/v1/kv?prefix=p/&limit=3&after=p/c")).unwrap().json();
+    let keys: Vec<&str> = r["items"].as_array().unwrap().iter().map(|i| i["key"].as_str().unwrap()).collect();
+    assert_eq!(keys, ["p/d"]);
     assert_eq!(r["more"], false);
     let r = h.get(&format!("{u}/v1/kv?prefix=p/&limit=0")).unwrap();
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
@@ -299,4 +306,118 @@ fn a_removed_id_can_be_added_again_with_a_fresh_data_dir() {
     assert!(child.try_wait().unwrap().is_none(), "the re-added member exited");
     let m = c.http.get(&format!("{}/v1/members", c.url(leader))).unwrap().json();
     assert_eq!(member(&m, id).unwrap()["role"], "voter");
+}
+
+#[test]
+fn a_second_membership_change_while_one_is_pending_gets_409_at_once() {
+    // Long ticks: the leader keeps leading (check-quorum would step it down after 10 ticks
+    // without a quorum) while three of five voters are paused.
+    let opts = Options { request_timeout_ms: 4_000, extra_args: vec!["--tick-ms".into(), "400".into()], ..Options::default() };
+    let c = Cluster::start_with(5, opts);
+    c.put_retry(1, "k", "v", T);
+    let leader = c.wait_leader(T);
+    let follower = (1..=5).find(|i| *i != leader).unwrap();
+    let paused: Vec<u64> = (1..=5).filter(|i| *i != leader && *i != follower).collect();
+    for id in &paused {
+        c.signal(*id, libc::SIGSTOP);
+    }
+    // The first change cannot commit without the paused voters: it stays pending.
+    let first = {
+        let url = format!("{}/v1/members", c.url(leader));
+        let body = format!(r#"{{"id":9,"peer_url":"http://127.0.0.1:{}","learner":true}}"#, free_port());
+        std::thread::spawn(move || Http::new(Duration::from_secs(30)).post(&url, body).map(|r| r.status))
+    };
+    wait_for(Duration::from_secs(3), "the leader to report a pending change", || {
+        let m = c.http.get(&format!("{}/v1/members", c.url(leader))).ok()?.json();
+        (m["conf_change_pending"] == true).then_some(())
+    });
+    // A second one is refused at once, on the leader and on a follower (which asks the
+    // leader before forwarding: raft-rs would drop it silently, and the client would wait
+    // out its timeout and get 503 "outcome unknown").
+    for (on, id) in [(leader, 10), (follower, 11)] {
+        let body = format!(r#"{{"id":{id},"peer_url":"http://127.0.0.1:{}","learner":true}}"#, free_port());
+        let r = c.http.post(&format!("{}/v1/members", c.url(on)), body).unwrap();
+        assert_eq!(r.status, StatusCode::CONFLICT, "on {on}: {}", r.text());
+        assert_eq!(r.json()["code"], "change_in_progress", "on {on}");
+    }
+    for id in &paused {
+        c.signal(*id, libc::SIGCONT);
+    }
+    // The first change commits once the quorum is back (its client may have had 201 or,
+    // if its timeout came first, 503: outcome unknown).
+    let first = first.join().unwrap();
+    assert!(matches!(first, Ok(StatusCode::CREATED) | Ok(StatusCode::SERVICE_UNAVAILABLE)), "{first:?}");
+    wait_for(T, "learner 9 to be a member", || {
+        let m = c.http.get(&format!("{}/v1/members", c.url(follower))).ok()?.json();
+        member(&m, 9).map(|_| ())
+    });
+    let m = c.http.get(&format!("{}/v1/members", c.url(c.wait_leader(T)))).unwrap().json();
+    assert!(member(&m, 10).is_none() && member(&m, 11).is_none(), "{m}");
+    assert_eq!(m["conf_change_pending"], false, "{m}");
+}
+
+fn metric_sum(c: &Cluster, name: &str) -> u64 {
+    (1..=c.nodes.len() as u64)
+        .filter_map(|id| c.http.get(&format!("{}/metrics", c.url(id))).ok())
+        .flat_map(|r| r.text().lines().filter(|l| l.starts_with(name)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).collect::<Vec<_>>())
+        .sum::<f64>() as u64
+}
+
+#[test]
+fn writes_through_followers_ride_out_leadership_transfers() {
+    // A leader transferring leadership drops the proposals followers forward to it. It
+    // now tells them, and they propose again: no client waits out its timeout for a 503.
+    let c = Cluster::start_with(3, Options { request_timeout_ms: 8_000, ..Options::default() });
+    c.put_retry(1, "warm", "up", T);
+    let stop = Arc::new(AtomicBool::new(false));
+    let failures = Arc::new(Mutex::new(Vec::new()));
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    let writers: Vec<_> = (0..6u64)
+        .map(|t| {
+            let urls: Vec<String> = (1..=3).map(|id| c.url(id)).collect();
+            let (stop, failures, acked) = (stop.clone(), failures.clone(), acked.clone());
+            std::thread::spawn(move || {
+                let http = Http::new(Duration::from_secs(20));
+                let mut i = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let key = format!("w{t}-{i}");
+                    let url = &urls[(t + i) as usize % urls.len()];
+                    match http.put(&format!("{url}/{key}"), i.to_string()) {
+                        Ok(r) if r.status == StatusCode::NO_CONTENT => acked.lock().unwrap().push(key),
+                        Ok(r) => failures.lock().unwrap().push(format!("{key} via {url}: {} {}", r.status, r.text())),
+                        Err(e) => failures.lock().unwrap().push(format!("{key} via {url}: {e}")),
+                    }
+                    i += 1;
+                }
+            })
+        })
+        .collect();
+    // Move leadership around until some follower has had a forwarded proposal dropped
+    // and proposed it again (each transfer opens a window of a round trip or so).
+    let mut transfers = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    while metric_sum(&c, "raftkv_server_proposals_retried_total") == 0 && std::time::Instant::now() < deadline {
+        let leader = c.wait_leader(T);
+        let to = leader % 3 + 1;
+        let r = c.http.post(&format!("{}/v1/leader/transfer", c.url(leader)), format!(r#"{{"to":{to}}}"#)).unwrap();
+        if r.status == StatusCode::OK {
+            transfers += 1;
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        w.join().unwrap();
+    }
+    let retried = metric_sum(&c, "raftkv_server_proposals_retried_total");
+    let failures = failures.lock().unwrap();
+    let acked = acked.lock().unwrap();
+    eprintln!("{transfers} transfers, {} writes acknowledged, {retried} proposals proposed again", acked.len());
+    assert!(retried > 0, "no forwarded proposal was dropped in {transfers} transfers");
+    assert!(failures.is_empty(), "{} writes failed, first: {:?}", failures.len(), &failures[..failures.len().min(5)]);
+    // Every acknowledged write is there.
+    let leader = c.wait_leader(T);
+    for key in acked.iter() {
+        let r = c.http.get(&format!("{}/v1/kv/{key}?consistency=serializable", c.url(leader))).unwrap();
+        assert_eq!(r.status, StatusCode::OK, "{key}");
+    }
 }
