@@ -42,6 +42,9 @@ pub enum Error {
     /// The object has no namespace (the CRD is namespaced, so this is a bug elsewhere).
     #[error("RaftKV {0} has no namespace")]
     NoNamespace(String),
+    /// The leader-election lease may have passed to another replica.
+    #[error(transparent)]
+    LeaseLost(#[from] crate::leader::LeaseLost),
 }
 
 impl Error {
@@ -53,6 +56,7 @@ impl Error {
             Error::Step(StepError::Platform(_)) => "platform",
             Error::Step(StepError::NoLeader(_)) => "no_leader",
             Error::NoNamespace(_) => "invalid",
+            Error::LeaseLost(_) => "lease_lost",
         }
     }
 }
@@ -67,6 +71,8 @@ pub struct Context<N: NodeApi> {
     pub metrics: Arc<Metrics>,
     /// Publishes Kubernetes Events (aggregates repeats into series).
     pub recorder: Recorder,
+    /// Checked before every change: closed once the leader-election lease may be lost.
+    pub fence: crate::leader::Fence,
 }
 
 /// Kubernetes DNS addresses of the members of one cluster.
@@ -181,6 +187,23 @@ fn action_label(action: &Action) -> &'static str {
         Action::DeletePod(_) => "DeletePod",
         Action::Wait(_) => "Wait",
         Action::Done => "Done",
+    }
+}
+
+/// An owned object the API server refused (a 4xx other than a conflict or throttling:
+/// a spec it finds invalid, an admission webhook, a quota) will be refused again until
+/// someone acts: say so where `kubectl describe` and `kubectl get` show it, a Warning
+/// Event and `status.message`. Best effort; the error still goes to the error policy.
+async fn report_refused_apply<N: NodeApi>(ctx: &Context<N>, rkv: &RaftKV, rkv_api: &Api<RaftKV>, kind: &str, e: &kube::Error) {
+    let kube::Error::Api(st) = e else { return };
+    if !(400..500).contains(&st.code) || st.code == 409 || st.code == 429 {
+        return;
+    }
+    let note = format!("the API server refused the {kind} ({} {}): {}", st.code, st.reason, st.message);
+    publish(&ctx.recorder, rkv, EventType::Warning, "ApplyRefused", note.clone()).await;
+    let patch = json!({"status": {"message": note}});
+    if let Err(e) = rkv_api.patch_status(&rkv.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await {
+        tracing::warn!(error = %e, "writing the refusal to status failed");
     }
 }
 
@@ -327,6 +350,7 @@ pub async fn reconcile<N: NodeApi>(rkv: Arc<RaftKV>, ctx: Arc<Context<N>>) -> Re
     let _timer = ctx.metrics.duration.start_timer();
     let name = rkv.name_any();
     let ns = rkv.namespace().ok_or_else(|| Error::NoNamespace(name.clone()))?;
+    ctx.fence.check()?;
     if rkv.metadata.deletion_timestamp.is_some() {
         // Being deleted: the garbage collector removes the owned objects; re-creating
         // them or changing the membership now would only fight it.
@@ -364,11 +388,19 @@ pub async fn reconcile<N: NodeApi>(rkv: Arc<RaftKV>, ctx: Arc<Context<N>>) -> Re
         .and_then(|s| s.spec.replicas)
         .map(|r| u32::try_from(r).unwrap_or(0))
         .unwrap_or_else(|| initial_size.max(u32::try_from(recorded_top.min(10)).unwrap_or(1)));
-    let peer = resources::peer_service(&rkv);
-    svc_api.patch(&resources::peer_service_name(&name), &ssa, &Patch::Apply(&peer)).await?;
-    svc_api.patch(&name, &ssa, &Patch::Apply(&resources::client_service(&rkv))).await?;
-    let sts = resources::statefulset(&rkv, sts_replicas, &initial, status.bootstrapped);
-    sts_api.patch(&name, &ssa, &Patch::Apply(&sts)).await?;
+    let applied = async {
+        let peer = resources::peer_service(&rkv);
+        svc_api.patch(&resources::peer_service_name(&name), &ssa, &Patch::Apply(&peer)).await.map_err(|e| ("Service", e))?;
+        svc_api.patch(&name, &ssa, &Patch::Apply(&resources::client_service(&rkv))).await.map_err(|e| ("Service", e))?;
+        let sts = resources::statefulset(&rkv, sts_replicas, &initial, status.bootstrapped);
+        sts_api.patch(&name, &ssa, &Patch::Apply(&sts)).await.map_err(|e| ("StatefulSet", e))?;
+        Ok::<(), (&str, kube::Error)>(())
+    }
+    .await;
+    if let Err((kind, e)) = applied {
+        report_refused_apply(&ctx, &rkv, &rkv_api, kind, &e).await;
+        return Err(e.into());
+    }
 
     // 3. Observe pods, claims and the raft cluster.
     let lp = ListParams::default().labels(&resources::selector_string(&name));
@@ -414,6 +446,8 @@ pub async fn reconcile<N: NodeApi>(rkv: Arc<RaftKV>, ctx: Arc<Context<N>>) -> Re
     tracing::info!(rkv = %name, namespace = %ns, ?action, "decided");
     let leader = cluster.as_ref().map(|c| c.leader).unwrap_or(0);
     let platform = KubePlatform { client: client.clone(), name: name.clone(), namespace: ns.clone() };
+    // Observing took a while: act only if the lease is still surely ours.
+    ctx.fence.check()?;
     let outcome = execute(&ctx.node, &platform, &addrs, leader, &action).await;
     let label = action_label(&action);
     match &outcome {

@@ -12,6 +12,7 @@ use serde_json::{json, Value};
 
 use super::*;
 use crate::crd::{OperationStage, RaftKVSpec};
+use crate::leader::Fence;
 use crate::node_client::{Member, Members, NodeError, NodeStatus, Promotion};
 
 // ------------------------------------------------------------------------------------
@@ -25,6 +26,8 @@ struct FakeNode {
     statuses: BTreeMap<u64, NodeStatus>,
     /// Mutating calls received, as "verb id".
     calls: Mutex<Vec<String>>,
+    /// Revoked when a status is asked for (the lease lost while observing).
+    revoke_on_status: Option<Fence>,
 }
 
 fn id_of(base: &str) -> u64 {
@@ -63,7 +66,7 @@ impl FakeNode {
                 },
             );
         }
-        FakeNode { members: Some(Members { leader, members }), statuses, calls: Mutex::new(Vec::new()) }
+        FakeNode { members: Some(Members { leader, members }), statuses, ..FakeNode::default() }
     }
 
     fn log(&self, s: String) {
@@ -79,6 +82,9 @@ impl FakeNode {
 
 impl NodeApi for FakeNode {
     async fn status(&self, base: &str) -> Result<NodeStatus, NodeError> {
+        if let Some(f) = &self.revoke_on_status {
+            f.revoke();
+        }
         self.statuses.get(&id_of(base)).cloned().ok_or_else(|| unreachable(base))
     }
     async fn members(&self, base: &str) -> Result<Members, NodeError> {
@@ -235,6 +241,15 @@ fn pdb_ok() -> Value {
 }
 
 async fn run_reconcile(r: RaftKV, node: FakeNode, script: Vec<Expect>) -> (Result<Requeue, Error>, Vec<Seen>, Arc<Context<FakeNode>>) {
+    run_reconcile_fenced(r, node, script, Fence::open()).await
+}
+
+async fn run_reconcile_fenced(
+    r: RaftKV,
+    node: FakeNode,
+    script: Vec<Expect>,
+    fence: Fence,
+) -> (Result<Requeue, Error>, Vec<Seen>, Arc<Context<FakeNode>>) {
     let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let client = Client::new(svc, "default");
     let ctx = Arc::new(Context {
@@ -242,6 +257,7 @@ async fn run_reconcile(r: RaftKV, node: FakeNode, script: Vec<Expect>) -> (Resul
         client,
         node,
         metrics: Arc::new(Metrics::new().expect("metrics")),
+        fence,
     });
     let server = tokio::spawn(serve(handle, script));
     let result = tokio::time::timeout(Duration::from_secs(10), reconcile(Arc::new(r), ctx.clone()))
@@ -436,6 +452,7 @@ async fn node_failure_is_an_error_with_a_warning_event_and_status_still_written(
         client,
         node: Refusing(FakeNode::cluster(&[1, 2, 3], &[], 1)),
         metrics: Arc::new(Metrics::new().expect("metrics")),
+        fence: Fence::open(),
     });
     let server = tokio::spawn(serve(handle, script));
     let res = reconcile(Arc::new(r.clone()), ctx.clone()).await;
@@ -512,6 +529,55 @@ async fn statefulset_scaled_below_quorum_is_scaled_back_without_a_leader() {
     assert!(res.is_ok(), "{res:?}");
     let patches = find(&seen, "PATCH", STS);
     assert_eq!(patches.last().expect("scale").body, json!({"spec": {"replicas": 3}}));
+}
+
+#[tokio::test]
+async fn a_statefulset_the_api_server_refuses_is_reported_in_an_event_and_status() {
+    let r = rkv(3, Some(running_status(None)));
+    let refusal = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Invalid", "code": 422,
+        "message": "StatefulSet.apps \"kv\" is invalid: spec.volumeClaimTemplates[0].spec.resources[storage]: Invalid value: \"ten gigs\""});
+    let script = vec![
+        expect("GET", STS, sts_json(3)),
+        expect("PATCH", PEER_SVC, json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "kv-peer"}})),
+        expect("PATCH", CLIENT_SVC, json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "kv"}})),
+        Expect { method: "PATCH", path: STS.to_string(), status: 422, response: refusal },
+        expect("POST", EVENTS, event_ok()),
+        expect("PATCH", RKV_STATUS, echo_rkv(&r)),
+    ];
+    let (res, seen, _) = run_reconcile(r, FakeNode::cluster(&[1, 2, 3], &[], 1), script).await;
+    assert!(res.is_err(), "{res:?}");
+    let event = &find(&seen, "POST", EVENTS)[0].body;
+    assert_eq!(event["type"], "Warning", "{event}");
+    assert_eq!(event["reason"], "ApplyRefused", "{event}");
+    assert!(event["note"].as_str().unwrap_or("").contains("ten gigs"), "{event}");
+    let status = &find(&seen, "PATCH", RKV_STATUS)[0].body["status"];
+    assert!(status["message"].as_str().unwrap_or("").starts_with("the API server refused the StatefulSet (422 Invalid)"), "{status}");
+}
+
+#[tokio::test]
+async fn nothing_is_done_once_the_lease_may_be_lost() {
+    let fence = Fence::closed();
+    fence.extend_to(std::time::Instant::now() + Duration::from_secs(60));
+    fence.revoke();
+    // A scale-up is due; the scripted server fails on any request.
+    let r = rkv(4, Some(running_status(None)));
+    let (res, seen, _) = run_reconcile_fenced(r, FakeNode::cluster(&[1, 2, 3], &[], 1), vec![], fence).await;
+    let err = res.expect_err("fenced");
+    assert_eq!(err.kind(), "lease_lost");
+    assert!(seen.is_empty(), "{seen:?}");
+}
+
+#[tokio::test]
+async fn a_lease_lost_while_observing_stops_the_step() {
+    // The lease is lost after the reconcile started: the observation runs, the step
+    // (recording the scale-up) does not.
+    let fence = Fence::closed();
+    fence.extend_to(std::time::Instant::now() + Duration::from_secs(60));
+    let r = rkv(4, Some(running_status(None)));
+    let node = FakeNode { revoke_on_status: Some(fence.clone()), ..FakeNode::cluster(&[1, 2, 3], &[], 1) };
+    let (res, seen, _) = run_reconcile_fenced(r, node, prelude(3, 3, &[0, 1, 2]), fence).await;
+    assert_eq!(res.expect_err("fenced").kind(), "lease_lost");
+    assert!(find(&seen, "PATCH", RKV_STATUS).is_empty(), "{seen:?}");
 }
 
 #[tokio::test]

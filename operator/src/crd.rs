@@ -139,8 +139,11 @@ pub enum AntiAffinityPreset {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct StorageSpec {
-    /// Size of each member's volume, e.g. `1Gi`. Immutable.
+    /// Size of each member's volume, e.g. `1Gi`: a positive number with an optional
+    /// binary (`Ki` `Mi` `Gi` `Ti` `Pi` `Ei`) or decimal (`k` `M` `G` `T` `P` `E`) suffix.
+    /// Immutable.
     #[x_kube(validation = Rule::new("self == oldSelf").message("storage.size is immutable"))]
+    #[schemars(regex(pattern = STORAGE_SIZE_PATTERN))]
     #[serde(default = "default_storage_size")]
     pub size: String,
 
@@ -149,6 +152,10 @@ pub struct StorageSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub storage_class_name: Option<String>,
 }
+
+/// What `storage.size` must match (the CRD checks it; a volume size is a Kubernetes
+/// quantity, and one the API server would refuse in the StatefulSet is refused here).
+pub const STORAGE_SIZE_PATTERN: &str = r"^(0*[1-9][0-9]*(\.[0-9]+)?|0*\.[0-9]*[1-9][0-9]*)(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$";
 
 fn default_storage_size() -> String {
     "1Gi".to_string()
@@ -406,5 +413,20 @@ mod tests {
         let spec: RaftKVSpec = serde_json::from_value(serde_json::json!({"replicas": 3})).expect("parses");
         assert_eq!(spec.storage.size, "1Gi");
         assert_eq!(spec.image, None);
+    }
+
+    #[test]
+    fn storage_size_pattern_takes_quantities_and_refuses_the_rest() {
+        let re = regex::Regex::new(STORAGE_SIZE_PATTERN).expect("pattern compiles");
+        for ok in ["1Gi", "10Gi", "1.5Gi", "1.0Gi", "0.5Gi", ".5Gi", "500Mi", "1", "100G", "2Ti", "1k", "010Gi"] {
+            assert!(re.is_match(ok), "{ok} refused");
+        }
+        for bad in ["", "0", "0Gi", "0.0Gi", "-1Gi", "1 Gi", "1GB", "1gi", "Gi", "ten gigs", "1.Gi", "1Gi ", "1e3"] {
+            assert!(!re.is_match(bad), "{bad:?} taken");
+        }
+        // The generated CRD carries it.
+        let crd = serde_json::to_value(RaftKV::crd()).expect("crd json");
+        let size = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["storage"]["properties"]["size"];
+        assert_eq!(size["pattern"], STORAGE_SIZE_PATTERN, "{size}");
     }
 }

@@ -1,7 +1,8 @@
 //! Leader election through a `coordination.k8s.io/v1` Lease, so two operator replicas
 //! never act at once. Optimistic concurrency (resourceVersion on replace) decides races.
 
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
@@ -9,12 +10,72 @@ use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::{Api, ObjectMeta, PostParams};
 use kube::Client;
 
+/// Whether this replica may still act. Losing the lease stops the controller, but a
+/// step already under way would finish; every mutating step checks the fence first, so
+/// none starts once the lease may have passed to another replica. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Fence {
+    /// `None`: not enforced (no leader election). Otherwise the instant until which the
+    /// lease is surely ours, if any.
+    until: Option<Arc<Mutex<Option<Instant>>>>,
+}
+
+/// The lease may no longer be held: act no more.
+#[derive(Debug, thiserror::Error)]
+#[error("the leader-election lease may have passed to another replica; not acting")]
+pub struct LeaseLost;
+
+impl Fence {
+    /// A fence that always lets through (tests, a single replica without election).
+    pub fn open() -> Self {
+        Fence { until: None }
+    }
+
+    /// A fence that lets nothing through until [`Fence::extend_to`].
+    pub fn closed() -> Self {
+        Fence { until: Some(Arc::new(Mutex::new(None))) }
+    }
+
+    fn slot(&self) -> Option<std::sync::MutexGuard<'_, Option<Instant>>> {
+        self.until.as_ref().map(|m| m.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+
+    /// The lease is ours until `until` (never moves the deadline back).
+    pub fn extend_to(&self, until: Instant) {
+        if let Some(mut slot) = self.slot() {
+            if slot.is_none_or(|u| u < until) {
+                *slot = Some(until);
+            }
+        }
+    }
+
+    /// The lease is lost: nothing passes from now on.
+    pub fn revoke(&self) {
+        if let Some(mut slot) = self.slot() {
+            *slot = None;
+        }
+    }
+
+    /// Ok while the lease is surely ours.
+    pub fn check(&self) -> Result<(), LeaseLost> {
+        match self.slot() {
+            None => Ok(()),
+            Some(slot) => match *slot {
+                Some(until) if Instant::now() < until => Ok(()),
+                _ => Err(LeaseLost),
+            },
+        }
+    }
+}
+
 /// A Lease-based lock held by `identity`.
 pub struct LeaseLock {
     api: Api<Lease>,
     name: String,
     identity: String,
     duration: Duration,
+    /// Extended at every successful acquisition or renewal, revoked when the lease is lost.
+    fence: Fence,
 }
 
 /// Is a lease with this spec free for `identity` at `now`.
@@ -31,14 +92,22 @@ pub fn lease_free_for(spec: &LeaseSpec, identity: &str, now: Timestamp) -> bool 
 }
 
 impl LeaseLock {
-    /// A lock on Lease `name` in `namespace`.
-    pub fn new(client: Client, namespace: &str, name: &str, identity: &str, duration: Duration) -> Self {
+    /// A lock on Lease `name` in `namespace`, keeping `fence` up to date.
+    pub fn new(client: Client, namespace: &str, name: &str, identity: &str, duration: Duration, fence: Fence) -> Self {
         LeaseLock {
             api: Api::namespaced(client, namespace),
             name: name.to_string(),
             identity: identity.to_string(),
             duration,
+            fence,
         }
+    }
+
+    /// After a successful acquisition or renewal sent at `sent`: others cannot take the
+    /// lease before `sent + duration` (by their clocks); a third of it is kept as margin
+    /// for clock rate and for the step that checked the fence just before.
+    fn held_since(&self, sent: Instant) {
+        self.fence.extend_to(sent + self.duration - self.duration / 3);
     }
 
     fn spec(&self, transitions: i32, acquire: Option<MicroTime>) -> LeaseSpec {
@@ -84,8 +153,10 @@ impl LeaseLock {
     /// Waits until the lease is ours, retrying every `retry`.
     pub async fn acquire(&self, retry: Duration) {
         loop {
+            let sent = Instant::now();
             match self.try_acquire_or_renew().await {
                 Ok(true) => {
+                    self.held_since(sent);
                     tracing::info!(lease = %self.name, identity = %self.identity, "became leader");
                     return;
                 }
@@ -102,10 +173,15 @@ impl LeaseLock {
         let mut last_ok = tokio::time::Instant::now();
         loop {
             tokio::time::sleep(period).await;
+            let sent = Instant::now();
             match self.try_acquire_or_renew().await {
-                Ok(true) => last_ok = tokio::time::Instant::now(),
+                Ok(true) => {
+                    last_ok = tokio::time::Instant::now();
+                    self.held_since(sent);
+                }
                 Ok(false) => {
                     tracing::error!(lease = %self.name, "lease taken by another replica");
+                    self.fence.revoke();
                     return;
                 }
                 Err(e) => {
@@ -113,6 +189,7 @@ impl LeaseLock {
                     // Stop a safety margin before the lease could expire for others.
                     if last_ok.elapsed() + period >= self.duration {
                         tracing::error!(lease = %self.name, "lease could not be renewed in time");
+                        self.fence.revoke();
                         return;
                     }
                 }
@@ -176,10 +253,32 @@ mod tests {
 
     async fn attempt(script: Vec<(&'static str, &'static str, u16, Value)>) -> (Result<bool, kube::Error>, Vec<Value>) {
         let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-        let lock = LeaseLock::new(Client::new(svc, "ops"), "ops", "raftkv-operator", "me", Duration::from_secs(15));
+        let lock = LeaseLock::new(Client::new(svc, "ops"), "ops", "raftkv-operator", "me", Duration::from_secs(15), Fence::open());
         let server = tokio::spawn(scripted(handle, script));
         let res = lock.try_acquire_or_renew().await;
         (res, server.await.expect("server"))
+    }
+
+    #[tokio::test]
+    async fn acquiring_opens_the_fence_and_losing_the_lease_closes_it() {
+        let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let fence = Fence::closed();
+        let lock = LeaseLock::new(Client::new(svc, "ops"), "ops", "raftkv-operator", "me", Duration::from_secs(15), fence.clone());
+        let server = tokio::spawn(scripted(
+            handle,
+            vec![
+                ("GET", LEASE, 404, not_found()),
+                ("POST", LEASES, 201, lease_json("me", 0, 0)),
+                // At the first renewal another replica holds it (a partition healed).
+                ("GET", LEASE, 200, lease_json("other", 1, 1)),
+            ],
+        ));
+        assert!(fence.check().is_err());
+        lock.acquire(Duration::from_millis(10)).await;
+        assert!(fence.check().is_ok(), "held: steps may run");
+        lock.hold(Duration::from_millis(10)).await;
+        assert!(fence.check().is_err(), "lost: no step may start");
+        server.await.expect("server");
     }
 
     #[tokio::test]
@@ -235,5 +334,21 @@ mod tests {
         assert!(!lease_free_for(&spec("b", 1), "a", now));
         assert!(lease_free_for(&spec("b", 60), "a", now));
         assert!(lease_free_for(&LeaseSpec { holder_identity: Some("b".into()), ..LeaseSpec::default() }, "a", now));
+    }
+
+    #[test]
+    fn the_fence_lets_through_only_while_the_lease_is_surely_held() {
+        assert!(Fence::open().check().is_ok());
+        let f = Fence::closed();
+        assert!(f.check().is_err(), "nothing passes before the lease is held");
+        f.extend_to(Instant::now() + Duration::from_secs(60));
+        assert!(f.check().is_ok());
+        let shared = f.clone();
+        f.extend_to(Instant::now());
+        assert!(shared.check().is_ok(), "a later renewal never moves the deadline back");
+        shared.revoke();
+        assert!(f.check().is_err(), "revoked for every clone");
+        f.extend_to(Instant::now() - Duration::from_millis(1));
+        assert!(f.check().is_err(), "a deadline in the past passes nothing");
     }
 }

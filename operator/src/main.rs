@@ -9,7 +9,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use kube::runtime::events::{Recorder, Reporter};
 use raftkv_operator::controller::{self, Context};
-use raftkv_operator::leader::LeaseLock;
+use raftkv_operator::leader::{Fence, LeaseLock};
 use raftkv_operator::metrics::{self, Metrics};
 use raftkv_operator::node_client::HttpNodeClient;
 
@@ -84,17 +84,19 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .identity
         .or_else(|| std::env::var("HOSTNAME").ok())
         .unwrap_or_else(|| format!("raftkv-operator-{}", std::process::id()));
+    let fence = Fence::closed();
     let lock = LeaseLock::new(
         client.clone(),
         &args.lease_namespace,
         &args.lease_name,
         &identity,
         Duration::from_secs(args.lease_seconds),
+        fence.clone(),
     );
     lock.acquire(Duration::from_secs(2)).await;
     let node = HttpNodeClient::new(Duration::from_secs(args.node_timeout_seconds)).context("building HTTP client")?;
     let reporter = Reporter { controller: "raftkv-operator".into(), instance: Some(identity) };
-    let ctx = Arc::new(Context { recorder: Recorder::new(client.clone(), reporter), client, node, metrics });
+    let ctx = Arc::new(Context { recorder: Recorder::new(client.clone(), reporter), client, node, metrics, fence });
     let renew = Duration::from_secs((args.lease_seconds / 3).max(1));
     let (lost_tx, lost_rx) = tokio::sync::oneshot::channel::<()>();
     let holder = tokio::spawn(async move {
@@ -112,12 +114,17 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             }
         };
         tokio::select! {
-            _ = lost_rx => tracing::error!("lost the lease; stopping"),
             _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; stopping"),
             _ = term => tracing::info!("SIGTERM; stopping"),
         }
     };
-    controller::run(ctx, args.watch_namespace, shutdown).await;
+    // A signal lets reconciles under way finish (the lease is still ours). A lost lease
+    // drops them at once: the fence already keeps them from starting another step, and
+    // steps are idempotent and crash-safe, so one cut short is as after a crash.
+    tokio::select! {
+        _ = controller::run(ctx, args.watch_namespace, shutdown) => {}
+        _ = lost_rx => tracing::error!("lost the lease; stopping at once"),
+    }
     holder.abort();
     server.abort();
     // Exiting non-zero after losing the lease lets the Deployment restart us as a

@@ -316,6 +316,7 @@ grep -q '"prometheus.io/port":"2379"' <<<"$annotations" || die "pod lacks promet
 for bad in \
     '{"spec":{"storage":{"storageClassName":"e2e-other"}}}|storage.storageClassName is immutable' \
     '{"spec":{"storage":{"size":"5Gi"}}}|storage.size is immutable' \
+    '{"spec":{"storage":{"size":"ten gigs"}}}|should match' \
     '{"spec":{"imagePullPolicy":"Sometimes"}}|imagePullPolicy must be' \
     '{"spec":{"replicas":10}}|spec.replicas'; do
     patch="${bad%%|*}" want="${bad#*|}"
@@ -324,7 +325,7 @@ for bad in \
     fi
     grep -q "$want" "$work/patch.log" || die "refusal of $patch does not say '$want': $(cat "$work/patch.log")"
 done
-log "ok: invalid spec changes refused (storage class and size, pull policy, replicas)"
+log "ok: invalid spec changes refused (storage class, size and its format, pull policy, replicas)"
 
 put_keys 1 50
 check_keys

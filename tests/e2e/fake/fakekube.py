@@ -20,7 +20,11 @@ import http.server
 import json
 import os
 import random
+import re
 import sys
+
+# The CRD's pattern for spec.storage.size (operator/src/crd.rs, STORAGE_SIZE_PATTERN).
+STORAGE_SIZE_PATTERN = r"^(0*[1-9][0-9]*(\.[0-9]+)?|0*\.[0-9]*[1-9][0-9]*)(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$"
 
 STATE = os.environ["FAKE_STATE"]
 NAME = "example"
@@ -160,6 +164,8 @@ def kubectl(args):
                 refusals.append("spec.storage: Invalid value: \"object\": storage.storageClassName is immutable")
             if "size" in storage:
                 refusals.append("spec.storage.size: Invalid value: \"string\": storage.size is immutable")
+                if not re.match(STORAGE_SIZE_PATTERN, str(storage["size"])):
+                    refusals.append(f"spec.storage.size: Invalid value: \"{storage['size']}\": spec.storage.size in body should match '{STORAGE_SIZE_PATTERN}'")
             if spec.get("imagePullPolicy", "Always") not in ("Always", "IfNotPresent", "Never"):
                 refusals.append("spec.imagePullPolicy: Invalid value: \"string\": imagePullPolicy must be Always, IfNotPresent or Never")
             if not 1 <= spec.get("replicas", 1) <= 9:
