@@ -36,6 +36,7 @@ use tracing::{debug, error, info, warn};
 
 pub use error::StorageError;
 pub use markers::{data_dir_incarnation, read_tombstone, write_tombstone};
+pub use record::MAX_INDEX;
 
 use error::corrupt;
 use log::MemLog;
@@ -297,7 +298,9 @@ impl DiskStorage {
 
     /// Appends entries (buffered, not yet durable), truncating any conflicting suffix
     /// in memory and logically in the WAL (an entry record with index <= last index
-    /// replaces the suffix on replay). Entries must be contiguous; error otherwise.
+    /// replaces the suffix on replay). Entries must be contiguous; error otherwise. An
+    /// index or term beyond [`MAX_INDEX`], index 0 or an unknown entry type is refused
+    /// (`InvalidAppend`): recovery could not read it back.
     pub fn append(&self, entries: &[Entry]) -> Result<(), StorageError> {
         if entries.is_empty() {
             return Ok(());
@@ -309,7 +312,8 @@ impl DiskStorage {
         Ok(())
     }
 
-    /// Records a new hard state (buffered).
+    /// Records a new hard state (buffered). A term or commit beyond [`MAX_INDEX`] is
+    /// refused (`InvalidHardState`): recovery could not read it back.
     pub fn set_hard_state(&self, hs: &HardState) -> Result<(), StorageError> {
         let mut core = self.wl()?;
         if core.log.hs == *hs {
@@ -347,6 +351,8 @@ impl DiskStorage {
         if meta.index == 0 {
             return Err(StorageError::InvalidSnapshot("no metadata or index 0".into()));
         }
+        // Refused before the file is written: recovery could not read its record back.
+        record::check_snapshot(meta.index, meta.term).map_err(StorageError::InvalidSnapshot)?;
         let _writer = self.snap_writer()?;
         let mut core = self.wl()?;
         let log = &core.log;

@@ -127,6 +127,40 @@ fn append_rejects_gaps_and_compacted_overwrites() {
     s.append(&ents(11, 12, 2)).expect("after snapshot");
 }
 
+/// Recovery refuses indexes and terms beyond `MAX_INDEX` (2^63 - 1); the write path must
+/// refuse them too, with an error, or a node could write a WAL it cannot restart from.
+#[test]
+fn indexes_and_terms_beyond_what_recovery_reads_are_refused_when_written() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let hs = HardState { term: MAX_INDEX, vote: 1, commit: MAX_INDEX };
+    {
+        let s = open(d.path());
+        assert!(matches!(s.append(&[e(1, MAX_INDEX + 1)]), Err(StorageError::InvalidAppend(_))));
+        assert!(matches!(s.append(&[Entry { entry_type: 7, ..e(1, 1) }]), Err(StorageError::InvalidAppend(_))));
+        assert!(matches!(
+            s.set_hard_state(&HardState { term: MAX_INDEX + 1, ..HardState::default() }),
+            Err(StorageError::InvalidHardState(_))
+        ));
+        assert!(matches!(s.apply_snapshot(snap(MAX_INDEX + 1, 1, b"x")), Err(StorageError::InvalidSnapshot(_))));
+        assert!(matches!(s.apply_snapshot(snap(5, u64::MAX, b"x")), Err(StorageError::InvalidSnapshot(_))));
+        assert!(snap_names(d.path()).is_empty(), "no snapshot file for a refused snapshot");
+        assert!(s.is_fresh() && s.last_index().expect("last") == 0 && s.hard_state() == HardState::default());
+        // The bound itself is fine, and an entry past it is refused.
+        s.apply_snapshot(snap(MAX_INDEX, MAX_INDEX, b"at the bound")).expect("snapshot at the bound");
+        assert!(matches!(s.append(&[e(MAX_INDEX + 1, MAX_INDEX)]), Err(StorageError::InvalidAppend(_))));
+        assert!(matches!(
+            s.set_hard_state(&HardState { commit: MAX_INDEX + 1, ..hs.clone() }),
+            Err(StorageError::InvalidHardState(_))
+        ));
+        s.set_hard_state(&hs).expect("hard state at the bound");
+        s.sync().expect("sync");
+    }
+    // Everything that was written reads back.
+    let s = open(d.path());
+    assert_eq!((s.snapshot_index(), s.hard_state()), (MAX_INDEX, hs));
+    assert_eq!(s.latest_snapshot().expect("latest").expect("some").full.data, b"at the bound");
+}
+
 /// Writes three single-entry records and returns the segment path and the file lengths
 /// before/after each record.
 fn three_records(dir: &Path) -> (PathBuf, Vec<u64>) {
