@@ -103,10 +103,20 @@ struct Inner {
     cache: Mutex<Option<Arc<Snapshot>>>,
     /// The chain in force as `open` read and checked it, until `latest_snapshot` takes it.
     opened: Mutex<Option<SnapshotChain>>,
+    /// Files compaction took off the lists but could not delete yet (a failed unlink):
+    /// retried at the next `compact`. Taken with no other lock held, only by `compact`.
+    doomed: Mutex<Doomed>,
     fresh: bool,
     wal_bytes: Arc<AtomicU64>,
     snap_bytes: AtomicU64,
     _lock: fsutil::DirLock,
+}
+
+/// Files taken off the segment and snapshot lists whose unlink failed, to retry.
+#[derive(Default)]
+struct Doomed {
+    segments: Vec<PathBuf>,
+    snapshots: Vec<PathBuf>,
 }
 
 struct Core {
@@ -254,6 +264,7 @@ impl DiskStorage {
                 wal: Mutex::new(recovered.wal),
                 cache: Mutex::new(None),
                 opened: Mutex::new(opened),
+                doomed: Mutex::new(Doomed::default()),
                 fresh,
                 wal_bytes,
                 snap_bytes: AtomicU64::new(snap_total),
@@ -536,7 +547,9 @@ impl DiskStorage {
     /// that hold nothing needed any more, and snapshot files older than the chain in
     /// force in the durable WAL, except the full snapshot before it.
     /// The files are deleted after the locks are released, so appends, syncs and reads
-    /// on other threads never wait for an unlink or a directory fsync.
+    /// on other threads never wait for an unlink or a directory fsync. A file whose
+    /// unlink fails is logged (warning) and kept for the next `compact` to try again;
+    /// it is not an error. An error means a directory fsync failed.
     pub fn compact(&self, compact_index: u64) -> Result<(), StorageError> {
         let (clamped, first, segments, snapshots) = {
             let mut core = self.wl()?;
@@ -568,13 +581,20 @@ impl DiskStorage {
             }
             (clamped, first, segments, snapshots)
         };
-        fsutil::delete_files(&self.inner.wal_dir, &segments)?;
-        fsutil::delete_files(&self.inner.snap_dir, &snapshots)?;
+        // Files whose unlink failed at an earlier compaction go again, oldest first. A
+        // name on these lists cannot come back as a live file: it is older than the
+        // durable snapshot, and neither a save nor an install goes below the one in force.
+        let mut doomed = self.inner.doomed.lock().unwrap_or_else(|p| p.into_inner());
+        doomed.segments.extend(segments);
+        doomed.snapshots.extend(snapshots);
+        let segments_deleted = fsutil::delete_files(&self.inner.wal_dir, &mut doomed.segments)?;
+        let snapshots_deleted = fsutil::delete_files(&self.inner.snap_dir, &mut doomed.snapshots)?;
         debug!(
             compact_index = clamped,
             first_index = first,
-            segments_deleted = segments.len(),
-            snapshots_deleted = snapshots.len(),
+            segments_deleted,
+            snapshots_deleted,
+            left_to_delete = doomed.segments.len() + doomed.snapshots.len(),
             "compacted"
         );
         Ok(())

@@ -592,6 +592,46 @@ fn rotation_and_compaction_delete_old_segments_and_snapshots() {
     assert_eq!(s.hard_state().commit, 400);
 }
 
+/// A failed unlink at compaction (EIO injected through the `fsutil::remove_file` seam)
+/// must not leak the file until a restart: the next compaction deletes it.
+#[test]
+fn a_file_compaction_could_not_delete_is_deleted_by_the_next_compaction() {
+    struct Hook;
+    impl Drop for Hook {
+        fn drop(&mut self) {
+            fsutil::UNLINK_FAILS.with(|c| c.set(false));
+        }
+    }
+    let _hook = Hook;
+    let d = tempfile::tempdir().expect("tempdir");
+    let s = open_small(d.path(), 1024);
+    s.apply_snapshot(snap(1, 1, b"boot")).expect("boot");
+    for i in 2..=120u64 {
+        s.append(&[e(i, 1)]).expect("append");
+        s.set_hard_state(&HardState { term: 1, vote: 1, commit: i }).expect("hs");
+        s.sync().expect("sync");
+        if i % 40 == 0 {
+            s.save_snapshot(i, &cs(&[1]), format!("snap {i}").into_bytes()).expect("save");
+        }
+    }
+    let (segs_before, snaps_before) = (segments(d.path()), snap_names(d.path()));
+    assert_eq!(snaps_before.len(), 4, "{snaps_before:?}");
+    fsutil::UNLINK_FAILS.with(|c| c.set(true));
+    s.compact(110).expect("a failed unlink is not an error");
+    assert_eq!((segments(d.path()), snap_names(d.path())), (segs_before.clone(), snaps_before), "nothing could be deleted");
+    fsutil::UNLINK_FAILS.with(|c| c.set(false));
+    // Nothing new to compact: only the files left over from the failed unlinks go.
+    s.compact(110).expect("compact");
+    assert_eq!(snap_names(d.path()), [snapshot::file_name(1, 80), snapshot::file_name(1, 120)]);
+    let segs_after = segments(d.path());
+    assert!(segs_after.len() + 3 < segs_before.len(), "{} segments of {}", segs_after.len(), segs_before.len());
+    assert_eq!(s.wal_bytes(), segs_after.iter().map(|p| file_len(p)).sum::<u64>());
+    drop(s);
+    let s = open_small(d.path(), 1024);
+    assert_eq!((s.snapshot_index(), s.last_index().expect("last")), (120, 120));
+    assert!(s.first_index().expect("first") <= 110);
+}
+
 #[test]
 fn wal_rejects_a_gap_in_entry_indexes() {
     // A hand-made WAL whose second record skips an index.

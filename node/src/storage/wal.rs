@@ -404,9 +404,8 @@ impl Wal {
     /// needed from `first_needed` on. Returns how many were deleted.
     #[cfg(test)]
     pub(crate) fn purge(&mut self, first_needed: u64) -> Result<usize, StorageError> {
-        let dead = self.detach_unneeded(first_needed);
-        fsutil::delete_files(&self.dir, &dead)?;
-        Ok(dead.len())
+        let mut dead = self.detach_unneeded(first_needed);
+        fsutil::delete_files(&self.dir, &mut dead)
     }
 
     /// Takes the oldest segments that replay no longer needs (the log is needed from
