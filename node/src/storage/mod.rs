@@ -192,23 +192,52 @@ impl DiskStorage {
         let recovered = wal::recover(&wal_dir, opts.segment_bytes, opts.preallocate, wal_bytes.clone())?;
         let log = recovered.log;
 
-        // Snapshot files newer than the WAL's snapshot: a crash between file and record.
-        let mut orphans = false;
-        snap_files.retain(|f| {
-            if f.index > log.snap_index {
-                warn!(file = %f.path.display(), wal_snapshot = log.snap_index, "removing orphan snapshot file");
-                if let Err(e) = std::fs::remove_file(&f.path) {
-                    warn!(file = %f.path.display(), error = %e, "cannot remove orphan snapshot file");
+        // Snapshot files newer than the WAL's snapshot: a crash between file and record
+        // leaves one (an orphan, deleted below), and so does a WAL that lost its newest
+        // records (damage: refused, every file kept). Each file carries where the durable
+        // WAL ended when it was written (its mark); the WAL only ever grows past what was
+        // durable, so a WAL that ends before a file's mark lost records.
+        let wal_end = recovered.wal.durable_end();
+        let mut orphans = Vec::new();
+        for f in snap_files.iter().filter(|f| f.index > log.snap_index) {
+            match snapshot::read_marked(&f.path, false)?.1 {
+                Some(mark) if mark.reached_by(wal_end) => orphans.push(f.path.clone()),
+                Some(mark) => {
+                    let lost = if mark.seq > wal_end.seq {
+                        format!(
+                            "it was written when the WAL had reached segment {}, but the last segment is {}: the newest \
+                             segment(s) are missing",
+                            mark.seq, wal_end.seq
+                        )
+                    } else {
+                        format!(
+                            "it was written when this segment held {} durable bytes, but it ends at {}: records at its \
+                             end are missing",
+                            mark.offset, wal_end.offset
+                        )
+                    };
+                    return Err(corrupt(
+                        recovered.wal.active_path(),
+                        wal_end.offset,
+                        format!(
+                            "snapshot file {} (index {}, term {}) is newer than anything the WAL knows (its snapshot is at \
+                             index {}, its log ends at {}); {lost}. The snapshot files are kept",
+                            f.path.display(),
+                            f.index,
+                            f.term,
+                            log.snap_index,
+                            log.last_index()
+                        ),
+                    ));
                 }
-                orphans = true;
-                false
-            } else {
-                true
+                None => {
+                    // Written before marks existed: it cannot be checked; an orphan, as before.
+                    warn!(file = %f.path.display(), "snapshot file newer than the WAL's snapshot has no WAL mark (an older version wrote it); taken for an orphan");
+                    orphans.push(f.path.clone());
+                }
             }
-        });
-        if orphans {
-            fsutil::sync_dir(&snap_dir)?;
         }
+        snap_files.retain(|f| !orphans.contains(&f.path));
         let mut opened = None;
         let core = Core { log, snap_files };
         if core.log.snap_index > 0 {
@@ -241,6 +270,16 @@ impl DiskStorage {
         let Core { mut log, snap_files } = core;
         if let Some(chain) = &opened {
             log.conf_state = chain.metadata().conf_state.unwrap_or_default();
+        }
+        // Deleted only now that the WAL and the chain in force have passed every check.
+        for path in &orphans {
+            warn!(file = %path.display(), wal_snapshot = log.snap_index, "removing orphan snapshot file (its WAL record was never synced)");
+            if let Err(e) = fsutil::remove_file(path) {
+                warn!(file = %path.display(), error = %e, "cannot remove orphan snapshot file");
+            }
+        }
+        if !orphans.is_empty() {
+            fsutil::sync_dir(&snap_dir)?;
         }
         let fresh = log.hs == HardState::default() && log.snap_index == 0 && log.entries.is_empty();
         let snap_total: u64 = snap_files.iter().map(|f| f.size).sum();
@@ -376,7 +415,8 @@ impl DiskStorage {
             });
         }
         if !again {
-            let (path, size) = snapshot::write(&self.inner.snap_dir, &meta, &data)?;
+            let mark = self.wal()?.durable_end();
+            let (path, size) = snapshot::write(&self.inner.snap_dir, &meta, Some(mark), &data)?;
             drop(data);
             core.snap_files.retain(|f| f.path != path);
             core.snap_files.push(SnapFile { term: meta.term, index: meta.index, path, size, delta: false });
@@ -477,7 +517,8 @@ impl DiskStorage {
         // The file is written without holding the lock: readers are not held up by it.
         let meta = SnapshotMetadata { conf_state: Some(conf_state.clone()), index, term };
         let delta = delta_base.is_some();
-        let (path, size) = snapshot::write_streamed(&self.inner.snap_dir, &meta, delta, data_len, fill)?;
+        let mark = self.wal()?.durable_end();
+        let (path, size) = snapshot::write_streamed(&self.inner.snap_dir, &meta, Some(mark), delta, data_len, fill)?;
         let mut core = self.wl()?;
         if check(&core).ok().flatten() != Some(term) {
             // The log changed under us (a leader's snapshot arrived): the file is stale.
