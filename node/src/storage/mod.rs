@@ -10,8 +10,11 @@
 //!   records: full images (`.snap`) and deltas (`.delta`, the changes since the file
 //!   before). The snapshot in force is the newest full one plus the deltas after it
 //!   ([`SnapshotChain`]). Followers only ever get a full one: the newest full snapshot's
-//!   bytes are cached after the first read for a follower (dropped when a newer full
-//!   snapshot is saved or installed); see [`DiskStorage::snapshot`].
+//!   bytes are cached after the first read for a follower (dropped after the sync that
+//!   follows saving or installing a newer full snapshot, or replaced when a read finds a
+//!   newer one); see [`DiskStorage::snapshot`]. Each file records where the durable WAL
+//!   ended when it was written, so that `open` tells an orphan (its record never
+//!   synced) from a snapshot whose record the WAL lost.
 //! * `dir/tombstone`, `dir/incarnation` — markers ([`write_tombstone`],
 //!   [`data_dir_incarnation`]); `dir/LOCK` keeps a second process out.
 //!
@@ -90,10 +93,11 @@ struct Inner {
     snap_dir: PathBuf,
     /// Held while a snapshot file is written and recorded (`save_snapshot`,
     /// `apply_snapshot`): one snapshot writer at a time, without blocking log appends.
-    /// Lock order: `snap_write`, then `core`, then `wal`. `sync_one` is taken with
-    /// neither `core` nor `wal` held (it takes `wal` itself, briefly). `cache` is taken
-    /// with neither `core` nor `wal` held (it may take `core` itself); `snap_write` may be
-    /// held (`drop_cache` after a snapshot), as nothing takes `snap_write` under `cache`.
+    /// Lock order (docs/storage.md): `snap_write`, `cache`, `sync_one`, `core`, `wal`;
+    /// a lock is only taken under locks before it in this list. `sync_one` is never
+    /// held together with `core` (a sync takes `wal` itself, briefly). `cache` takes
+    /// `core` under it, briefly; `snap_write` may be held (`drop_cache` after a
+    /// snapshot). `opened` and `doomed` are taken with no other lock held.
     snap_write: Mutex<()>,
     /// Held for a whole WAL sync (write + fdatasync): one at a time, in order.
     sync_one: Mutex<()>,
