@@ -205,10 +205,11 @@ pub enum FrameError {
 }
 
 /// Largest term or index a peer message may carry: 2^62, half the WAL's bound
-/// (2^63 - 1). raft-rs adds to what peers send (a campaign bumps the term, an append
-/// extends the index), so a peer's value must leave room for what this node then writes,
-/// or the WAL would hold a term its recovery refuses.
-const MAX_TERM_OR_INDEX: u64 = 1 << 62;
+/// ([`crate::storage::MAX_INDEX`], 2^63 - 1). raft-rs adds to what peers send (a campaign
+/// bumps the term, an append extends the index), so a peer's value must leave room for
+/// what this node then writes, or storage would refuse to write it.
+const MAX_TERM_OR_INDEX: u64 = crate::storage::MAX_INDEX / 2 + 1;
+const _: () = assert!(MAX_TERM_OR_INDEX == 1 << 62);
 
 /// Checks the enum fields raft-rs reads with panicking accessors (`get_msg_type`,
 /// `get_entry_type`, and the conf change types when an entry is applied): protobuf

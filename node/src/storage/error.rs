@@ -52,6 +52,10 @@ pub enum StorageError {
     /// A snapshot handed to `apply_snapshot` is unusable.
     #[error("invalid snapshot: {0}")]
     InvalidSnapshot(String),
+    /// A hard state handed to `set_hard_state` holds a term or commit beyond what the
+    /// WAL can read back (2^63 - 1).
+    #[error("invalid hard state: {0}")]
+    InvalidHardState(String),
     /// The requested index is past the end of the log.
     #[error("index {index} is not in the log yet (last index {last_index})")]
     Unavailable {

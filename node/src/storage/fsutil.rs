@@ -202,17 +202,44 @@ pub(crate) fn parse_pair_name(name: &str, ext: &str) -> Option<(u64, u64)> {
     Some((u64::from_str_radix(a, 16).ok()?, u64::from_str_radix(b, 16).ok()?))
 }
 
+#[cfg(test)]
+thread_local! {
+    /// Test hook: while set, [`remove_file`] fails with EIO on this thread.
+    pub(crate) static UNLINK_FAILS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// `fs::remove_file`, through a seam tests can make fail ([`UNLINK_FAILS`]).
+pub(crate) fn remove_file(path: &Path) -> std::io::Result<()> {
+    #[cfg(test)]
+    if UNLINK_FAILS.with(std::cell::Cell::get) {
+        return Err(std::io::Error::from_raw_os_error(libc::EIO));
+    }
+    fs::remove_file(path)
+}
+
 /// Deletes files of `dir` that are no longer needed (WAL segments or snapshots), then
-/// fsyncs `dir` once. Meant to run with no storage lock held: an unlink and a directory
-/// fsync can take many milliseconds on a disk busy writing a snapshot back.
-pub(crate) fn delete_files(dir: &Path, paths: &[PathBuf]) -> Result<(), StorageError> {
-    if paths.is_empty() {
-        return Ok(());
+/// fsyncs `dir` once if any was deleted. Meant to run with no storage lock held: an
+/// unlink and a directory fsync can take many milliseconds on a disk busy writing a
+/// snapshot back. A file that cannot be deleted is logged (warning) and left in `paths`
+/// for the caller to try again later; the others are taken out (a file already gone
+/// counts as deleted). Returns how many were deleted. An error means the directory
+/// fsync failed (the deletions may not be durable: the files may come back after a
+/// crash, which recovery treats as if the compaction had not happened).
+pub(crate) fn delete_files(dir: &Path, paths: &mut Vec<PathBuf>) -> Result<usize, StorageError> {
+    let before = paths.len();
+    paths.retain(|path| match remove_file(path) {
+        Ok(()) => false,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        Err(e) => {
+            tracing::warn!(file = %path.display(), error = %e, "cannot delete a file compaction freed; will retry at the next compaction");
+            true
+        }
+    });
+    let deleted = before - paths.len();
+    if deleted > 0 {
+        sync_dir(dir)?;
     }
-    for path in paths {
-        fs::remove_file(path).map_err(io_err(path))?;
-    }
-    sync_dir(dir)
+    Ok(deleted)
 }
 
 #[cfg(test)]

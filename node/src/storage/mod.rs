@@ -10,8 +10,11 @@
 //!   records: full images (`.snap`) and deltas (`.delta`, the changes since the file
 //!   before). The snapshot in force is the newest full one plus the deltas after it
 //!   ([`SnapshotChain`]). Followers only ever get a full one: the newest full snapshot's
-//!   bytes are cached after the first read for a follower (dropped when a newer full
-//!   snapshot is saved or installed); see [`DiskStorage::snapshot`].
+//!   bytes are cached after the first read for a follower (dropped after the sync that
+//!   follows saving or installing a newer full snapshot, or replaced when a read finds a
+//!   newer one); see [`DiskStorage::snapshot`]. Each file records where the durable WAL
+//!   ended when it was written, so that `open` tells an orphan (its record never
+//!   synced) from a snapshot whose record the WAL lost.
 //! * `dir/tombstone`, `dir/incarnation` — markers ([`write_tombstone`],
 //!   [`data_dir_incarnation`]); `dir/LOCK` keeps a second process out.
 //!
@@ -36,6 +39,7 @@ use tracing::{debug, error, info, warn};
 
 pub use error::StorageError;
 pub use markers::{data_dir_incarnation, read_tombstone, write_tombstone};
+pub use record::MAX_INDEX;
 
 use error::corrupt;
 use log::MemLog;
@@ -89,10 +93,11 @@ struct Inner {
     snap_dir: PathBuf,
     /// Held while a snapshot file is written and recorded (`save_snapshot`,
     /// `apply_snapshot`): one snapshot writer at a time, without blocking log appends.
-    /// Lock order: `snap_write`, then `core`, then `wal`. `sync_one` is taken with
-    /// neither `core` nor `wal` held (it takes `wal` itself, briefly). `cache` is taken
-    /// with neither `core` nor `wal` held (it may take `core` itself); `snap_write` may be
-    /// held (`drop_cache` after a snapshot), as nothing takes `snap_write` under `cache`.
+    /// Lock order (docs/storage.md): `snap_write`, `cache`, `sync_one`, `core`, `wal`;
+    /// a lock is only taken under locks before it in this list. `sync_one` is never
+    /// held together with `core` (a sync takes `wal` itself, briefly). `cache` takes
+    /// `core` under it, briefly; `snap_write` may be held (`drop_cache` after a
+    /// snapshot). `opened` and `doomed` are taken with no other lock held.
     snap_write: Mutex<()>,
     /// Held for a whole WAL sync (write + fdatasync): one at a time, in order.
     sync_one: Mutex<()>,
@@ -102,10 +107,20 @@ struct Inner {
     cache: Mutex<Option<Arc<Snapshot>>>,
     /// The chain in force as `open` read and checked it, until `latest_snapshot` takes it.
     opened: Mutex<Option<SnapshotChain>>,
+    /// Files compaction took off the lists but could not delete yet (a failed unlink):
+    /// retried at the next `compact`. Taken with no other lock held, only by `compact`.
+    doomed: Mutex<Doomed>,
     fresh: bool,
     wal_bytes: Arc<AtomicU64>,
     snap_bytes: AtomicU64,
     _lock: fsutil::DirLock,
+}
+
+/// Files taken off the segment and snapshot lists whose unlink failed, to retry.
+#[derive(Default)]
+struct Doomed {
+    segments: Vec<PathBuf>,
+    snapshots: Vec<PathBuf>,
 }
 
 struct Core {
@@ -181,23 +196,52 @@ impl DiskStorage {
         let recovered = wal::recover(&wal_dir, opts.segment_bytes, opts.preallocate, wal_bytes.clone())?;
         let log = recovered.log;
 
-        // Snapshot files newer than the WAL's snapshot: a crash between file and record.
-        let mut orphans = false;
-        snap_files.retain(|f| {
-            if f.index > log.snap_index {
-                warn!(file = %f.path.display(), wal_snapshot = log.snap_index, "removing orphan snapshot file");
-                if let Err(e) = std::fs::remove_file(&f.path) {
-                    warn!(file = %f.path.display(), error = %e, "cannot remove orphan snapshot file");
+        // Snapshot files newer than the WAL's snapshot: a crash between file and record
+        // leaves one (an orphan, deleted below), and so does a WAL that lost its newest
+        // records (damage: refused, every file kept). Each file carries where the durable
+        // WAL ended when it was written (its mark); the WAL only ever grows past what was
+        // durable, so a WAL that ends before a file's mark lost records.
+        let wal_end = recovered.wal.durable_end();
+        let mut orphans = Vec::new();
+        for f in snap_files.iter().filter(|f| f.index > log.snap_index) {
+            match snapshot::read_marked(&f.path, false)?.1 {
+                Some(mark) if mark.reached_by(wal_end) => orphans.push(f.path.clone()),
+                Some(mark) => {
+                    let lost = if mark.seq > wal_end.seq {
+                        format!(
+                            "it was written when the WAL had reached segment {}, but the last segment is {}: the newest \
+                             segment(s) are missing",
+                            mark.seq, wal_end.seq
+                        )
+                    } else {
+                        format!(
+                            "it was written when this segment held {} durable bytes, but it ends at {}: records at its \
+                             end are missing",
+                            mark.offset, wal_end.offset
+                        )
+                    };
+                    return Err(corrupt(
+                        recovered.wal.active_path(),
+                        wal_end.offset,
+                        format!(
+                            "snapshot file {} (index {}, term {}) is newer than anything the WAL knows (its snapshot is at \
+                             index {}, its log ends at {}); {lost}. The snapshot files are kept",
+                            f.path.display(),
+                            f.index,
+                            f.term,
+                            log.snap_index,
+                            log.last_index()
+                        ),
+                    ));
                 }
-                orphans = true;
-                false
-            } else {
-                true
+                None => {
+                    // Written before marks existed: it cannot be checked; an orphan, as before.
+                    warn!(file = %f.path.display(), "snapshot file newer than the WAL's snapshot has no WAL mark (an older version wrote it); taken for an orphan");
+                    orphans.push(f.path.clone());
+                }
             }
-        });
-        if orphans {
-            fsutil::sync_dir(&snap_dir)?;
         }
+        snap_files.retain(|f| !orphans.contains(&f.path));
         let mut opened = None;
         let core = Core { log, snap_files };
         if core.log.snap_index > 0 {
@@ -231,6 +275,16 @@ impl DiskStorage {
         if let Some(chain) = &opened {
             log.conf_state = chain.metadata().conf_state.unwrap_or_default();
         }
+        // Deleted only now that the WAL and the chain in force have passed every check.
+        for path in &orphans {
+            warn!(file = %path.display(), wal_snapshot = log.snap_index, "removing orphan snapshot file (its WAL record was never synced)");
+            if let Err(e) = fsutil::remove_file(path) {
+                warn!(file = %path.display(), error = %e, "cannot remove orphan snapshot file");
+            }
+        }
+        if !orphans.is_empty() {
+            fsutil::sync_dir(&snap_dir)?;
+        }
         let fresh = log.hs == HardState::default() && log.snap_index == 0 && log.entries.is_empty();
         let snap_total: u64 = snap_files.iter().map(|f| f.size).sum();
         info!(
@@ -253,6 +307,7 @@ impl DiskStorage {
                 wal: Mutex::new(recovered.wal),
                 cache: Mutex::new(None),
                 opened: Mutex::new(opened),
+                doomed: Mutex::new(Doomed::default()),
                 fresh,
                 wal_bytes,
                 snap_bytes: AtomicU64::new(snap_total),
@@ -297,7 +352,9 @@ impl DiskStorage {
 
     /// Appends entries (buffered, not yet durable), truncating any conflicting suffix
     /// in memory and logically in the WAL (an entry record with index <= last index
-    /// replaces the suffix on replay). Entries must be contiguous; error otherwise.
+    /// replaces the suffix on replay). Entries must be contiguous; error otherwise. An
+    /// index or term beyond [`MAX_INDEX`], index 0 or an unknown entry type is refused
+    /// (`InvalidAppend`): recovery could not read it back.
     pub fn append(&self, entries: &[Entry]) -> Result<(), StorageError> {
         if entries.is_empty() {
             return Ok(());
@@ -309,7 +366,8 @@ impl DiskStorage {
         Ok(())
     }
 
-    /// Records a new hard state (buffered).
+    /// Records a new hard state (buffered). A term or commit beyond [`MAX_INDEX`] is
+    /// refused (`InvalidHardState`): recovery could not read it back.
     pub fn set_hard_state(&self, hs: &HardState) -> Result<(), StorageError> {
         let mut core = self.wl()?;
         if core.log.hs == *hs {
@@ -347,6 +405,8 @@ impl DiskStorage {
         if meta.index == 0 {
             return Err(StorageError::InvalidSnapshot("no metadata or index 0".into()));
         }
+        // Refused before the file is written: recovery could not read its record back.
+        record::check_snapshot(meta.index, meta.term).map_err(StorageError::InvalidSnapshot)?;
         let _writer = self.snap_writer()?;
         let mut core = self.wl()?;
         let log = &core.log;
@@ -359,7 +419,8 @@ impl DiskStorage {
             });
         }
         if !again {
-            let (path, size) = snapshot::write(&self.inner.snap_dir, &meta, &data)?;
+            let mark = self.wal()?.durable_end();
+            let (path, size) = snapshot::write(&self.inner.snap_dir, &meta, Some(mark), &data)?;
             drop(data);
             core.snap_files.retain(|f| f.path != path);
             core.snap_files.push(SnapFile { term: meta.term, index: meta.index, path, size, delta: false });
@@ -460,7 +521,8 @@ impl DiskStorage {
         // The file is written without holding the lock: readers are not held up by it.
         let meta = SnapshotMetadata { conf_state: Some(conf_state.clone()), index, term };
         let delta = delta_base.is_some();
-        let (path, size) = snapshot::write_streamed(&self.inner.snap_dir, &meta, delta, data_len, fill)?;
+        let mark = self.wal()?.durable_end();
+        let (path, size) = snapshot::write_streamed(&self.inner.snap_dir, &meta, Some(mark), delta, data_len, fill)?;
         let mut core = self.wl()?;
         if check(&core).ok().flatten() != Some(term) {
             // The log changed under us (a leader's snapshot arrived): the file is stale.
@@ -530,7 +592,9 @@ impl DiskStorage {
     /// that hold nothing needed any more, and snapshot files older than the chain in
     /// force in the durable WAL, except the full snapshot before it.
     /// The files are deleted after the locks are released, so appends, syncs and reads
-    /// on other threads never wait for an unlink or a directory fsync.
+    /// on other threads never wait for an unlink or a directory fsync. A file whose
+    /// unlink fails is logged (warning) and kept for the next `compact` to try again;
+    /// it is not an error. An error means a directory fsync failed.
     pub fn compact(&self, compact_index: u64) -> Result<(), StorageError> {
         let (clamped, first, segments, snapshots) = {
             let mut core = self.wl()?;
@@ -562,13 +626,20 @@ impl DiskStorage {
             }
             (clamped, first, segments, snapshots)
         };
-        fsutil::delete_files(&self.inner.wal_dir, &segments)?;
-        fsutil::delete_files(&self.inner.snap_dir, &snapshots)?;
+        // Files whose unlink failed at an earlier compaction go again, oldest first. A
+        // name on these lists cannot come back as a live file: it is older than the
+        // durable snapshot, and neither a save nor an install goes below the one in force.
+        let mut doomed = self.inner.doomed.lock().unwrap_or_else(|p| p.into_inner());
+        doomed.segments.extend(segments);
+        doomed.snapshots.extend(snapshots);
+        let segments_deleted = fsutil::delete_files(&self.inner.wal_dir, &mut doomed.segments)?;
+        let snapshots_deleted = fsutil::delete_files(&self.inner.snap_dir, &mut doomed.snapshots)?;
         debug!(
             compact_index = clamped,
             first_index = first,
-            segments_deleted = segments.len(),
-            snapshots_deleted = snapshots.len(),
+            segments_deleted,
+            snapshots_deleted,
+            left_to_delete = doomed.segments.len() + doomed.snapshots.len(),
             "compacted"
         );
         Ok(())

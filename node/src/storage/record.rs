@@ -96,8 +96,10 @@ fn push_framed(buf: &mut Vec<u8>, ty: u8, encode: impl FnOnce(&mut Vec<u8>)) -> 
 }
 
 /// Appends `Entries` records for `ents` (split every [`MAX_ENTRIES_PAYLOAD`] bytes).
-/// Entries are encoded straight into `buf`, never cloned.
+/// Entries are encoded straight into `buf`, never cloned. An entry recovery would refuse
+/// (see [`check_entry`]) is refused here (`InvalidAppend`), before anything is buffered.
 pub(crate) fn push_entries(buf: &mut Vec<u8>, ents: &[Entry]) -> Result<(), StorageError> {
+    ents.iter().try_for_each(check_entry).map_err(StorageError::InvalidAppend)?;
     let mut rest = ents;
     while !rest.is_empty() {
         let mut size = 0usize;
@@ -122,8 +124,10 @@ pub(crate) fn push_entries(buf: &mut Vec<u8>, ents: &[Entry]) -> Result<(), Stor
     Ok(())
 }
 
-/// Appends a `HardState` record.
+/// Appends a `HardState` record; a term or commit beyond [`MAX_INDEX`] is refused
+/// (`InvalidHardState`).
 pub(crate) fn push_hard_state(buf: &mut Vec<u8>, hs: &HardState) -> Result<(), StorageError> {
+    check_hard_state(hs).map_err(StorageError::InvalidHardState)?;
     push_framed(buf, kind::HARD_STATE, |b| hs.encode_raw(b))
 }
 
@@ -132,8 +136,10 @@ pub(crate) fn push_meta(buf: &mut Vec<u8>, meta: &MetaRecord) -> Result<(), Stor
     push_framed(buf, kind::META, |b| meta.encode_raw(b))
 }
 
-/// Appends a `SnapshotSaved` (`applied == false`) or `SnapshotApplied` record.
+/// Appends a `SnapshotSaved` (`applied == false`) or `SnapshotApplied` record; an index
+/// or term beyond [`MAX_INDEX`] is refused (`InvalidSnapshot`).
 pub(crate) fn push_snapshot(buf: &mut Vec<u8>, applied: bool, index: u64, term: u64) -> Result<(), StorageError> {
+    check_snapshot(index, term).map_err(StorageError::InvalidSnapshot)?;
     let ty = if applied { kind::SNAPSHOT_APPLIED } else { kind::SNAPSHOT_SAVED };
     push_framed(buf, ty, |b| SnapRef { index, term }.encode_raw(b))
 }
@@ -204,41 +210,54 @@ pub(crate) fn scan(data: &[u8], off: usize) -> Scan<'_> {
     Scan::Record { body, next: off + end }
 }
 
-/// Largest log index or term a record may carry. Real logs never get near it; a larger
-/// value is damage (or a forged file), and refusing it here keeps `index + 1` and the
-/// like from overflowing anywhere after recovery.
-pub(crate) const MAX_INDEX: u64 = i64::MAX as u64;
+/// Largest log index or term a record may carry (2^63 - 1): recovery refuses anything
+/// larger, so the write path refuses it too (what is written can always be read back).
+/// Real logs never get near it; a larger value is damage (or a forged file), and
+/// refusing it keeps `index + 1` and the like from overflowing anywhere after recovery.
+/// The transport's bound on peers' terms and indexes is derived from it.
+pub const MAX_INDEX: u64 = i64::MAX as u64;
+
+fn at_most(what: &str, v: u64) -> Result<(), String> {
+    if v > MAX_INDEX {
+        Err(format!("{what} {v} is beyond the largest possible ({MAX_INDEX})"))
+    } else {
+        Ok(())
+    }
+}
+
+/// Refuses an entry recovery could not read back: index or term beyond [`MAX_INDEX`],
+/// index 0, or an unknown entry type (raft-rs panics on those when they are applied).
+pub(crate) fn check_entry(e: &Entry) -> Result<(), String> {
+    if e.index == 0 {
+        return Err("entry index 0 (raft log indexes start at 1)".to_string());
+    }
+    if EntryType::from_i32(e.entry_type).is_none() {
+        return Err(format!("entry {}: unknown entry type {}", e.index, e.entry_type));
+    }
+    at_most("entry index", e.index).and(at_most("entry term", e.term))
+}
+
+/// Refuses a hard state whose term or commit is beyond [`MAX_INDEX`].
+pub(crate) fn check_hard_state(hs: &HardState) -> Result<(), String> {
+    at_most("hard state term", hs.term).and(at_most("hard state commit", hs.commit))
+}
+
+/// Refuses a snapshot index or term beyond [`MAX_INDEX`].
+pub(crate) fn check_snapshot(index: u64, term: u64) -> Result<(), String> {
+    at_most("snapshot index", index).and(at_most("snapshot term", term))
+}
 
 /// Refuses indexes and terms beyond [`MAX_INDEX`], entries at index 0 and entries of an
-/// unknown type (raft-rs panics on those when they are applied).
+/// unknown type: the same checks the write path makes.
 fn check_bounds(rec: &Record) -> Result<(), String> {
-    let at_most = |what: &str, v: u64| {
-        if v > MAX_INDEX {
-            Err(format!("{what} {v} is beyond the largest possible ({MAX_INDEX})"))
-        } else {
-            Ok(())
-        }
-    };
-    let hard_state = |hs: &HardState| at_most("hard state term", hs.term).and(at_most("hard state commit", hs.commit));
     match rec {
         Record::Meta(m) => {
-            at_most("snapshot index", m.snapshot_index)?;
-            at_most("snapshot term", m.snapshot_term)?;
-            m.hard_state.as_ref().map_or(Ok(()), hard_state)
+            check_snapshot(m.snapshot_index, m.snapshot_term)?;
+            m.hard_state.as_ref().map_or(Ok(()), check_hard_state)
         }
-        Record::Entries(ents) => ents.iter().try_for_each(|e| {
-            if e.index == 0 {
-                return Err("entry index 0 (raft log indexes start at 1)".to_string());
-            }
-            if EntryType::from_i32(e.entry_type).is_none() {
-                return Err(format!("entry {}: unknown entry type {}", e.index, e.entry_type));
-            }
-            at_most("entry index", e.index).and(at_most("entry term", e.term))
-        }),
-        Record::HardState(hs) => hard_state(hs),
-        Record::SnapshotSaved(r) | Record::SnapshotApplied(r) => {
-            at_most("snapshot index", r.index).and(at_most("snapshot term", r.term))
-        }
+        Record::Entries(ents) => ents.iter().try_for_each(check_entry),
+        Record::HardState(hs) => check_hard_state(hs),
+        Record::SnapshotSaved(r) | Record::SnapshotApplied(r) => check_snapshot(r.index, r.term),
     }
 }
 
@@ -390,14 +409,18 @@ mod tests {
 
     #[test]
     fn out_of_bound_indexes_and_terms_index_zero_and_unknown_entry_types_are_an_error() {
+        // The write path refuses these (below), so the records are framed by hand.
+        let raw_entries = |buf: &mut Vec<u8>, ents: Vec<Entry>| {
+            push_framed(buf, kind::ENTRIES, |b| EntryBatch { entries: ents }.encode_raw(b)).expect("entries")
+        };
         let mut buf = Vec::new();
-        push_entries(&mut buf, &[entry(MAX_INDEX, 1, b""), entry(MAX_INDEX + 1, 1, b"")]).expect("entries");
-        push_hard_state(&mut buf, &HardState { term: u64::MAX, vote: 1, commit: 0 }).expect("hs");
-        push_snapshot(&mut buf, true, u64::MAX, 1).expect("snap");
+        raw_entries(&mut buf, vec![entry(MAX_INDEX, 1, b""), entry(MAX_INDEX + 1, 1, b"")]);
+        push_framed(&mut buf, kind::HARD_STATE, |b| HardState { term: u64::MAX, vote: 1, commit: 0 }.encode_raw(b)).expect("hs");
+        push_framed(&mut buf, kind::SNAPSHOT_APPLIED, |b| SnapRef { index: u64::MAX, term: 1 }.encode_raw(b)).expect("snap");
         let meta = MetaRecord { snapshot_index: 1, snapshot_term: MAX_INDEX + 1, hard_state: None };
         push_meta(&mut buf, &meta).expect("meta");
-        push_entries(&mut buf, &[entry(0, 1, b"")]).expect("entries");
-        push_entries(&mut buf, &[Entry { entry_type: 3, ..entry(1, 1, b"") }]).expect("entries");
+        raw_entries(&mut buf, vec![entry(0, 1, b"")]);
+        raw_entries(&mut buf, vec![Entry { entry_type: 3, ..entry(1, 1, b"") }]);
         let mut off = 0;
         let mut errors = Vec::new();
         while let Scan::Record { body, next } = scan(&buf, off) {
@@ -411,6 +434,35 @@ mod tests {
         push_entries(&mut ok, &[entry(MAX_INDEX - 1, MAX_INDEX, b""), entry(MAX_INDEX, 1, b"")]).expect("entries");
         let Scan::Record { body, .. } = scan(&ok, 0) else { panic!("no record") };
         assert!(decode(body).is_ok());
+    }
+
+    #[test]
+    fn the_write_path_refuses_what_recovery_would_refuse_and_buffers_nothing() {
+        let mut buf = Vec::new();
+        let refused = [
+            push_entries(&mut buf, &[entry(MAX_INDEX, 1, b""), entry(MAX_INDEX + 1, 1, b"")]),
+            push_entries(&mut buf, &[entry(5, MAX_INDEX + 1, b"")]),
+            push_entries(&mut buf, &[entry(0, 1, b"")]),
+            push_entries(&mut buf, &[Entry { entry_type: 3, ..entry(1, 1, b"") }]),
+            push_hard_state(&mut buf, &HardState { term: MAX_INDEX + 1, vote: 1, commit: 0 }),
+            push_hard_state(&mut buf, &HardState { term: 1, vote: 1, commit: u64::MAX }),
+            push_snapshot(&mut buf, false, MAX_INDEX + 1, 1),
+            push_snapshot(&mut buf, true, 1, u64::MAX),
+        ];
+        for (i, r) in refused.into_iter().enumerate() {
+            let err = r.expect_err("refused");
+            assert!(
+                matches!(err, StorageError::InvalidAppend(_) | StorageError::InvalidHardState(_) | StorageError::InvalidSnapshot(_)),
+                "case {i}: {err}"
+            );
+        }
+        assert!(buf.is_empty(), "nothing was buffered");
+        // The bound itself is accepted, and reads back.
+        push_entries(&mut buf, &[entry(MAX_INDEX, MAX_INDEX, b"")]).expect("entries");
+        push_hard_state(&mut buf, &HardState { term: MAX_INDEX, vote: 1, commit: MAX_INDEX }).expect("hs");
+        push_snapshot(&mut buf, true, MAX_INDEX, MAX_INDEX).expect("snap");
+        let (recs, end) = scan_all(&buf);
+        assert_eq!((recs.len(), end), (3, Scan::End));
     }
 
     #[test]

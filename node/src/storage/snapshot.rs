@@ -25,6 +25,32 @@ const VERSION: u32 = 1;
 /// Header bytes before the payload.
 pub(crate) const HEADER_LEN: usize = 28;
 
+/// Where the durable WAL ended when a snapshot file was written: the active segment's
+/// seq and its durable length. Kept in the file (payload field [`WAL_MARK_FIELD`]) so
+/// that recovery can tell a file whose WAL record was never synced (a crash: the WAL
+/// still reaches the mark, the file is an orphan) from one whose record the WAL lost
+/// (the WAL ends before the mark: damage). Files written before the mark existed have none.
+#[derive(Clone, Copy, PartialEq, Eq, prost::Message)]
+pub(crate) struct WalMark {
+    /// Seq of the active segment.
+    #[prost(uint64, tag = "1")]
+    pub seq: u64,
+    /// Durable bytes of that segment.
+    #[prost(uint64, tag = "2")]
+    pub offset: u64,
+}
+
+impl WalMark {
+    /// Whether the WAL, ending at `end`, reaches this mark.
+    pub(crate) fn reached_by(&self, end: WalMark) -> bool {
+        (self.seq, self.offset) <= (end.seq, end.offset)
+    }
+}
+
+/// Payload field of the [`WalMark`]: raftkv's own (`eraftpb.Snapshot` has fields 1 and
+/// 2); other protobuf readers skip it.
+const WAL_MARK_FIELD: u32 = 15;
+
 /// A snapshot file found on disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct SnapFile {
@@ -75,20 +101,28 @@ pub(crate) fn list(dir: &Path) -> Result<Vec<SnapFile>, StorageError> {
     Ok(out)
 }
 
-/// Writes the snapshot file for `meta` + `data` atomically into `dir`. Returns its path
-/// and size.
-pub(crate) fn write(dir: &Path, meta: &SnapshotMetadata, data: &[u8]) -> Result<(PathBuf, u64), StorageError> {
-    write_streamed(dir, meta, false, data.len() as u64, |w| w.write_all(data))
+/// Writes the snapshot file for `meta` + `data` atomically into `dir`, with the WAL's
+/// durable end `mark` (None only in tests: a file as written before marks existed).
+/// Returns its path and size.
+pub(crate) fn write(
+    dir: &Path,
+    meta: &SnapshotMetadata,
+    mark: Option<WalMark>,
+    data: &[u8],
+) -> Result<(PathBuf, u64), StorageError> {
+    write_streamed(dir, meta, mark, false, data.len() as u64, |w| w.write_all(data))
 }
 
 /// Writes the snapshot file for `meta` atomically into `dir`, its data produced by
 /// `fill`, which must write exactly `data_len` bytes. The data goes through a small
 /// buffer straight to the file and is checksummed on the way; the header (which holds
 /// the checksum) is written last, at the start of the file, before the fsync. A `delta`
-/// gets the `.delta` name; the format is the same. Returns the path and size.
+/// gets the `.delta` name; the format is the same. `mark` (the WAL's durable end) is
+/// written after the metadata. Returns the path and size.
 pub(crate) fn write_streamed(
     dir: &Path,
     meta: &SnapshotMetadata,
+    mark: Option<WalMark>,
     delta: bool,
     data_len: u64,
     fill: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
@@ -103,6 +137,9 @@ pub(crate) fn write_streamed(
     }
     let mut suffix = Vec::new();
     prost::encoding::message::encode(2, meta, &mut suffix);
+    if let Some(mark) = &mark {
+        prost::encoding::message::encode(WAL_MARK_FIELD, mark, &mut suffix);
+    }
     let payload_len = prefix.len() as u64 + data_len + suffix.len() as u64;
     write_atomic(&path, |f| {
         let mut crc = crc32fast::Hasher::new();
@@ -161,6 +198,11 @@ impl<W: Write> Write for Checksummed<'_, W> {
 /// The data is read straight into its own exact-size buffer (`pread` of the pieces
 /// around it), so a large snapshot costs one read and one allocation, never a copy.
 pub(crate) fn read(path: &Path, with_data: bool) -> Result<Snapshot, StorageError> {
+    read_marked(path, with_data).map(|(snap, _)| snap)
+}
+
+/// [`read`], also returning the file's [`WalMark`] (None in a file written before marks).
+pub(crate) fn read_marked(path: &Path, with_data: bool) -> Result<(Snapshot, Option<WalMark>), StorageError> {
     use std::os::unix::fs::FileExt;
     let f = fs::File::open(path).map_err(io_err(path))?;
     let file_len = f.metadata().map_err(io_err(path))?.len();
@@ -183,12 +225,12 @@ pub(crate) fn read(path: &Path, with_data: bool) -> Result<Snapshot, StorageErro
         if crc32fast::hash(&payload) != payload_crc {
             return Err(corrupt(path, HEADER_LEN as u64, "payload crc mismatch"));
         }
-        let (meta, range) = parse_payload(&payload).map_err(|r| corrupt(path, HEADER_LEN as u64, r))?;
+        let (meta, range, mark) = parse_payload(&payload).map_err(|r| corrupt(path, HEADER_LEN as u64, r))?;
         let data = match (with_data, range) {
             (true, Some((s, e))) => payload[s..e].to_vec(),
             _ => Vec::new(),
         };
-        return Ok(Snapshot { data, metadata: Some(meta) });
+        return Ok((Snapshot { data, metadata: Some(meta) }, mark));
     };
     let len = usize::try_from(len).map_err(|_| corrupt(path, HEADER_LEN as u64, "data field too long"))?;
     let mut data = vec![0u8; len];
@@ -204,14 +246,14 @@ pub(crate) fn read(path: &Path, with_data: bool) -> Result<Snapshot, StorageErro
     if h.finalize() != payload_crc {
         return Err(corrupt(path, HEADER_LEN as u64, "payload crc mismatch"));
     }
-    let (meta, more_data) = parse_payload(&rest).map_err(|r| corrupt(path, rest_off, r))?;
+    let (meta, more_data, mark) = parse_payload(&rest).map_err(|r| corrupt(path, rest_off, r))?;
     if more_data.is_some() {
         return Err(corrupt(path, rest_off, "bad payload: a second data field"));
     }
     if !with_data {
         data = Vec::new();
     }
-    Ok(Snapshot { data, metadata: Some(meta) })
+    Ok((Snapshot { data, metadata: Some(meta) }, mark))
 }
 
 /// Checks the 28-byte header against the file length; returns (payload length, crc).
@@ -253,11 +295,16 @@ fn data_field(head: &[u8]) -> Option<(usize, u64)> {
     Some((head.len() - rest.len(), len))
 }
 
-/// Walks the protobuf fields of a `Snapshot`: decodes the metadata, locates the data.
-fn parse_payload(payload: &[u8]) -> Result<(SnapshotMetadata, Option<(usize, usize)>), String> {
+/// What [`parse_payload`] finds: the metadata, where the data is, the WAL mark.
+type Parsed = (SnapshotMetadata, Option<(usize, usize)>, Option<WalMark>);
+
+/// Walks the protobuf fields of a `Snapshot`: decodes the metadata and the WAL mark,
+/// locates the data.
+fn parse_payload(payload: &[u8]) -> Result<Parsed, String> {
     let mut rest: &[u8] = payload;
     let mut meta = None;
     let mut data = None;
+    let mut mark = None;
     while !rest.is_empty() {
         let (tag, wt) = decode_key(&mut rest).map_err(|e| format!("bad payload: {e}"))?;
         match (tag, wt) {
@@ -276,12 +323,21 @@ fn parse_payload(payload: &[u8]) -> Result<(SnapshotMetadata, Option<(usize, usi
                 }
                 rest = &rest[len..];
             }
+            (WAL_MARK_FIELD, WireType::LengthDelimited) => {
+                let len = decode_varint(&mut rest).map_err(|e| format!("bad payload: {e}"))?;
+                let len = usize::try_from(len).map_err(|_| "bad payload: field too long".to_string())?;
+                if len > rest.len() {
+                    return Err("bad payload: field runs past the end".into());
+                }
+                mark = Some(WalMark::decode(&rest[..len]).map_err(|e| format!("bad WAL mark: {e}"))?);
+                rest = &rest[len..];
+            }
             _ => skip_field(wt, tag, &mut rest, DecodeContext::default())
                 .map_err(|e| format!("bad payload: {e}"))?,
         }
     }
     let meta = meta.ok_or_else(|| "payload has no snapshot metadata".to_string())?;
-    Ok((meta, data))
+    Ok((meta, data, mark))
 }
 
 #[cfg(test)]
@@ -301,7 +357,8 @@ mod tests {
     fn write_read_round_trip_matches_prost() {
         let d = tempfile::tempdir().expect("tempdir");
         let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
-        let (path, size) = write(d.path(), &meta(10, 2), &data).expect("write");
+        let mark = WalMark { seq: 3, offset: 4096 };
+        let (path, size) = write(d.path(), &meta(10, 2), Some(mark), &data).expect("write");
         assert_eq!(path.file_name().and_then(|n| n.to_str()), Some("0000000000000002-000000000000000a.snap"));
         assert_eq!(fs::metadata(&path).expect("stat").len(), size);
         let snap = read(&path, true).expect("read");
@@ -310,15 +367,18 @@ mod tests {
         // The payload is exactly what prost would produce for the same message.
         let raw = fs::read(&path).expect("raw");
         assert_eq!(Snapshot::decode(&raw[HEADER_LEN..]).expect("prost"), snap);
-        let light = read(&path, false).expect("meta only");
+        let (light, got_mark) = read_marked(&path, false).expect("meta only");
         assert!(light.data.is_empty());
-        assert_eq!(light.metadata, Some(meta(10, 2)));
+        assert_eq!((light.metadata, got_mark), (Some(meta(10, 2)), Some(mark)));
+        // A file written before WAL marks has none.
+        let (old, _) = write(d.path(), &meta(11, 2), None, &data).expect("write");
+        assert_eq!(read_marked(&old, true).expect("read").1, None);
     }
 
     #[test]
     fn empty_data_round_trips() {
         let d = tempfile::tempdir().expect("tempdir");
-        let (path, _) = write(d.path(), &meta(1, 1), &[]).expect("write");
+        let (path, _) = write(d.path(), &meta(1, 1), None, &[]).expect("write");
         let snap = read(&path, true).expect("read");
         assert!(snap.data.is_empty());
         assert_eq!(snap.metadata, Some(meta(1, 1)));
@@ -327,7 +387,7 @@ mod tests {
     #[test]
     fn any_bit_flip_is_corrupt_and_names_the_file() {
         let d = tempfile::tempdir().expect("tempdir");
-        let (path, size) = write(d.path(), &meta(5, 1), b"some state machine image").expect("write");
+        let (path, size) = write(d.path(), &meta(5, 1), Some(WalMark { seq: 1, offset: 77 }), b"some state machine image").expect("write");
         let good = fs::read(&path).expect("read");
         for at in [0usize, 9, 13, 21, 25, HEADER_LEN, HEADER_LEN + 7, size as usize - 1] {
             let mut bad = good.clone();
@@ -365,12 +425,12 @@ mod tests {
     #[test]
     fn list_sorts_and_removes_tmp() {
         let d = tempfile::tempdir().expect("tempdir");
-        write(d.path(), &meta(20, 3), b"b").expect("write");
-        write(d.path(), &meta(7, 2), b"a").expect("write");
+        write(d.path(), &meta(20, 3), None, b"b").expect("write");
+        write(d.path(), &meta(7, 2), None, b"a").expect("write");
         fs::write(d.path().join("0000000000000003-0000000000000030.snap.tmp"), b"junk").expect("tmp");
         fs::write(d.path().join("README"), b"x").expect("other");
-        write_streamed(d.path(), &meta(20, 3), true, 1, |w| w.write_all(b"d")).expect("delta");
-        write_streamed(d.path(), &meta(9, 2), true, 1, |w| w.write_all(b"d")).expect("delta");
+        write_streamed(d.path(), &meta(20, 3), None, true, 1, |w| w.write_all(b"d")).expect("delta");
+        write_streamed(d.path(), &meta(9, 2), None, true, 1, |w| w.write_all(b"d")).expect("delta");
         let files = list(d.path()).expect("list");
         let idx: Vec<(u64, bool)> = files.iter().map(|f| (f.index, f.delta)).collect();
         // The full snapshot at 20 supersedes the delta at 20: it sorts after it.

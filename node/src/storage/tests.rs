@@ -127,6 +127,40 @@ fn append_rejects_gaps_and_compacted_overwrites() {
     s.append(&ents(11, 12, 2)).expect("after snapshot");
 }
 
+/// Recovery refuses indexes and terms beyond `MAX_INDEX` (2^63 - 1); the write path must
+/// refuse them too, with an error, or a node could write a WAL it cannot restart from.
+#[test]
+fn indexes_and_terms_beyond_what_recovery_reads_are_refused_when_written() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let hs = HardState { term: MAX_INDEX, vote: 1, commit: MAX_INDEX };
+    {
+        let s = open(d.path());
+        assert!(matches!(s.append(&[e(1, MAX_INDEX + 1)]), Err(StorageError::InvalidAppend(_))));
+        assert!(matches!(s.append(&[Entry { entry_type: 7, ..e(1, 1) }]), Err(StorageError::InvalidAppend(_))));
+        assert!(matches!(
+            s.set_hard_state(&HardState { term: MAX_INDEX + 1, ..HardState::default() }),
+            Err(StorageError::InvalidHardState(_))
+        ));
+        assert!(matches!(s.apply_snapshot(snap(MAX_INDEX + 1, 1, b"x")), Err(StorageError::InvalidSnapshot(_))));
+        assert!(matches!(s.apply_snapshot(snap(5, u64::MAX, b"x")), Err(StorageError::InvalidSnapshot(_))));
+        assert!(snap_names(d.path()).is_empty(), "no snapshot file for a refused snapshot");
+        assert!(s.is_fresh() && s.last_index().expect("last") == 0 && s.hard_state() == HardState::default());
+        // The bound itself is fine, and an entry past it is refused.
+        s.apply_snapshot(snap(MAX_INDEX, MAX_INDEX, b"at the bound")).expect("snapshot at the bound");
+        assert!(matches!(s.append(&[e(MAX_INDEX + 1, MAX_INDEX)]), Err(StorageError::InvalidAppend(_))));
+        assert!(matches!(
+            s.set_hard_state(&HardState { commit: MAX_INDEX + 1, ..hs.clone() }),
+            Err(StorageError::InvalidHardState(_))
+        ));
+        s.set_hard_state(&hs).expect("hard state at the bound");
+        s.sync().expect("sync");
+    }
+    // Everything that was written reads back.
+    let s = open(d.path());
+    assert_eq!((s.snapshot_index(), s.hard_state()), (MAX_INDEX, hs));
+    assert_eq!(s.latest_snapshot().expect("latest").expect("some").full.data, b"at the bound");
+}
+
 /// Writes three single-entry records and returns the segment path and the file lengths
 /// before/after each record.
 fn three_records(dir: &Path) -> (PathBuf, Vec<u64>) {
@@ -264,7 +298,7 @@ fn streamed_snapshot_reads_back_and_a_wrong_length_leaves_no_file() {
     let dir = d.path();
     let meta = SnapshotMetadata { conf_state: Some(cs(&[1])), index: 7, term: 2 };
     let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
-    let (path, size) = snapshot::write_streamed(dir, &meta, false, data.len() as u64, |w| {
+    let (path, size) = snapshot::write_streamed(dir, &meta, None, false, data.len() as u64, |w| {
         for chunk in data.chunks(4096) {
             w.write_all(chunk)?;
         }
@@ -277,10 +311,18 @@ fn streamed_snapshot_reads_back_and_a_wrong_length_leaves_no_file() {
     assert_eq!(back.metadata, Some(meta.clone()));
     // A producer that writes fewer bytes than announced fails; nothing is left behind.
     let meta9 = SnapshotMetadata { index: 9, ..meta };
-    let err = snapshot::write_streamed(dir, &meta9, false, 10, |w| w.write_all(b"short")).expect_err("short data");
+    let err = snapshot::write_streamed(dir, &meta9, None, false, 10, |w| w.write_all(b"short")).expect_err("short data");
     assert!(err.to_string().contains("5 bytes, 10 announced"), "{err}");
     let names: Vec<_> = fs::read_dir(dir).expect("ls").map(|e| e.expect("entry").file_name()).collect();
     assert_eq!(names.len(), 1, "{names:?}");
+}
+
+/// The WAL's durable end as a snapshot file's mark: the newest segment and its length.
+fn wal_end(dir: &Path) -> snapshot::WalMark {
+    let seg = segments(dir).pop().expect("a segment");
+    let name = seg.file_name().and_then(|n| n.to_str()).expect("name");
+    let (seq, _) = wal::parse_segment_name(name).expect("segment name");
+    snapshot::WalMark { seq, offset: file_len(&seg) }
 }
 
 #[test]
@@ -292,17 +334,94 @@ fn orphan_snapshot_file_is_ignored_and_removed() {
         s.append(&ents(2, 9, 1)).expect("append");
         s.sync().expect("sync");
     }
-    // A crash after the file was renamed in but before its WAL record was durable.
+    // A crash after the file was renamed in but before its WAL record was durable: the
+    // WAL reaches the file's mark. A file an older version wrote has no mark.
     let meta = SnapshotMetadata { conf_state: Some(cs(&[1])), index: 8, term: 1 };
-    let (orphan, _) = snapshot::write(&d.path().join("snap"), &meta, b"newer").expect("write");
+    let (orphan, _) = snapshot::write(&d.path().join("snap"), &meta, Some(wal_end(d.path())), b"newer").expect("write");
+    let meta = SnapshotMetadata { index: 9, ..meta };
+    let (unmarked, _) = snapshot::write(&d.path().join("snap"), &meta, None, b"newer, unmarked").expect("write");
     fs::write(d.path().join("snap").join("0000000000000001-0000000000000009.snap.tmp"), b"half").expect("tmp");
     let s = open(d.path());
     assert_eq!(s.snapshot_index(), 1);
-    assert!(!orphan.exists());
+    assert!(!orphan.exists() && !unmarked.exists());
     assert!(!d.path().join("snap").join("0000000000000001-0000000000000009.snap.tmp").exists());
     let latest = s.latest_snapshot().expect("latest").expect("some");
     assert_eq!(latest.full.data, b"boot");
     assert_eq!(s.initial_state().expect("state").conf_state, cs(&[1, 2, 3]));
+}
+
+/// The real crash window: a save whose file is written but whose WAL record never
+/// becomes durable (the sync fails, then the process dies). The file is an orphan.
+#[test]
+fn a_save_whose_record_never_became_durable_leaves_an_orphan_that_open_removes() {
+    let d = tempfile::tempdir().expect("tempdir");
+    {
+        let s = open_with_log(d.path(), 30);
+        s.save_snapshot(10, &cs(&[1, 2, 3]), b"full 10".to_vec()).expect("save");
+        s.inject_failure(true, libc::EIO);
+        s.save_snapshot(20, &cs(&[1, 2, 3]), b"full 20".to_vec()).expect_err("the record's sync fails");
+        s.append(&ents(31, 31, 2)).expect("append");
+        assert!(s.sync().is_err(), "the WAL is broken: nothing more becomes durable");
+    }
+    assert_eq!(snap_names(d.path()).len(), 3, "boot, 10 and the orphan 20");
+    let s = open(d.path());
+    assert_eq!((s.snapshot_index(), s.last_index().expect("last")), (10, 30));
+    assert_eq!(snap_names(d.path()), [snapshot::file_name(1, 1), snapshot::file_name(2, 10)]);
+    assert_eq!(s.latest_snapshot().expect("latest").expect("some").full.data, b"full 10");
+}
+
+/// Outside damage: the newest WAL segment, which holds the record of the newest
+/// snapshot, is cut short or deleted. The snapshot is then newer than anything the WAL
+/// knows; it is no orphan, and deleting it would destroy the newest copy of the state.
+#[test]
+fn a_snapshot_newer_than_a_wal_that_lost_its_end_is_corrupt_and_kept() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let seg_bytes = 512;
+    let newest;
+    {
+        let s = open_small(d.path(), seg_bytes);
+        s.apply_snapshot(snap(1, 1, b"boot")).expect("boot");
+        for i in 2..=55u64 {
+            s.append(&[e(i, 1)]).expect("append");
+            s.set_hard_state(&HardState { term: 1, vote: 1, commit: i }).expect("hs");
+            s.sync().expect("sync");
+            if i == 30 {
+                s.save_snapshot(i, &cs(&[1]), b"snap 30".to_vec()).expect("save");
+            }
+        }
+        let before = segments(d.path());
+        s.save_snapshot(55, &cs(&[1]), b"snap 55".to_vec()).expect("save");
+        newest = segments(d.path()).pop().expect("segment");
+        assert_eq!(segments(d.path()), before, "the record of 55 went into the segment active when its file was written");
+        assert!(before.len() >= 4, "{} segments", before.len());
+    }
+    let names = snap_names(d.path());
+    assert_eq!(names, [snapshot::file_name(1, 1), snapshot::file_name(1, 30), snapshot::file_name(1, 55)]);
+    let opts = || StorageOptions { segment_bytes: seg_bytes, ..StorageOptions::default() };
+    // The newest segment cut back to its first records: recovery finds a clean end there.
+    let good = fs::read(&newest).expect("read");
+    let h = wal::SEGMENT_HEADER_LEN;
+    let meta_end = h + record::HEADER_LEN + u32::from_le_bytes([good[h], good[h + 1], good[h + 2], good[h + 3]]) as usize;
+    assert!(file_len(&newest) as usize > meta_end + 200, "the segment has records after its meta");
+    fs::write(&newest, &good[..meta_end]).expect("cut");
+    let err = DiskStorage::open(d.path(), opts()).err().expect("a WAL that lost its end");
+    let msg = err.to_string();
+    assert!(err.is_corrupt() && msg.starts_with("WAL corrupt: "), "{msg}");
+    assert!(msg.contains(&snapshot::file_name(1, 55)) && msg.contains("newer than anything the WAL knows"), "{msg}");
+    assert!(msg.contains("records at its end are missing"), "{msg}");
+    assert_eq!(snap_names(d.path()), names, "every snapshot file is kept");
+    // The newest segment gone: segments 1..n-1 replay cleanly, but the snapshot at 55 was
+    // written while segment n was active.
+    fs::remove_file(&newest).expect("rm");
+    let err = DiskStorage::open(d.path(), opts()).err().expect("a WAL that lost its newest segment");
+    let msg = err.to_string();
+    assert!(err.is_corrupt() && msg.starts_with("WAL corrupt: "), "{msg}");
+    assert!(msg.contains(&snapshot::file_name(1, 55)) && msg.contains("segment(s) are missing"), "{msg}");
+    assert_eq!(snap_names(d.path()), names, "every snapshot file is kept");
+    // Put back, the WAL names the snapshot again and nothing is lost.
+    fs::write(&newest, &good).expect("restore");
+    let s = DiskStorage::open(d.path(), opts()).expect("open");
+    assert_eq!((s.snapshot_index(), s.last_index().expect("last")), (55, 55));
 }
 
 #[test]
@@ -556,6 +675,46 @@ fn rotation_and_compaction_delete_old_segments_and_snapshots() {
     assert!(first <= 380, "first index {first}");
     assert_eq!(all_entries(&s), (first..=400).map(|i| e(i, 1)).collect::<Vec<_>>());
     assert_eq!(s.hard_state().commit, 400);
+}
+
+/// A failed unlink at compaction (EIO injected through the `fsutil::remove_file` seam)
+/// must not leak the file until a restart: the next compaction deletes it.
+#[test]
+fn a_file_compaction_could_not_delete_is_deleted_by_the_next_compaction() {
+    struct Hook;
+    impl Drop for Hook {
+        fn drop(&mut self) {
+            fsutil::UNLINK_FAILS.with(|c| c.set(false));
+        }
+    }
+    let _hook = Hook;
+    let d = tempfile::tempdir().expect("tempdir");
+    let s = open_small(d.path(), 1024);
+    s.apply_snapshot(snap(1, 1, b"boot")).expect("boot");
+    for i in 2..=120u64 {
+        s.append(&[e(i, 1)]).expect("append");
+        s.set_hard_state(&HardState { term: 1, vote: 1, commit: i }).expect("hs");
+        s.sync().expect("sync");
+        if i % 40 == 0 {
+            s.save_snapshot(i, &cs(&[1]), format!("snap {i}").into_bytes()).expect("save");
+        }
+    }
+    let (segs_before, snaps_before) = (segments(d.path()), snap_names(d.path()));
+    assert_eq!(snaps_before.len(), 4, "{snaps_before:?}");
+    fsutil::UNLINK_FAILS.with(|c| c.set(true));
+    s.compact(110).expect("a failed unlink is not an error");
+    assert_eq!((segments(d.path()), snap_names(d.path())), (segs_before.clone(), snaps_before), "nothing could be deleted");
+    fsutil::UNLINK_FAILS.with(|c| c.set(false));
+    // Nothing new to compact: only the files left over from the failed unlinks go.
+    s.compact(110).expect("compact");
+    assert_eq!(snap_names(d.path()), [snapshot::file_name(1, 80), snapshot::file_name(1, 120)]);
+    let segs_after = segments(d.path());
+    assert!(segs_after.len() + 3 < segs_before.len(), "{} segments of {}", segs_after.len(), segs_before.len());
+    assert_eq!(s.wal_bytes(), segs_after.iter().map(|p| file_len(p)).sum::<u64>());
+    drop(s);
+    let s = open_small(d.path(), 1024);
+    assert_eq!((s.snapshot_index(), s.last_index().expect("last")), (120, 120));
+    assert!(s.first_index().expect("first") <= 110);
 }
 
 #[test]

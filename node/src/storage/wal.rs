@@ -27,6 +27,7 @@ use super::error::{corrupt, io_err, StorageError};
 use super::fsutil::{self, write_atomic, Prealloc};
 use super::log::{check_contiguous, hs_after_snapshot, MemLog};
 use super::record::{self, MetaRecord, Record, Scan};
+use super::snapshot::WalMark;
 
 /// Segment file magic.
 const MAGIC: [u8; 8] = *b"RAFTKVWL";
@@ -404,9 +405,23 @@ impl Wal {
     /// needed from `first_needed` on. Returns how many were deleted.
     #[cfg(test)]
     pub(crate) fn purge(&mut self, first_needed: u64) -> Result<usize, StorageError> {
-        let dead = self.detach_unneeded(first_needed);
-        fsutil::delete_files(&self.dir, &dead)?;
-        Ok(dead.len())
+        let mut dead = self.detach_unneeded(first_needed);
+        fsutil::delete_files(&self.dir, &mut dead)
+    }
+
+    /// Where the durable records end: the active segment's seq and durable length.
+    pub(crate) fn durable_end(&self) -> WalMark {
+        WalMark { seq: self.active().seq, offset: self.active().size }
+    }
+
+    /// The active (last) segment's path.
+    pub(crate) fn active_path(&self) -> &Path {
+        &self.active().path
+    }
+
+    /// The snapshot in force in the durable records: (index, term).
+    pub(crate) fn durable_snapshot(&self) -> (u64, u64) {
+        (self.written.snap_index, self.written.snap_term)
     }
 
     /// Takes the oldest segments that replay no longer needs (the log is needed from
@@ -418,11 +433,9 @@ impl Wal {
     /// it; such records always replace a suffix, so if any later segment has a durable
     /// record starting at or below `first_needed`, every needed entry lives in later
     /// segments, and their `Meta` records carry the snapshot and hard state.
-    /// The snapshot in force in the durable records: (index, term).
-    pub(crate) fn durable_snapshot(&self) -> (u64, u64) {
-        (self.written.snap_index, self.written.snap_term)
-    }
-
+    ///
+    /// The durable snapshot clamps `first_needed` (a snapshot record not yet synced
+    /// covers nothing a restart would replay).
     pub(crate) fn detach_unneeded(&mut self, first_needed: u64) -> Vec<PathBuf> {
         let n = self.segments.len();
         if n < 2 {
