@@ -204,15 +204,20 @@ pub(crate) fn parse_pair_name(name: &str, ext: &str) -> Option<(u64, u64)> {
 
 #[cfg(test)]
 thread_local! {
-    /// Test hook: while set, [`remove_file`] fails with EIO on this thread.
-    pub(crate) static UNLINK_FAILS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// Test hook: the next this many [`remove_file`] calls on this thread fail with EIO
+    /// (`usize::MAX`: all of them).
+    pub(crate) static UNLINK_FAILS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
 /// `fs::remove_file`, through a seam tests can make fail ([`UNLINK_FAILS`]).
 pub(crate) fn remove_file(path: &Path) -> std::io::Result<()> {
     #[cfg(test)]
-    if UNLINK_FAILS.with(std::cell::Cell::get) {
-        return Err(std::io::Error::from_raw_os_error(libc::EIO));
+    {
+        let left = UNLINK_FAILS.with(std::cell::Cell::get);
+        if left > 0 {
+            UNLINK_FAILS.with(|c| c.set(if left == usize::MAX { left } else { left - 1 }));
+            return Err(std::io::Error::from_raw_os_error(libc::EIO));
+        }
     }
     fs::remove_file(path)
 }
@@ -225,14 +230,26 @@ pub(crate) fn remove_file(path: &Path) -> std::io::Result<()> {
 /// counts as deleted). Returns how many were deleted. An error means the directory
 /// fsync failed (the deletions may not be durable: the files may come back after a
 /// crash, which recovery treats as if the compaction had not happened).
-pub(crate) fn delete_files(dir: &Path, paths: &mut Vec<PathBuf>) -> Result<usize, StorageError> {
+///
+/// With `in_order` (WAL segments, oldest first) the first file that cannot be deleted
+/// stops the deletion: it and every file after it stay, because recovery refuses a gap
+/// in the segment sequence (deleting 8 and 9 while 7 stays would leave one). Without,
+/// the others are deleted regardless (snapshot files: any subset may go).
+pub(crate) fn delete_files(dir: &Path, paths: &mut Vec<PathBuf>, in_order: bool) -> Result<usize, StorageError> {
     let before = paths.len();
-    paths.retain(|path| match remove_file(path) {
-        Ok(()) => false,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
-        Err(e) => {
-            tracing::warn!(file = %path.display(), error = %e, "cannot delete a file compaction freed; will retry at the next compaction");
-            true
+    let mut stopped = false;
+    paths.retain(|path| {
+        if stopped {
+            return true;
+        }
+        match remove_file(path) {
+            Ok(()) => false,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+            Err(e) => {
+                tracing::warn!(file = %path.display(), error = %e, "cannot delete a file compaction freed; will retry at the next compaction");
+                stopped = in_order;
+                true
+            }
         }
     });
     let deleted = before - paths.len();

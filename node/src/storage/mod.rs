@@ -632,8 +632,12 @@ impl DiskStorage {
         let mut doomed = self.inner.doomed.lock().unwrap_or_else(|p| p.into_inner());
         doomed.segments.extend(segments);
         doomed.snapshots.extend(snapshots);
-        let segments_deleted = fsutil::delete_files(&self.inner.wal_dir, &mut doomed.segments)?;
-        let snapshots_deleted = fsutil::delete_files(&self.inner.snap_dir, &mut doomed.snapshots)?;
+        // Segments strictly oldest first (names sort by sequence number): a failed
+        // unlink stops there, so no gap opens in the sequence recovery replays.
+        doomed.segments.sort();
+        doomed.segments.dedup();
+        let segments_deleted = fsutil::delete_files(&self.inner.wal_dir, &mut doomed.segments, true)?;
+        let snapshots_deleted = fsutil::delete_files(&self.inner.snap_dir, &mut doomed.snapshots, false)?;
         debug!(
             compact_index = clamped,
             first_index = first,

@@ -684,7 +684,7 @@ fn a_file_compaction_could_not_delete_is_deleted_by_the_next_compaction() {
     struct Hook;
     impl Drop for Hook {
         fn drop(&mut self) {
-            fsutil::UNLINK_FAILS.with(|c| c.set(false));
+            fsutil::UNLINK_FAILS.with(|c| c.set(0));
         }
     }
     let _hook = Hook;
@@ -701,10 +701,10 @@ fn a_file_compaction_could_not_delete_is_deleted_by_the_next_compaction() {
     }
     let (segs_before, snaps_before) = (segments(d.path()), snap_names(d.path()));
     assert_eq!(snaps_before.len(), 4, "{snaps_before:?}");
-    fsutil::UNLINK_FAILS.with(|c| c.set(true));
+    fsutil::UNLINK_FAILS.with(|c| c.set(usize::MAX));
     s.compact(110).expect("a failed unlink is not an error");
     assert_eq!((segments(d.path()), snap_names(d.path())), (segs_before.clone(), snaps_before), "nothing could be deleted");
-    fsutil::UNLINK_FAILS.with(|c| c.set(false));
+    fsutil::UNLINK_FAILS.with(|c| c.set(0));
     // Nothing new to compact: only the files left over from the failed unlinks go.
     s.compact(110).expect("compact");
     assert_eq!(snap_names(d.path()), [snapshot::file_name(1, 80), snapshot::file_name(1, 120)]);
@@ -715,6 +715,44 @@ fn a_file_compaction_could_not_delete_is_deleted_by_the_next_compaction() {
     let s = open_small(d.path(), 1024);
     assert_eq!((s.snapshot_index(), s.last_index().expect("last")), (120, 120));
     assert!(s.first_index().expect("first") <= 110);
+}
+
+#[test]
+fn a_segment_that_cannot_be_deleted_leaves_no_gap_behind_it() {
+    struct Hook;
+    impl Drop for Hook {
+        fn drop(&mut self) {
+            fsutil::UNLINK_FAILS.with(|c| c.set(0));
+        }
+    }
+    let _hook = Hook;
+    let d = tempfile::tempdir().expect("tempdir");
+    let s = open_small(d.path(), 1024);
+    s.apply_snapshot(snap(1, 1, b"boot")).expect("boot");
+    for i in 2..=120u64 {
+        s.append(&[e(i, 1)]).expect("append");
+        s.set_hard_state(&HardState { term: 1, vote: 1, commit: i }).expect("hs");
+        s.sync().expect("sync");
+        if i % 40 == 0 {
+            s.save_snapshot(i, &cs(&[1]), format!("snap {i}").into_bytes()).expect("save");
+        }
+    }
+    let segs_before = segments(d.path());
+    // Only the first unlink fails: the oldest segment stays, and so must every later
+    // one the compaction freed (a gap would make the WAL unreadable).
+    fsutil::UNLINK_FAILS.with(|c| c.set(1));
+    s.compact(110).expect("a failed unlink is not an error");
+    assert_eq!(segments(d.path()), segs_before, "nothing deleted past the segment that stayed");
+    drop(s);
+    // A restart now reads the WAL whole.
+    let s = open_small(d.path(), 1024);
+    assert_eq!((s.snapshot_index(), s.last_index().expect("last")), (120, 120));
+    // The restarted store's own compaction frees them (the retry list was in memory).
+    s.compact(110).expect("compact");
+    assert!(segments(d.path()).len() + 3 < segs_before.len());
+    drop(s);
+    let s = open_small(d.path(), 1024);
+    assert_eq!(s.last_index().expect("last"), 120);
 }
 
 #[test]

@@ -406,7 +406,7 @@ impl Wal {
     #[cfg(test)]
     pub(crate) fn purge(&mut self, first_needed: u64) -> Result<usize, StorageError> {
         let mut dead = self.detach_unneeded(first_needed);
-        fsutil::delete_files(&self.dir, &mut dead)
+        fsutil::delete_files(&self.dir, &mut dead, true)
     }
 
     /// Where the durable records end: the active segment's seq and durable length.
