@@ -393,11 +393,11 @@ impl Api {
                 }
                 Ok(Ok(Err(ProposeError::Dropped))) => {
                     // Not appended anywhere: proposing the same command again is safe.
-                    metrics().proposals_dropped.inc();
                     if !sleep_before(deadline, Duration::from_millis(10)).await {
                         metrics().proposals_failed.inc();
                         return Err(ApiError::unavailable("no_leader", "the leader kept dropping the write (leadership moving?) within the request timeout; it was not committed"));
                     }
+                    metrics().proposals_dropped.inc();
                 }
                 Ok(Ok(Err(e @ ProposeError::DiskFull { .. }))) => {
                     metrics().proposals_failed.inc();
@@ -616,16 +616,16 @@ impl Api {
         let deadline = tokio::time::Instant::now() + self.cfg.request_timeout;
         let change = ConfChangeSingle { change_type: ty as i32, node_id: id };
         let busy = |m: String| ApiError::new(StatusCode::CONFLICT, "change_in_progress", m);
-        if self.status().role != "leader" {
-            // A follower forwards the change to the leader, which would drop it silently
-            // while another is pending: ask the leader first. (A change proposed on the
-            // leader in between still makes this one wait out the timeout: 503.)
-            let view = self.members_view().await?;
-            if view.get("conf_change_pending").and_then(Json::as_bool) == Some(true) {
-                return Err(busy(ProposeError::ConfChangeInProgress.to_string()));
-            }
-        }
         loop {
+            if self.status().role != "leader" {
+                // A follower forwards the change to the leader. Ask the leader first
+                // whether another one is pending (409 at once); if one is proposed in
+                // between, the leader drops ours unappended and says so, and we ask again.
+                let view = self.members_view().await?;
+                if view.get("conf_change_pending").and_then(Json::as_bool) == Some(true) {
+                    return Err(busy(ProposeError::ConfChangeInProgress.to_string()));
+                }
+            }
             let (tx, rx) = oneshot::channel();
             if !self.raft.send(Request::ConfChange { change: change.clone(), peer_url: peer_url.clone(), reply: tx }) {
                 return Err(ApiError::unavailable("stopping", "node is stopping"));
@@ -640,10 +640,11 @@ impl Api {
                     }
                 }
                 Ok(Ok(Err(e @ ProposeError::ConfChangeInProgress))) => return Err(busy(e.to_string())),
-                Ok(Ok(Err(ProposeError::LeaderNotReady))) => {
-                    // A new leader applies its log up to its election first (milliseconds).
+                Ok(Ok(Err(ProposeError::LeaderNotReady | ProposeError::Dropped))) => {
+                    // A new leader applies its log up to its election first (milliseconds);
+                    // a dropped change was not appended and is asked for again.
                     if !sleep_before(deadline, Duration::from_millis(20)).await {
-                        return Err(ApiError::unavailable("no_leader", "the new leader did not become ready for membership changes within the request timeout"));
+                        return Err(ApiError::unavailable("no_leader", "the leader did not become ready for the membership change within the request timeout; it was not made"));
                     }
                 }
                 Ok(Ok(Err(e))) => return Err(ApiError::unavailable("unavailable", e.to_string())),

@@ -139,7 +139,8 @@ pub enum ApplyOutcome {
         /// Current revision.
         current: u64,
     },
-    /// The command's operation is unknown to this version; nothing was changed.
+    /// The command's operation is unknown to this version; nothing was changed, not
+    /// even the applied index.
     UnknownOp {
         /// The operation's number.
         op: i32,
@@ -325,6 +326,12 @@ impl KvStore {
 
     /// Applies a decoded command at `index`.
     pub fn apply(&mut self, index: u64, cmd: &Command) -> ApplyOutcome {
+        let Some(op) = OpType::from_i32(cmd.op) else {
+            // Not a command this version knows (a newer member proposed it): nothing is
+            // applied, not even the index. The caller must stop rather than go on with a
+            // state the newer members do not have.
+            return ApplyOutcome::UnknownOp { op: cmd.op };
+        };
         self.set_applied(index);
         if let Some(expect) = cmd.prev_revision {
             let current = self.data.get(cmd.key.as_bytes()).map(Pair::revision).unwrap_or(0);
@@ -332,12 +339,6 @@ impl KvStore {
                 return ApplyOutcome::PreconditionFailed { current };
             }
         }
-        let Some(op) = OpType::from_i32(cmd.op) else {
-            // Not a command this version knows (a newer member proposed it). Applying it
-            // as something else would corrupt the state: leave the state as it is, the
-            // same on every member of this version.
-            return ApplyOutcome::UnknownOp { op: cmd.op };
-        };
         match op {
             OpType::Put => {
                 // One walk of the tree: the replaced pair tells whether the key existed.
@@ -794,7 +795,7 @@ mod tests {
         assert_eq!(kv.apply(2, &odd), ApplyOutcome::UnknownOp { op: 99 });
         assert_eq!(&kv.get("a").unwrap().data[..], b"1");
         assert_eq!(kv.get("a").unwrap().revision, 1);
-        assert_eq!(kv.applied(), 2);
+        assert_eq!(kv.applied(), 1, "not applied: the index stays");
         let odd_new = Command { op: 99, ..put("b", "2", None) };
         kv.apply(3, &odd_new);
         assert!(kv.get("b").is_none());

@@ -221,12 +221,12 @@ pub enum Request {
         /// The peer's applied index.
         peer_applied: Option<u64>,
     },
-    /// The leader `from` dropped the proposals with these request ids, forwarded by
-    /// this member, without appending them.
+    /// Member `from` dropped the proposals with these request ids (client commands or
+    /// membership changes), which this member had forwarded to it, without appending them.
     ProposalsDropped {
-        /// The member that dropped them (honoured only from the current leader).
+        /// The member that dropped them (honoured only for proposals forwarded to it).
         from: u64,
-        /// Request ids of the dropped commands.
+        /// Request ids of the dropped proposals.
         ids: Vec<u64>,
     },
     /// Move leadership to `to`.
@@ -377,16 +377,28 @@ struct RequestIdOnly {
     request_id: u64,
 }
 
-/// The request ids of the client commands in a proposal's entries (entries that are not
-/// commands, as conf changes, are skipped).
+/// The request ids in a proposal's entries: of client commands, and of membership
+/// changes (from their [`ConfContext`]).
 fn proposal_ids(entries: &[Entry]) -> Vec<u64> {
     entries
         .iter()
-        .filter(|e| e.get_entry_type() == EntryType::EntryNormal && !e.data.is_empty())
-        .filter_map(|e| RequestIdOnly::decode(e.data.as_slice()).ok())
-        .map(|c| c.request_id)
+        .filter(|e| !e.data.is_empty())
+        .filter_map(|e| match e.get_entry_type() {
+            EntryType::EntryNormal => RequestIdOnly::decode(e.data.as_slice()).ok().map(|c| c.request_id),
+            EntryType::EntryConfChangeV2 => {
+                ConfChangeV2::decode(e.data.as_slice()).ok().and_then(|cc| ConfContext::decode(cc.context.as_slice()).ok()).map(|c| c.request_id)
+            }
+            EntryType::EntryConfChange => {
+                ConfChange::decode(e.data.as_slice()).ok().and_then(|cc| ConfContext::decode(cc.context.as_slice()).ok()).map(|c| c.request_id)
+            }
+        })
         .filter(|id| *id != 0)
         .collect()
+}
+
+/// Whether a proposal carries a membership change.
+fn has_conf_change(entries: &[Entry]) -> bool {
+    entries.iter().any(|e| matches!(e.get_entry_type(), EntryType::EntryConfChange | EntryType::EntryConfChangeV2))
 }
 
 /// Client commands waiting to be proposed together: one `MsgPropose` means one append
@@ -722,7 +734,8 @@ impl RaftLoop {
                     let _ = reply.send(Err(ProposeError::NoLeader));
                     return;
                 }
-                if let Some(busy) = self.conf_change_refusal() {
+                self.clamp_pending_conf();
+                if let Some(busy) = self.conf_change_refusal(self.raw.raft.raft_log.applied) {
                     let _ = reply.send(Err(busy));
                     return;
                 }
@@ -731,6 +744,11 @@ impl RaftLoop {
                 let cc = ConfChangeV2 { changes: vec![change], context: ctx.clone(), ..Default::default() };
                 match self.raw.propose_conf_change(ctx, cc) {
                     Ok(()) => {
+                        let r = &self.raw.raft;
+                        if r.state != StateRole::Leader && r.leader_id != 0 {
+                            // raft forwarded it to the leader it knows.
+                            self.forwarded_to.insert(request_id, r.leader_id);
+                        }
                         self.conf_waiters.insert(request_id, reply);
                     }
                     Err(raft::Error::ProposalDropped) => {
@@ -762,6 +780,17 @@ impl RaftLoop {
                 // would otherwise wait out the request timeout, so it can propose again.
                 let forwarded = (m.get_msg_type() == MessageType::MsgPropose && m.from != self.cfg.id)
                     .then(|| (m.from, proposal_ids(&m.entries)));
+                if let Some((from, ids)) = forwarded.as_ref().filter(|_| has_conf_change(&m.entries)) {
+                    // raft-rs would turn a membership change it cannot take now into an
+                    // empty entry, silently: drop it unappended and tell its proposer,
+                    // who asks again (and gets 409 if another change is pending).
+                    self.clamp_pending_conf();
+                    if self.conf_change_refusal(self.raw.raft.raft_log.applied).is_some() {
+                        debug!(to = from, "refused a forwarded membership change for now; telling its proposer");
+                        self.transport.notify_dropped(*from, ids.clone());
+                        return;
+                    }
+                }
                 match self.raw.step(*m) {
                     Ok(()) => {}
                     Err(raft::Error::ProposalDropped) => {
@@ -801,6 +830,8 @@ impl RaftLoop {
                     if self.forwarded_to.get(&id) == Some(&from) {
                         self.forwarded_to.remove(&id);
                         if let Some(w) = self.proposals.remove(&id) {
+                            let _ = w.send(Err(ProposeError::Dropped));
+                        } else if let Some(w) = self.conf_waiters.remove(&id) {
                             let _ = w.send(Err(ProposeError::Dropped));
                         }
                     } else {
@@ -987,8 +1018,8 @@ impl RaftLoop {
 
     fn housekeeping(&mut self, now: Instant) {
         self.proposals.retain(|_, r| !r.is_closed());
-        let proposals = &self.proposals;
-        self.forwarded_to.retain(|id, _| proposals.contains_key(id));
+        let (proposals, conf_waiters) = (&self.proposals, &self.conf_waiters);
+        self.forwarded_to.retain(|id, _| proposals.contains_key(id) || conf_waiters.contains_key(id));
         self.conf_waiters.retain(|_, r| !r.is_closed());
         metrics().proposals_pending.set(self.proposals.len() as i64);
         self.probe_membership(now);
@@ -1261,7 +1292,15 @@ impl RaftLoop {
             Ok(cmd) => {
                 let outcome = kv.apply(e.index, &cmd);
                 if let ApplyOutcome::UnknownOp { op } = outcome {
-                    error!(index = e.index, op, "a command with an operation this version does not know; the state is left as it is (upgrade this member)");
+                    // Going on would leave this member's state behind the newer members'
+                    // while it answers reads: stop before applying anything after it.
+                    // A restart stops here again until this member is upgraded.
+                    error!(index = e.index, op, "a committed command has an operation this version does not know (a newer member proposed it); stopping: upgrade this member");
+                    self.fatal = Some("a committed command has an operation this version does not know; upgrade this member");
+                    return Err(StorageError::Io {
+                        path: self.cfg.data_dir.clone(),
+                        source: std::io::Error::other(format!("entry {} holds operation {op}, unknown to this version: upgrade this member", e.index)),
+                    });
                 }
                 self.forwarded_to.remove(&cmd.request_id);
                 if let Some(w) = self.proposals.remove(&cmd.request_id) {
@@ -1315,6 +1354,7 @@ impl RaftLoop {
                 }
                 drop(kv);
                 self.conf_state = cs.clone();
+                self.forwarded_to.remove(&ctx.request_id);
                 if let Some(w) = self.conf_waiters.remove(&ctx.request_id) {
                     // The client's next request (often another membership change) must
                     // see this change in the published status, which would otherwise be
@@ -1481,13 +1521,29 @@ impl RaftLoop {
     /// wait out the request timeout). `pending_conf_index` is set by a conf change
     /// proposed in this term (its index has this term), or by the election to the last
     /// index of earlier terms (the leader must apply its log up to there first).
-    fn conf_change_refusal(&self) -> Option<ProposeError> {
+    ///
+    /// `applied`: raft-rs's applied index when deciding (the loop between Readys), or the
+    /// state machine's when publishing the status in the middle of applying a Ready (raft-rs
+    /// learns of the applied entries at its end; the change just applied is not pending).
+    fn conf_change_refusal(&self, applied: u64) -> Option<ProposeError> {
         let r = &self.raw.raft;
-        if r.state != StateRole::Leader || !r.has_pending_conf() {
+        if r.state != StateRole::Leader || r.pending_conf_index <= applied {
             return None;
         }
         let this_term = r.raft_log.term(r.pending_conf_index).is_ok_and(|t| t == r.term);
         Some(if this_term { ProposeError::ConfChangeInProgress } else { ProposeError::LeaderNotReady })
+    }
+
+    /// raft-rs sets `pending_conf_index` to the index a membership change would get
+    /// before appending it; when the append is then refused (the uncommitted-size limit)
+    /// it names an entry that never existed, and raft-rs would refuse every change until
+    /// the log grows that far. Nothing at or beyond the log's end can be pending.
+    fn clamp_pending_conf(&mut self) {
+        let last = self.raw.raft.raft_log.last_index();
+        if self.raw.raft.pending_conf_index > last {
+            debug!(pending = self.raw.raft.pending_conf_index, last, "pending conf index beyond the log (a dropped append); clamped");
+            self.raw.raft.pending_conf_index = last;
+        }
     }
 
     /// Fails every waiting command with `err(proposed)`: `proposed` is false for the
@@ -1551,10 +1607,11 @@ impl RaftLoop {
         } else {
             Vec::new()
         };
-        let member_urls = match self.kv.read() {
-            Ok(kv) => kv.members().iter().map(|(k, v)| (*k, v.clone())).collect(),
-            Err(_) => Vec::new(),
+        let (member_urls, kv_applied) = match self.kv.read() {
+            Ok(kv) => (kv.members().iter().map(|(k, v)| (*k, v.clone())).collect(), kv.applied()),
+            Err(_) => (Vec::new(), 0),
         };
+        let applied = r.raft_log.applied.max(kv_applied);
         let mut voters = self.conf_state.voters.clone();
         voters.sort_unstable();
         let mut learners = self.conf_state.learners.clone();
@@ -1576,7 +1633,7 @@ impl RaftLoop {
             stopping: self.stop_deadline.is_some() || self.removed,
             lost_log: self.lost_log,
             disk_full: self.disk_full,
-            conf_change_pending: self.conf_change_refusal() == Some(ProposeError::ConfChangeInProgress),
+            conf_change_pending: self.conf_change_refusal(applied) == Some(ProposeError::ConfChangeInProgress),
         };
         self.store_status(st);
     }
@@ -1645,5 +1702,33 @@ mod tests {
         assert!(batch.take().is_none(), "taking empties the batch");
         let (tx, _rx) = oneshot::channel();
         assert!(!batch.push(99, vec![0; 10], tx), "the byte count starts over");
+    }
+
+    #[test]
+    fn proposal_ids_name_commands_and_membership_changes() {
+        use prost::Message as _;
+        let cmd = |id: u64| Entry {
+            data: Command { request_id: id, op: 0, key: "k".into(), value: vec![7; 300], prev_revision: None }.encode_to_vec(),
+            ..Default::default()
+        };
+        let ctx = |id: u64| ConfContext { request_id: id, peer_url: "http://a:1".into() }.encode_to_vec();
+        let v2 = Entry {
+            entry_type: EntryType::EntryConfChangeV2 as i32,
+            data: ConfChangeV2 { context: ctx(7), ..Default::default() }.encode_to_vec(),
+            ..Default::default()
+        };
+        let v1 = Entry {
+            entry_type: EntryType::EntryConfChange as i32,
+            data: ConfChange { context: ctx(8), ..Default::default() }.encode_to_vec(),
+            ..Default::default()
+        };
+        let empty = Entry::default();
+        assert_eq!(proposal_ids(&[cmd(3), cmd(4)]), [3, 4]);
+        assert!(!has_conf_change(&[cmd(3), empty.clone()]));
+        assert_eq!(proposal_ids(&[v2.clone(), v1.clone(), empty]), [7, 8]);
+        assert!(has_conf_change(&[v2]) && has_conf_change(&[v1]));
+        // Garbage names nothing (and never panics).
+        let junk = Entry { data: vec![0xff; 9], ..Default::default() };
+        assert!(proposal_ids(&[junk]).is_empty());
     }
 }

@@ -1006,8 +1006,8 @@ impl PeerListener {
         text(StatusCode::NO_CONTENT, Bytes::new())
     }
 
-    /// Answers `POST /raft/dropped`: the leader dropped proposals this member forwarded.
-    /// The raft loop honours it only from its current leader.
+    /// Answers `POST /raft/dropped`: a member dropped proposals this member forwarded to
+    /// it. The raft loop honours it only for proposals it forwarded to that member.
     async fn dropped(self, req: HttpRequest<Incoming>) -> Response<Full<Bytes>> {
         let from: u64 = match header(&req, FROM_HEADER).and_then(|s| s.parse().ok()) {
             Some(id) if id != 0 && id != self.my_id => id,

@@ -504,6 +504,59 @@ fn raw_exchange(port: u16, request: &[u8]) -> String {
     String::from_utf8_lossy(&buf).into_owned()
 }
 
+/// A committed command this version cannot apply (a newer member's, here forged on the
+/// peer port as a newer leader's follower would forward it) stops every member with a
+/// message, before anything after it is applied; a restart stops there again. Going on
+/// without it would leave the members' states apart while they answer reads.
+#[test]
+fn a_committed_command_of_an_unknown_kind_stops_every_member_until_upgraded() {
+    use prost::Message as _;
+    use raftkv_node::kv::Command;
+    use raft::eraftpb::{Entry, Message, MessageType};
+    let mut c = Cluster::start(3);
+    c.put_retry(1, "before", "ok", T);
+    let leader = c.wait_leader(T);
+    let follower = (1..=3).find(|id| *id != leader).unwrap();
+    let cmd = Command { request_id: 42, op: 99, key: "k".into(), value: b"v".to_vec(), prev_revision: None };
+    let m = Message {
+        msg_type: MessageType::MsgPropose as i32,
+        to: leader,
+        from: follower,
+        entries: vec![Entry { data: cmd.encode_to_vec(), ..Default::default() }],
+        ..Default::default()
+    };
+    let body = raftkv_node::transport::encode_frames(&[m]);
+    let url = format!("{}/raft", c.node(leader).peer_url());
+    let r = c.http.call("POST", &url, Some(body.to_vec())).unwrap();
+    assert!(r.status.is_success(), "{} {}", r.status, r.text());
+    // The members that learn of the commit stop: the leader and at least one follower
+    // (the last one may not hear of the commit before they are gone, and then waits
+    // without a quorum).
+    let stopped: Vec<u64> = wait_for(T, "a majority to stop", || {
+        let silent: Vec<u64> = (1..=3).filter(|id| c.status(*id).is_none()).collect();
+        (silent.len() >= 2).then_some(silent)
+    });
+    assert!(stopped.contains(&leader), "{stopped:?}");
+    for id in &stopped {
+        assert_eq!(c.wait_exit(*id, T), Some(1), "member {id} must fail");
+        let log = std::fs::read_to_string(&c.node(*id).log).unwrap_or_default();
+        assert!(log.contains("operation this version does not know"), "member {id}: {log}");
+    }
+    // Restarted, they stop at the same entry once they learn it is committed (nothing
+    // after it was applied or snapshotted).
+    let count = |c: &Cluster, id: u64| {
+        std::fs::read_to_string(&c.node(id).log).unwrap_or_default().matches("operation this version does not know").count()
+    };
+    let before: Vec<usize> = stopped.iter().map(|id| count(&c, *id)).collect();
+    for id in &stopped {
+        c.spawn(*id);
+    }
+    let again = wait_for(T, "a restarted member to stop again", || {
+        stopped.iter().zip(&before).find(|(id, b)| c.status(**id).is_none() && count(&c, **id) > **b).map(|(id, _)| *id)
+    });
+    assert_eq!(c.wait_exit(again, T), Some(1));
+}
+
 #[test]
 fn bad_flags_exit_2_with_a_message() {
     let bin = raftkv_tests::node_binary();

@@ -380,7 +380,9 @@ pub async fn reconcile<N: NodeApi>(rkv: Arc<RaftKV>, ctx: Arc<Context<N>>) -> Re
     let svc_api: Api<Service> = Api::namespaced(client.clone(), &ns);
     let existing = sts_api.get_opt(&name).await?;
     let initial_size = u32::try_from(initial.len()).unwrap_or(1);
-    let recorded_top = status.members.iter().map(|m| m.id).max().unwrap_or(0);
+    // As decide() counts them: voters, and learners up to the one a scale-up adds.
+    let recorded_top =
+        status.members.iter().filter(|m| m.role != "learner" || m.id <= u64::from(desired) + 1).map(|m| m.id).max().unwrap_or(0);
     // A StatefulSet deleted out of band comes back with a pod for every member last
     // seen, not with the initial size (that could leave the members without a quorum).
     let sts_replicas = existing
@@ -448,7 +450,14 @@ pub async fn reconcile<N: NodeApi>(rkv: Arc<RaftKV>, ctx: Arc<Context<N>>) -> Re
     let platform = KubePlatform { client: client.clone(), name: name.clone(), namespace: ns.clone() };
     // Observing took a while: act only if the lease is still surely ours.
     ctx.fence.check()?;
-    let outcome = execute(&ctx.node, &platform, &addrs, leader, &action).await;
+    // A step may not outlast the fence: one cut short is as after a crash (steps are
+    // idempotent). A request already delivered to a node still takes effect there.
+    let outcome = match ctx.fence.remaining() {
+        Some(left) => tokio::time::timeout(left, execute(&ctx.node, &platform, &addrs, leader, &action))
+            .await
+            .map_err(|_| crate::leader::LeaseLost)?,
+        None => execute(&ctx.node, &platform, &addrs, leader, &action).await,
+    };
     let label = action_label(&action);
     match &outcome {
         Ok(o) => {
@@ -485,7 +494,9 @@ pub async fn reconcile<N: NodeApi>(rkv: Arc<RaftKV>, ctx: Arc<Context<N>>) -> Re
         (Action::Promote(id), Ok(Outcome::NotYet)) => Action::Wait(WaitReason::LearnerCatchingUp(*id)),
         _ => action.clone(),
     };
-    let new_status = compute_status(&rkv, cluster.as_ref(), operation_now.as_ref(), &shown, bootstrapped);
+    // Status counts health as decide() does: a member that lost its data is not healthy.
+    let shown_cluster = cluster.as_ref().map(|c| crate::membership::amnesiacs_unhealthy(c, &observed.incarnations).0);
+    let new_status = compute_status(&rkv, shown_cluster.as_ref(), operation_now.as_ref(), &shown, bootstrapped);
     // Voters seen now, or last seen when no member answers; the initial size only
     // before any member was ever seen.
     let voters = match usize::try_from(new_status.replicas).unwrap_or(0) {
@@ -493,6 +504,9 @@ pub async fn reconcile<N: NodeApi>(rkv: Arc<RaftKV>, ctx: Arc<Context<N>>) -> Re
         n => n,
     };
     let pdb: PodDisruptionBudget = resources::pdb(&rkv, u32::try_from(voters).unwrap_or(1));
+    // The PDB and status come from what was observed before the step: not after the
+    // lease may have passed (another replica may have changed the membership since).
+    ctx.fence.check()?;
     Api::<PodDisruptionBudget>::namespaced(client.clone(), &ns).patch(&name, &ssa, &Patch::Apply(&pdb)).await?;
     let mut status_json = serde_json::to_value(&new_status).unwrap_or_default();
     if let Some(obj) = status_json.as_object_mut() {

@@ -28,6 +28,8 @@ struct FakeNode {
     calls: Mutex<Vec<String>>,
     /// Revoked when a status is asked for (the lease lost while observing).
     revoke_on_status: Option<Fence>,
+    /// How long adding a learner takes (a slow node).
+    add_learner_takes: Option<Duration>,
 }
 
 fn id_of(base: &str) -> u64 {
@@ -91,6 +93,9 @@ impl NodeApi for FakeNode {
         self.members.clone().ok_or_else(|| unreachable(base))
     }
     async fn add_learner(&self, base: &str, id: u64, peer_url: &str) -> Result<(), NodeError> {
+        if let Some(d) = self.add_learner_takes {
+            tokio::time::sleep(d).await;
+        }
         self.log(format!("add_learner {id} {peer_url} via {}", id_of(base)));
         Ok(())
     }
@@ -578,6 +583,45 @@ async fn a_lease_lost_while_observing_stops_the_step() {
     let (res, seen, _) = run_reconcile_fenced(r, node, prelude(3, 3, &[0, 1, 2]), fence).await;
     assert_eq!(res.expect_err("fenced").kind(), "lease_lost");
     assert!(find(&seen, "PATCH", RKV_STATUS).is_empty(), "{seen:?}");
+}
+
+#[tokio::test]
+async fn a_step_cannot_outlast_the_fence_and_nothing_is_written_after_it() {
+    // The lease is surely ours for 300 ms; adding the learner takes 5 s.
+    let fence = Fence::closed();
+    fence.extend_to(std::time::Instant::now() + Duration::from_millis(300));
+    let r = rkv(4, Some(running_status(Some(Operation::new(OperationKind::ScaleUp, 4)))));
+    let node = FakeNode { add_learner_takes: Some(Duration::from_secs(5)), ..FakeNode::cluster(&[1, 2, 3], &[], 2) };
+    let (res, seen, ctx) = run_reconcile_fenced(r, node, prelude(4, 4, &[0, 1, 2, 3]), fence).await;
+    assert_eq!(res.expect_err("fenced").kind(), "lease_lost");
+    assert!(ctx.node.calls().is_empty(), "the step was cut short: {:?}", ctx.node.calls());
+    assert!(find(&seen, "PATCH", PDB).is_empty() && find(&seen, "PATCH", RKV_STATUS).is_empty(), "{seen:?}");
+}
+
+#[tokio::test]
+async fn status_counts_an_amnesiac_member_unhealthy_as_decide_does() {
+    // Member 3 came back with another data dir (incarnation): it answers, but is no
+    // longer a voter with the log it promised to keep.
+    let r = rkv(3, Some(running_status(None)));
+    let mut node = FakeNode::cluster(&[1, 2, 3], &[], 1);
+    if let Some(st) = node.statuses.get_mut(&3) {
+        st.incarnation = "ffffffffffffffff".into();
+    }
+    let mut script = prelude(3, 3, &[0, 1, 2]);
+    script.extend([
+        expect("PATCH", RKV_STATUS, echo_rkv(&r)),
+        expect("POST", EVENTS, event_ok()),
+        expect("PATCH", PDB, pdb_ok()),
+        expect("PATCH", RKV_STATUS, echo_rkv(&r)),
+    ]);
+    let (res, seen, _) = run_reconcile(r, node, script).await;
+    assert!(res.is_ok(), "{res:?}");
+    // The step records the replacement; then the status shows why.
+    assert_eq!(find(&seen, "PATCH", RKV_STATUS)[0].body["status"]["operation"]["kind"], "ReplaceAmnesiac");
+    let status = &find(&seen, "PATCH", RKV_STATUS)[1].body["status"];
+    let m3 = status["members"].as_array().and_then(|ms| ms.iter().find(|m| m["id"] == 3)).cloned().unwrap_or_default();
+    assert_eq!(m3["healthy"], false, "{status}");
+    assert_eq!(status["conditions"].as_array().map(|c| c.iter().any(|c| c["type"] == "Available" && c["status"] == "True")), Some(true), "two of three healthy voters: {status}");
 }
 
 #[tokio::test]

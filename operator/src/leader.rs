@@ -56,6 +56,12 @@ impl Fence {
         }
     }
 
+    /// How long the lease is surely ours from now (zero once not); `None` when the fence
+    /// is not enforced.
+    pub fn remaining(&self) -> Option<Duration> {
+        self.slot().map(|slot| slot.map_or(Duration::ZERO, |u| u.saturating_duration_since(Instant::now())))
+    }
+
     /// Ok while the lease is surely ours.
     pub fn check(&self) -> Result<(), LeaseLost> {
         match self.slot() {
@@ -343,11 +349,14 @@ mod tests {
         assert!(f.check().is_err(), "nothing passes before the lease is held");
         f.extend_to(Instant::now() + Duration::from_secs(60));
         assert!(f.check().is_ok());
+        assert!(f.remaining().is_some_and(|d| d > Duration::from_secs(50)));
+        assert_eq!(Fence::open().remaining(), None);
         let shared = f.clone();
         f.extend_to(Instant::now());
         assert!(shared.check().is_ok(), "a later renewal never moves the deadline back");
         shared.revoke();
         assert!(f.check().is_err(), "revoked for every clone");
+        assert_eq!(f.remaining(), Some(Duration::ZERO));
         f.extend_to(Instant::now() - Duration::from_millis(1));
         assert!(f.check().is_err(), "a deadline in the past passes nothing");
     }

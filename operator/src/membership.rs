@@ -288,6 +288,19 @@ fn pod_running(o: &Observed, ordinal: u32) -> bool {
     o.pods.get(&ordinal).is_some_and(|p| p.running && !p.terminating)
 }
 
+/// `c` with the members that lost their data (see [`ClusterView::is_amnesiac`]) marked
+/// unhealthy, and their ids: they answer, but must count towards no quorum.
+pub fn amnesiacs_unhealthy(c: &ClusterView, incarnations: &BTreeMap<u64, String>) -> (ClusterView, Vec<u64>) {
+    let amnesiacs: Vec<u64> = c.members.keys().copied().filter(|id| c.is_amnesiac(*id, incarnations.get(id))).collect();
+    let mut view = c.clone();
+    for id in &amnesiacs {
+        if let Some(m) = view.members.get_mut(id) {
+            m.healthy = false;
+        }
+    }
+    (view, amnesiacs)
+}
+
 /// Decides the next step. Pure: same input, same output.
 pub fn decide(o: &Observed) -> Action {
     // The pods of every member must exist. A StatefulSet scaled down out of band
@@ -296,7 +309,15 @@ pub fn decide(o: &Observed) -> Action {
     // Every step below keeps the pods of all members (a removal shrinks the StatefulSet
     // only after the member is gone), so this never undoes one of them; it also comes
     // first while an operation is in flight (a learner without its pod never catches up).
-    let known_top = o.cluster.as_ref().and_then(|c| c.members.keys().next_back().copied()).unwrap_or(o.recorded_top);
+    // Voters, and learners up to the one a scale-up adds: a learner added by hand with a
+    // far higher id must not make the StatefulSet grow to it (it is removed as an orphan).
+    let known_top = o
+        .cluster
+        .as_ref()
+        .and_then(|c| {
+            c.members.iter().filter(|(id, m)| m.role == Role::Voter || **id <= u64::from(o.desired) + 1).map(|(id, _)| *id).max()
+        })
+        .unwrap_or(o.recorded_top);
     if known_top > 0 && o.sts_replicas < members_pods(known_top) {
         return Action::ScaleStatefulSet(members_pods(known_top));
     }
@@ -307,13 +328,7 @@ pub fn decide(o: &Observed) -> Action {
         return Action::Wait(WaitReason::NoLeader);
     }
     // A member that lost its data answers, but must not count towards a quorum.
-    let amnesiacs: Vec<u64> = c.members.keys().copied().filter(|id| c.is_amnesiac(*id, o.incarnations.get(id))).collect();
-    let mut view = c.clone();
-    for id in &amnesiacs {
-        if let Some(m) = view.members.get_mut(id) {
-            m.healthy = false;
-        }
-    }
+    let (view, amnesiacs) = amnesiacs_unhealthy(c, &o.incarnations);
     let c = &view;
     match o.operation.as_ref() {
         Some(cur) => {

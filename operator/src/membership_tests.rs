@@ -418,6 +418,30 @@ fn quorum_taken_away_by_the_statefulset_is_given_back_without_a_leader() {
 }
 
 #[test]
+fn a_learner_added_by_hand_far_above_does_not_grow_the_statefulset_to_it() {
+    let mut m = Model::new(3);
+    let mut o = m.observe();
+    if let Some(c) = o.cluster.as_mut() {
+        let mut learner = c.members[&3].clone();
+        learner.role = Role::Learner;
+        c.members.insert(12, learner);
+    }
+    // The orphan learner is removed; the StatefulSet stays at 3.
+    assert_eq!(decide(&o), Action::Record(Some(Operation::new(OperationKind::ScaleDown, 12))));
+    // With no member answering, a recorded learner that far up is not followed either.
+    o.cluster = None;
+    o.recorded_top = 3;
+    o.sts_replicas = 3;
+    assert_eq!(decide(&o), Action::Wait(WaitReason::NoMemberReachable));
+    m.sts = 1;
+    m.progress();
+    let mut o = m.observe();
+    o.cluster = None;
+    o.recorded_top = 3;
+    assert_eq!(decide(&o), Action::ScaleStatefulSet(3));
+}
+
+#[test]
 fn scale_up_records_intent_then_grows_adds_learner_promotes() {
     let mut m = Model::new(3);
     m.desired = 4;
