@@ -67,6 +67,39 @@ impl ApiError {
 
 type ApiResult = Result<Resp, ApiError>;
 
+/// How a membership-change attempt ended when it did not succeed.
+enum ConfError {
+    /// The answer to give.
+    Fail(ApiError),
+    /// Nothing was appended: start over (checks included) until the request timeout,
+    /// then answer this.
+    Again(ApiError),
+}
+
+impl From<ApiError> for ConfError {
+    fn from(e: ApiError) -> Self {
+        ConfError::Fail(e)
+    }
+}
+
+/// What to do after a membership-change attempt: `Some` answer, or `None` to start over
+/// (checks included: the membership may have changed meanwhile, and a change approved
+/// against the old one must not go through) after a short pause, while the request
+/// timeout allows.
+async fn settle<T>(attempt: Result<T, ConfError>, deadline: tokio::time::Instant) -> Option<Result<T, ApiError>> {
+    match attempt {
+        Ok(v) => Some(Ok(v)),
+        Err(ConfError::Fail(e)) => Some(Err(e)),
+        Err(ConfError::Again(e)) => {
+            if sleep_before(deadline, Duration::from_millis(20)).await {
+                None
+            } else {
+                Some(Err(e))
+            }
+        }
+    }
+}
+
 /// Decodes `%XX` escapes; errors on bad escapes or invalid UTF-8.
 pub fn percent_decode(s: &str) -> Result<String, ApiError> {
     let b = s.as_bytes();
@@ -525,21 +558,37 @@ impl Api {
     async fn add_member(&self, id: u64, url: String, learner: bool) -> Result<(bool, Option<ConfState>), ApiError> {
         parse_peer_url(&url).map_err(|e| ApiError::bad(e.to_string()))?;
         crate::config::check_peer_scheme(&url, self.cfg.peer_tls.is_some()).map_err(|e| ApiError::bad(e.to_string()))?;
-        let st = self.status();
-        let is_voter = st.voters.contains(&id);
-        let is_learner = st.learners.contains(&id);
-        if is_voter || is_learner {
-            let same_url = st.member_urls.iter().any(|(i, u)| *i == id && *u == url);
-            if same_url && is_learner == learner {
+        let deadline = tokio::time::Instant::now() + self.cfg.request_timeout;
+        loop {
+            if let Some(done) = settle(self.add_member_once(id, &url, learner, deadline).await, deadline).await {
+                return done;
+            }
+        }
+    }
+
+    /// One attempt of [`Api::add_member`]: the checks against the leader's member list
+    /// (this node's when the leader cannot be asked), then the change.
+    async fn add_member_once(
+        &self,
+        id: u64,
+        url: &str,
+        learner: bool,
+        deadline: tokio::time::Instant,
+    ) -> Result<(bool, Option<ConfState>), ConfError> {
+        let view = self.members_view().await?;
+        let members = view.get("members").and_then(Json::as_array).cloned().unwrap_or_default();
+        let field = |m: &Json, k: &str| m.get(k).and_then(Json::as_str).map(str::to_string).unwrap_or_default();
+        if let Some(m) = members.iter().find(|m| m.get("id").and_then(Json::as_u64) == Some(id)) {
+            if field(m, "peer_url") == url && (field(m, "role") == "learner") == learner {
                 return Ok((false, None));
             }
-            return Err(ApiError::new(StatusCode::CONFLICT, "member_exists", format!("member {id} already exists")));
+            return Err(ApiError::new(StatusCode::CONFLICT, "member_exists", format!("member {id} already exists")).into());
         }
-        if st.member_urls.iter().any(|(i, u)| *i != id && *u == url) {
-            return Err(ApiError::new(StatusCode::CONFLICT, "url_in_use", format!("peer URL {url} belongs to another member")));
+        if members.iter().any(|m| m.get("id").and_then(Json::as_u64) != Some(id) && field(m, "peer_url") == url) {
+            return Err(ApiError::new(StatusCode::CONFLICT, "url_in_use", format!("peer URL {url} belongs to another member")).into());
         }
         let ty = if learner { ConfChangeType::AddLearnerNode } else { ConfChangeType::AddNode };
-        let cs = self.conf_change(id, ty, url).await?;
+        let cs = self.conf_change(id, ty, url.to_string(), deadline, &view).await?;
         Ok((true, Some(cs)))
     }
 
@@ -555,6 +604,15 @@ impl Api {
     }
 
     async fn promote(&self, id: u64) -> ApiResult {
+        let deadline = tokio::time::Instant::now() + self.cfg.request_timeout;
+        loop {
+            if let Some(done) = settle(self.promote_once(id, deadline).await, deadline).await {
+                return done;
+            }
+        }
+    }
+
+    async fn promote_once(&self, id: u64, deadline: tokio::time::Instant) -> Result<Resp, ConfError> {
         let st = self.status();
         let view = self.members_view().await?;
         // Either view showing a voter settles it: conf changes apply in log order, and the
@@ -565,7 +623,7 @@ impl Api {
         match Self::role_in(&view, id).as_deref() {
             Some("voter") => return Ok(json(StatusCode::OK, &json!({ "id": id, "role": "voter", "changed": false }))),
             Some("learner") => {}
-            _ => return Err(ApiError::new(StatusCode::NOT_FOUND, "not_member", format!("{id} is not a learner of this cluster"))),
+            _ => return Err(ApiError::new(StatusCode::NOT_FOUND, "not_member", format!("{id} is not a learner of this cluster")).into()),
         }
         let commit = view.get("commit_index").and_then(Json::as_u64).unwrap_or(st.commit_index);
         let matched = view
@@ -580,21 +638,31 @@ impl Api {
                     StatusCode::CONFLICT,
                     "learner_behind",
                     format!("learner {id} is behind: match index {m}, commit index {commit}"),
-                ))
+                )
+                .into())
             }
-            None => return Err(ApiError::unavailable("no_leader", "the leader's view of the learner is unavailable")),
+            None => return Err(ApiError::unavailable("no_leader", "the leader's view of the learner is unavailable").into()),
         }
-        self.conf_change(id, ConfChangeType::AddNode, String::new()).await?;
+        self.conf_change(id, ConfChangeType::AddNode, String::new(), deadline, &view).await?;
         Ok(json(StatusCode::OK, &json!({ "id": id, "role": "voter", "changed": true })))
     }
 
     async fn remove_member(&self, id: u64) -> Result<Json, ApiError> {
+        let deadline = tokio::time::Instant::now() + self.cfg.request_timeout;
+        loop {
+            if let Some(done) = settle(self.remove_member_once(id, deadline).await, deadline).await {
+                return done;
+            }
+        }
+    }
+
+    async fn remove_member_once(&self, id: u64, deadline: tokio::time::Instant) -> Result<Json, ConfError> {
         let st = self.status();
         let view = self.members_view().await?;
         let is_voter = match Self::role_in(&view, id).as_deref() {
             Some("voter") => true,
             Some(_) => false,
-            None => return Err(ApiError::new(StatusCode::NOT_FOUND, "not_member", format!("{id} is not a member"))),
+            None => return Err(ApiError::new(StatusCode::NOT_FOUND, "not_member", format!("{id} is not a member")).into()),
         };
         let voters = view
             .get("members")
@@ -602,53 +670,54 @@ impl Api {
             .map(|ms| ms.iter().filter(|m| m.get("role").and_then(Json::as_str) == Some("voter")).count())
             .unwrap_or(st.voters.len());
         if is_voter && voters == 1 {
-            return Err(ApiError::new(StatusCode::CONFLICT, "last_voter", "cannot remove the last voter"));
+            return Err(ApiError::new(StatusCode::CONFLICT, "last_voter", "cannot remove the last voter").into());
         }
         if is_voter && st.leader == id {
             // Move leadership first so the cluster never waits out an election.
             self.transfer_to(None, Some(id)).await?;
         }
-        self.conf_change(id, ConfChangeType::RemoveNode, String::new()).await?;
+        self.conf_change(id, ConfChangeType::RemoveNode, String::new(), deadline, &view).await?;
         Ok(json!({ "removed": id }))
     }
 
-    async fn conf_change(&self, id: u64, ty: ConfChangeType, peer_url: String) -> Result<ConfState, ApiError> {
-        let deadline = tokio::time::Instant::now() + self.cfg.request_timeout;
+    /// One attempt at a membership change, checked by the caller against `view` (the
+    /// leader's member list, or this node's): proposes it and waits for it to apply.
+    async fn conf_change(
+        &self,
+        id: u64,
+        ty: ConfChangeType,
+        peer_url: String,
+        deadline: tokio::time::Instant,
+        view: &Json,
+    ) -> Result<ConfState, ConfError> {
         let change = ConfChangeSingle { change_type: ty as i32, node_id: id };
-        let busy = |m: String| ApiError::new(StatusCode::CONFLICT, "change_in_progress", m);
-        loop {
-            if self.status().role != "leader" {
-                // A follower forwards the change to the leader. Ask the leader first
-                // whether another one is pending (409 at once); if one is proposed in
-                // between, the leader drops ours unappended and says so, and we ask again.
-                let view = self.members_view().await?;
-                if view.get("conf_change_pending").and_then(Json::as_bool) == Some(true) {
-                    return Err(busy(ProposeError::ConfChangeInProgress.to_string()));
-                }
-            }
-            let (tx, rx) = oneshot::channel();
-            if !self.raft.send(Request::ConfChange { change: change.clone(), peer_url: peer_url.clone(), reply: tx }) {
-                return Err(ApiError::unavailable("stopping", "node is stopping"));
-            }
-            match tokio::time::timeout_at(deadline, rx).await {
-                Err(_) => return Err(ApiError::unavailable("timeout", "timed out waiting for the membership change to commit; its outcome is unknown")),
-                Ok(Err(_)) => return Err(ApiError::unavailable("stopping", "node is stopping")),
-                Ok(Ok(Ok(cs))) => return Ok(cs),
-                Ok(Ok(Err(ProposeError::NoLeader))) => {
-                    if !sleep_before(deadline, Duration::from_millis(50)).await {
-                        return Err(ApiError::unavailable("no_leader", "no leader elected within the request timeout"));
-                    }
-                }
-                Ok(Ok(Err(e @ ProposeError::ConfChangeInProgress))) => return Err(busy(e.to_string())),
-                Ok(Ok(Err(ProposeError::LeaderNotReady | ProposeError::Dropped))) => {
-                    // A new leader applies its log up to its election first (milliseconds);
-                    // a dropped change was not appended and is asked for again.
-                    if !sleep_before(deadline, Duration::from_millis(20)).await {
-                        return Err(ApiError::unavailable("no_leader", "the leader did not become ready for the membership change within the request timeout; it was not made"));
-                    }
-                }
-                Ok(Ok(Err(e))) => return Err(ApiError::unavailable("unavailable", e.to_string())),
-            }
+        let busy = |m: String| ConfError::Fail(ApiError::new(StatusCode::CONFLICT, "change_in_progress", m));
+        let not_made = |why: &str| {
+            ConfError::Again(ApiError::unavailable("no_leader", format!("{why} within the request timeout; the membership change was not made")))
+        };
+        // A follower forwards the change to the leader, which takes one at a time: the
+        // leader's list says whether one is pending (409 at once). One proposed in between
+        // makes the leader drop ours unappended and say so; the caller starts over.
+        if self.status().role != "leader" && view.get("conf_change_pending").and_then(Json::as_bool) == Some(true) {
+            return Err(busy(ProposeError::ConfChangeInProgress.to_string()));
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(ConfError::Fail(ApiError::unavailable("timeout", "the request timeout passed before the membership change could be proposed; it was not made")));
+        }
+        let (tx, rx) = oneshot::channel();
+        if !self.raft.send(Request::ConfChange { change, peer_url, reply: tx }) {
+            return Err(ApiError::unavailable("stopping", "node is stopping").into());
+        }
+        match tokio::time::timeout_at(deadline, rx).await {
+            Err(_) => Err(ApiError::unavailable("timeout", "timed out waiting for the membership change to commit; its outcome is unknown").into()),
+            Ok(Err(_)) => Err(ApiError::unavailable("stopping", "node is stopping").into()),
+            Ok(Ok(Ok(cs))) => Ok(cs),
+            Ok(Ok(Err(ProposeError::NoLeader))) => Err(not_made("no leader was elected")),
+            Ok(Ok(Err(e @ ProposeError::ConfChangeInProgress))) => Err(busy(e.to_string())),
+            // A new leader applies its log up to its election first (milliseconds); a
+            // dropped change was not appended.
+            Ok(Ok(Err(ProposeError::LeaderNotReady | ProposeError::Dropped))) => Err(not_made("the leader did not take the change")),
+            Ok(Ok(Err(e))) => Err(ApiError::unavailable("unavailable", e.to_string()).into()),
         }
     }
 

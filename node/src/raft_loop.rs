@@ -375,6 +375,18 @@ type Waiters = Vec<(u64, ProposeReply)>;
 struct RequestIdOnly {
     #[prost(uint64, tag = "1")]
     request_id: u64,
+    /// [`Command`]'s op.
+    #[prost(int32, tag = "2")]
+    op: i32,
+}
+
+/// Whether a proposal holds a client command whose operation this version does not know:
+/// a leader must not append one (every member of this version would stop at it).
+fn has_unknown_command(entries: &[Entry]) -> bool {
+    entries
+        .iter()
+        .filter(|e| e.get_entry_type() == EntryType::EntryNormal && !e.data.is_empty())
+        .any(|e| RequestIdOnly::decode(e.data.as_slice()).map_or(true, |c| crate::kv::OpType::from_i32(c.op).is_none()))
 }
 
 /// The request ids in a proposal's entries: of client commands, and of membership
@@ -780,6 +792,16 @@ impl RaftLoop {
                 // would otherwise wait out the request timeout, so it can propose again.
                 let forwarded = (m.get_msg_type() == MessageType::MsgPropose && m.from != self.cfg.id)
                     .then(|| (m.from, proposal_ids(&m.entries)));
+                if let Some((from, ids)) = forwarded.as_ref().filter(|_| has_unknown_command(&m.entries)) {
+                    // A newer member's command (or garbage): appending it would stop every
+                    // member of this version when it applies. Refused unappended.
+                    metrics().peer_refused_messages.with_label_values(&["unknown_command"]).inc();
+                    warn!(from, "refused a forwarded proposal with a command this version does not know");
+                    if !ids.is_empty() {
+                        self.transport.notify_dropped(*from, ids.clone());
+                    }
+                    return;
+                }
                 if let Some((from, ids)) = forwarded.as_ref().filter(|_| has_conf_change(&m.entries)) {
                     // raft-rs would turn a membership change it cannot take now into an
                     // empty entry, silently: drop it unappended and tell its proposer,
@@ -787,7 +809,9 @@ impl RaftLoop {
                     self.clamp_pending_conf();
                     if self.conf_change_refusal(self.raw.raft.raft_log.applied).is_some() {
                         debug!(to = from, "refused a forwarded membership change for now; telling its proposer");
-                        self.transport.notify_dropped(*from, ids.clone());
+                        if !ids.is_empty() {
+                            self.transport.notify_dropped(*from, ids.clone());
+                        }
                         return;
                     }
                 }
@@ -1537,12 +1561,14 @@ impl RaftLoop {
     /// raft-rs sets `pending_conf_index` to the index a membership change would get
     /// before appending it; when the append is then refused (the uncommitted-size limit)
     /// it names an entry that never existed, and raft-rs would refuse every change until
-    /// the log grows that far. Nothing at or beyond the log's end can be pending.
+    /// the log grows that far. Nothing beyond the log's end can be pending.
     fn clamp_pending_conf(&mut self) {
-        let last = self.raw.raft.raft_log.last_index();
+        // The refused change was accepted only because none was pending (the index was at
+        // most the applied one): that is exactly where it goes back to.
+        let (last, applied) = (self.raw.raft.raft_log.last_index(), self.raw.raft.raft_log.applied);
         if self.raw.raft.pending_conf_index > last {
-            debug!(pending = self.raw.raft.pending_conf_index, last, "pending conf index beyond the log (a dropped append); clamped");
-            self.raw.raft.pending_conf_index = last;
+            debug!(pending = self.raw.raft.pending_conf_index, last, applied, "pending conf index beyond the log (a dropped append); reset");
+            self.raw.raft.pending_conf_index = applied;
         }
     }
 

@@ -382,7 +382,7 @@ pub async fn reconcile<N: NodeApi>(rkv: Arc<RaftKV>, ctx: Arc<Context<N>>) -> Re
     let initial_size = u32::try_from(initial.len()).unwrap_or(1);
     // As decide() counts them: voters, and learners up to the one a scale-up adds.
     let recorded_top =
-        status.members.iter().filter(|m| m.role != "learner" || m.id <= u64::from(desired) + 1).map(|m| m.id).max().unwrap_or(0);
+        crate::membership::pods_needed_top(status.members.iter().map(|m| (m.id, m.role != "learner")), desired);
     // A StatefulSet deleted out of band comes back with a pod for every member last
     // seen, not with the initial size (that could leave the members without a quorum).
     let sts_replicas = existing
@@ -450,13 +450,12 @@ pub async fn reconcile<N: NodeApi>(rkv: Arc<RaftKV>, ctx: Arc<Context<N>>) -> Re
     let platform = KubePlatform { client: client.clone(), name: name.clone(), namespace: ns.clone() };
     // Observing took a while: act only if the lease is still surely ours.
     ctx.fence.check()?;
-    // A step may not outlast the fence: one cut short is as after a crash (steps are
-    // idempotent). A request already delivered to a node still takes effect there.
-    let outcome = match ctx.fence.remaining() {
-        Some(left) => tokio::time::timeout(left, execute(&ctx.node, &platform, &addrs, leader, &action))
-            .await
-            .map_err(|_| crate::leader::LeaseLost)?,
-        None => execute(&ctx.node, &platform, &addrs, leader, &action).await,
+    // A step may not outlast the fence (renewals extend it meanwhile): one cut short is
+    // as after a crash (steps are idempotent). A request already delivered to a node
+    // still takes effect there.
+    let outcome = tokio::select! {
+        outcome = execute(&ctx.node, &platform, &addrs, leader, &action) => outcome,
+        () = ctx.fence.until_closed() => return Err(crate::leader::LeaseLost.into()),
     };
     let label = action_label(&action);
     match &outcome {

@@ -587,11 +587,12 @@ async fn a_lease_lost_while_observing_stops_the_step() {
 
 #[tokio::test]
 async fn a_step_cannot_outlast_the_fence_and_nothing_is_written_after_it() {
-    // The lease is surely ours for 300 ms; adding the learner takes 5 s.
+    // The lease is surely ours for 1.5 s (observing takes milliseconds); adding the
+    // learner takes 30 s.
     let fence = Fence::closed();
-    fence.extend_to(std::time::Instant::now() + Duration::from_millis(300));
+    fence.extend_to(std::time::Instant::now() + Duration::from_millis(1500));
     let r = rkv(4, Some(running_status(Some(Operation::new(OperationKind::ScaleUp, 4)))));
-    let node = FakeNode { add_learner_takes: Some(Duration::from_secs(5)), ..FakeNode::cluster(&[1, 2, 3], &[], 2) };
+    let node = FakeNode { add_learner_takes: Some(Duration::from_secs(30)), ..FakeNode::cluster(&[1, 2, 3], &[], 2) };
     let (res, seen, ctx) = run_reconcile_fenced(r, node, prelude(4, 4, &[0, 1, 2, 3]), fence).await;
     assert_eq!(res.expect_err("fenced").kind(), "lease_lost");
     assert!(ctx.node.calls().is_empty(), "the step was cut short: {:?}", ctx.node.calls());

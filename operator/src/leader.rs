@@ -62,6 +62,18 @@ impl Fence {
         self.slot().map(|slot| slot.map_or(Duration::ZERO, |u| u.saturating_duration_since(Instant::now())))
     }
 
+    /// Resolves when the fence closes (never when it is not enforced). Renewals that
+    /// extend it while this waits are followed.
+    pub async fn until_closed(&self) {
+        loop {
+            match self.remaining() {
+                None => std::future::pending::<()>().await,
+                Some(left) if left.is_zero() => return,
+                Some(left) => tokio::time::sleep(left).await,
+            }
+        }
+    }
+
     /// Ok while the lease is surely ours.
     pub fn check(&self) -> Result<(), LeaseLost> {
         match self.slot() {
@@ -359,5 +371,24 @@ mod tests {
         assert_eq!(f.remaining(), Some(Duration::ZERO));
         f.extend_to(Instant::now() - Duration::from_millis(1));
         assert!(f.check().is_err(), "a deadline in the past passes nothing");
+    }
+
+    #[tokio::test]
+    async fn closed_follows_renewals_and_resolves_when_the_fence_closes() {
+        let f = Fence::closed();
+        f.extend_to(Instant::now() + Duration::from_millis(100));
+        let renewer = {
+            let f = f.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                f.extend_to(Instant::now() + Duration::from_millis(200));
+            })
+        };
+        let started = Instant::now();
+        f.until_closed().await;
+        assert!(started.elapsed() >= Duration::from_millis(200), "followed the renewal: {:?}", started.elapsed());
+        assert!(f.check().is_err());
+        renewer.await.expect("renewer");
+        assert!(tokio::time::timeout(Duration::from_millis(50), Fence::open().until_closed()).await.is_err(), "an open fence never closes");
     }
 }

@@ -89,8 +89,8 @@ pub struct Observed {
     pub operation: Option<Operation>,
     /// Incarnations recorded in status, by raft id.
     pub incarnations: BTreeMap<u64, String>,
-    /// The highest member id in `status.members`: the membership last seen, kept while
-    /// no member answers (0 before the first one did).
+    /// [`pods_needed_top`] of `status.members`: the membership last seen, kept while no
+    /// member answers (0 before the first one did).
     pub recorded_top: u64,
 }
 
@@ -212,6 +212,15 @@ pub fn majority(n: usize) -> usize {
     n / 2 + 1
 }
 
+/// The highest id among `members` (id, is a voter) whose pod the StatefulSet must keep:
+/// voters, and learners up to the one a scale-up adds (`desired + 1`). A learner added by
+/// hand with a far higher id must not make the StatefulSet grow to it: it is removed as
+/// an orphan instead. 0 when there is none. The controller computes
+/// [`Observed::recorded_top`] from `status.members` with it too.
+pub fn pods_needed_top(members: impl IntoIterator<Item = (u64, bool)>, desired: u32) -> u64 {
+    members.into_iter().filter(|(id, voter)| *voter || *id <= u64::from(desired) + 1).map(|(id, _)| id).max().unwrap_or(0)
+}
+
 /// Pods needed for members up to id `top`, capped at what a spec can ask plus the one
 /// member a scale-up adds.
 fn members_pods(top: u64) -> u32 {
@@ -309,14 +318,11 @@ pub fn decide(o: &Observed) -> Action {
     // Every step below keeps the pods of all members (a removal shrinks the StatefulSet
     // only after the member is gone), so this never undoes one of them; it also comes
     // first while an operation is in flight (a learner without its pod never catches up).
-    // Voters, and learners up to the one a scale-up adds: a learner added by hand with a
-    // far higher id must not make the StatefulSet grow to it (it is removed as an orphan).
     let known_top = o
         .cluster
         .as_ref()
-        .and_then(|c| {
-            c.members.iter().filter(|(id, m)| m.role == Role::Voter || **id <= u64::from(o.desired) + 1).map(|(id, _)| *id).max()
-        })
+        .map(|c| pods_needed_top(c.members.iter().map(|(id, m)| (*id, m.role == Role::Voter)), o.desired))
+        .filter(|top| *top > 0)
         .unwrap_or(o.recorded_top);
     if known_top > 0 && o.sts_replicas < members_pods(known_top) {
         return Action::ScaleStatefulSet(members_pods(known_top));

@@ -165,7 +165,7 @@ impl Model {
             operation: self.operation.clone(),
             incarnations: self.incarnations.clone(),
             // The controller's status.members is the membership of its last reconcile.
-            recorded_top: self.members.keys().next_back().copied().unwrap_or(0),
+            recorded_top: pods_needed_top(self.members.iter().map(|(id, (r, _))| (*id, *r == Role::Voter)), self.desired),
         }
     }
 
@@ -420,25 +420,20 @@ fn quorum_taken_away_by_the_statefulset_is_given_back_without_a_leader() {
 #[test]
 fn a_learner_added_by_hand_far_above_does_not_grow_the_statefulset_to_it() {
     let mut m = Model::new(3);
-    let mut o = m.observe();
-    if let Some(c) = o.cluster.as_mut() {
-        let mut learner = c.members[&3].clone();
-        learner.role = Role::Learner;
-        c.members.insert(12, learner);
-    }
-    // The orphan learner is removed; the StatefulSet stays at 3.
-    assert_eq!(decide(&o), Action::Record(Some(Operation::new(OperationKind::ScaleDown, 12))));
-    // With no member answering, a recorded learner that far up is not followed either.
-    o.cluster = None;
-    o.recorded_top = 3;
-    o.sts_replicas = 3;
-    assert_eq!(decide(&o), Action::Wait(WaitReason::NoMemberReachable));
-    m.sts = 1;
+    m.members.insert(12, (Role::Learner, true));
+    // Answered by the members: the orphan learner is removed; the StatefulSet stays at 3.
+    assert_eq!(decide(&m.observe()), Action::Record(Some(Operation::new(OperationKind::ScaleDown, 12))));
+    // No member answers, and the StatefulSet was shrunk: it comes back to the voters'
+    // 3 pods, not to 12 for the learner recorded with them.
+    m.sts = 0;
     m.progress();
-    let mut o = m.observe();
-    o.cluster = None;
-    o.recorded_top = 3;
+    m.progress();
+    let o = m.observe();
+    assert!(o.cluster.is_none(), "{o:?}");
+    assert_eq!(o.recorded_top, 3);
     assert_eq!(decide(&o), Action::ScaleStatefulSet(3));
+    assert_eq!(pods_needed_top([(1, true), (2, true), (12, false), (4, false)], 3), 4);
+    assert_eq!(pods_needed_top([(1, true), (12, true)], 3), 12, "a voter's pod is always needed");
 }
 
 #[test]
