@@ -40,6 +40,8 @@ pub struct Metrics {
     pub wal_bytes: IntGauge,
     /// Bytes of snapshot files on disk.
     pub snapshot_bytes: IntGauge,
+    /// Files compaction freed but could not delete yet.
+    pub files_pending_delete: IntGauge,
     /// Index of the newest snapshot.
     pub snapshot_index: IntGauge,
     /// Bytes sent to peers, by peer id.
@@ -114,6 +116,7 @@ impl Metrics {
             snapshots_saved: counter_vec(&r, "raftkv_disk_snapshots_saved_total", "Snapshots saved by this member, by kind: full image or delta.", &["kind"]),
             wal_bytes: gauge(&r, "raftkv_disk_wal_size_bytes", "Bytes of write-ahead-log segments on disk."),
             snapshot_bytes: gauge(&r, "raftkv_disk_snapshot_size_bytes", "Bytes of snapshot files on disk."),
+            files_pending_delete: gauge(&r, "raftkv_disk_files_pending_delete", "WAL segments and snapshot files log compaction freed but could not delete yet (failing unlinks, retried at every compaction)."),
             snapshot_index: gauge(&r, "raftkv_server_snapshot_index", "Raft index of the newest snapshot."),
             peer_sent_bytes: counter_vec(&r, "raftkv_network_peer_sent_bytes_total", "Bytes of raft messages sent to a peer.", &["to"]),
             peer_received_bytes: counter_vec(&r, "raftkv_network_peer_received_bytes_total", "Bytes of raft messages received from a peer.", &["from"]),

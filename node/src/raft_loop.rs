@@ -1046,6 +1046,7 @@ impl RaftLoop {
         self.forwarded_to.retain(|id, _| proposals.contains_key(id) || conf_waiters.contains_key(id));
         self.conf_waiters.retain(|_, r| !r.is_closed());
         metrics().proposals_pending.set(self.proposals.len() as i64);
+        metrics().files_pending_delete.set(i64::try_from(self.storage.files_pending_delete()).unwrap_or(i64::MAX));
         self.probe_membership(now);
     }
 

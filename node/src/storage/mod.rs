@@ -110,6 +110,8 @@ struct Inner {
     /// Files compaction took off the lists but could not delete yet (a failed unlink):
     /// retried at the next `compact`. Taken with no other lock held, only by `compact`.
     doomed: Mutex<Doomed>,
+    /// How many files `doomed` holds, as of the last `compact` (read without its lock).
+    pending_delete: AtomicU64,
     fresh: bool,
     wal_bytes: Arc<AtomicU64>,
     snap_bytes: AtomicU64,
@@ -308,6 +310,7 @@ impl DiskStorage {
                 cache: Mutex::new(None),
                 opened: Mutex::new(opened),
                 doomed: Mutex::new(Doomed::default()),
+                pending_delete: AtomicU64::new(0),
                 fresh,
                 wal_bytes,
                 snap_bytes: AtomicU64::new(snap_total),
@@ -638,6 +641,11 @@ impl DiskStorage {
         doomed.segments.dedup();
         let segments_deleted = fsutil::delete_files(&self.inner.wal_dir, &mut doomed.segments, true)?;
         let snapshots_deleted = fsutil::delete_files(&self.inner.snap_dir, &mut doomed.snapshots, false)?;
+        let left = doomed.segments.len() + doomed.snapshots.len();
+        self.inner.pending_delete.store(left as u64, Ordering::Relaxed);
+        if left > 0 {
+            warn!(segments = doomed.segments.len(), snapshots = doomed.snapshots.len(), "files compaction freed are still on disk (unlinks failing; see the warnings above)");
+        }
         debug!(
             compact_index = clamped,
             first_index = first,
@@ -718,6 +726,12 @@ impl DiskStorage {
         if let Ok(mut w) = self.wal() {
             w.inject = Some((at_sync, errno));
         }
+    }
+
+    /// Files compaction freed but could not delete yet (failing unlinks; a segment that
+    /// cannot go keeps every newer freed one), as of the last compaction.
+    pub fn files_pending_delete(&self) -> u64 {
+        self.inner.pending_delete.load(Ordering::Relaxed)
     }
 
     /// Index of the newest snapshot (0 when none).

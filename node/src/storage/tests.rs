@@ -743,6 +743,7 @@ fn a_segment_that_cannot_be_deleted_leaves_no_gap_behind_it() {
     fsutil::UNLINK_FAILS.with(|c| c.set(1));
     s.compact(110).expect("a failed unlink is not an error");
     assert_eq!(segments(d.path()), segs_before, "nothing deleted past the segment that stayed");
+    assert!(s.files_pending_delete() >= 2, "the one that failed and the newer ones it holds back are counted");
     drop(s);
     // A restart now reads the WAL whole.
     let s = open_small(d.path(), 1024);
