@@ -982,4 +982,88 @@ mod tests {
         assert_eq!(route_label(&Method::GET, "/v1"), "v1_unknown");
         assert_eq!(route_label(&Method::PUT, "/v1"), "v1_unknown");
     }
+
+    /// An `Api` of member 1, leader of voters 1-3, whose raft loop is `answer`, called
+    /// with each membership change's number (1, 2, ...) and the status to change.
+    fn api_with_fake_loop(
+        answer: impl Fn(u32, &StatusCell) -> Result<ConfState, ProposeError> + Send + 'static,
+    ) -> (Api, std::thread::JoinHandle<u32>) {
+        use clap::Parser as _;
+        let cfg = crate::config::Args::try_parse_from([
+            "raftkv-node",
+            "--id",
+            "1",
+            "--cluster",
+            "http://127.0.0.1:1,http://127.0.0.1:2,http://127.0.0.1:3",
+        ])
+        .expect("args")
+        .into_config()
+        .expect("config");
+        let st = NodeStatus {
+            id: 1,
+            leader: 1,
+            term: 2,
+            role: "leader",
+            voters: vec![1, 2, 3],
+            member_urls: (1..=3u64).map(|i| (i, format!("http://127.0.0.1:{i}"))).collect(),
+            ..NodeStatus::default()
+        };
+        let status: StatusCell = Arc::new(RwLock::new(Arc::new(st)));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let api = Api {
+            cfg: Arc::new(cfg),
+            raft: RaftHandle::from_sender(tx),
+            status: status.clone(),
+            kv: Arc::new(RwLock::new(KvStore::new())),
+        };
+        let fake = std::thread::spawn(move || {
+            let mut proposed = 0;
+            while let Ok(req) = rx.recv_timeout(Duration::from_secs(10)) {
+                if let Request::ConfChange { reply, .. } = req {
+                    proposed += 1;
+                    let _ = reply.send(answer(proposed, &status));
+                }
+            }
+            proposed
+        });
+        (api, fake)
+    }
+
+    #[tokio::test]
+    async fn a_retried_membership_change_runs_its_checks_again() {
+        // The first change is dropped unappended while another one (voter 4 at another
+        // URL) is applied; any later one would be taken.
+        let (api, fake) = api_with_fake_loop(|n, status| {
+            if n > 1 {
+                return Ok(ConfState::default());
+            }
+            let mut s = (**status.read().expect("status")).clone();
+            s.voters.push(4);
+            s.member_urls.push((4, "http://127.0.0.1:9".into()));
+            *status.write().expect("status") = Arc::new(s);
+            Err(ProposeError::Dropped)
+        });
+        let err = api.add_member(4, "http://127.0.0.1:8".into(), true).await.expect_err("member 4 exists by now");
+        assert_eq!((err.status, err.code), (StatusCode::CONFLICT, "member_exists"), "{}", err.message);
+        drop(api);
+        assert_eq!(fake.join().expect("fake loop"), 1, "proposed once: the retry stopped at its checks");
+    }
+
+    #[tokio::test]
+    async fn a_change_a_new_leader_is_not_ready_for_is_proposed_again() {
+        let (api, fake) = api_with_fake_loop(|n, _| if n < 3 { Err(ProposeError::LeaderNotReady) } else { Ok(ConfState::default()) });
+        let (created, _) = api.add_member(4, "http://127.0.0.1:8".into(), true).await.expect("added once the leader is ready");
+        assert!(created);
+        drop(api);
+        assert_eq!(fake.join().expect("fake loop"), 3);
+    }
+
+    #[tokio::test]
+    async fn a_change_refused_as_in_progress_is_409_at_once() {
+        let (api, fake) = api_with_fake_loop(|_, _| Err(ProposeError::ConfChangeInProgress));
+        let err = api.remove_member(3).await.expect_err("refused");
+        assert_eq!((err.status, err.code), (StatusCode::CONFLICT, "change_in_progress"));
+        drop(api);
+        assert_eq!(fake.join().expect("fake loop"), 1, "not retried");
+    }
 }

@@ -264,6 +264,12 @@ pub struct RaftHandle {
 }
 
 impl RaftHandle {
+    /// A handle sending on `tx` (tests stand in for the loop at the other end).
+    #[cfg(test)]
+    pub(crate) fn from_sender(tx: Sender<Request>) -> Self {
+        RaftHandle { tx }
+    }
+
     /// Sends a request; false when the loop has stopped.
     pub fn send(&self, req: Request) -> bool {
         self.tx.send(req).is_ok()
