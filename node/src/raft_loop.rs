@@ -798,6 +798,17 @@ impl RaftLoop {
                 // would otherwise wait out the request timeout, so it can propose again.
                 let forwarded = (m.get_msg_type() == MessageType::MsgPropose && m.from != self.cfg.id)
                     .then(|| (m.from, proposal_ids(&m.entries)));
+                if let Some((from, ids)) = forwarded.as_ref().filter(|_| self.raw.raft.state != StateRole::Leader) {
+                    // Not the leader (any more): raft-rs would forward it once more, and
+                    // the leader's word that it dropped it would then not reach a member
+                    // that counts it (its proposer forwarded it here). Refused unappended
+                    // here instead: the proposer proposes again to the leader it knows.
+                    debug!(to = from, "a forwarded proposal reached a member that is not the leader; telling its proposer");
+                    if !ids.is_empty() {
+                        self.transport.notify_dropped(*from, ids.clone());
+                    }
+                    return;
+                }
                 if let Some((from, ids)) = forwarded.as_ref().filter(|_| has_unknown_command(&m.entries)) {
                     // A newer member's command (or garbage): appending it would stop every
                     // member of this version when it applies. Refused unappended.
