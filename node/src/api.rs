@@ -988,17 +988,19 @@ mod tests {
     fn api_with_fake_loop(
         answer: impl Fn(u32, &StatusCell) -> Result<ConfState, ProposeError> + Send + 'static,
     ) -> (Api, std::thread::JoinHandle<u32>) {
+        api_with_fake_loop_and(&[], answer, |_| Err(ProposeError::NoLeader))
+    }
+
+    /// As [`api_with_fake_loop`], with extra flags, and `write` answering client writes.
+    fn api_with_fake_loop_and(
+        flags: &[&str],
+        answer: impl Fn(u32, &StatusCell) -> Result<ConfState, ProposeError> + Send + 'static,
+        write: impl Fn(u64) -> Result<ApplyOutcome, ProposeError> + Send + 'static,
+    ) -> (Api, std::thread::JoinHandle<u32>) {
         use clap::Parser as _;
-        let cfg = crate::config::Args::try_parse_from([
-            "raftkv-node",
-            "--id",
-            "1",
-            "--cluster",
-            "http://127.0.0.1:1,http://127.0.0.1:2,http://127.0.0.1:3",
-        ])
-        .expect("args")
-        .into_config()
-        .expect("config");
+        let mut args = vec!["raftkv-node", "--id", "1", "--cluster", "http://127.0.0.1:1,http://127.0.0.1:2,http://127.0.0.1:3"];
+        args.extend_from_slice(flags);
+        let cfg = crate::config::Args::try_parse_from(args).expect("args").into_config().expect("config");
         let st = NodeStatus {
             id: 1,
             leader: 1,
@@ -1019,9 +1021,15 @@ mod tests {
         let fake = std::thread::spawn(move || {
             let mut proposed = 0;
             while let Ok(req) = rx.recv_timeout(Duration::from_secs(10)) {
-                if let Request::ConfChange { reply, .. } = req {
-                    proposed += 1;
-                    let _ = reply.send(answer(proposed, &status));
+                match req {
+                    Request::ConfChange { reply, .. } => {
+                        proposed += 1;
+                        let _ = reply.send(answer(proposed, &status));
+                    }
+                    Request::Propose { request_id, reply, .. } => {
+                        let _ = reply.send(write(request_id));
+                    }
+                    _ => {}
                 }
             }
             proposed
@@ -1065,5 +1073,41 @@ mod tests {
         assert_eq!((err.status, err.code), (StatusCode::CONFLICT, "change_in_progress"));
         drop(api);
         assert_eq!(fake.join().expect("fake loop"), 1, "not retried");
+    }
+
+    #[tokio::test]
+    async fn a_promotion_with_the_largest_lag_bound_does_not_overflow() {
+        // --promote-max-lag u64::MAX: any learner with a match index is promotable (the
+        // check `match + lag >= commit` overflowed).
+        let (api, fake) =
+            api_with_fake_loop_and(&["--promote-max-lag", "18446744073709551615"], |_, _| Ok(ConfState::default()), |_| Err(ProposeError::NoLeader));
+        {
+            let mut s = (**api.status.read().expect("status")).clone();
+            s.learners = vec![4];
+            s.member_urls.push((4, "http://127.0.0.1:4".into()));
+            s.commit_index = 100;
+            s.progress = vec![crate::raft_loop::PeerProgress { id: 4, match_index: 5, recent_active: true }];
+            *api.status.write().expect("status") = Arc::new(s);
+        }
+        let r = api.promote(4).await.map_err(|e| e.message).expect("promoted");
+        assert_eq!(r.status(), StatusCode::OK);
+        drop(api);
+        assert_eq!(fake.join().expect("fake loop"), 1);
+    }
+
+    #[tokio::test]
+    async fn a_write_failed_by_a_stopping_node_says_whether_its_outcome_is_known() {
+        // Proposed when the node stopped, then not.
+        let (api, fake) = api_with_fake_loop_and(&[], |_, _| Ok(ConfState::default()), |_| Err(ProposeError::Stopping { proposed: true }));
+        let err = api.write(OpType::Put, "k".into(), b"v".to_vec(), None).await.expect_err("stopping");
+        assert_eq!((err.status, err.code), (StatusCode::SERVICE_UNAVAILABLE, "stopping"));
+        assert!(err.message.contains("outcome unknown"), "{}", err.message);
+        drop(api);
+        fake.join().expect("fake loop");
+        let (api, fake) = api_with_fake_loop_and(&[], |_, _| Ok(ConfState::default()), |_| Err(ProposeError::Stopping { proposed: false }));
+        let err = api.write(OpType::Put, "k".into(), b"v".to_vec(), None).await.expect_err("stopping");
+        assert!(err.message.contains("not proposed"), "{}", err.message);
+        drop(api);
+        fake.join().expect("fake loop");
     }
 }
