@@ -386,37 +386,47 @@ struct RequestIdOnly {
     op: i32,
 }
 
-/// Whether a proposal holds a client command whose operation this version does not know:
-/// a leader must not append one (every member of this version would stop at it).
-fn has_unknown_command(entries: &[Entry]) -> bool {
-    entries
-        .iter()
-        .filter(|e| e.get_entry_type() == EntryType::EntryNormal && !e.data.is_empty())
-        .any(|e| RequestIdOnly::decode(e.data.as_slice()).map_or(true, |c| crate::kv::OpType::from_i32(c.op).is_none()))
+/// What a proposal forwarded by a peer holds, read in one pass over its entries.
+#[derive(Debug, Default, PartialEq)]
+struct ForwardedScan {
+    /// Request ids of its client commands and membership changes (from their
+    /// [`ConfContext`]): what a dropped-proposal notice names.
+    ids: Vec<u64>,
+    /// A client command whose operation this version does not know (or that does not
+    /// decode): a leader must not append it (every member of this version would stop at it).
+    unknown_command: bool,
+    /// A membership change.
+    conf_change: bool,
 }
 
-/// The request ids in a proposal's entries: of client commands, and of membership
-/// changes (from their [`ConfContext`]).
-fn proposal_ids(entries: &[Entry]) -> Vec<u64> {
-    entries
-        .iter()
-        .filter(|e| !e.data.is_empty())
-        .filter_map(|e| match e.get_entry_type() {
-            EntryType::EntryNormal => RequestIdOnly::decode(e.data.as_slice()).ok().map(|c| c.request_id),
+fn scan_forwarded(entries: &[Entry]) -> ForwardedScan {
+    let mut scan = ForwardedScan::default();
+    for e in entries {
+        let conf_id = |context: &[u8]| ConfContext::decode(context).ok().map(|c| c.request_id);
+        let id = match e.get_entry_type() {
+            EntryType::EntryNormal if e.data.is_empty() => None,
+            EntryType::EntryNormal => match RequestIdOnly::decode(e.data.as_slice()) {
+                Ok(c) => {
+                    scan.unknown_command |= crate::kv::OpType::from_i32(c.op).is_none();
+                    Some(c.request_id)
+                }
+                Err(_) => {
+                    scan.unknown_command = true;
+                    None
+                }
+            },
             EntryType::EntryConfChangeV2 => {
-                ConfChangeV2::decode(e.data.as_slice()).ok().and_then(|cc| ConfContext::decode(cc.context.as_slice()).ok()).map(|c| c.request_id)
+                scan.conf_change = true;
+                ConfChangeV2::decode(e.data.as_slice()).ok().and_then(|cc| conf_id(&cc.context))
             }
             EntryType::EntryConfChange => {
-                ConfChange::decode(e.data.as_slice()).ok().and_then(|cc| ConfContext::decode(cc.context.as_slice()).ok()).map(|c| c.request_id)
+                scan.conf_change = true;
+                ConfChange::decode(e.data.as_slice()).ok().and_then(|cc| conf_id(&cc.context))
             }
-        })
-        .filter(|id| *id != 0)
-        .collect()
-}
-
-/// Whether a proposal carries a membership change.
-fn has_conf_change(entries: &[Entry]) -> bool {
-    entries.iter().any(|e| matches!(e.get_entry_type(), EntryType::EntryConfChange | EntryType::EntryConfChangeV2))
+        };
+        scan.ids.extend(id.filter(|id| *id != 0));
+    }
+    scan
 }
 
 /// Client commands waiting to be proposed together: one `MsgPropose` means one append
@@ -797,37 +807,33 @@ impl RaftLoop {
                 // A forwarded proposal raft drops is not appended: tell its proposer, who
                 // would otherwise wait out the request timeout, so it can propose again.
                 let forwarded = (m.get_msg_type() == MessageType::MsgPropose && m.from != self.cfg.id)
-                    .then(|| (m.from, proposal_ids(&m.entries)));
-                if let Some((from, ids)) = forwarded.as_ref().filter(|_| self.raw.raft.state != StateRole::Leader) {
-                    // Not the leader (any more): raft-rs would forward it once more, and
-                    // the leader's word that it dropped it would then not reach a member
-                    // that counts it (its proposer forwarded it here). Refused unappended
-                    // here instead: the proposer proposes again to the leader it knows.
-                    debug!(to = from, "a forwarded proposal reached a member that is not the leader; telling its proposer");
-                    if !ids.is_empty() {
-                        self.transport.notify_dropped(*from, ids.clone());
-                    }
-                    return;
-                }
-                if let Some((from, ids)) = forwarded.as_ref().filter(|_| has_unknown_command(&m.entries)) {
-                    // A newer member's command (or garbage): appending it would stop every
-                    // member of this version when it applies. Refused unappended.
-                    metrics().peer_refused_messages.with_label_values(&["unknown_command"]).inc();
-                    warn!(from, "refused a forwarded proposal with a command this version does not know");
-                    if !ids.is_empty() {
-                        self.transport.notify_dropped(*from, ids.clone());
-                    }
-                    return;
-                }
-                if let Some((from, ids)) = forwarded.as_ref().filter(|_| has_conf_change(&m.entries)) {
-                    // raft-rs would turn a membership change it cannot take now into an
-                    // empty entry, silently: drop it unappended and tell its proposer,
-                    // who asks again (and gets 409 if another change is pending).
-                    self.clamp_pending_conf();
-                    if self.conf_change_refusal(self.raw.raft.raft_log.applied).is_some() {
-                        debug!(to = from, "refused a forwarded membership change for now; telling its proposer");
-                        if !ids.is_empty() {
-                            self.transport.notify_dropped(*from, ids.clone());
+                    .then(|| (m.from, scan_forwarded(&m.entries)));
+                if let Some((from, scan)) = &forwarded {
+                    // Refused here, unappended, and its proposer told (it proposes again):
+                    let refused = if self.raw.raft.state != StateRole::Leader {
+                        // not the leader (any more): raft-rs would forward it once more, and
+                        // the leader's notice would not count at the proposer, which
+                        // forwarded it here;
+                        Some("a forwarded proposal reached a member that is not the leader")
+                    } else if scan.unknown_command {
+                        // a newer member's command (or garbage): every member of this
+                        // version would stop when it applies it;
+                        metrics().peer_refused_messages.with_label_values(&["unknown_command"]).inc();
+                        warn!(from, "refused a forwarded proposal with a command this version does not know");
+                        Some("unknown command")
+                    } else if scan.conf_change {
+                        // a membership change raft-rs cannot take now: it would turn it
+                        // into an empty entry, silently (the proposer asks again and gets
+                        // 409 if another change is pending).
+                        self.clamp_pending_conf();
+                        self.conf_change_refusal(self.raw.raft.raft_log.applied).map(|_| "a membership change the leader cannot take now")
+                    } else {
+                        None
+                    };
+                    if let Some(why) = refused {
+                        debug!(to = from, why, "refused a forwarded proposal; telling its proposer");
+                        if !scan.ids.is_empty() {
+                            self.transport.notify_dropped(*from, scan.ids.clone());
                         }
                         return;
                     }
@@ -835,9 +841,9 @@ impl RaftLoop {
                 match self.raw.step(*m) {
                     Ok(()) => {}
                     Err(raft::Error::ProposalDropped) => {
-                        if let Some((from, ids)) = forwarded.filter(|(_, ids)| !ids.is_empty()) {
-                            debug!(to = from, count = ids.len(), "dropped forwarded proposals; telling their proposer");
-                            self.transport.notify_dropped(from, ids);
+                        if let Some((from, scan)) = forwarded.filter(|(_, scan)| !scan.ids.is_empty()) {
+                            debug!(to = from, count = scan.ids.len(), "dropped forwarded proposals; telling their proposer");
+                            self.transport.notify_dropped(from, scan.ids);
                         }
                     }
                     Err(e) => debug!(error = %e, "raft refused a peer message"),
@@ -1749,7 +1755,7 @@ mod tests {
     }
 
     #[test]
-    fn proposal_ids_name_commands_and_membership_changes() {
+    fn a_forwarded_proposal_is_read_in_one_pass() {
         use prost::Message as _;
         let cmd = |id: u64| Entry {
             data: Command { request_id: id, op: 0, key: "k".into(), value: vec![7; 300], prev_revision: None }.encode_to_vec(),
@@ -1767,12 +1773,12 @@ mod tests {
             ..Default::default()
         };
         let empty = Entry::default();
-        assert_eq!(proposal_ids(&[cmd(3), cmd(4)]), [3, 4]);
-        assert!(!has_conf_change(&[cmd(3), empty.clone()]));
-        assert_eq!(proposal_ids(&[v2.clone(), v1.clone(), empty]), [7, 8]);
-        assert!(has_conf_change(&[v2]) && has_conf_change(&[v1]));
+        assert_eq!(scan_forwarded(&[cmd(3), cmd(4)]).ids, [3, 4]);
+        assert!(!scan_forwarded(&[cmd(3), empty.clone()]).conf_change);
+        assert_eq!(scan_forwarded(&[v2.clone(), v1.clone(), empty]).ids, [7, 8]);
+        assert!(scan_forwarded(&[v2]).conf_change && scan_forwarded(&[v1]).conf_change);
         // Garbage names nothing (and never panics).
         let junk = Entry { data: vec![0xff; 9], ..Default::default() };
-        assert!(proposal_ids(&[junk]).is_empty());
+        assert!(scan_forwarded(&[junk]).ids.is_empty());
     }
 }

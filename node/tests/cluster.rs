@@ -300,13 +300,8 @@ fn cluster_refusals(c: &Cluster, id: u64) -> u64 {
 /// `POST /raft` with an empty body and `headers` to `peer_port`: the status and the
 /// answer's cluster id header.
 fn post_raft_with(peer_port: u16, headers: &str) -> (u16, Option<String>) {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", peer_port)).expect("connect");
-    s.set_read_timeout(Some(T)).expect("timeout");
     let req = format!("POST /raft HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-length: 0\r\nx-raftkv-from: 9\r\n{headers}\r\n");
-    s.write_all(req.as_bytes()).expect("write");
-    let mut answer = String::new();
-    let _ = s.read_to_string(&mut answer);
+    let answer = raw_exchange(peer_port, req.as_bytes());
     let status = answer.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
     let id = answer.lines().find_map(|l| l.strip_prefix("x-raftkv-cluster-id: ").map(|v| v.trim().to_string()));
     (status, id)

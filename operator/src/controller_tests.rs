@@ -316,13 +316,7 @@ async fn new_cluster_records_initial_members_then_creates_objects() {
 #[tokio::test]
 async fn scale_up_records_intent_before_anything_else() {
     let r = rkv(4, Some(running_status(None)));
-    let mut script = prelude(3, 3, &[0, 1, 2]);
-    script.extend([
-        expect("PATCH", RKV_STATUS, echo_rkv(&r)),
-        expect("POST", EVENTS, event_ok()),
-        expect("PATCH", PDB, pdb_ok()),
-        expect("PATCH", RKV_STATUS, echo_rkv(&r)),
-    ]);
+    let script = replacement_recorded(&r);
     let node = FakeNode::cluster(&[1, 2, 3], &[], 1);
     let (res, seen, ctx) = run_reconcile(r, node, script).await;
     assert!(res.is_ok(), "{res:?}");
@@ -599,6 +593,19 @@ async fn a_step_cannot_outlast_the_fence_and_nothing_is_written_after_it() {
     assert!(find(&seen, "PATCH", PDB).is_empty() && find(&seen, "PATCH", RKV_STATUS).is_empty(), "{seen:?}");
 }
 
+/// The API calls of a reconcile of three running members that records a replacement:
+/// observe, record the operation, its Event, the PDB, the status.
+fn replacement_recorded(r: &RaftKV) -> Vec<Expect> {
+    let mut script = prelude(3, 3, &[0, 1, 2]);
+    script.extend([
+        expect("PATCH", RKV_STATUS, echo_rkv(r)),
+        expect("POST", EVENTS, event_ok()),
+        expect("PATCH", PDB, pdb_ok()),
+        expect("PATCH", RKV_STATUS, echo_rkv(r)),
+    ]);
+    script
+}
+
 #[tokio::test]
 async fn status_counts_an_amnesiac_member_unhealthy_as_decide_does() {
     // Member 3 came back with another data dir (incarnation): it answers, but is no
@@ -608,13 +615,7 @@ async fn status_counts_an_amnesiac_member_unhealthy_as_decide_does() {
     if let Some(st) = node.statuses.get_mut(&3) {
         st.incarnation = "ffffffffffffffff".into();
     }
-    let mut script = prelude(3, 3, &[0, 1, 2]);
-    script.extend([
-        expect("PATCH", RKV_STATUS, echo_rkv(&r)),
-        expect("POST", EVENTS, event_ok()),
-        expect("PATCH", PDB, pdb_ok()),
-        expect("PATCH", RKV_STATUS, echo_rkv(&r)),
-    ]);
+    let script = replacement_recorded(&r);
     let (res, seen, _) = run_reconcile(r, node, script).await;
     assert!(res.is_ok(), "{res:?}");
     // The step records the replacement; then the status shows why.
@@ -644,13 +645,7 @@ async fn amnesiac_member_starts_a_replacement() {
         s.incarnation = "ffffffffffffffff".into();
         s.applied_index = 0;
     }
-    let mut script = prelude(3, 3, &[0, 1, 2]);
-    script.extend([
-        expect("PATCH", RKV_STATUS, echo_rkv(&r)),
-        expect("POST", EVENTS, event_ok()),
-        expect("PATCH", PDB, pdb_ok()),
-        expect("PATCH", RKV_STATUS, echo_rkv(&r)),
-    ]);
+    let script = replacement_recorded(&r);
     let (res, seen, _) = run_reconcile(r, node, script).await;
     assert!(res.is_ok(), "{res:?}");
     assert_eq!(

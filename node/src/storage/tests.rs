@@ -677,17 +677,18 @@ fn rotation_and_compaction_delete_old_segments_and_snapshots() {
     assert_eq!(s.hard_state().commit, 400);
 }
 
-/// A failed unlink at compaction (EIO injected through the `fsutil::remove_file` seam)
-/// must not leak the file until a restart: the next compaction deletes it.
-#[test]
-fn a_file_compaction_could_not_delete_is_deleted_by_the_next_compaction() {
-    struct Hook;
-    impl Drop for Hook {
-        fn drop(&mut self) {
-            fsutil::UNLINK_FAILS.with(|c| c.set(0));
-        }
+/// Makes unlinks succeed again when dropped (also when the test fails).
+struct UnlinksFailLater;
+
+impl Drop for UnlinksFailLater {
+    fn drop(&mut self) {
+        fsutil::UNLINK_FAILS.with(|c| c.set(0));
     }
-    let _hook = Hook;
+}
+
+/// A store on 1 KiB segments holding entries 1-120 (term 1, all committed and synced)
+/// and snapshots at 1, 40, 80 and 120: many segments and files for compaction to free.
+fn small_segments_120_entries_snapshots_every_40() -> (tempfile::TempDir, DiskStorage) {
     let d = tempfile::tempdir().expect("tempdir");
     let s = open_small(d.path(), 1024);
     s.apply_snapshot(snap(1, 1, b"boot")).expect("boot");
@@ -699,6 +700,15 @@ fn a_file_compaction_could_not_delete_is_deleted_by_the_next_compaction() {
             s.save_snapshot(i, &cs(&[1]), format!("snap {i}").into_bytes()).expect("save");
         }
     }
+    (d, s)
+}
+
+/// A failed unlink at compaction (EIO injected through the `fsutil::remove_file` seam)
+/// must not leak the file until a restart: the next compaction deletes it.
+#[test]
+fn a_file_compaction_could_not_delete_is_deleted_by_the_next_compaction() {
+    let _reset = UnlinksFailLater;
+    let (d, s) = small_segments_120_entries_snapshots_every_40();
     let (segs_before, snaps_before) = (segments(d.path()), snap_names(d.path()));
     assert_eq!(snaps_before.len(), 4, "{snaps_before:?}");
     fsutil::UNLINK_FAILS.with(|c| c.set(usize::MAX));
@@ -719,24 +729,8 @@ fn a_file_compaction_could_not_delete_is_deleted_by_the_next_compaction() {
 
 #[test]
 fn a_segment_that_cannot_be_deleted_leaves_no_gap_behind_it() {
-    struct Hook;
-    impl Drop for Hook {
-        fn drop(&mut self) {
-            fsutil::UNLINK_FAILS.with(|c| c.set(0));
-        }
-    }
-    let _hook = Hook;
-    let d = tempfile::tempdir().expect("tempdir");
-    let s = open_small(d.path(), 1024);
-    s.apply_snapshot(snap(1, 1, b"boot")).expect("boot");
-    for i in 2..=120u64 {
-        s.append(&[e(i, 1)]).expect("append");
-        s.set_hard_state(&HardState { term: 1, vote: 1, commit: i }).expect("hs");
-        s.sync().expect("sync");
-        if i % 40 == 0 {
-            s.save_snapshot(i, &cs(&[1]), format!("snap {i}").into_bytes()).expect("save");
-        }
-    }
+    let _reset = UnlinksFailLater;
+    let (d, s) = small_segments_120_entries_snapshots_every_40();
     let segs_before = segments(d.path());
     // Only the first unlink fails: the oldest segment stays, and so must every later
     // one the compaction freed (a gap would make the WAL unreadable).
