@@ -18,7 +18,7 @@ use serde_json::{json, Value as Json};
 use tokio::sync::oneshot;
 
 use crate::config::{parse_peer_url, Config};
-use crate::http::{error, json, response, Resp};
+use crate::http::{error, json, response, ChannelBody, Resp};
 use crate::kv::{ApplyOutcome, Command, KvStore, OpType};
 use crate::metrics::metrics;
 use crate::raft_loop::{NodeStatus, ProposeError, RaftHandle, Request, StatusCell};
@@ -193,6 +193,7 @@ fn route_label(method: &Method, path: &str) -> &'static str {
         "/readyz" => "readyz",
         "/metrics" => "metrics",
         "/v1/status" => "v1_status",
+        "/v1/backup" => "v1_backup",
         "/v1/kv" => "v1_kv_list",
         "/v1/members" => "v1_members",
         "/v1/leader/transfer" => "v1_leader_transfer",
@@ -249,6 +250,10 @@ impl Api {
             (_, "/v1/kv") => {
                 self.only(&method, &[Method::GET])?;
                 self.list(&req).await
+            }
+            (_, "/v1/backup") => {
+                self.only(&method, &[Method::GET])?;
+                self.backup(&req).await
             }
             (_, "/v1/members") => match method {
                 Method::GET => self.members().await,
@@ -381,6 +386,48 @@ impl Api {
         let (items, more) = self.kv.read().map_err(|_| internal())?.list_page(&prefix, after.as_deref(), limit, LIST_PAGE_BYTES);
         let items: Vec<Json> = items.iter().map(|(k, v)| value_json(k, &v.data, v.revision)).collect();
         Ok(json(StatusCode::OK, &json!({ "items": items, "more": more })))
+    }
+
+    /// `GET /v1/backup`: the whole state machine as a backup file (see [`crate::backup`]),
+    /// streamed as it is encoded from an O(1) frozen copy, so writes go on meanwhile.
+    /// Linearizable by default: it holds every write acknowledged before the request.
+    async fn backup(&self, req: &HttpRequest<Incoming>) -> ApiResult {
+        match query_param(req, "consistency")?.as_deref() {
+            None | Some("linearizable") => self.read_barrier().await?,
+            Some("serializable") => {}
+            Some(other) => return Err(ApiError::bad(format!("consistency must be linearizable or serializable, not {other:?}"))),
+        }
+        let Some(slot) = BackupSlot::take() else {
+            return Err(ApiError::new(StatusCode::TOO_MANY_REQUESTS, "backup_in_progress", "another backup is being sent by this member; retry when it is done"));
+        };
+        let image = self.kv.read().map_err(|_| internal())?.image_source();
+        // Sizing the image walks every pair: off the runtime's threads.
+        let (image, image_len) = tokio::task::spawn_blocking(move || {
+            let n = image.encoded_len() as u64;
+            (image, n)
+        })
+        .await
+        .map_err(|_| internal())?;
+        let applied = image.applied();
+        let (tx, body) = ChannelBody::new(crate::backup::file_len(image_len), 4);
+        tokio::task::spawn_blocking(move || {
+            let _slot = slot;
+            let mut w = ChunkWriter { tx, buf: Vec::with_capacity(BACKUP_CHUNK) };
+            let written = crate::backup::write(&image, image_len, &mut w).and_then(|_| w.send_buffered());
+            if let Err(e) = written {
+                // The client went away (nothing to tell), or encoding failed: end the
+                // body early so the client sees a short file, never a wrong one.
+                tracing::debug!(error = %e, "backup not sent whole");
+                let _ = w.tx.blocking_send(Err(e));
+            }
+        });
+        let mut r = response(StatusCode::OK, "application/octet-stream", Bytes::new());
+        *r.body_mut() = http_body_util::Either::Right(body);
+        r.headers_mut().insert("x-raftkv-applied-index", hyper::header::HeaderValue::from(applied));
+        if let Ok(v) = hyper::header::HeaderValue::from_str(&format!("attachment; filename=\"raftkv-{}-{applied}.backup\"", self.cfg.id)) {
+            r.headers_mut().insert(hyper::header::CONTENT_DISPOSITION, v);
+        }
+        Ok(r)
     }
 
     fn get_local(&self, key: &str) -> Option<crate::kv::Value> {
@@ -795,6 +842,58 @@ async fn sleep_before(deadline: tokio::time::Instant, d: Duration) -> bool {
     true
 }
 
+/// Bytes of a backup sent per chunk.
+const BACKUP_CHUNK: usize = 256 << 10;
+
+/// The one backup a member sends at a time (each holds a frozen copy of the state
+/// machine and a blocking thread while it streams): taken, and given back on drop.
+struct BackupSlot;
+
+static BACKUP_RUNNING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+impl BackupSlot {
+    fn take() -> Option<BackupSlot> {
+        use std::sync::atomic::Ordering;
+        BACKUP_RUNNING.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire).ok().map(|_| BackupSlot)
+    }
+}
+
+impl Drop for BackupSlot {
+    fn drop(&mut self) {
+        BACKUP_RUNNING.store(false, std::sync::atomic::Ordering::Release);
+    }
+}
+
+/// Cuts what the backup writer writes into chunks for a [`ChannelBody`]; fails once the
+/// client is gone, which stops the encoding.
+struct ChunkWriter {
+    tx: tokio::sync::mpsc::Sender<std::io::Result<Bytes>>,
+    buf: Vec<u8>,
+}
+
+impl ChunkWriter {
+    fn send_buffered(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = Bytes::from(std::mem::replace(&mut self.buf, Vec::with_capacity(BACKUP_CHUNK)));
+        self.tx.blocking_send(Ok(chunk)).map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the client closed the connection"))
+    }
+}
+
+impl std::io::Write for ChunkWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= BACKUP_CHUNK {
+            self.send_buffered()?;
+        }
+        Ok(data.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 fn internal() -> ApiError {
     ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal lock poisoned")
 }
@@ -964,6 +1063,7 @@ mod tests {
             (Method::PUT, "/v1/kv/k"),
             (Method::DELETE, "/v1/kv/k"),
             (Method::GET, "/v1/status"),
+            (Method::GET, "/v1/backup"),
             (Method::GET, "/healthz"),
             (Method::GET, "/readyz"),
             (Method::GET, "/metrics"),
@@ -981,6 +1081,15 @@ mod tests {
         // `/v1` is a route (404), not a key: it must not count as a key read or write.
         assert_eq!(route_label(&Method::GET, "/v1"), "v1_unknown");
         assert_eq!(route_label(&Method::PUT, "/v1"), "v1_unknown");
+        assert_eq!(route_label(&Method::GET, "/v1/backup"), "v1_backup");
+    }
+
+    #[test]
+    fn one_backup_at_a_time_and_the_slot_comes_back() {
+        let first = BackupSlot::take().expect("free at first");
+        assert!(BackupSlot::take().is_none(), "a second backup while one runs");
+        drop(first);
+        assert!(BackupSlot::take().is_some(), "free again once the first is done");
     }
 
     /// An `Api` of member 1, leader of voters 1-3, whose raft loop is `answer`, called

@@ -38,6 +38,11 @@ pub struct Args {
     /// Data directory (write-ahead log, snapshots). Default: `raftkv-<id>`.
     #[arg(long, env = "RAFTKV_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// Start a new cluster from this backup file (`GET /v1/backup`) when the data
+    /// directory is new: every initial member must be given the same file. Ignored once
+    /// the data directory holds a member (restarts keep their data).
+    #[arg(long, env = "RAFTKV_RESTORE_FROM")]
+    pub restore_from: Option<PathBuf>,
     /// Applied entries between two snapshots (then the log is compacted).
     #[arg(long, env = "RAFTKV_SNAPSHOT_COUNT", default_value_t = 10_000)]
     pub snapshot_count: u64,
@@ -118,6 +123,11 @@ pub struct Config {
     pub peer_url: String,
     /// Whether a fresh node waits to be added instead of bootstrapping.
     pub join: bool,
+    /// A backup a new cluster starts from (`--restore-from`; never with `join`).
+    pub restore_from: Option<PathBuf>,
+    /// `--initial-cluster-token`: the cluster id of a restored cluster mixes it with
+    /// the backup's checksum ([`restored_cluster_id`]).
+    pub initial_cluster_token: String,
     /// Data directory.
     pub data_dir: PathBuf,
     /// Applied entries between snapshots.
@@ -175,6 +185,14 @@ pub fn cluster_id(members: &[(u64, String)], token: &str) -> u64 {
         feed(format!("{id}={url}").as_bytes());
     }
     h.max(1)
+}
+
+/// The id of a cluster restored from a backup with checksum `crc` taken at
+/// `applied_index`: [`cluster_id`] with both mixed into the token, so that members
+/// restored from different backups (or the old cluster, at the same URLs) refuse each
+/// other's messages instead of mixing two histories.
+pub fn restored_cluster_id(members: &[(u64, String)], token: &str, crc: u32, applied_index: u64) -> u64 {
+    cluster_id(members, &format!("{token}\nrestored from backup {crc:08x} at {applied_index}"))
 }
 
 /// A flag value that does not make sense.
@@ -333,6 +351,9 @@ impl Args {
         if self.initial_cluster_token.is_empty() || self.initial_cluster_token.len() > 256 {
             return err("--initial-cluster-token must be 1 to 256 bytes");
         }
+        if self.restore_from.is_some() && join {
+            return err("--restore-from starts a new cluster from a backup; a joining member (--join, or an id beyond --cluster) gets its state from the leader instead");
+        }
         let data_dir = self.data_dir.unwrap_or_else(|| PathBuf::from(format!("raftkv-{id}")));
         let initial_members: Vec<(u64, String)> = urls.iter().enumerate().map(|(i, u)| (i as u64 + 1, u.clone())).collect();
         Ok(Config {
@@ -341,6 +362,8 @@ impl Args {
             initial_members,
             peer_url,
             join,
+            restore_from: self.restore_from,
+            initial_cluster_token: self.initial_cluster_token,
             data_dir,
             snapshot_count: self.snapshot_count,
             max_request_bytes: self.max_request_bytes,
@@ -480,6 +503,25 @@ mod tests {
         assert_eq!(spelled("http://Node-1.example:80/"), spelled("http://node-1.example:80"), "spelling does not matter");
         assert_ne!(spelled("https://node-1.example:80"), spelled("http://node-1.example:80"), "the scheme does");
         assert!(parse(&["--initial-cluster-token", ""]).unwrap_err().contains("--initial-cluster-token"));
+    }
+
+    #[test]
+    fn restore_from_is_for_initial_members_and_its_backup_changes_the_cluster_id() {
+        let urls = "http://127.0.0.1:1,http://127.0.0.1:2";
+        let c = parse(&["--id", "2", "--cluster", urls, "--restore-from", "b.backup"]).unwrap();
+        assert_eq!(c.restore_from, Some(PathBuf::from("b.backup")));
+        assert_eq!(parse(&["--id", "2", "--cluster", urls]).unwrap().restore_from, None);
+        assert!(parse(&["--id", "2", "--cluster", urls, "--join", "--restore-from", "b"]).unwrap_err().contains("--restore-from"));
+        let beyond = ["--id", "3", "--cluster", urls, "--peer-url", "http://127.0.0.1:3", "--restore-from", "b"];
+        assert!(parse(&beyond).unwrap_err().contains("--restore-from"), "an id beyond --cluster joins");
+        let m = vec![(1, "http://a".to_string()), (2, "http://b".to_string())];
+        let plain = cluster_id(&m, "t");
+        let restored = restored_cluster_id(&m, "t", 0xdead_beef, 40);
+        assert_ne!(restored, plain, "not the old cluster");
+        assert_eq!(restored_cluster_id(&m, "t", 0xdead_beef, 40), restored, "every member computes the same id");
+        assert_ne!(restored_cluster_id(&m, "t", 0xdead_beee, 40), restored, "another backup");
+        assert_ne!(restored_cluster_id(&m, "t", 0xdead_beef, 41), restored, "another index");
+        assert_ne!(restored_cluster_id(&m, "u", 0xdead_beef, 40), restored, "another token");
     }
 
     #[test]

@@ -4,12 +4,14 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::Full;
-use hyper::body::Incoming;
+use http_body_util::{Either, Full};
+use hyper::body::{Frame, Incoming, SizeHint};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
@@ -19,12 +21,45 @@ use tracing::{debug, warn};
 
 use crate::shutdown::Shutdown;
 
-/// The response type every handler returns.
-pub type Resp = Response<Full<Bytes>>;
+/// A response body: one buffer, or chunks another task streams ([`ChannelBody`]).
+pub type Body = Either<Full<Bytes>, ChannelBody>;
+
+/// The response type every client API handler returns.
+pub type Resp = Response<Body>;
+
+/// A body of a known length whose chunks arrive on a channel, so that a large answer
+/// (a backup) is sent as it is produced instead of built in memory first. The producer
+/// ends it early by sending an error (the connection is then closed: the client sees a
+/// short body, never a wrong one of the announced length).
+pub struct ChannelBody {
+    rx: tokio::sync::mpsc::Receiver<std::io::Result<Bytes>>,
+    len: u64,
+}
+
+impl ChannelBody {
+    /// A body of exactly `len` bytes and the sender its chunks go to.
+    pub fn new(len: u64, depth: usize) -> (tokio::sync::mpsc::Sender<std::io::Result<Bytes>>, ChannelBody) {
+        let (tx, rx) = tokio::sync::mpsc::channel(depth.max(1));
+        (tx, ChannelBody { rx, len })
+    }
+}
+
+impl hyper::body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        self.rx.poll_recv(cx).map(|chunk| chunk.map(|r| r.map(Frame::data)))
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.len)
+    }
+}
 
 /// A response with a status, content type and body.
 pub fn response(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Resp {
-    let mut r = Response::new(Full::new(body.into()));
+    let mut r = Response::new(Either::Left(Full::new(body.into())));
     *r.status_mut() = status;
     if !content_type.is_empty() {
         r.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static(content_type));
@@ -45,10 +80,12 @@ pub fn error(status: StatusCode, code: &str, message: impl std::fmt::Display) ->
 }
 
 /// Serves plaintext HTTP/1.1 on `listener` until `shutdown` fires; see [`serve_tls`].
-pub async fn serve<F, Fut>(listener: TcpListener, shutdown: Shutdown, handler: F)
+pub async fn serve<F, Fut, B>(listener: TcpListener, shutdown: Shutdown, handler: F)
 where
     F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = Resp> + Send + 'static,
+    Fut: Future<Output = Response<B>> + Send + 'static,
+    B: hyper::body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     serve_tls(listener, None, shutdown, handler).await
 }
@@ -60,10 +97,12 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Each connection runs in its own task; a connection sending garbage, failing the TLS
 /// handshake (a stranger's certificate, none where one is required) or speaking
 /// plaintext to a TLS listener gets closed and nothing else happens.
-pub async fn serve_tls<F, Fut>(listener: TcpListener, tls: Option<Arc<rustls::ServerConfig>>, shutdown: Shutdown, handler: F)
+pub async fn serve_tls<F, Fut, B>(listener: TcpListener, tls: Option<Arc<rustls::ServerConfig>>, shutdown: Shutdown, handler: F)
 where
     F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = Resp> + Send + 'static,
+    Fut: Future<Output = Response<B>> + Send + 'static,
+    B: hyper::body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     loop {
@@ -168,11 +207,13 @@ async fn reject_plaintext(mut stream: TcpStream) {
     }
 }
 
-async fn serve_connection<I, F, Fut>(io: I, stop: Shutdown, handler: F)
+async fn serve_connection<I, F, Fut, B>(io: I, stop: Shutdown, handler: F)
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = Resp> + Send + 'static,
+    Fut: Future<Output = Response<B>> + Send + 'static,
+    B: hyper::body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let svc = service_fn(move |req| {
         let h = handler.clone();

@@ -524,6 +524,21 @@ impl KvStore {
         Ok(())
     }
 
+    /// The bootstrap image of a new cluster restored from a backup's full `image`: the
+    /// backup's keys with their revisions, at its applied index (returned with the
+    /// image), but the new cluster's members and id, and no removed ids.
+    pub fn restored_image(image: &[u8], members: &[(u64, String)], cluster_id: u64) -> Result<(Vec<u8>, u64), KvError> {
+        let mut kv = KvStore::new();
+        kv.restore(image)?;
+        kv.members.clear();
+        kv.removed.clear();
+        for (id, url) in members {
+            kv.set_member(*id, url.clone());
+        }
+        kv.cluster_id = cluster_id;
+        Ok((kv.snapshot_image(), kv.applied))
+    }
+
     /// The image of a brand-new cluster: no keys, the initial members.
     pub fn bootstrap_image(members: &[(u64, String)], applied: u64, cluster_id: u64) -> Vec<u8> {
         let mut kv = KvStore::new();

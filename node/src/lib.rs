@@ -17,6 +17,8 @@
 //!   changes since the last one) is the snapshot.
 //! * [`transport`] — raft messages between peers over HTTP (hyper), batched per peer.
 //! * [`api`] — the client HTTP API: raftexample's routes, `/v1`, probes, `/metrics`.
+//! * [`backup`] — the backup file: the state machine taken whole from a member
+//!   (`GET /v1/backup`) and the seed of a new cluster (`--restore-from`).
 //! * [`metrics`] — Prometheus metrics in etcd's naming style.
 //! * [`shutdown`] — one signal for SIGTERM, removal and fatal errors.
 //! * [`http`] — the accept loop (plaintext or TLS) and response helpers both listeners share.
@@ -29,6 +31,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod backup;
 pub mod config;
 pub mod http;
 pub mod kv;

@@ -351,6 +351,9 @@ pub enum StartError {
     /// The snapshot's state machine image does not decode.
     #[error("snapshot image: {0}")]
     Image(#[from] crate::kv::KvError),
+    /// The backup to restore from (`--restore-from`) cannot be used.
+    #[error("{0}")]
+    Backup(#[from] crate::backup::BackupError),
 }
 
 /// What the rest of the node needs from a started raft loop.
@@ -541,18 +544,37 @@ pub fn start(
     let incarnation = storage::data_dir_incarnation(&cfg.data_dir)?;
     if storage.is_fresh() && !cfg.join {
         // A new cluster: every initial member writes the same bootstrap snapshot at
-        // index 1, term 1. Joining nodes receive it from the leader instead.
+        // index 1, term 1 — or, restored from a backup, at the backup's applied index
+        // with its keys. Joining nodes receive it from the leader instead.
         let voters: Vec<u64> = cfg.initial_members.iter().map(|(id, _)| *id).collect();
+        let (data, index) = match &cfg.restore_from {
+            None => (KvStore::bootstrap_image(&cfg.initial_members, 1, cfg.initial_cluster_id), 1),
+            Some(path) => {
+                let (info, image) = crate::backup::read(path)?;
+                let id = crate::config::restored_cluster_id(&cfg.initial_members, &cfg.initial_cluster_token, info.crc, info.applied_index);
+                let (data, applied) = KvStore::restored_image(&image, &cfg.initial_members, id)?;
+                if applied != info.applied_index {
+                    return Err(StartError::Backup(crate::backup::BackupError::Invalid {
+                        path: path.clone(),
+                        why: format!("the header says applied index {}, the image {applied}", info.applied_index),
+                    }));
+                }
+                info!(backup = %path.display(), applied, crc = format!("{:08x}", info.crc), "restoring a new cluster from a backup");
+                (data, applied)
+            }
+        };
         let snap = Snapshot {
-            data: KvStore::bootstrap_image(&cfg.initial_members, 1, cfg.initial_cluster_id),
+            data,
             metadata: Some(SnapshotMetadata {
                 conf_state: Some(ConfState { voters, ..Default::default() }),
-                index: 1,
+                index,
                 term: 1,
             }),
         };
         storage.apply_snapshot(snap)?;
-        info!(members = cfg.initial_members.len(), "bootstrapped a new cluster");
+        info!(members = cfg.initial_members.len(), index, "bootstrapped a new cluster");
+    } else if let (Some(path), false) = (&cfg.restore_from, storage.is_fresh()) {
+        warn!(backup = %path.display(), "the data directory already holds this member's data: --restore-from is ignored");
     } else if storage.is_fresh() {
         info!("fresh node waiting to be added to the cluster (join)");
     }

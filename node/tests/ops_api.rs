@@ -421,3 +421,110 @@ fn writes_through_followers_ride_out_leadership_transfers() {
         assert_eq!(r.status, StatusCode::OK, "{key}");
     }
 }
+
+fn revision(c: &Cluster, id: u64, key: &str) -> u64 {
+    let r = c.http.get(&format!("{}/v1/kv/{key}", c.url(id))).unwrap();
+    assert_eq!(r.status, StatusCode::OK, "{key} on node {id}: {}", r.text());
+    r.json()["revision"].as_u64().unwrap()
+}
+
+/// A single-member cluster's process on fresh ports, data in `dir/name`, started with
+/// `args`: the child, its client URL and its log file.
+fn spawn_single(dir: &std::path::Path, name: &str, args: &[&str]) -> (std::process::Child, String, std::path::PathBuf) {
+    let log = dir.join(format!("{name}.log"));
+    let client = format!("127.0.0.1:{}", free_port());
+    let child = std::process::Command::new(raftkv_tests::node_binary())
+        .args(["--id", "1", "--cluster", &format!("http://127.0.0.1:{}", free_port())])
+        .args(["--port", &free_port().to_string(), "--listen-client-addr", &client])
+        .arg("--data-dir")
+        .arg(dir.join(name))
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap())
+        .spawn()
+        .unwrap();
+    (child, format!("http://{client}"), log)
+}
+
+/// [`spawn_single`], then waits (bounded) for it to exit: its exit code and its log.
+fn run_to_exit(dir: &std::path::Path, name: &str, args: &[&str]) -> (Option<i32>, String) {
+    let (mut child, _, log) = spawn_single(dir, name, args);
+    let status = wait_for(T, &format!("{name} to exit"), || child.try_wait().ok().flatten());
+    (status.code(), std::fs::read_to_string(&log).unwrap_or_default())
+}
+
+#[test]
+fn a_backup_restores_into_a_new_cluster_with_its_keys_and_revisions() {
+    let c = Cluster::start(3);
+    for i in 0..30 {
+        c.put_retry(1, &format!("b{i}"), &format!("v{i}"), T);
+    }
+    assert_eq!(c.http.delete(&format!("{}/v1/kv/b7", c.url(1))).unwrap().status, StatusCode::OK);
+    let revs: Vec<u64> = (0..30).filter(|i| *i != 7).map(|i| revision(&c, 1, &format!("b{i}"))).collect();
+    // A linearizable backup from a follower holds every acknowledged write.
+    let leader = c.wait_leader(T);
+    let follower = (1..=3).find(|id| *id != leader).unwrap();
+    let r = c.http.get(&format!("{}/v1/backup", c.url(follower))).unwrap();
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(&r.body[..8], b"RAFTKVBK");
+    let applied = u64::from_le_bytes(r.body[12..20].try_into().unwrap());
+    assert!(applied >= *revs.iter().max().unwrap(), "backup at {applied}, revisions {revs:?}");
+    let backup = c.dir.path().join("cluster.backup");
+    std::fs::write(&backup, &r.body).unwrap();
+    // Serializable: this member's own state, no barrier; bad requests are refused.
+    let r = c.http.get(&format!("{}/v1/backup?consistency=serializable", c.url(leader))).unwrap();
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(c.http.get(&format!("{}/v1/backup?consistency=eventual", c.url(1))).unwrap().status, StatusCode::BAD_REQUEST);
+    assert_eq!(c.http.post(&format!("{}/v1/backup", c.url(1)), "").unwrap().status, StatusCode::METHOD_NOT_ALLOWED);
+
+    // A damaged copy is refused with a message, and nothing is bootstrapped from it.
+    let mut damaged = r.body.clone();
+    damaged.truncate(damaged.len() - 1);
+    let bad = c.dir.path().join("truncated.backup");
+    std::fs::write(&bad, &damaged).unwrap();
+    let (code, log) = run_to_exit(c.dir.path(), "from-truncated", &["--restore-from", bad.to_str().unwrap()]);
+    assert_eq!(code, Some(1), "{log}");
+    assert!(log.contains("truncated.backup"), "{log}");
+    assert!(raftkv_tests::faultkit::snapshot_files(&c.dir.path().join("from-truncated")).is_empty());
+    // The data dir is still new: the good file restores into it.
+    let (mut single, url, _) = spawn_single(c.dir.path(), "from-truncated", &["--restore-from", backup.to_str().unwrap()]);
+    wait_for(T, "a single member restored after a refused file", || {
+        let r = c.http.get(&format!("{url}/v1/kv/b29")).ok()?;
+        (r.status == StatusCode::OK).then(|| assert_eq!(r.json()["value"], "v29"))
+    });
+    let _ = single.kill();
+    let _ = single.wait();
+    // A joining member takes its state from the leader, never from a backup.
+    let (code, log) = run_to_exit(c.dir.path(), "join-and-restore", &["--join", "--restore-from", backup.to_str().unwrap()]);
+    assert_eq!(code, Some(2), "{log}");
+    assert!(log.contains("--restore-from"), "{log}");
+
+    // A new 3-member cluster from the file: the same keys with the same revisions.
+    let opts = Options { extra_args: vec!["--restore-from".into(), backup.to_str().unwrap().into()], ..Options::default() };
+    let mut d = Cluster::start_with(3, opts);
+    for (k, i) in (0..30).filter(|i| *i != 7).enumerate() {
+        for id in 1..=3 {
+            assert_eq!(d.get(id, &format!("b{i}")).unwrap().as_deref(), Some(format!("v{i}").as_str()));
+        }
+        assert_eq!(revision(&d, 2, &format!("b{i}")), revs[k], "b{i}");
+    }
+    assert_eq!(d.get(1, "b7").unwrap(), None, "deleted before the backup");
+    // New writes get revisions after everything in the backup.
+    let r = d.http.put(&format!("{}/v1/kv/after", d.url(3)), "restore").unwrap();
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert!(r.json()["revision"].as_u64().unwrap() > applied);
+    // The restored cluster is not the old one: another id, so their members refuse
+    // each other's raft messages.
+    let old_id = c.status(1).unwrap()["cluster_id"].clone();
+    let new_id = d.status(1).unwrap()["cluster_id"].clone();
+    assert!(new_id.is_string() && new_id != old_id, "{old_id} {new_id}");
+    // A restart keeps the member's own data; the flag still given is ignored.
+    d.kill(1);
+    d.spawn(1);
+    wait_for(T, "node 1 back with the write made after the restore", || {
+        let r = d.http.get(&format!("{}/v1/kv/after", d.url(1))).ok()?;
+        (r.status == StatusCode::OK).then_some(())
+    });
+    assert!(raftkv_tests::faultkit::log_contains(&d.node(1).log, "--restore-from is ignored"));
+    assert_eq!(d.status(1).unwrap()["cluster_id"], new_id);
+}
