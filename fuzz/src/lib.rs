@@ -543,7 +543,7 @@ impl LiveNode {
             let _guard = rt.enter();
             raft_loop::start(cfg.clone(), transport, shutdown.clone(), tx.clone(), rx).expect("start the raft loop")
         };
-        let api = Api { cfg: Arc::new(cfg), raft: started.handle.clone(), status: started.status.clone(), kv: started.kv.clone() };
+        let api = Api { cfg: Arc::new(cfg), raft: started.handle.clone(), status: started.status.clone(), kv: started.kv.clone(), watch: started.watch.clone() };
         let node = LiveNode { api, tx, shutdown, thread: Some(started.thread), _dir: dir };
         let deadline = Instant::now() + Duration::from_secs(20);
         while !node.healthy() {

@@ -18,10 +18,11 @@ use serde_json::{json, Value as Json};
 use tokio::sync::oneshot;
 
 use crate::config::{parse_peer_url, Config};
-use crate::http::{error, json, response, ChannelBody, Resp};
+use crate::http::{error, json, response, ChannelBody, ChunkSender, Resp};
 use crate::kv::{ApplyOutcome, Command, KvStore, OpType};
 use crate::metrics::metrics;
 use crate::raft_loop::{NodeStatus, ProposeError, RaftHandle, Request, StatusCell};
+use crate::watch::{Filter, WatchHub};
 
 /// Everything a request handler needs.
 #[derive(Clone)]
@@ -34,6 +35,8 @@ pub struct Api {
     pub status: StatusCell,
     /// The state machine (read side).
     pub kv: Arc<RwLock<KvStore>>,
+    /// The recent changes watch streams follow.
+    pub watch: Arc<WatchHub>,
 }
 
 /// An API failure: status, machine-readable code, message.
@@ -194,6 +197,7 @@ fn route_label(method: &Method, path: &str) -> &'static str {
         "/metrics" => "metrics",
         "/v1/status" => "v1_status",
         "/v1/backup" => "v1_backup",
+        "/v1/watch" => "v1_watch",
         "/v1/kv" => "v1_kv_list",
         "/v1/members" => "v1_members",
         "/v1/leader/transfer" => "v1_leader_transfer",
@@ -254,6 +258,10 @@ impl Api {
             (_, "/v1/backup") => {
                 self.only(&method, &[Method::GET])?;
                 self.backup(&req).await
+            }
+            (_, "/v1/watch") => {
+                self.only(&method, &[Method::GET])?;
+                self.watch(&req).await
             }
             (_, "/v1/members") => match method {
                 Method::GET => self.members().await,
@@ -383,9 +391,12 @@ impl Api {
             Some("serializable") => {}
             Some(other) => return Err(ApiError::bad(format!("consistency must be linearizable or serializable, not {other:?}"))),
         }
-        let (items, more) = self.kv.read().map_err(|_| internal())?.list_page(&prefix, after.as_deref(), limit, LIST_PAGE_BYTES);
+        let ((items, more), revision) = {
+            let kv = self.kv.read().map_err(|_| internal())?;
+            (kv.list_page(&prefix, after.as_deref(), limit, LIST_PAGE_BYTES), kv.applied())
+        };
         let items: Vec<Json> = items.iter().map(|(k, v)| value_json(k, &v.data, v.revision)).collect();
-        Ok(json(StatusCode::OK, &json!({ "items": items, "more": more })))
+        Ok(json(StatusCode::OK, &json!({ "items": items, "more": more, "revision": revision })))
     }
 
     /// `GET /v1/backup`: the whole state machine as a backup file (see [`crate::backup`]),
@@ -427,6 +438,59 @@ impl Api {
         if let Ok(v) = hyper::header::HeaderValue::from_str(&format!("attachment; filename=\"raftkv-{}-{applied}.backup\"", self.cfg.id)) {
             r.headers_mut().insert(hyper::header::CONTENT_DISPOSITION, v);
         }
+        Ok(r)
+    }
+
+    /// `GET /v1/watch`: a stream of the changes to one key (`key=`) or to the keys under
+    /// a prefix (`prefix=`, every key by default), one JSON object per line, from
+    /// `start_revision` (the history permitting) or from now. "Now" is linearizable
+    /// by default: the stream holds every change after the writes acknowledged before
+    /// the request. See docs/api.md.
+    async fn watch(&self, req: &HttpRequest<Incoming>) -> ApiResult {
+        let filter = match (query_param(req, "key")?, query_param(req, "prefix")?) {
+            (Some(_), Some(_)) => return Err(ApiError::bad("give key or prefix, not both")),
+            (Some(k), None) if k.is_empty() => return Err(ApiError::bad("key must not be empty (prefix= watches every key)")),
+            (Some(k), None) => Filter::Key(k),
+            (None, p) => Filter::Prefix(p.unwrap_or_default()),
+        };
+        let start = match query_param(req, "start_revision")? {
+            None => None,
+            Some(s) => Some(s.parse::<u64>().ok().filter(|n| *n > 0).ok_or_else(|| ApiError::bad("start_revision must be a positive integer"))?),
+        };
+        let progress = match query_param(req, "progress_ms")? {
+            None => WATCH_PROGRESS,
+            Some(s) => s
+                .parse::<u64>()
+                .ok()
+                .filter(|ms| (100..=3_600_000).contains(ms))
+                .map(Duration::from_millis)
+                .ok_or_else(|| ApiError::bad("progress_ms must be 100 to 3600000"))?,
+        };
+        match query_param(req, "consistency")?.as_deref() {
+            None | Some("linearizable") if start.is_none() => self.read_barrier().await?,
+            None | Some("linearizable" | "serializable") => {}
+            Some(other) => return Err(ApiError::bad(format!("consistency must be linearizable or serializable, not {other:?}"))),
+        }
+        let Some(slot) = self.watch.open_stream() else {
+            return Err(ApiError::new(StatusCode::TOO_MANY_REQUESTS, "too_many_watches", format!("this member serves {} watch streams already", crate::watch::MAX_STREAMS)));
+        };
+        let position = match start {
+            Some(n) => n - 1,
+            None => self.watch.applied(),
+        };
+        let oldest = self.watch.start();
+        if position < oldest {
+            return Err(ApiError::new(
+                StatusCode::GONE,
+                "compacted",
+                format!("revision {} is older than this member's history of changes, which starts at revision {}: list the keys again and watch from the list's revision + 1", position + 1, oldest + 1),
+            ));
+        }
+        let (tx, body) = ChannelBody::unsized_stream(WATCH_QUEUE);
+        tokio::spawn(stream_watch(self.watch.clone(), filter, position, progress, tx, slot));
+        let mut r = response(StatusCode::OK, "application/x-ndjson", Bytes::new());
+        *r.body_mut() = http_body_util::Either::Right(body);
+        r.headers_mut().insert("x-raftkv-revision", hyper::header::HeaderValue::from(position));
         Ok(r)
     }
 
@@ -842,6 +906,81 @@ async fn sleep_before(deadline: tokio::time::Instant, d: Duration) -> bool {
     true
 }
 
+/// Chunks of a watch stream queued for a slow client before its stream waits.
+const WATCH_QUEUE: usize = 16;
+
+/// Changes one chunk of a watch stream holds at most.
+const WATCH_CHUNK_EVENTS: usize = 512;
+
+/// Changes a watch stream looks at per read of the history (it yields in between).
+const WATCH_SCAN: usize = 8192;
+
+/// A quiet watch stream sends a `progress` line this often (unless `progress_ms` says).
+const WATCH_PROGRESS: Duration = Duration::from_secs(10);
+
+/// Follows the history from `position` for one client until it goes away, falls behind
+/// the history (a last `compacted` line), or the node stops (the body just ends).
+async fn stream_watch(hub: Arc<WatchHub>, filter: Filter, mut position: u64, progress: Duration, tx: ChunkSender, _slot: crate::watch::StreamSlot) {
+    let mut changed = hub.subscribe();
+    let mut last_sent = tokio::time::Instant::now();
+    loop {
+        if hub.is_closed() {
+            return;
+        }
+        changed.borrow_and_update();
+        match hub.read(position, &filter, WATCH_CHUNK_EVENTS, WATCH_SCAN) {
+            Err(start) => {
+                metrics().watch_compacted.inc();
+                let line = json!({
+                    "type": "compacted",
+                    "revision": start + 1,
+                    "error": format!("this stream fell behind this member's history of changes, which now starts at revision {}: list the keys again and watch from the list's revision + 1", start + 1),
+                });
+                let _ = tx.send(Ok(json_line(&line))).await;
+                return;
+            }
+            Ok(batch) => {
+                position = batch.position;
+                if !batch.events.is_empty() {
+                    let mut buf = Vec::new();
+                    for e in &batch.events {
+                        let mut line = match e.value() {
+                            Some(v) => value_json(e.key(), &v.data, v.revision),
+                            None => json!({ "key": e.key(), "revision": e.revision() }),
+                        };
+                        line["type"] = json!(if e.value().is_some() { "put" } else { "delete" });
+                        buf.extend_from_slice(&json_line(&line));
+                    }
+                    if tx.send(Ok(Bytes::from(buf))).await.is_err() {
+                        return;
+                    }
+                    last_sent = tokio::time::Instant::now();
+                }
+                if !batch.caught_up {
+                    tokio::task::yield_now().await;
+                    continue;
+                }
+            }
+        }
+        tokio::select! {
+            r = changed.changed() => if r.is_err() { return },
+            _ = tokio::time::sleep_until(last_sent + progress) => {
+                if tx.send(Ok(json_line(&json!({ "type": "progress", "revision": position })))).await.is_err() {
+                    return;
+                }
+                last_sent = tokio::time::Instant::now();
+            }
+            _ = tx.closed() => return,
+        }
+    }
+}
+
+fn json_line(v: &Json) -> Bytes {
+    let mut buf = serde_json::to_vec(v).unwrap_or_default();
+    buf.push(b'\n');
+    Bytes::from(buf)
+}
+
 /// Bytes of a backup sent per chunk.
 const BACKUP_CHUNK: usize = 256 << 10;
 
@@ -1126,6 +1265,7 @@ mod tests {
             raft: RaftHandle::from_sender(tx),
             status: status.clone(),
             kv: Arc::new(RwLock::new(KvStore::new())),
+            watch: WatchHub::new(0, 10),
         };
         let fake = std::thread::spawn(move || {
             let mut proposed = 0;

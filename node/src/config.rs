@@ -77,6 +77,10 @@ pub struct Args {
     /// serializable-read loads on many cores.
     #[arg(long, env = "RAFTKV_WORKER_THREADS", default_value_t = 1)]
     pub worker_threads: usize,
+    /// Recent changes (puts and deletes) kept in memory for watchers, who can start
+    /// from any revision they cover (0 to 1000000; also at most 64 MiB of keys and values).
+    #[arg(long, env = "RAFTKV_WATCH_HISTORY", default_value_t = crate::watch::DEFAULT_HISTORY)]
+    pub watch_history: usize,
     /// Client listener TLS certificate chain (PEM). With --key-file, clients must use https.
     #[arg(long, env = "RAFTKV_CERT_FILE")]
     pub cert_file: Option<PathBuf>,
@@ -148,6 +152,8 @@ pub struct Config {
     pub promote_max_lag: u64,
     /// Worker threads of the HTTP runtime.
     pub worker_threads: usize,
+    /// Changes kept for watchers.
+    pub watch_history: usize,
     /// TLS for the client listener (`None`: plaintext).
     pub client_tls: Option<Arc<rustls::ServerConfig>>,
     /// Mutual TLS between peers (`None`: plaintext peer traffic).
@@ -344,6 +350,9 @@ impl Args {
         if self.tick_ms == 0 || self.tick_ms > 10_000 {
             return err("--tick-ms must be between 1 and 10000");
         }
+        if self.watch_history > 1_000_000 {
+            return err("--watch-history must be 0 to 1000000");
+        }
         if self.worker_threads == 0 || self.worker_threads > 1024 {
             return err("--worker-threads must be between 1 and 1024");
         }
@@ -374,6 +383,7 @@ impl Args {
             tick: Duration::from_millis(self.tick_ms),
             promote_max_lag: self.promote_max_lag,
             worker_threads: self.worker_threads,
+            watch_history: self.watch_history,
             client_tls: security.client_tls,
             peer_tls: security.peer_tls,
             admin_token: security.admin_token,
@@ -553,6 +563,9 @@ mod tests {
         assert!(parse(&["--worker-threads", "0"]).unwrap_err().contains("--worker-threads"));
         assert_eq!(parse(&["--worker-threads", "4"]).unwrap().worker_threads, 4);
         assert_eq!(parse(&[]).unwrap().worker_threads, 1);
+        assert_eq!(parse(&[]).unwrap().watch_history, 10_000);
+        assert_eq!(parse(&["--watch-history", "0"]).unwrap().watch_history, 0);
+        assert!(parse(&["--watch-history", "1000001"]).unwrap_err().contains("--watch-history"));
     }
 
     fn all<'a>(parts: &[&[&'a str]]) -> Vec<&'a str> {

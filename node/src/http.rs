@@ -27,20 +27,30 @@ pub type Body = Either<Full<Bytes>, ChannelBody>;
 /// The response type every client API handler returns.
 pub type Resp = Response<Body>;
 
-/// A body of a known length whose chunks arrive on a channel, so that a large answer
-/// (a backup) is sent as it is produced instead of built in memory first. The producer
-/// ends it early by sending an error (the connection is then closed: the client sees a
-/// short body, never a wrong one of the announced length).
+/// A body whose chunks arrive on a channel, so that a large answer (a backup) is sent
+/// as it is produced instead of built in memory first, and an endless one (a watch)
+/// can be sent at all. The producer ends it early by sending an error (the connection
+/// is then closed: the client sees a short body, never a wrong one of the announced
+/// length), or normally by dropping the sender.
 pub struct ChannelBody {
     rx: tokio::sync::mpsc::Receiver<std::io::Result<Bytes>>,
-    len: u64,
+    len: Option<u64>,
 }
+
+/// Where a [`ChannelBody`]'s chunks are sent.
+pub type ChunkSender = tokio::sync::mpsc::Sender<std::io::Result<Bytes>>;
 
 impl ChannelBody {
     /// A body of exactly `len` bytes and the sender its chunks go to.
-    pub fn new(len: u64, depth: usize) -> (tokio::sync::mpsc::Sender<std::io::Result<Bytes>>, ChannelBody) {
+    pub fn new(len: u64, depth: usize) -> (ChunkSender, ChannelBody) {
         let (tx, rx) = tokio::sync::mpsc::channel(depth.max(1));
-        (tx, ChannelBody { rx, len })
+        (tx, ChannelBody { rx, len: Some(len) })
+    }
+
+    /// A body of unknown length (sent chunked), and the sender its chunks go to.
+    pub fn unsized_stream(depth: usize) -> (ChunkSender, ChannelBody) {
+        let (tx, rx) = tokio::sync::mpsc::channel(depth.max(1));
+        (tx, ChannelBody { rx, len: None })
     }
 }
 
@@ -53,7 +63,10 @@ impl hyper::body::Body for ChannelBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        SizeHint::with_exact(self.len)
+        match self.len {
+            Some(n) => SizeHint::with_exact(n),
+            None => SizeHint::default(),
+        }
     }
 }
 

@@ -156,6 +156,42 @@ pub struct Value {
     pub revision: u64,
 }
 
+/// One applied change to a key, as watchers see it (`crate::watch`): a put with the new
+/// value, or a delete. Its revision is the raft index of the entry that made it. Cloning
+/// is a reference count: the pair is shared with the store (or, for a delete, is the
+/// pair the delete removed).
+#[derive(Clone)]
+pub struct Event {
+    pair: Pair,
+    revision: u64,
+    deleted: bool,
+}
+
+impl Event {
+    /// The key changed.
+    pub fn key(&self) -> &str {
+        self.pair.key()
+    }
+    /// The raft index of the change.
+    pub fn revision(&self) -> u64 {
+        self.revision
+    }
+    /// The new value (its revision is the event's), or None for a delete.
+    pub fn value(&self) -> Option<Value> {
+        (!self.deleted).then(|| self.pair.value())
+    }
+    /// Bytes this event keeps alive (key and value), for bounding a history of events.
+    pub fn size(&self) -> usize {
+        self.pair.bytes.len()
+    }
+}
+
+impl std::fmt::Debug for Event {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {:?}@{}", if self.deleted { "delete" } else { "put" }, self.key(), self.revision)
+    }
+}
+
 /// Errors decoding state-machine data.
 #[derive(Debug, thiserror::Error)]
 pub enum KvError {
@@ -304,6 +340,9 @@ pub struct KvStore {
     /// Applied index of the last image taken or restored, while changes are tracked
     /// (None: not tracked, the next image is full).
     changes_since: Option<u64>,
+    /// Changes applied since the raft loop last took them ([`KvStore::take_events`]),
+    /// when it asked for them ([`KvStore::record_events`]).
+    events: Option<Vec<Event>>,
 }
 
 impl KvStore {
@@ -344,6 +383,9 @@ impl KvStore {
                 // One walk of the tree: the replaced pair tells whether the key existed.
                 let pair = Pair::new(&cmd.key, &cmd.value, index);
                 self.track(&pair);
+                if let Some(events) = &mut self.events {
+                    events.push(Event { pair: pair.clone(), revision: index, deleted: false });
+                }
                 let existed = self.data.insert(pair).is_some();
                 ApplyOutcome::Applied { revision: index, existed }
             }
@@ -351,6 +393,9 @@ impl KvStore {
                 let old = self.data.remove(cmd.key.as_bytes());
                 if let Some(p) = &old {
                     self.track(p);
+                    if let Some(events) = &mut self.events {
+                        events.push(Event { pair: p.clone(), revision: index, deleted: true });
+                    }
                 }
                 ApplyOutcome::Applied { revision: index, existed: old.is_some() }
             }
@@ -368,6 +413,20 @@ impl KvStore {
             self.changes = Vec::new();
         } else {
             self.changes.push(p.clone());
+        }
+    }
+
+    /// From now on, keep every applied put and delete for [`KvStore::take_events`]
+    /// (the raft loop feeds watchers with them; nothing else asks).
+    pub fn record_events(&mut self) {
+        self.events.get_or_insert_with(Vec::new);
+    }
+
+    /// The changes applied since the last call, oldest first.
+    pub fn take_events(&mut self) -> Vec<Event> {
+        match &mut self.events {
+            Some(v) => std::mem::take(v),
+            None => Vec::new(),
         }
     }
 

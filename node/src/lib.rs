@@ -17,6 +17,8 @@
 //!   changes since the last one) is the snapshot.
 //! * [`transport`] — raft messages between peers over HTTP (hyper), batched per peer.
 //! * [`api`] — the client HTTP API: raftexample's routes, `/v1`, probes, `/metrics`.
+//! * [`watch`] — the recent changes to keys, and the streams of `GET /v1/watch` that
+//!   follow them.
 //! * [`backup`] — the backup file: the state machine taken whole from a member
 //!   (`GET /v1/backup`) and the seed of a new cluster (`--restore-from`).
 //! * [`metrics`] — Prometheus metrics in etcd's naming style.
@@ -42,6 +44,7 @@ pub mod shutdown;
 pub mod storage;
 pub mod tls;
 pub mod transport;
+pub mod watch;
 
 use std::sync::Arc;
 
@@ -112,12 +115,20 @@ pub async fn run(cfg: Config, shutdown: Shutdown) -> Result<Reason, RunError> {
             listener.clone().handle(req)
         }))
     };
-    let api = api::Api { cfg: Arc::new(cfg.clone()), raft: started.handle.clone(), status: started.status.clone(), kv: started.kv.clone() };
+    let api = api::Api {
+        cfg: Arc::new(cfg.clone()),
+        raft: started.handle.clone(),
+        status: started.status.clone(),
+        kv: started.kv.clone(),
+        watch: started.watch.clone(),
+    };
     let client_server = tokio::spawn(http::serve_tls(client_listener, cfg.client_tls.clone(), shutdown.clone(), move |req| api.clone().handle(req)));
 
     shutdown.wait().await;
     let reason = shutdown.reason();
     info!(?reason, "stopping");
+    // Watch streams never finish by themselves: end them rather than wait them out.
+    started.watch.close();
     let _ = tx.send(Request::Stop);
     let thread = started.thread;
     let _ = tokio::task::spawn_blocking(move || thread.join()).await;

@@ -62,6 +62,10 @@ pub struct Metrics {
     pub http_request_seconds: HistogramVec,
     /// Keys in the store.
     pub keys: IntGauge,
+    /// Watch streams open on this member.
+    pub watch_streams: IntGauge,
+    /// Watch streams ended because they fell behind the history.
+    pub watch_compacted: IntCounter,
 }
 
 fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
@@ -126,6 +130,8 @@ impl Metrics {
             http_requests: counter_vec(&r, "raftkv_http_requests_total", "Client HTTP requests by route and status code.", &["route", "code"]),
             http_request_seconds: histogram_vec(&r, "raftkv_http_request_duration_seconds", "Client HTTP request latency by route.", &["route"], http),
             keys: gauge(&r, "raftkv_keys_total", "Number of keys in the store."),
+            watch_streams: gauge(&r, "raftkv_watch_streams", "Watch streams open on this member."),
+            watch_compacted: counter(&r, "raftkv_watch_compacted_total", "Watch streams ended because they fell behind this member's history of changes (the client must list again)."),
             registry: r,
         }
     }

@@ -53,6 +53,7 @@ use crate::metrics::metrics;
 use crate::shutdown::{Reason, Shutdown};
 use crate::storage::{self, DiskStorage, StorageError, StorageOptions};
 use crate::transport::Transport;
+use crate::watch::WatchHub;
 
 mod vet;
 
@@ -364,6 +365,8 @@ pub struct Started {
     pub status: StatusCell,
     /// Read the state machine.
     pub kv: Arc<RwLock<KvStore>>,
+    /// The changes the loop applied, for watch streams.
+    pub watch: Arc<WatchHub>,
     /// The loop thread; joins when it has stopped.
     pub thread: std::thread::JoinHandle<()>,
 }
@@ -475,6 +478,8 @@ struct RaftLoop {
     want_snapshot: Arc<AtomicBool>,
     added_at: Arc<std::sync::Mutex<HashMap<u64, u64>>>,
     kv: Arc<RwLock<KvStore>>,
+    /// Where applied changes go for watch streams.
+    watch: Arc<WatchHub>,
     transport: Transport,
     status: StatusCell,
     shutdown: Shutdown,
@@ -624,6 +629,8 @@ pub fn start(
     let raft_storage = RaftStorage { disk: storage.clone(), want_snapshot: want_snapshot.clone(), added_at: added_at.clone() };
     let raw = RawNode::new(&raft_cfg, raft_storage, &crate::logger::raft_logger(cfg.id))?;
     let status: StatusCell = Arc::new(RwLock::new(Arc::new(NodeStatus::default())));
+    let watch = WatchHub::new(kv.applied(), cfg.watch_history);
+    kv.record_events();
     let kv = Arc::new(RwLock::new(kv));
     let (persist_tx, persist_rx) = std::sync::mpsc::channel::<u64>();
     {
@@ -640,6 +647,7 @@ pub fn start(
         want_snapshot,
         added_at,
         kv: kv.clone(),
+        watch: watch.clone(),
         transport,
         status: status.clone(),
         shutdown,
@@ -686,7 +694,7 @@ pub fn start(
             }
         })
         .map_err(|source| StorageError::Io { path: PathBuf::from("<thread>"), source })?;
-    Ok(Started { handle: RaftHandle { tx }, status, kv, thread })
+    Ok(Started { handle: RaftHandle { tx }, status, kv, watch, thread })
 }
 
 impl RaftLoop {
@@ -1301,7 +1309,10 @@ impl RaftLoop {
         }
         self.transport.set_cluster_id(kv.cluster_id());
         metrics().keys.set(kv.len() as i64);
+        kv.record_events();
         *self.kv.write().map_err(lock_err)? = kv;
+        // The changes between the old state and this one are not known here.
+        self.watch.reset(meta.index);
         self.conf_state = meta.conf_state.unwrap_or_default();
         info!(index = meta.index, term = meta.term, "installed snapshot from leader");
         Ok(())
@@ -1347,8 +1358,12 @@ impl RaftLoop {
                 break;
             }
         }
-        let kv = self.kv.read().map_err(lock_err)?;
+        let mut kv = self.kv.write().map_err(lock_err)?;
         metrics().keys.set(kv.len() as i64);
+        let (events, applied) = (kv.take_events(), kv.applied());
+        drop(kv);
+        // Before the reads waiting for these entries are answered (`answer_reads`).
+        self.watch.publish(events, applied);
         Ok(())
     }
 

@@ -528,3 +528,121 @@ fn a_backup_restores_into_a_new_cluster_with_its_keys_and_revisions() {
     assert!(raftkv_tests::faultkit::log_contains(&d.node(1).log, "--restore-from is ignored"));
     assert_eq!(d.status(1).unwrap()["cluster_id"], new_id);
 }
+
+/// The next change on a watch stream, skipping progress lines: (type, key, value, revision).
+fn next_change(s: &mut raftkv_tests::LineStream) -> (String, String, Option<String>, u64) {
+    loop {
+        let line = s.next_json().expect("the watch stream ended or timed out");
+        if line["type"] == "progress" {
+            continue;
+        }
+        let value = line["value"].as_str().map(str::to_string);
+        return (line["type"].as_str().unwrap().to_string(), line["key"].as_str().unwrap().to_string(), value, line["revision"].as_u64().unwrap());
+    }
+}
+
+#[test]
+fn watches_stream_every_change_in_order_from_now_or_from_a_revision() {
+    let mut c = Cluster::start_with(3, Options { extra_args: vec!["--watch-history".into(), "50".into()], ..Options::default() });
+    let put = |c: &Cluster, id: u64, k: &str, v: &str| -> u64 {
+        let r = c.http.put(&format!("{}/v1/kv/{k}", c.url(id)), v.to_string()).unwrap();
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+        r.json()["revision"].as_u64().unwrap()
+    };
+    let first = put(&c, 1, "w/a", "1");
+    // From now (linearizable): the stream starts at or after the acknowledged write.
+    let long = Http::new(Duration::from_secs(30));
+    let mut now = long.stream(&format!("{}/v1/watch?prefix=w/", c.url(2))).unwrap();
+    assert_eq!(now.status, StatusCode::OK);
+    assert_eq!(now.content_type.as_deref(), Some("application/x-ndjson"));
+    assert!(now.revision.unwrap() >= first);
+    let mut one_key = long.stream(&format!("{}/v1/watch?key=w/b", c.url(3))).unwrap();
+    let r2 = put(&c, 3, "w/a", "2");
+    let r3 = put(&c, 2, "w/b", "x");
+    put(&c, 1, "elsewhere", "z");
+    let r = c.http.delete(&format!("{}/v1/kv/w/a", c.url(1))).unwrap();
+    let r4 = r.json()["revision"].as_u64().unwrap();
+    assert_eq!(next_change(&mut now), ("put".into(), "w/a".into(), Some("2".into()), r2));
+    assert_eq!(next_change(&mut now), ("put".into(), "w/b".into(), Some("x".into()), r3));
+    assert_eq!(next_change(&mut now), ("delete".into(), "w/a".into(), None, r4));
+    assert_eq!(next_change(&mut one_key), ("put".into(), "w/b".into(), Some("x".into()), r3));
+    // From a revision, on another member: the same changes with the same revisions.
+    let mut from = long.stream(&format!("{}/v1/watch?prefix=w/&start_revision={first}", c.url(1))).unwrap();
+    assert_eq!(from.status, StatusCode::OK);
+    assert_eq!(from.revision, Some(first - 1));
+    assert_eq!(next_change(&mut from), ("put".into(), "w/a".into(), Some("1".into()), first));
+    assert_eq!(next_change(&mut from).3, r2);
+    assert_eq!(next_change(&mut from).3, r3);
+    assert_eq!(next_change(&mut from).3, r4);
+    // A list's revision is where a watch takes over without a gap or a repeat.
+    let list = c.http.get(&format!("{}/v1/kv?prefix=w/", c.url(2))).unwrap().json();
+    let at = list["revision"].as_u64().unwrap();
+    assert!(at >= r4, "{list}");
+    let mut after_list = long.stream(&format!("{}/v1/watch?prefix=w/&start_revision={}&progress_ms=200", c.url(2), at + 1)).unwrap();
+    let r5 = put(&c, 2, "w/c", "after the list");
+    assert_eq!(next_change(&mut after_list), ("put".into(), "w/c".into(), Some("after the list".into()), r5));
+    // A quiet stream says how far it has looked.
+    let progress = after_list.next_json().unwrap();
+    assert_eq!(progress["type"], "progress", "{progress}");
+    assert!(progress["revision"].as_u64().unwrap() >= r5);
+    // The history is bounded: older revisions get 410 compacted.
+    for i in 0..60 {
+        put(&c, 1, &format!("fill{i}"), "v");
+    }
+    let r = c.http.get(&format!("{}/v1/watch?start_revision={first}", c.url(1))).unwrap();
+    assert_eq!(r.status, StatusCode::GONE, "{}", r.text());
+    assert_eq!(r.json()["code"], "compacted");
+    // Bad requests.
+    for q in ["key=a&prefix=b", "key=", "start_revision=0", "start_revision=x", "consistency=eventual", "progress_ms=5"] {
+        let r = c.http.get(&format!("{}/v1/watch?{q}", c.url(1))).unwrap();
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{q}: {}", r.text());
+    }
+    assert_eq!(c.http.put(&format!("{}/v1/watch", c.url(1)), "x").unwrap().status, StatusCode::METHOD_NOT_ALLOWED);
+    let metrics = c.http.get(&format!("{}/metrics", c.url(2))).unwrap().text();
+    assert!(metrics.contains("raftkv_watch_streams 2"), "two streams open on node 2");
+    // A stopping member ends its streams (cleanly: the body ends) instead of waiting
+    // for them and then cutting their connections.
+    assert_eq!(c.terminate(2, T), Some(0));
+    let started = std::time::Instant::now();
+    let rest = now.rest();
+    eprintln!("stream ended {:?} after exit: {rest:?}", started.elapsed());
+    assert!(rest.is_ok(), "{rest:?}");
+    assert!(after_list.rest().is_ok());
+}
+
+#[test]
+fn a_stream_that_falls_behind_the_history_is_told_so_and_ends() {
+    let c = Cluster::start_with(3, Options { extra_args: vec!["--watch-history".into(), "10".into()], ..Options::default() });
+    c.put_retry(1, "before", "v", T);
+    let long = Http::new(Duration::from_secs(30));
+    let mut s = long.stream(&format!("{}/v1/watch?progress_ms=1000", c.url(3))).unwrap();
+    assert_eq!(s.status, StatusCode::OK);
+    let from = s.revision.unwrap();
+    // The client reads nothing while 80 MiB of changes go by: the socket's buffers and
+    // the stream's queue hold far less, so the stream waits, and the history (10
+    // changes) moves past it.
+    let value = vec![b'v'; 1 << 20];
+    for i in 0..80 {
+        let r = c.http.put(&format!("{}/v1/kv/big{i}", c.url(1)), value.clone()).unwrap();
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    }
+    let mut puts = 0;
+    let last = loop {
+        let line = s.next_json().expect("the stream ended without a compacted line");
+        match line["type"].as_str() {
+            Some("put") => puts += 1,
+            Some("compacted") => break line,
+            _ => {}
+        }
+    };
+    assert!(puts < 80, "every change arrived: the stream never fell behind");
+    let start = last["revision"].as_u64().unwrap();
+    assert!(start > from + 1, "{last}");
+    assert!(last["error"].as_str().unwrap().contains("list the keys again"), "{last}");
+    assert_eq!(s.rest(), Ok(Vec::new()), "the compacted line is the last");
+    let r = c.http.get(&format!("{}/v1/watch?start_revision={}", c.url(3), from + 1)).unwrap();
+    assert_eq!(r.status, StatusCode::GONE, "{}", r.text());
+    let metrics = c.http.get(&format!("{}/metrics", c.url(3))).unwrap().text();
+    assert!(metrics.contains("raftkv_watch_compacted_total 1"), "{metrics}");
+    assert!(metrics.contains("raftkv_watch_streams 0"), "the stream's slot is given back");
+}

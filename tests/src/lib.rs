@@ -70,6 +70,7 @@ pub fn free_port() -> u16 {
 #[derive(Clone)]
 pub struct Http {
     client: reqwest::blocking::Client,
+    timeout: Duration,
 }
 
 /// A response: status and body.
@@ -107,7 +108,7 @@ impl Http {
             .pool_max_idle_per_host(4)
             .build()
             .expect("http client");
-        Http { client }
+        Http { client, timeout }
     }
 
     /// Sends a request; Err on connection failure or timeout.
@@ -138,6 +139,68 @@ impl Http {
     /// DELETE.
     pub fn delete(&self, url: &str) -> Result<Resp, String> {
         self.call("DELETE", url, None)
+    }
+
+    /// GET a streamed answer (`/v1/watch`) and read it line by line as it arrives.
+    /// Reading it is bounded by this client's timeout: per read, and in all (checked
+    /// between lines, so a stream that sends a line at least every few seconds, as
+    /// watch streams with `progress_ms` do, ends soon after it).
+    pub fn stream(&self, url: &str) -> Result<LineStream, String> {
+        let resp = self.client.get(url).send().map_err(|e| e.to_string())?;
+        let status = resp.status();
+        let header = |name: &str| resp.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let revision = header("x-raftkv-revision").and_then(|v| v.parse().ok());
+        let content_type = header("content-type");
+        Ok(LineStream { status, revision, content_type, reader: BufReader::new(resp), deadline: Instant::now() + self.timeout })
+    }
+}
+
+/// A streamed answer read line by line ([`Http::stream`]).
+pub struct LineStream {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// The `x-raftkv-revision` header, if any.
+    pub revision: Option<u64>,
+    /// The `content-type` header, if any.
+    pub content_type: Option<String>,
+    reader: BufReader<reqwest::blocking::Response>,
+    deadline: Instant,
+}
+
+impl LineStream {
+    /// The next line; None when the stream ended (or failed, or timed out).
+    pub fn next_line(&mut self) -> Option<String> {
+        if Instant::now() > self.deadline {
+            return None;
+        }
+        let mut line = String::new();
+        match self.reader.read_line(&mut line) {
+            Ok(0) | Err(_) => None,
+            Ok(_) => Some(line.trim_end().to_string()),
+        }
+    }
+
+    /// Every line left, up to the end of the stream; Err when it did not end cleanly
+    /// (the connection was cut, or the client's timeout came first).
+    pub fn rest(&mut self) -> Result<Vec<String>, String> {
+        let mut lines = Vec::new();
+        loop {
+            if Instant::now() > self.deadline {
+                return Err(format!("still open at the deadline (after {} lines)", lines.len()));
+            }
+            let mut line = String::new();
+            match self.reader.read_line(&mut line) {
+                Ok(0) => return Ok(lines),
+                Ok(_) => lines.push(line.trim_end().to_string()),
+                Err(e) => return Err(format!("{e} (after {} lines)", lines.len())),
+            }
+        }
+    }
+
+    /// The next line as JSON (panics when it is not).
+    pub fn next_json(&mut self) -> Option<serde_json::Value> {
+        let line = self.next_line()?;
+        Some(serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}")))
     }
 }
 

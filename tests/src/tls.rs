@@ -98,7 +98,7 @@ pub fn https_client(ca_pem: &[u8], identity: Option<&CertFiles>, timeout: Durati
     if let Some(id) = identity {
         b = b.identity(reqwest::Identity::from_pem(&id.identity_pem()).expect("identity PEM"));
     }
-    Http { client: b.build().expect("https client") }
+    Http { client: b.build().expect("https client"), timeout }
 }
 
 impl Http {
