@@ -19,7 +19,7 @@ use tokio::sync::oneshot;
 
 use crate::config::{parse_peer_url, Config};
 use crate::http::{error, json, response, ChannelBody, ChunkSender, Resp};
-use crate::kv::{ApplyOutcome, Command, KvStore, OpType};
+use crate::kv::{ApplyOutcome, Command, KvStore, OpType, Txn, TxnCompare, TxnOp};
 use crate::metrics::metrics;
 use crate::raft_loop::{NodeStatus, ProposeError, RaftHandle, Request, StatusCell};
 use crate::watch::{Filter, WatchHub};
@@ -198,6 +198,7 @@ fn route_label(method: &Method, path: &str) -> &'static str {
         "/v1/status" => "v1_status",
         "/v1/backup" => "v1_backup",
         "/v1/watch" => "v1_watch",
+        "/v1/txn" => "v1_txn",
         "/v1/kv" => "v1_kv_list",
         "/v1/members" => "v1_members",
         "/v1/leader/transfer" => "v1_leader_transfer",
@@ -262,6 +263,11 @@ impl Api {
             (_, "/v1/watch") => {
                 self.only(&method, &[Method::GET])?;
                 self.watch(&req).await
+            }
+            (_, "/v1/txn") => {
+                self.only(&method, &[Method::POST])?;
+                let body = read_body(req, &self.cfg).await?;
+                self.txn(&body).await
             }
             (_, "/v1/members") => match method {
                 Method::GET => self.members().await,
@@ -494,14 +500,46 @@ impl Api {
         Ok(r)
     }
 
+    /// `POST /v1/txn`: etcd's transaction. If every compare holds, the `success` writes
+    /// are applied, otherwise the `failure` writes: atomically, at one revision, after
+    /// a quorum commit. See docs/api.md.
+    async fn txn(&self, body: &[u8]) -> ApiResult {
+        let txn = parse_txn(body)?;
+        let cmd = Command { op: OpType::Txn as i32, txn: Some(txn.clone()), ..Default::default() };
+        match self.propose(cmd).await? {
+            ApplyOutcome::Txn { revision, succeeded, existed } => {
+                let ops = if succeeded { &txn.success } else { &txn.failure };
+                let results: Vec<Json> = ops
+                    .iter()
+                    .zip(existed)
+                    .map(|(o, existed)| json!({ "op": if o.op == OpType::Put as i32 { "put" } else { "delete" }, "key": o.key, "existed": existed }))
+                    .collect();
+                Ok(json(StatusCode::OK, &json!({ "succeeded": succeeded, "revision": revision, "results": results })))
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+
     fn get_local(&self, key: &str) -> Option<crate::kv::Value> {
         self.kv.read().ok().and_then(|kv| kv.get(key))
     }
 
     /// Proposes a put/delete and waits for it to be applied. Returns (revision, existed).
     async fn write(&self, op: OpType, key: String, value: Vec<u8>, prev: Option<u64>) -> Result<(u64, bool), ApiError> {
+        let cmd = Command { op: op as i32, key, value, prev_revision: prev, ..Default::default() };
+        match self.propose(cmd).await? {
+            ApplyOutcome::Applied { revision, existed } => Ok((revision, existed)),
+            ApplyOutcome::PreconditionFailed { current } => {
+                Err(ApiError::new(StatusCode::PRECONDITION_FAILED, "revision_mismatch", format!("precondition failed: current revision is {current}")))
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Proposes a command (its request id is chosen here) and waits for its outcome.
+    async fn propose(&self, mut cmd: Command) -> Result<ApplyOutcome, ApiError> {
         let request_id = rand::random::<u64>();
-        let cmd = Command { request_id, op: op as i32, key, value, prev_revision: prev };
+        cmd.request_id = request_id;
         let data = cmd.encode_to_vec();
         let deadline = tokio::time::Instant::now() + self.cfg.request_timeout;
         loop {
@@ -518,17 +556,7 @@ impl Api {
                     metrics().proposals_failed.inc();
                     return Err(ApiError::unavailable("stopping", "node is stopping; the write's outcome is unknown"));
                 }
-                Ok(Ok(Ok(ApplyOutcome::Applied { revision, existed }))) => return Ok((revision, existed)),
-                Ok(Ok(Ok(ApplyOutcome::UnknownOp { op }))) => {
-                    return Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("this member does not know operation {op}")))
-                }
-                Ok(Ok(Ok(ApplyOutcome::PreconditionFailed { current }))) => {
-                    return Err(ApiError::new(
-                        StatusCode::PRECONDITION_FAILED,
-                        "revision_mismatch",
-                        format!("precondition failed: current revision is {current}"),
-                    ))
-                }
+                Ok(Ok(Ok(outcome))) => return Ok(outcome),
                 Ok(Ok(Err(ProposeError::NoLeader))) => {
                     if !sleep_before(deadline, Duration::from_millis(50)).await {
                         metrics().proposals_failed.inc();
@@ -906,6 +934,97 @@ async fn sleep_before(deadline: tokio::time::Instant, d: Duration) -> bool {
     true
 }
 
+/// Compares, and writes per branch, one transaction holds at most (as etcd's default
+/// `--max-txn-ops`).
+pub const TXN_MAX_OPS: usize = 128;
+
+/// Reads a transaction from its JSON body (docs/api.md): unknown fields, a compare
+/// without a condition, a write of an unknown kind, an empty key or a key written twice
+/// in one branch are refused.
+fn parse_txn(body: &[u8]) -> Result<Txn, ApiError> {
+    let v: Json = serde_json::from_slice(body).map_err(|e| ApiError::bad(format!("body must be JSON: {e}")))?;
+    let obj = v.as_object().ok_or_else(|| ApiError::bad("body must be a JSON object with compare, success and failure"))?;
+    only_fields(obj, "the transaction", &["compare", "success", "failure"])?;
+    let list = |name: &str| -> Result<&[Json], ApiError> {
+        match obj.get(name) {
+            None | Some(Json::Null) => Ok(&[]),
+            Some(Json::Array(a)) if a.len() <= TXN_MAX_OPS => Ok(a),
+            Some(Json::Array(_)) => Err(ApiError::bad(format!("{name:?} holds more than {TXN_MAX_OPS} entries"))),
+            Some(_) => Err(ApiError::bad(format!("{name:?} must be an array"))),
+        }
+    };
+    let mut compare = Vec::new();
+    for (i, c) in list("compare")?.iter().enumerate() {
+        let what = format!("compare[{i}]");
+        let o = c.as_object().ok_or_else(|| ApiError::bad(format!("{what} must be an object")))?;
+        only_fields(o, &what, &["key", "revision", "value", "value_base64"])?;
+        let revision = match o.get("revision") {
+            None => None,
+            Some(r) => Some(r.as_u64().ok_or_else(|| ApiError::bad(format!("{what}.revision must be a non-negative integer (0: the key is absent)")))?),
+        };
+        let value = txn_value(o, &what)?;
+        if revision.is_none() && value.is_none() {
+            return Err(ApiError::bad(format!("{what} needs a revision or a value to compare")));
+        }
+        compare.push(TxnCompare { key: txn_key(o, &what)?, revision, value });
+    }
+    Ok(Txn { compare, success: txn_ops("success", list("success")?)?, failure: txn_ops("failure", list("failure")?)? })
+}
+
+fn txn_ops(name: &str, ops: &[Json]) -> Result<Vec<TxnOp>, ApiError> {
+    let mut out: Vec<TxnOp> = Vec::new();
+    for (i, op) in ops.iter().enumerate() {
+        let what = format!("{name}[{i}]");
+        let o = op.as_object().ok_or_else(|| ApiError::bad(format!("{what} must be an object")))?;
+        let key = txn_key(o, &what)?;
+        let (kind, value) = match o.get("op").and_then(Json::as_str) {
+            Some("put") => {
+                only_fields(o, &what, &["op", "key", "value", "value_base64"])?;
+                (OpType::Put, txn_value(o, &what)?.ok_or_else(|| ApiError::bad(format!("{what}: a put needs a value (or value_base64)")))?)
+            }
+            Some("delete") => {
+                only_fields(o, &what, &["op", "key"])?;
+                (OpType::Delete, Vec::new())
+            }
+            _ => return Err(ApiError::bad(format!("{what}.op must be \"put\" or \"delete\""))),
+        };
+        if out.iter().any(|p| p.key == key) {
+            return Err(ApiError::bad(format!("{what}: key {key:?} is written twice in {name}")));
+        }
+        out.push(TxnOp { op: kind as i32, key, value });
+    }
+    Ok(out)
+}
+
+fn only_fields(o: &serde_json::Map<String, Json>, what: &str, allowed: &[&str]) -> Result<(), ApiError> {
+    match o.keys().find(|k| !allowed.contains(&k.as_str())) {
+        Some(k) => Err(ApiError::bad(format!("{what}: unknown field {k:?} (allowed: {})", allowed.join(", ")))),
+        None => Ok(()),
+    }
+}
+
+fn txn_key(o: &serde_json::Map<String, Json>, what: &str) -> Result<String, ApiError> {
+    match o.get("key").and_then(Json::as_str) {
+        Some(k) if !k.is_empty() => Ok(k.to_string()),
+        _ => Err(ApiError::bad(format!("{what}.key must be a non-empty string"))),
+    }
+}
+
+/// `value` (a string) or `value_base64` (any bytes), not both.
+fn txn_value(o: &serde_json::Map<String, Json>, what: &str) -> Result<Option<Vec<u8>>, ApiError> {
+    use base64::Engine;
+    match (o.get("value"), o.get("value_base64")) {
+        (Some(_), Some(_)) => Err(ApiError::bad(format!("{what}: value or value_base64, not both"))),
+        (Some(v), None) => v.as_str().map(|s| Some(s.as_bytes().to_vec())).ok_or_else(|| ApiError::bad(format!("{what}.value must be a string"))),
+        (None, Some(v)) => v
+            .as_str()
+            .and_then(|s| base64::engine::general_purpose::STANDARD.decode(s).ok())
+            .map(Some)
+            .ok_or_else(|| ApiError::bad(format!("{what}.value_base64 must be standard base64"))),
+        (None, None) => Ok(None),
+    }
+}
+
 /// Chunks of a watch stream queued for a slow client before its stream waits.
 const WATCH_QUEUE: usize = 16;
 
@@ -1033,6 +1152,15 @@ impl std::io::Write for ChunkWriter {
     }
 }
 
+/// An outcome that does not belong to the command proposed (a bug), or an operation
+/// this member does not know (it stops).
+fn unexpected(outcome: ApplyOutcome) -> ApiError {
+    match outcome {
+        ApplyOutcome::UnknownOp { op } => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("this member does not know operation {op}")),
+        other => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("unexpected outcome {other:?}")),
+    }
+}
+
 fn internal() -> ApiError {
     ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal lock poisoned")
 }
@@ -1060,20 +1188,8 @@ fn value_json(key: &str, data: &[u8], revision: u64) -> Json {
 
 /// Standard base64 (for values that are not UTF-8).
 pub fn base64(data: &[u8]) -> String {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
-    for chunk in data.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
-        let n = (b[0] as u32) << 16 | (b[1] as u32) << 8 | b[2] as u32;
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(data)
 }
 
 fn local_members(st: &NodeStatus) -> Vec<Json> {
@@ -1203,6 +1319,8 @@ mod tests {
             (Method::DELETE, "/v1/kv/k"),
             (Method::GET, "/v1/status"),
             (Method::GET, "/v1/backup"),
+            (Method::GET, "/v1/watch"),
+            (Method::POST, "/v1/txn"),
             (Method::GET, "/healthz"),
             (Method::GET, "/readyz"),
             (Method::GET, "/metrics"),
@@ -1221,6 +1339,43 @@ mod tests {
         assert_eq!(route_label(&Method::GET, "/v1"), "v1_unknown");
         assert_eq!(route_label(&Method::PUT, "/v1"), "v1_unknown");
         assert_eq!(route_label(&Method::GET, "/v1/backup"), "v1_backup");
+        assert_eq!(route_label(&Method::POST, "/v1/txn"), "v1_txn");
+        assert_eq!(route_label(&Method::GET, "/v1/watch"), "v1_watch");
+    }
+
+    #[test]
+    fn transactions_are_parsed_or_refused_with_the_reason() {
+        let t = parse_txn(br#"{"compare":[{"key":"a","revision":0},{"key":"b","value":"x"},{"key":"c","value_base64":"AP8="}],
+            "success":[{"op":"put","key":"a","value":"1"},{"op":"delete","key":"b"}],"failure":[{"op":"put","key":"z","value_base64":"AA=="}]}"#)
+        .unwrap();
+        assert_eq!(t.compare.len(), 3);
+        assert_eq!((t.compare[0].revision, t.compare[0].value.as_deref()), (Some(0), None));
+        assert_eq!(t.compare[1].value.as_deref(), Some(&b"x"[..]));
+        assert_eq!(t.compare[2].value.as_deref(), Some(&[0u8, 0xff][..]));
+        assert_eq!((t.success[0].op, t.success[1].op), (OpType::Put as i32, OpType::Delete as i32));
+        assert_eq!(t.failure[0].value, [0u8]);
+        assert_eq!(parse_txn(b"{}").unwrap(), Txn::default(), "an empty transaction is a (linearizable) no-op");
+        let too_many = format!(r#"{{"success":[{}]}}"#, (0..=TXN_MAX_OPS).map(|i| format!(r#"{{"op":"delete","key":"k{i}"}}"#)).collect::<Vec<_>>().join(","));
+        for (body, why) in [
+            (&b"nope"[..], "JSON"),
+            (b"[]", "object"),
+            (br#"{"compares":[]}"#, "unknown field"),
+            (br#"{"compare":{}}"#, "array"),
+            (br#"{"compare":[{"key":"a"}]}"#, "revision or a value"),
+            (br#"{"compare":[{"key":"","revision":1}]}"#, "non-empty"),
+            (br#"{"compare":[{"key":"a","revision":-1}]}"#, "non-negative"),
+            (br#"{"compare":[{"key":"a","value":"x","value_base64":"eA=="}]}"#, "not both"),
+            (br#"{"compare":[{"key":"a","value_base64":"!!"}]}"#, "base64"),
+            (br#"{"success":[{"op":"get","key":"a"}]}"#, "put\" or"),
+            (br#"{"success":[{"op":"put","key":"a"}]}"#, "needs a value"),
+            (br#"{"success":[{"op":"delete","key":"a","value":"x"}]}"#, "unknown field"),
+            (br#"{"failure":[{"op":"delete","key":"a"},{"op":"put","key":"a","value":""}]}"#, "written twice"),
+            (too_many.as_bytes(), "more than 128"),
+        ] {
+            let e = parse_txn(body).unwrap_err();
+            assert_eq!(e.status, StatusCode::BAD_REQUEST);
+            assert!(e.message.contains(why), "{}: {}", String::from_utf8_lossy(body), e.message);
+        }
     }
 
     #[test]

@@ -164,7 +164,7 @@ mod tests {
         let mut kv = KvStore::new();
         kv.set_member(1, "http://127.0.0.1:1".into());
         for i in 0..keys {
-            let cmd = Command { request_id: i, op: OpType::Put as i32, key: format!("k{i:04}"), value: vec![i as u8; 100], prev_revision: None };
+            let cmd = Command { request_id: i, op: OpType::Put as i32, key: format!("k{i:04}"), value: vec![i as u8; 100], prev_revision: None, ..Default::default() };
             kv.apply(i + 2, &cmd);
         }
         kv

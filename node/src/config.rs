@@ -78,7 +78,7 @@ pub struct Args {
     #[arg(long, env = "RAFTKV_WORKER_THREADS", default_value_t = 1)]
     pub worker_threads: usize,
     /// Recent changes (puts and deletes) kept in memory for watchers, who can start
-    /// from any revision they cover (0 to 1000000; also at most 64 MiB of keys and values).
+    /// from any revision they cover (1 to 1000000; also at most 64 MiB of keys and values).
     #[arg(long, env = "RAFTKV_WATCH_HISTORY", default_value_t = crate::watch::DEFAULT_HISTORY)]
     pub watch_history: usize,
     /// Client listener TLS certificate chain (PEM). With --key-file, clients must use https.
@@ -350,8 +350,8 @@ impl Args {
         if self.tick_ms == 0 || self.tick_ms > 10_000 {
             return err("--tick-ms must be between 1 and 10000");
         }
-        if self.watch_history > 1_000_000 {
-            return err("--watch-history must be 0 to 1000000");
+        if self.watch_history == 0 || self.watch_history > 1_000_000 {
+            return err("--watch-history must be 1 to 1000000 (a stream keeps up only while it reads changes before that many more are applied)");
         }
         if self.worker_threads == 0 || self.worker_threads > 1024 {
             return err("--worker-threads must be between 1 and 1024");
@@ -564,7 +564,8 @@ mod tests {
         assert_eq!(parse(&["--worker-threads", "4"]).unwrap().worker_threads, 4);
         assert_eq!(parse(&[]).unwrap().worker_threads, 1);
         assert_eq!(parse(&[]).unwrap().watch_history, 10_000);
-        assert_eq!(parse(&["--watch-history", "0"]).unwrap().watch_history, 0);
+        assert_eq!(parse(&["--watch-history", "1"]).unwrap().watch_history, 1);
+        assert!(parse(&["--watch-history", "0"]).unwrap_err().contains("--watch-history"));
         assert!(parse(&["--watch-history", "1000001"]).unwrap_err().contains("--watch-history"));
     }
 

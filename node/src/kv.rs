@@ -31,6 +31,8 @@ pub enum OpType {
     Put = 0,
     /// Remove a key.
     Delete = 1,
+    /// A transaction: compares, then the writes of one branch (`Command::txn`).
+    Txn = 2,
 }
 
 /// A client command as stored in a raft entry.
@@ -51,6 +53,52 @@ pub struct Command {
     /// Compare-and-swap precondition: the key's current revision must equal this (0 = absent).
     #[prost(uint64, optional, tag = "5")]
     pub prev_revision: Option<u64>,
+    /// A transaction's compares and branches ([`OpType::Txn`] only).
+    #[prost(message, optional, tag = "6")]
+    pub txn: Option<Txn>,
+}
+
+/// A transaction, as etcd's: if every compare holds, the `success` writes are applied,
+/// otherwise the `failure` writes; all at one revision (the entry's index), atomically.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Txn {
+    /// Conditions on the current state.
+    #[prost(message, repeated, tag = "1")]
+    pub compare: Vec<TxnCompare>,
+    /// Writes when every compare holds.
+    #[prost(message, repeated, tag = "2")]
+    pub success: Vec<TxnOp>,
+    /// Writes otherwise.
+    #[prost(message, repeated, tag = "3")]
+    pub failure: Vec<TxnOp>,
+}
+
+/// One condition of a [`Txn`]; the ones given must all hold.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct TxnCompare {
+    /// The key.
+    #[prost(string, tag = "1")]
+    pub key: String,
+    /// The key's revision equals this (0: the key is absent).
+    #[prost(uint64, optional, tag = "2")]
+    pub revision: Option<u64>,
+    /// The key exists and holds exactly these bytes.
+    #[prost(bytes = "vec", optional, tag = "3")]
+    pub value: Option<Vec<u8>>,
+}
+
+/// One write of a [`Txn`]: a put or a delete.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct TxnOp {
+    /// [`OpType::Put`] or [`OpType::Delete`].
+    #[prost(enumeration = "OpType", tag = "1")]
+    pub op: i32,
+    /// The key.
+    #[prost(string, tag = "2")]
+    pub key: String,
+    /// The value (puts).
+    #[prost(bytes = "vec", tag = "3")]
+    pub value: Vec<u8>,
 }
 
 /// Context attached to a conf change: who asked, and the new member's URL.
@@ -139,6 +187,16 @@ pub enum ApplyOutcome {
         /// Current revision.
         current: u64,
     },
+    /// A transaction was applied: which branch ran, and for each of its writes
+    /// whether the key existed before it.
+    Txn {
+        /// Entry index: the revision of every write of the transaction.
+        revision: u64,
+        /// Whether every compare held (the `success` branch ran).
+        succeeded: bool,
+        /// Per write of the branch that ran: whether its key existed before.
+        existed: Vec<bool>,
+    },
     /// The command's operation is unknown to this version; nothing was changed, not
     /// even the applied index.
     UnknownOp {
@@ -217,6 +275,19 @@ pub enum KvError {
         /// The state's applied index.
         applied: u64,
     },
+}
+
+/// Whether this version knows operation `op` and every write of `txn`: a leader refuses
+/// to append a command its members could not apply.
+pub fn is_known(op: i32, txn: Option<&Txn>) -> bool {
+    OpType::from_i32(op).is_some() && unknown_txn_op(txn).is_none()
+}
+
+/// A transaction's write whose operation is not a put or a delete (one this version
+/// does not know): nothing of the transaction may be applied.
+fn unknown_txn_op(txn: Option<&Txn>) -> Option<i32> {
+    let txn = txn?;
+    txn.success.iter().chain(&txn.failure).map(|o| o.op).find(|op| !matches!(OpType::from_i32(*op), Some(OpType::Put | OpType::Delete)))
 }
 
 /// Changes tracked for a delta never exceed half the store (then a full image is no
@@ -371,6 +442,9 @@ impl KvStore {
             // state the newer members do not have.
             return ApplyOutcome::UnknownOp { op: cmd.op };
         };
+        if let Some(unknown) = unknown_txn_op(cmd.txn.as_ref()) {
+            return ApplyOutcome::UnknownOp { op: unknown };
+        }
         self.set_applied(index);
         if let Some(expect) = cmd.prev_revision {
             let current = self.data.get(cmd.key.as_bytes()).map(Pair::revision).unwrap_or(0);
@@ -379,27 +453,54 @@ impl KvStore {
             }
         }
         match op {
-            OpType::Put => {
-                // One walk of the tree: the replaced pair tells whether the key existed.
-                let pair = Pair::new(&cmd.key, &cmd.value, index);
-                self.track(&pair);
-                if let Some(events) = &mut self.events {
-                    events.push(Event { pair: pair.clone(), revision: index, deleted: false });
-                }
-                let existed = self.data.insert(pair).is_some();
-                ApplyOutcome::Applied { revision: index, existed }
-            }
-            OpType::Delete => {
-                let old = self.data.remove(cmd.key.as_bytes());
-                if let Some(p) = &old {
-                    self.track(p);
-                    if let Some(events) = &mut self.events {
-                        events.push(Event { pair: p.clone(), revision: index, deleted: true });
-                    }
-                }
-                ApplyOutcome::Applied { revision: index, existed: old.is_some() }
+            OpType::Put => ApplyOutcome::Applied { revision: index, existed: self.put(index, &cmd.key, &cmd.value) },
+            OpType::Delete => ApplyOutcome::Applied { revision: index, existed: self.delete(index, &cmd.key) },
+            OpType::Txn => {
+                let txn = cmd.txn.as_ref();
+                let succeeded = txn.is_none_or(|t| t.compare.iter().all(|c| self.holds(c)));
+                let ops = txn.map(|t| if succeeded { &t.success } else { &t.failure });
+                let existed = ops
+                    .into_iter()
+                    .flatten()
+                    .map(|o| match OpType::from_i32(o.op) {
+                        Some(OpType::Put) => self.put(index, &o.key, &o.value),
+                        // Only puts and deletes get here (`unknown_txn_op`).
+                        _ => self.delete(index, &o.key),
+                    })
+                    .collect();
+                ApplyOutcome::Txn { revision: index, succeeded, existed }
             }
         }
+    }
+
+    /// Sets `key` at revision `index`; whether it existed.
+    fn put(&mut self, index: u64, key: &str, value: &[u8]) -> bool {
+        // One walk of the tree: the replaced pair tells whether the key existed.
+        let pair = Pair::new(key, value, index);
+        self.track(&pair);
+        if let Some(events) = &mut self.events {
+            events.push(Event { pair: pair.clone(), revision: index, deleted: false });
+        }
+        self.data.insert(pair).is_some()
+    }
+
+    /// Removes `key` at revision `index`; whether it existed.
+    fn delete(&mut self, index: u64, key: &str) -> bool {
+        let old = self.data.remove(key.as_bytes());
+        if let Some(p) = &old {
+            self.track(p);
+            if let Some(events) = &mut self.events {
+                events.push(Event { pair: p.clone(), revision: index, deleted: true });
+            }
+        }
+        old.is_some()
+    }
+
+    /// Whether a transaction's compare holds now.
+    fn holds(&self, c: &TxnCompare) -> bool {
+        let current = self.data.get(c.key.as_bytes());
+        c.revision.is_none_or(|r| current.map_or(0, Pair::revision) == r)
+            && c.value.as_ref().is_none_or(|v| current.is_some_and(|p| p.value_bytes() == v.as_slice()))
     }
 
     /// Remembers a changed pair for the next delta, or stops tracking when the delta
@@ -808,7 +909,7 @@ mod tests {
     use super::*;
 
     fn put(key: &str, value: &str, prev: Option<u64>) -> Command {
-        Command { request_id: 1, op: OpType::Put as i32, key: key.into(), value: value.as_bytes().to_vec(), prev_revision: prev }
+        Command { request_id: 1, op: OpType::Put as i32, key: key.into(), value: value.as_bytes().to_vec(), prev_revision: prev, ..Default::default() }
     }
 
     #[test]
@@ -875,6 +976,68 @@ mod tests {
         assert!(kv.get("b").is_none());
     }
 
+    fn txn(compare: Vec<TxnCompare>, success: Vec<TxnOp>, failure: Vec<TxnOp>) -> Command {
+        Command { op: OpType::Txn as i32, txn: Some(Txn { compare, success, failure }), ..Default::default() }
+    }
+
+    fn w(op: OpType, key: &str, value: &str) -> TxnOp {
+        TxnOp { op: op as i32, key: key.into(), value: value.as_bytes().to_vec() }
+    }
+
+    fn cmp(key: &str, revision: Option<u64>, value: Option<&str>) -> TxnCompare {
+        TxnCompare { key: key.into(), revision, value: value.map(|v| v.as_bytes().to_vec()) }
+    }
+
+    #[test]
+    fn a_transaction_runs_one_branch_atomically_at_one_revision() {
+        let mut kv = KvStore::new();
+        kv.apply(1, &put("a", "1", None));
+        kv.apply(2, &put("b", "2", None));
+        // Every compare holds: a swap of a and b, and a new key, all at revision 3.
+        let swap = txn(
+            vec![cmp("a", Some(1), Some("1")), cmp("b", None, Some("2")), cmp("new", Some(0), None)],
+            vec![w(OpType::Put, "a", "2"), w(OpType::Put, "b", "1"), w(OpType::Put, "new", "n"), w(OpType::Delete, "gone", "")],
+            vec![w(OpType::Put, "failed", "x")],
+        );
+        assert_eq!(kv.apply(3, &swap), ApplyOutcome::Txn { revision: 3, succeeded: true, existed: vec![true, true, false, false] });
+        for (k, v) in [("a", "2"), ("b", "1"), ("new", "n")] {
+            assert_eq!(kv.get(k).map(|x| (x.data.to_vec(), x.revision)), Some((v.as_bytes().to_vec(), 3)), "{k}");
+        }
+        assert!(kv.get("failed").is_none());
+        // One compare fails (a's revision is now 3; a value that differs; a key that
+        // exists compared as absent): only the failure branch runs.
+        for failing in [cmp("a", Some(1), None), cmp("a", None, Some("1")), cmp("new", Some(0), None), cmp("nope", None, Some(""))] {
+            let t = txn(vec![cmp("b", Some(3), None), failing.clone()], vec![w(OpType::Delete, "a", "")], vec![w(OpType::Put, "failed", "x")]);
+            assert_eq!(kv.apply(4, &t), ApplyOutcome::Txn { revision: 4, succeeded: false, existed: vec![false] }, "{failing:?}");
+            assert_eq!(kv.get("a").unwrap().revision, 3, "{failing:?}");
+            kv.apply(4, &Command { op: OpType::Delete as i32, key: "failed".into(), ..Default::default() });
+        }
+        // No compares: success; no writes: nothing changes but the applied index.
+        assert_eq!(kv.apply(5, &txn(vec![], vec![], vec![])), ApplyOutcome::Txn { revision: 5, succeeded: true, existed: vec![] });
+        assert_eq!(kv.applied(), 5);
+        // A write of a kind this version does not know: nothing of it is applied.
+        let odd = txn(vec![], vec![w(OpType::Delete, "a", ""), TxnOp { op: 2, key: "b".into(), value: vec![] }], vec![]);
+        assert_eq!(kv.apply(6, &odd), ApplyOutcome::UnknownOp { op: 2 });
+        assert!(kv.get("a").is_some());
+        assert_eq!(kv.applied(), 5);
+        assert!(!is_known(odd.op, odd.txn.as_ref()));
+        assert!(is_known(swap.op, swap.txn.as_ref()));
+        assert!(!is_known(99, None));
+        // A transaction's changes reach a delta snapshot like any other write (a delta
+        // needs changes to fewer than half the keys).
+        let filler = (0..10).map(|i| w(OpType::Put, &format!("f{i}"), "v")).collect();
+        kv.apply(6, &txn(vec![], filler, vec![]));
+        let base = kv.applied();
+        let mut follower = KvStore::new();
+        follower.restore(&kv.take_image(None).encode()).unwrap();
+        kv.apply(7, &txn(vec![], vec![w(OpType::Delete, "a", ""), w(OpType::Put, "c", "3")], vec![]));
+        let delta = kv.take_image(Some(base));
+        assert!(delta.delta_base().is_some(), "a delta");
+        follower.apply_delta(&delta.encode()).unwrap();
+        assert!(follower.get("a").is_none());
+        assert_eq!(follower.get("c").unwrap().revision, 7);
+    }
+
     #[test]
     fn pairs_behave_like_a_btreemap_of_strings() {
         use rand::{Rng, SeedableRng};
@@ -891,10 +1054,10 @@ mod tests {
             let key = keys[rng.gen_range(0..keys.len())];
             if rng.gen_bool(0.8) {
                 let value: Vec<u8> = (0..rng.gen_range(0..40)).map(|_| rng.gen()).collect();
-                kv.apply(index, &Command { request_id: index, op: OpType::Put as i32, key: key.into(), value: value.clone(), prev_revision: None });
+                kv.apply(index, &Command { request_id: index, op: OpType::Put as i32, key: key.into(), value: value.clone(), prev_revision: None, ..Default::default() });
                 model.insert(key.to_string(), (value, index));
             } else {
-                kv.apply(index, &Command { request_id: index, op: OpType::Delete as i32, key: key.into(), value: vec![], prev_revision: None });
+                kv.apply(index, &Command { request_id: index, op: OpType::Delete as i32, key: key.into(), value: vec![], prev_revision: None, ..Default::default() });
                 model.remove(key);
             }
             if index % 97 == 0 {

@@ -390,6 +390,9 @@ struct RequestIdOnly {
     /// [`Command`]'s op.
     #[prost(int32, tag = "2")]
     op: i32,
+    /// [`Command`]'s transaction (whose writes' ops must be known too).
+    #[prost(message, optional, tag = "6")]
+    txn: Option<crate::kv::Txn>,
 }
 
 /// What a proposal forwarded by a peer holds, read in one pass over its entries.
@@ -413,7 +416,7 @@ fn scan_forwarded(entries: &[Entry]) -> ForwardedScan {
             EntryType::EntryNormal if e.data.is_empty() => None,
             EntryType::EntryNormal => match RequestIdOnly::decode(e.data.as_slice()) {
                 Ok(c) => {
-                    scan.unknown_command |= crate::kv::OpType::from_i32(c.op).is_none();
+                    scan.unknown_command |= !crate::kv::is_known(c.op, c.txn.as_ref());
                     Some(c.request_id)
                 }
                 Err(_) => {
@@ -1795,7 +1798,7 @@ mod tests {
     fn a_forwarded_proposal_is_read_in_one_pass() {
         use prost::Message as _;
         let cmd = |id: u64| Entry {
-            data: Command { request_id: id, op: 0, key: "k".into(), value: vec![7; 300], prev_revision: None }.encode_to_vec(),
+            data: Command { request_id: id, op: 0, key: "k".into(), value: vec![7; 300], prev_revision: None, ..Default::default() }.encode_to_vec(),
             ..Default::default()
         };
         let ctx = |id: u64| ConfContext { request_id: id, peer_url: "http://a:1".into() }.encode_to_vec();
@@ -1817,5 +1820,22 @@ mod tests {
         // Garbage names nothing (and never panics).
         let junk = Entry { data: vec![0xff; 9], ..Default::default() };
         assert!(scan_forwarded(&[junk]).ids.is_empty());
+        // Commands this version cannot apply: an unknown op, or a transaction holding a
+        // write of an unknown kind.
+        use crate::kv::{OpType, Txn, TxnOp};
+        let txn = |op: i32| Entry {
+            data: Command {
+                request_id: 9,
+                op: OpType::Txn as i32,
+                txn: Some(Txn { success: vec![TxnOp { op, key: "k".into(), value: vec![] }], ..Default::default() }),
+                ..Default::default()
+            }
+            .encode_to_vec(),
+            ..Default::default()
+        };
+        assert!(!scan_forwarded(&[cmd(3), txn(OpType::Put as i32)]).unknown_command);
+        assert!(scan_forwarded(&[cmd(3), txn(OpType::Txn as i32)]).unknown_command);
+        let odd = Entry { data: Command { request_id: 5, op: 99, ..Default::default() }.encode_to_vec(), ..Default::default() };
+        assert!(scan_forwarded(&[odd]).unknown_command);
     }
 }

@@ -156,8 +156,8 @@ impl WatchHub {
         self.lock().start
     }
 
-    /// Up to `max` changes matching `filter` after `position`, looking at no more than
-    /// `max_scan` changes; `Err(start)` when the history no longer reaches back to
+    /// Up to `max` changes matching `filter` after `position` (more when the last
+    /// revision holds several), looking at no more than `max_scan` changes (likewise); `Err(start)` when the history no longer reaches back to
     /// `position` (it starts after `start`).
     pub fn read(&self, position: u64, filter: &Filter, max: usize, max_scan: usize) -> Result<Batch, u64> {
         let h = self.lock();
@@ -168,7 +168,9 @@ impl WatchHub {
         let mut events = Vec::new();
         let mut last = position;
         for (scanned, e) in h.events.range(first..).enumerate() {
-            if scanned == max_scan || events.len() == max {
+            // Never between two changes of one revision (a transaction): the position
+            // says every change up to it was looked at.
+            if (scanned >= max_scan || events.len() >= max) && e.revision() != last {
                 return Ok(Batch { events, position: last, caught_up: false });
             }
             last = e.revision();
@@ -208,7 +210,7 @@ impl WatchHub {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kv::{Command, KvStore, OpType};
+    use crate::kv::{Command, KvStore, OpType, Txn, TxnOp};
 
     /// Applies puts (`Some`) and deletes (`None`) at increasing indexes from `first`,
     /// and returns the events they made.
@@ -216,7 +218,7 @@ mod tests {
         kv.record_events();
         for (i, (k, v)) in ops.iter().enumerate() {
             let op = if v.is_some() { OpType::Put } else { OpType::Delete };
-            let cmd = Command { request_id: i as u64, op: op as i32, key: k.to_string(), value: v.unwrap_or("").as_bytes().to_vec(), prev_revision: None };
+            let cmd = Command { request_id: i as u64, op: op as i32, key: k.to_string(), value: v.unwrap_or("").as_bytes().to_vec(), prev_revision: None, ..Default::default() };
             kv.apply(first + i as u64, &cmd);
         }
         kv.take_events()
@@ -251,6 +253,27 @@ mod tests {
         let b = hub.read(b.position, &Filter::Key("a/1".into()), 100, 2).unwrap();
         assert_eq!((keys(&b).len(), b.position, b.caught_up), (1, 14, true));
         assert_eq!(hub.read(8, &all, 100, 100).unwrap_err(), 9, "before the history");
+    }
+
+    #[test]
+    fn a_read_never_stops_inside_a_transaction() {
+        let mut kv = KvStore::new();
+        kv.record_events();
+        let op = |key: &str| TxnOp { op: OpType::Put as i32, key: key.into(), value: b"v".to_vec() };
+        let txn = Txn { compare: Vec::new(), success: vec![op("t/1"), op("t/2"), op("t/3")], failure: Vec::new() };
+        kv.apply(5, &Command { op: OpType::Txn as i32, txn: Some(txn), ..Default::default() });
+        let mut ev = kv.take_events();
+        ev.extend(changes(&mut kv, 6, &[("after", Some("x"))]));
+        let hub = WatchHub::new(4, 100);
+        hub.publish(ev, 6);
+        let all = Filter::Prefix(String::new());
+        let b = hub.read(4, &all, 1, 100).unwrap();
+        assert_eq!(keys(&b).iter().map(|k| k.1).collect::<Vec<_>>(), [5, 5, 5], "all of revision 5, though max is 1");
+        assert_eq!((b.position, b.caught_up), (5, false));
+        let b = hub.read(4, &all, 100, 1).unwrap();
+        assert_eq!((b.events.len(), b.position), (3, 5), "likewise for max_scan");
+        let b = hub.read(5, &all, 1, 100).unwrap();
+        assert_eq!(keys(&b), [("after".into(), 6, true)]);
     }
 
     #[test]

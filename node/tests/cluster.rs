@@ -510,7 +510,7 @@ fn a_forwarded_command_of_an_unknown_kind_is_refused_and_the_cluster_goes_on() {
     c.put_retry(1, "before", "ok", T);
     let leader = c.wait_leader(T);
     let follower = (1..=3).find(|id| *id != leader).unwrap();
-    let cmd = Command { request_id: 42, op: 99, key: "k".into(), value: b"v".to_vec(), prev_revision: None };
+    let cmd = Command { request_id: 42, op: 99, key: "k".into(), value: b"v".to_vec(), prev_revision: None, ..Default::default() };
     let m = Message {
         msg_type: MessageType::MsgPropose as i32,
         to: leader,
@@ -549,8 +549,8 @@ fn a_committed_command_of_an_unknown_kind_stops_the_member_until_upgraded() {
     {
         let s = DiskStorage::open(&c.node(1).data_dir, StorageOptions::default()).expect("open");
         let (last, hs) = (s.last_index().expect("last"), s.hard_state());
-        let unknown = Command { request_id: 7, op: 99, key: "k".into(), value: b"v".to_vec(), prev_revision: None };
-        let after = Command { request_id: 8, op: OpType::Put as i32, key: "after".into(), value: b"x".to_vec(), prev_revision: None };
+        let unknown = Command { request_id: 7, op: 99, key: "k".into(), value: b"v".to_vec(), prev_revision: None, ..Default::default() };
+        let after = Command { request_id: 8, op: OpType::Put as i32, key: "after".into(), value: b"x".to_vec(), prev_revision: None, ..Default::default() };
         let entry = |index: u64, cmd: &Command| Entry { index, term: hs.term, data: cmd.encode_to_vec(), ..Default::default() };
         s.append(&[entry(last + 1, &unknown), entry(last + 2, &after)]).expect("append");
         s.set_hard_state(&HardState { commit: last + 2, ..hs }).expect("hard state");

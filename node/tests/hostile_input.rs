@@ -166,7 +166,7 @@ fn entry(index: u64, term: u64, data: Vec<u8>) -> Entry {
 }
 
 fn put(key: &str, value: &str) -> Vec<u8> {
-    Command { request_id: 7, op: OpType::Put as i32, key: key.into(), value: value.into(), prev_revision: None }
+    Command { request_id: 7, op: OpType::Put as i32, key: key.into(), value: value.into(), prev_revision: None, ..Default::default() }
         .encode_to_vec()
 }
 
@@ -181,7 +181,7 @@ fn kv_image() -> Vec<u8> {
     }
     kv.apply(
         13,
-        &Command { request_id: 8, op: OpType::Put as i32, key: "bin".into(), value: vec![0, 0xff, 3], prev_revision: None },
+        &Command { request_id: 8, op: OpType::Put as i32, key: "bin".into(), value: vec![0, 0xff, 3], prev_revision: None, ..Default::default() },
     );
     kv.remove_member(3);
     kv.set_applied(13);

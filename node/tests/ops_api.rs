@@ -646,3 +646,46 @@ fn a_stream_that_falls_behind_the_history_is_told_so_and_ends() {
     assert!(metrics.contains("raftkv_watch_compacted_total 1"), "{metrics}");
     assert!(metrics.contains("raftkv_watch_streams 0"), "the stream's slot is given back");
 }
+
+#[test]
+fn a_transaction_swaps_two_keys_atomically_or_runs_its_failure_branch() {
+    let c = Cluster::start(3);
+    let put = |k: &str, v: &str| c.http.put(&format!("{}/v1/kv/{k}", c.url(1)), v.to_string()).unwrap().json()["revision"].as_u64().unwrap();
+    let (ra, rb) = (put("x/a", "1"), put("x/b", "2"));
+    let long = Http::new(Duration::from_secs(30));
+    let mut watch = long.stream(&format!("{}/v1/watch?prefix=x/", c.url(3))).unwrap();
+    let swap = format!(
+        r#"{{"compare":[{{"key":"x/a","revision":{ra}}},{{"key":"x/b","revision":{rb}}}],
+            "success":[{{"op":"put","key":"x/a","value":"2"}},{{"op":"put","key":"x/b","value":"1"}}],
+            "failure":[{{"op":"put","key":"x/conflict","value_base64":"AP8="}}]}}"#
+    );
+    // Through a follower: committed by a quorum, answered once applied.
+    let leader = c.wait_leader(T);
+    let follower = (1..=3).find(|id| *id != leader).unwrap();
+    let r = c.http.post(&format!("{}/v1/txn", c.url(follower)), swap.clone()).unwrap();
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let body = r.json();
+    assert_eq!(body["succeeded"], true, "{body}");
+    let rev = body["revision"].as_u64().unwrap();
+    assert_eq!(body["results"], serde_json::json!([{"op":"put","key":"x/a","existed":true},{"op":"put","key":"x/b","existed":true}]));
+    for (id, k, v) in [(1, "x/a", "2"), (2, "x/b", "1"), (3, "x/a", "2")] {
+        let r = c.http.get(&format!("{}/v1/kv/{k}", c.url(id))).unwrap().json();
+        assert_eq!((r["value"].as_str(), r["revision"].as_u64()), (Some(v), Some(rev)), "{k} on {id}");
+    }
+    // Watchers see both writes at the one revision.
+    assert_eq!(next_change(&mut watch), ("put".into(), "x/a".into(), Some("2".into()), rev));
+    assert_eq!(next_change(&mut watch), ("put".into(), "x/b".into(), Some("1".into()), rev));
+    // The same transaction again: its compares no longer hold, the failure branch runs.
+    let r = c.http.post(&format!("{}/v1/txn", c.url(leader)), swap).unwrap().json();
+    assert_eq!(r["succeeded"], false, "{r}");
+    assert_eq!(r["results"], serde_json::json!([{"op":"put","key":"x/conflict","existed":false}]));
+    let r = c.http.get(&format!("{}/v1/kv/x/conflict", c.url(2))).unwrap().json();
+    assert_eq!(r["value_base64"], "AP8=");
+    assert_eq!(c.get(1, "x/a").unwrap().as_deref(), Some("2"), "untouched");
+    // Refused before anything is proposed.
+    let r = c.http.post(&format!("{}/v1/txn", c.url(1)), r#"{"success":[{"op":"put","key":"x/a"}]}"#).unwrap();
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text());
+    assert_eq!(c.http.get(&format!("{}/v1/txn", c.url(1))).unwrap().status, StatusCode::METHOD_NOT_ALLOWED);
+    let big = format!(r#"{{"success":[{{"op":"put","key":"k","value":"{}"}}]}}"#, "v".repeat(2 << 20));
+    assert_eq!(c.http.post(&format!("{}/v1/txn", c.url(1)), big).unwrap().status, StatusCode::PAYLOAD_TOO_LARGE);
+}
