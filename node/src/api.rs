@@ -199,6 +199,7 @@ fn route_label(method: &Method, path: &str) -> &'static str {
         "/v1/backup" => "v1_backup",
         "/v1/watch" => "v1_watch",
         "/v1/txn" => "v1_txn",
+        "/v1/kv" if m == "DELETE" => "v1_kv_delete_prefix",
         "/v1/kv" => "v1_kv_list",
         "/v1/members" => "v1_members",
         "/v1/leader/transfer" => "v1_leader_transfer",
@@ -252,10 +253,11 @@ impl Api {
             (Method::GET, "/metrics") => Ok(response(StatusCode::OK, "text/plain; version=0.0.4", metrics().render())),
             (_, "/healthz" | "/readyz" | "/metrics") => Err(method_not_allowed(&[Method::GET])),
             (_, "/v1/status") => self.only(&method, &[Method::GET]).map(|_| self.status_json()),
-            (_, "/v1/kv") => {
-                self.only(&method, &[Method::GET])?;
-                self.list(&req).await
-            }
+            (_, "/v1/kv") => match method {
+                Method::GET => self.list(&req).await,
+                Method::DELETE => self.delete_prefix(&req).await,
+                _ => Err(method_not_allowed(&[Method::GET, Method::DELETE])),
+            },
             (_, "/v1/backup") => {
                 self.only(&method, &[Method::GET])?;
                 self.backup(&req).await
@@ -403,6 +405,20 @@ impl Api {
         };
         let items: Vec<Json> = items.iter().map(|(k, v)| value_json(k, &v.data, v.revision)).collect();
         Ok(json(StatusCode::OK, &json!({ "items": items, "more": more, "revision": revision })))
+    }
+
+    /// `DELETE /v1/kv?prefix=<p>`: removes every key starting with `p` (not empty), in
+    /// one raft entry: atomically, all at one revision (etcd's `del --prefix`).
+    async fn delete_prefix(&self, req: &HttpRequest<Incoming>) -> ApiResult {
+        let prefix = match query_param(req, "prefix")? {
+            Some(p) if !p.is_empty() => p,
+            _ => return Err(ApiError::bad("prefix= is required and must not be empty (keys are deleted one by one with DELETE /v1/kv/<key>)")),
+        };
+        let cmd = Command { op: OpType::DeletePrefix as i32, key: prefix.clone(), ..Default::default() };
+        match self.propose(cmd).await? {
+            ApplyOutcome::DeletedPrefix { revision, deleted } => Ok(json(StatusCode::OK, &json!({ "prefix": prefix, "deleted": deleted, "revision": revision }))),
+            other => Err(unexpected(other)),
+        }
     }
 
     /// `GET /v1/backup`: the whole state machine as a backup file (see [`crate::backup`]),
@@ -1340,6 +1356,8 @@ mod tests {
         assert_eq!(route_label(&Method::PUT, "/v1"), "v1_unknown");
         assert_eq!(route_label(&Method::GET, "/v1/backup"), "v1_backup");
         assert_eq!(route_label(&Method::POST, "/v1/txn"), "v1_txn");
+        assert_eq!(route_label(&Method::DELETE, "/v1/kv"), "v1_kv_delete_prefix");
+        assert_eq!(route_label(&Method::GET, "/v1/kv"), "v1_kv_list");
         assert_eq!(route_label(&Method::GET, "/v1/watch"), "v1_watch");
     }
 

@@ -33,6 +33,8 @@ pub enum OpType {
     Delete = 1,
     /// A transaction: compares, then the writes of one branch (`Command::txn`).
     Txn = 2,
+    /// Remove every key starting with `Command::key` (a non-empty prefix).
+    DeletePrefix = 3,
 }
 
 /// A client command as stored in a raft entry.
@@ -196,6 +198,13 @@ pub enum ApplyOutcome {
         succeeded: bool,
         /// Per write of the branch that ran: whether its key existed before.
         existed: Vec<bool>,
+    },
+    /// Keys under a prefix were removed.
+    DeletedPrefix {
+        /// Entry index.
+        revision: u64,
+        /// How many keys were removed.
+        deleted: u64,
     },
     /// The command's operation is unknown to this version; nothing was changed, not
     /// even the applied index.
@@ -455,6 +464,20 @@ impl KvStore {
         match op {
             OpType::Put => ApplyOutcome::Applied { revision: index, existed: self.put(index, &cmd.key, &cmd.value) },
             OpType::Delete => ApplyOutcome::Applied { revision: index, existed: self.delete(index, &cmd.key) },
+            OpType::DeletePrefix => {
+                let pre = cmd.key.as_bytes();
+                // An empty prefix would be every key: the API never proposes one, and
+                // a command holding one removes nothing.
+                let doomed: Vec<Pair> = if pre.is_empty() {
+                    Vec::new()
+                } else {
+                    self.data.range::<_, [u8]>((std::ops::Bound::Included(pre), std::ops::Bound::Unbounded)).take_while(|p| p.key_bytes().starts_with(pre)).cloned().collect()
+                };
+                for p in &doomed {
+                    self.delete(index, p.key());
+                }
+                ApplyOutcome::DeletedPrefix { revision: index, deleted: doomed.len() as u64 }
+            }
             OpType::Txn => {
                 let txn = cmd.txn.as_ref();
                 let succeeded = txn.is_none_or(|t| t.compare.iter().all(|c| self.holds(c)));
@@ -986,6 +1009,38 @@ mod tests {
 
     fn cmp(key: &str, revision: Option<u64>, value: Option<&str>) -> TxnCompare {
         TxnCompare { key: key.into(), revision, value: value.map(|v| v.as_bytes().to_vec()) }
+    }
+
+    #[test]
+    fn delete_prefix_removes_exactly_the_keys_under_it_at_one_revision() {
+        let mut kv = KvStore::new();
+        kv.record_events();
+        for (i, k) in ["p", "p/a", "p/b", "p0", "q/a", "o"].iter().enumerate() {
+            kv.apply(i as u64 + 1, &put(k, "v", None));
+        }
+        // More keys, so that a delta of the deletes is smaller than a full image.
+        for i in 0..20 {
+            kv.apply(100 + i, &put(&format!("f{i:02}"), "v", None));
+        }
+        let base = kv.applied();
+        let mut follower = KvStore::new();
+        follower.restore(&kv.take_image(None).encode()).unwrap();
+        let _ = kv.take_events();
+        let del = |prefix: &str| Command { op: OpType::DeletePrefix as i32, key: prefix.into(), ..Default::default() };
+        assert_eq!(kv.apply(200, &del("p/")), ApplyOutcome::DeletedPrefix { revision: 200, deleted: 2 });
+        let left: Vec<String> = kv.list("", 100).0.into_iter().map(|(k, _)| k).filter(|k| !k.starts_with('f')).collect();
+        assert_eq!(left, ["o", "p", "p0", "q/a"]);
+        let events: Vec<String> = kv.take_events().iter().map(|e| format!("{e:?}")).collect();
+        assert_eq!(events, ["delete \"p/a\"@200", "delete \"p/b\"@200"]);
+        assert_eq!(kv.apply(201, &del("zzz")), ApplyOutcome::DeletedPrefix { revision: 201, deleted: 0 });
+        assert_eq!(kv.apply(202, &del("")), ApplyOutcome::DeletedPrefix { revision: 202, deleted: 0 }, "never every key");
+        assert_eq!(kv.len(), 24);
+        // Its deletes reach a delta snapshot.
+        let delta = kv.take_image(Some(base));
+        assert!(delta.delta_base().is_some());
+        follower.apply_delta(&delta.encode()).unwrap();
+        assert!(follower.get("p/a").is_none() && follower.get("p").is_some());
+        assert_eq!(follower.len(), 24);
     }
 
     #[test]

@@ -125,6 +125,17 @@ fn compare_and_swap_and_prefix_listing() {
     assert_eq!(r["more"], false);
     let r = h.get(&format!("{u}/v1/kv?prefix=p/&limit=0")).unwrap();
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    // Deleting by prefix: every key under it, at one revision; nothing else.
+    let r = h.delete(&format!("{u}/v1/kv?prefix=p/")).unwrap();
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.json()["deleted"], 4);
+    let r = h.get(&format!("{u}/v1/kv?prefix=")).unwrap().json();
+    let keys: Vec<&str> = r["items"].as_array().unwrap().iter().map(|i| i["key"].as_str().unwrap()).collect();
+    assert_eq!(keys, ["o", "q/x"]);
+    assert_eq!(h.delete(&format!("{u}/v1/kv?prefix=p/")).unwrap().json()["deleted"], 0);
+    assert_eq!(h.delete(&format!("{u}/v1/kv?prefix=")).unwrap().status, StatusCode::BAD_REQUEST, "never every key");
+    assert_eq!(h.delete(&format!("{u}/v1/kv")).unwrap().status, StatusCode::BAD_REQUEST);
+    assert_eq!(h.put(&format!("{u}/v1/kv"), "x").unwrap().status, StatusCode::METHOD_NOT_ALLOWED);
     // Status carries the indexes and members.
     let st = h.get(&format!("{u}/v1/status")).unwrap().json();
     assert_eq!(st["id"], 1);
