@@ -202,6 +202,7 @@ fn route_label(method: &Method, path: &str) -> &'static str {
         "/v1/kv" if m == "DELETE" => "v1_kv_delete_prefix",
         "/v1/kv" => "v1_kv_list",
         "/v1/members" => "v1_members",
+        "/v1/leases" => "v1_leases",
         "/v1/leader/transfer" => "v1_leader_transfer",
         "/v1" => "v1_unknown",
         p if p.starts_with("/v1/kv/") => match m {
@@ -211,6 +212,7 @@ fn route_label(method: &Method, path: &str) -> &'static str {
             _ => "v1_kv_other",
         },
         p if p.starts_with("/v1/members/") => "v1_member",
+        p if p.starts_with("/v1/leases/") => "v1_lease",
         p if p.starts_with("/v1/") => "v1_unknown",
         _ => match m {
             "GET" => "key_get",
@@ -287,6 +289,39 @@ impl Api {
             (_, p) if p.starts_with("/v1/kv/") => {
                 let key = percent_decode(&p["/v1/kv/".len()..])?;
                 self.v1_kv(method, key, req).await
+            }
+            (_, "/v1/leases") => match method {
+                Method::GET => {
+                    self.read_barrier().await?;
+                    let leases: Vec<Json> = self.kv.read().map_err(|_| internal())?.leases().map(|(id, ttl)| json!({ "id": id, "ttl": ttl / 1000 })).collect();
+                    Ok(json(StatusCode::OK, &json!({ "leases": leases })))
+                }
+                Method::POST => {
+                    let body = read_body(req, &self.cfg).await?;
+                    self.grant_lease(&body).await
+                }
+                _ => Err(method_not_allowed(&[Method::GET, Method::POST])),
+            },
+            (_, p) if p.starts_with("/v1/leases/") => {
+                let rest = &p["/v1/leases/".len()..];
+                match rest.strip_suffix("/keepalive") {
+                    Some(id) => {
+                        self.only(&method, &[Method::POST])?;
+                        self.lease_command(OpType::LeaseKeepAlive, parse_lease_id(id)?).await
+                    }
+                    None => match method {
+                        Method::GET => {
+                            let id = parse_lease_id(rest)?;
+                            self.read_barrier().await?;
+                            match self.kv.read().map_err(|_| internal())?.lease(id) {
+                                Some((ttl, keys)) => Ok(json(StatusCode::OK, &json!({ "id": id, "ttl": ttl / 1000, "keys": keys }))),
+                                None => Err(lease_not_found(id)),
+                            }
+                        }
+                        Method::DELETE => self.lease_command(OpType::LeaseRevoke, parse_lease_id(rest)?).await,
+                        _ => Err(method_not_allowed(&[Method::GET, Method::DELETE])),
+                    },
+                }
             }
             (_, p) if p.starts_with("/v1/members/") => {
                 let rest = &p["/v1/members/".len()..];
@@ -365,14 +400,29 @@ impl Api {
                     Some("serializable") => {}
                     Some(other) => return Err(ApiError::bad(format!("consistency must be linearizable or serializable, not {other:?}"))),
                 }
-                match self.get_local(&key) {
-                    Some(v) => Ok(json(StatusCode::OK, &value_json(&key, &v.data, v.revision))),
+                let found = {
+                    let kv = self.kv.read().map_err(|_| internal())?;
+                    kv.get(&key).map(|v| (v, kv.lease_of(&key)))
+                };
+                match found {
+                    Some((v, lease)) => {
+                        let mut body = value_json(&key, &v.data, v.revision);
+                        if let Some(id) = lease {
+                            body["lease"] = json!(id);
+                        }
+                        Ok(json(StatusCode::OK, &body))
+                    }
                     None => Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("key {key:?} not found"))),
                 }
             }
             Method::PUT => {
+                let lease = match query_param(&req, "lease")? {
+                    Some(s) => parse_lease_id(&s)?,
+                    None => 0,
+                };
                 let value = read_body(req, &self.cfg).await?;
-                let (revision, _) = self.write(OpType::Put, key.clone(), value.to_vec(), prev).await?;
+                let cmd = Command { op: OpType::Put as i32, key: key.clone(), value: value.to_vec(), prev_revision: prev, lease, ..Default::default() };
+                let (revision, _) = self.write_command(cmd).await?;
                 Ok(json(StatusCode::OK, &json!({ "key": key, "revision": revision })))
             }
             Method::DELETE => {
@@ -516,6 +566,38 @@ impl Api {
         Ok(r)
     }
 
+    /// `POST /v1/leases {"ttl": seconds}`: grants a lease (a new id, chosen here).
+    async fn grant_lease(&self, body: &[u8]) -> ApiResult {
+        let v: Json = serde_json::from_slice(body).map_err(|e| ApiError::bad(format!("body must be JSON: {e}")))?;
+        let o = v.as_object().ok_or_else(|| ApiError::bad("body must be a JSON object {\"ttl\": seconds}"))?;
+        only_fields(o, "the lease", &["ttl"])?;
+        let ttl = o
+            .get("ttl")
+            .and_then(Json::as_u64)
+            .filter(|t| (1..=MAX_LEASE_TTL_S).contains(t))
+            .ok_or_else(|| ApiError::bad(format!("\"ttl\" must be a whole number of seconds, 1 to {MAX_LEASE_TTL_S}")))?;
+        // Below 2^53: exact as a JSON number in every client.
+        let id = rand::random::<u64>() % ((1 << 53) - 1) + 1;
+        let cmd = Command { op: OpType::LeaseGrant as i32, lease: id, ttl_ms: ttl * 1000, ..Default::default() };
+        match self.propose(cmd).await? {
+            ApplyOutcome::LeaseKept { revision, .. } => Ok(json(StatusCode::CREATED, &json!({ "id": id, "ttl": ttl, "revision": revision }))),
+            ApplyOutcome::LeaseMismatch { .. } => Err(ApiError::new(StatusCode::CONFLICT, "lease_exists", format!("lease {id} exists already; retry"))),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Renews (`POST /v1/leases/<id>/keepalive`) or revokes (`DELETE /v1/leases/<id>`)
+    /// a lease through raft.
+    async fn lease_command(&self, op: OpType, id: u64) -> ApiResult {
+        let cmd = Command { op: op as i32, lease: id, ..Default::default() };
+        match self.propose(cmd).await? {
+            ApplyOutcome::LeaseKept { revision, ttl_ms } => Ok(json(StatusCode::OK, &json!({ "id": id, "ttl": ttl_ms / 1000, "revision": revision }))),
+            ApplyOutcome::DeletedPrefix { revision, deleted } => Ok(json(StatusCode::OK, &json!({ "id": id, "deleted": deleted, "revision": revision }))),
+            ApplyOutcome::LeaseMismatch { .. } => Err(lease_not_found(id)),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// `POST /v1/txn`: etcd's transaction. If every compare holds, the `success` writes
     /// are applied, otherwise the `failure` writes: atomically, at one revision, after
     /// a quorum commit. See docs/api.md.
@@ -542,9 +624,15 @@ impl Api {
 
     /// Proposes a put/delete and waits for it to be applied. Returns (revision, existed).
     async fn write(&self, op: OpType, key: String, value: Vec<u8>, prev: Option<u64>) -> Result<(u64, bool), ApiError> {
-        let cmd = Command { op: op as i32, key, value, prev_revision: prev, ..Default::default() };
+        self.write_command(Command { op: op as i32, key, value, prev_revision: prev, ..Default::default() }).await
+    }
+
+    /// Proposes a put or delete command and waits for it to be applied.
+    async fn write_command(&self, cmd: Command) -> Result<(u64, bool), ApiError> {
+        let lease = cmd.lease;
         match self.propose(cmd).await? {
             ApplyOutcome::Applied { revision, existed } => Ok((revision, existed)),
+            ApplyOutcome::LeaseMismatch { .. } => Err(lease_not_found(lease)),
             ApplyOutcome::PreconditionFailed { current } => {
                 Err(ApiError::new(StatusCode::PRECONDITION_FAILED, "revision_mismatch", format!("precondition failed: current revision is {current}")))
             }
@@ -948,6 +1036,17 @@ async fn sleep_before(deadline: tokio::time::Instant, d: Duration) -> bool {
     }
     tokio::time::sleep(d).await;
     true
+}
+
+/// The longest lease, in seconds (a year).
+pub const MAX_LEASE_TTL_S: u64 = 365 * 24 * 3600;
+
+fn parse_lease_id(s: &str) -> Result<u64, ApiError> {
+    s.parse::<u64>().ok().filter(|id| *id > 0).ok_or_else(|| ApiError::bad(format!("bad lease id {s:?}: want a positive integer")))
+}
+
+fn lease_not_found(id: u64) -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "lease_not_found", format!("lease {id} not found (expired or revoked?)"))
 }
 
 /// Compares, and writes per branch, one transaction holds at most (as etcd's default

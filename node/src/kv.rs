@@ -35,6 +35,12 @@ pub enum OpType {
     Txn = 2,
     /// Remove every key starting with `Command::key` (a non-empty prefix).
     DeletePrefix = 3,
+    /// Create lease `Command::lease` with `Command::ttl_ms`.
+    LeaseGrant = 4,
+    /// Remove lease `Command::lease` and every key attached to it (expiry, or a client).
+    LeaseRevoke = 5,
+    /// Renew lease `Command::lease`: its time to live starts again where it is applied.
+    LeaseKeepAlive = 6,
 }
 
 /// A client command as stored in a raft entry.
@@ -58,6 +64,26 @@ pub struct Command {
     /// A transaction's compares and branches ([`OpType::Txn`] only).
     #[prost(message, optional, tag = "6")]
     pub txn: Option<Txn>,
+    /// A put: the lease the key is attached to (0: none). Lease commands: the lease.
+    #[prost(uint64, tag = "7")]
+    pub lease: u64,
+    /// [`OpType::LeaseGrant`]: the lease's time to live.
+    #[prost(uint64, tag = "8")]
+    pub ttl_ms: u64,
+}
+
+/// A lease as snapshots hold it: its id, time to live and keys.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct LeaseRecord {
+    /// Lease id.
+    #[prost(uint64, tag = "1")]
+    pub id: u64,
+    /// Time to live.
+    #[prost(uint64, tag = "2")]
+    pub ttl_ms: u64,
+    /// Keys attached to it, in order.
+    #[prost(string, repeated, tag = "3")]
+    pub keys: Vec<String>,
 }
 
 /// A transaction, as etcd's: if every compare holds, the `success` writes are applied,
@@ -172,6 +198,9 @@ pub struct SnapshotImage {
     /// [`crate::config::cluster_id`]); 0 in images written before cluster ids.
     #[prost(uint64, tag = "8")]
     pub cluster_id: u64,
+    /// Every lease with its keys (in full in deltas too, like the members).
+    #[prost(message, repeated, tag = "9")]
+    pub leases: Vec<LeaseRecord>,
 }
 
 /// Result of applying a command.
@@ -199,7 +228,20 @@ pub enum ApplyOutcome {
         /// Per write of the branch that ran: whether its key existed before.
         existed: Vec<bool>,
     },
-    /// Keys under a prefix were removed.
+    /// The lease a command names does not exist (a put attaching a key to it, a
+    /// revoke, a renewal), or (a grant) already does. Nothing was changed.
+    LeaseMismatch {
+        /// Whether the lease exists.
+        exists: bool,
+    },
+    /// A lease was granted or renewed; its time to live.
+    LeaseKept {
+        /// Entry index.
+        revision: u64,
+        /// Time to live.
+        ttl_ms: u64,
+    },
+    /// Keys under a prefix (or a revoked lease's keys) were removed.
     DeletedPrefix {
         /// Entry index.
         revision: u64,
@@ -423,6 +465,10 @@ pub struct KvStore {
     /// Changes applied since the raft loop last took them ([`KvStore::take_events`]),
     /// when it asked for them ([`KvStore::record_events`]).
     events: Option<Vec<Event>>,
+    /// Leases: time to live in ms and attached keys.
+    leases: BTreeMap<u64, (u64, BTreeSet<String>)>,
+    /// The lease each attached key belongs to.
+    key_lease: std::collections::HashMap<String, u64>,
 }
 
 impl KvStore {
@@ -461,8 +507,37 @@ impl KvStore {
                 return ApplyOutcome::PreconditionFailed { current };
             }
         }
+        if op == OpType::Put && cmd.lease != 0 && !self.leases.contains_key(&cmd.lease) {
+            return ApplyOutcome::LeaseMismatch { exists: false };
+        }
         match op {
-            OpType::Put => ApplyOutcome::Applied { revision: index, existed: self.put(index, &cmd.key, &cmd.value) },
+            OpType::Put => {
+                let existed = self.put(index, &cmd.key, &cmd.value);
+                if cmd.lease != 0 {
+                    self.attach(&cmd.key, cmd.lease);
+                }
+                ApplyOutcome::Applied { revision: index, existed }
+            }
+            OpType::LeaseGrant => {
+                if cmd.lease == 0 || self.leases.contains_key(&cmd.lease) {
+                    return ApplyOutcome::LeaseMismatch { exists: cmd.lease != 0 };
+                }
+                self.leases.insert(cmd.lease, (cmd.ttl_ms, BTreeSet::new()));
+                ApplyOutcome::LeaseKept { revision: index, ttl_ms: cmd.ttl_ms }
+            }
+            OpType::LeaseKeepAlive => match self.leases.get(&cmd.lease) {
+                Some((ttl_ms, _)) => ApplyOutcome::LeaseKept { revision: index, ttl_ms: *ttl_ms },
+                None => ApplyOutcome::LeaseMismatch { exists: false },
+            },
+            OpType::LeaseRevoke => {
+                let Some((_, keys)) = self.leases.remove(&cmd.lease) else {
+                    return ApplyOutcome::LeaseMismatch { exists: false };
+                };
+                for k in &keys {
+                    self.delete(index, k);
+                }
+                ApplyOutcome::DeletedPrefix { revision: index, deleted: keys.len() as u64 }
+            }
             OpType::Delete => ApplyOutcome::Applied { revision: index, existed: self.delete(index, &cmd.key) },
             OpType::DeletePrefix => {
                 let pre = cmd.key.as_bytes();
@@ -496,8 +571,44 @@ impl KvStore {
         }
     }
 
-    /// Sets `key` at revision `index`; whether it existed.
+    /// Attaches `key` (just written) to `lease`, which exists.
+    fn attach(&mut self, key: &str, lease: u64) {
+        if let Some((_, keys)) = self.leases.get_mut(&lease) {
+            keys.insert(key.to_string());
+            self.key_lease.insert(key.to_string(), lease);
+        }
+    }
+
+    /// Detaches `key` from its lease, if any (it was rewritten or deleted).
+    fn detach(&mut self, key: &str) {
+        if let Some(lease) = self.key_lease.remove(key) {
+            if let Some((_, keys)) = self.leases.get_mut(&lease) {
+                keys.remove(key);
+            }
+        }
+    }
+
+    /// Every lease: id and time to live.
+    pub fn leases(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.leases.iter().map(|(id, (ttl, _))| (*id, *ttl))
+    }
+
+    /// A lease's time to live and keys.
+    pub fn lease(&self, id: u64) -> Option<(u64, Vec<String>)> {
+        self.leases.get(&id).map(|(ttl, keys)| (*ttl, keys.iter().cloned().collect()))
+    }
+
+    /// The lease `key` is attached to.
+    pub fn lease_of(&self, key: &str) -> Option<u64> {
+        self.key_lease.get(key).copied()
+    }
+
+    /// Sets `key` at revision `index` (attached to no lease: the caller attaches it);
+    /// whether it existed.
     fn put(&mut self, index: u64, key: &str, value: &[u8]) -> bool {
+        if !self.key_lease.is_empty() {
+            self.detach(key);
+        }
         // One walk of the tree: the replaced pair tells whether the key existed.
         let pair = Pair::new(key, value, index);
         self.track(&pair);
@@ -509,6 +620,9 @@ impl KvStore {
 
     /// Removes `key` at revision `index`; whether it existed.
     fn delete(&mut self, index: u64, key: &str) -> bool {
+        if !self.key_lease.is_empty() {
+            self.detach(key);
+        }
         let old = self.data.remove(key.as_bytes());
         if let Some(p) = &old {
             self.track(p);
@@ -642,6 +756,7 @@ impl KvStore {
     pub fn image_source(&self) -> ImageSource {
         ImageSource {
             data: self.data.clone(),
+            leases: self.leases.iter().map(|(id, (ttl_ms, keys))| LeaseRecord { id: *id, ttl_ms: *ttl_ms, keys: keys.iter().cloned().collect() }).collect(),
             members: self.members.clone(),
             removed: self.removed.clone(),
             applied: self.applied,
@@ -680,6 +795,8 @@ impl KvStore {
     /// Takes an image's members, removed ids and applied index (an image has both in
     /// full, delta or not), and tracks changes from that image on.
     fn adopt(&mut self, img: SnapshotImage) {
+        self.key_lease = img.leases.iter().flat_map(|l| l.keys.iter().map(move |k| (k.clone(), l.id))).collect();
+        self.leases = img.leases.into_iter().map(|l| (l.id, (l.ttl_ms, l.keys.into_iter().collect()))).collect();
         self.members = img.members.into_iter().map(|m| (m.id, m.peer_url)).collect();
         self.removed = img.removed.into_iter().collect();
         self.applied = img.applied_index;
@@ -791,6 +908,7 @@ fn decode_image(bytes: &[u8], what: &'static str) -> Result<(SnapshotImage, Vec<
 /// whole state, or (a delta) what changed since an earlier image.
 pub struct ImageSource {
     data: imbl::OrdSet<Pair>,
+    leases: Vec<LeaseRecord>,
     members: BTreeMap<u64, String>,
     removed: BTreeSet<u64>,
     applied: u64,
@@ -907,6 +1025,7 @@ impl ImageSource {
             base_index: self.delta_base().unwrap_or(0),
             deleted: self.contents().1.to_vec(),
             cluster_id: self.cluster_id,
+            leases: self.leases.clone(),
         }
     }
 }
@@ -1009,6 +1128,56 @@ mod tests {
 
     fn cmp(key: &str, revision: Option<u64>, value: Option<&str>) -> TxnCompare {
         TxnCompare { key: key.into(), revision, value: value.map(|v| v.as_bytes().to_vec()) }
+    }
+
+    #[test]
+    fn leases_hold_keys_until_revoked_and_survive_images() {
+        let lease = |op: OpType, id: u64, ttl_ms: u64| Command { op: op as i32, lease: id, ttl_ms, ..Default::default() };
+        let leased = |key: &str, id: u64| Command { lease: id, ..put(key, "v", None) };
+        let mut kv = KvStore::new();
+        kv.record_events();
+        assert_eq!(kv.apply(1, &lease(OpType::LeaseGrant, 7, 5000)), ApplyOutcome::LeaseKept { revision: 1, ttl_ms: 5000 });
+        assert_eq!(kv.apply(2, &lease(OpType::LeaseGrant, 7, 1000)), ApplyOutcome::LeaseMismatch { exists: true });
+        assert_eq!(kv.apply(3, &leased("a", 8)), ApplyOutcome::LeaseMismatch { exists: false }, "no lease 8");
+        assert!(kv.get("a").is_none());
+        kv.apply(4, &leased("a", 7));
+        kv.apply(5, &leased("b", 7));
+        kv.apply(6, &leased("c", 7));
+        kv.apply(7, &put("free", "v", None));
+        assert_eq!(kv.lease(7), Some((5000, vec!["a".into(), "b".into(), "c".into()])));
+        assert_eq!(kv.lease_of("a"), Some(7));
+        // Rewritten without the lease, or deleted: no longer the lease's.
+        kv.apply(8, &put("b", "w", None));
+        kv.apply(9, &Command { op: OpType::Delete as i32, key: "c".into(), ..Default::default() });
+        assert_eq!(kv.lease(7).unwrap().1, ["a"]);
+        assert_eq!(kv.lease_of("b"), None);
+        assert_eq!(kv.apply(10, &lease(OpType::LeaseKeepAlive, 7, 0)), ApplyOutcome::LeaseKept { revision: 10, ttl_ms: 5000 });
+        assert_eq!(kv.apply(11, &lease(OpType::LeaseKeepAlive, 9, 0)), ApplyOutcome::LeaseMismatch { exists: false });
+        // Images (full and delta) keep leases and their keys (more keys first, so that
+        // a delta is smaller than a full image).
+        for i in 0..30 {
+            kv.apply(12 + i, &put(&format!("f{i:02}"), "v", None));
+        }
+        let base = kv.applied();
+        let mut follower = KvStore::new();
+        follower.restore(&kv.take_image(None).encode()).unwrap();
+        assert_eq!(follower.lease(7), kv.lease(7));
+        assert_eq!(follower.lease_of("a"), Some(7));
+        kv.apply(50, &lease(OpType::LeaseGrant, 9, 2000));
+        kv.apply(51, &leased("d", 9));
+        let delta = kv.take_image(Some(base));
+        assert!(delta.delta_base().is_some());
+        follower.apply_delta(&delta.encode()).unwrap();
+        assert_eq!(follower.lease(9), Some((2000, vec!["d".into()])));
+        assert_eq!(follower.lease_of("d"), Some(9));
+        // Revoking removes the lease and its keys, at its revision.
+        let _ = kv.take_events();
+        assert_eq!(kv.apply(52, &lease(OpType::LeaseRevoke, 7, 0)), ApplyOutcome::DeletedPrefix { revision: 52, deleted: 1 });
+        assert!(kv.get("a").is_none() && kv.get("b").is_some() && kv.get("free").is_some());
+        assert_eq!(kv.lease(7), None);
+        assert_eq!(kv.take_events().iter().map(|e| format!("{e:?}")).collect::<Vec<_>>(), ["delete \"a\"@52"]);
+        assert_eq!(kv.apply(53, &lease(OpType::LeaseRevoke, 7, 0)), ApplyOutcome::LeaseMismatch { exists: false });
+        assert_eq!(kv.leases().collect::<Vec<_>>(), [(9, 2000)]);
     }
 
     #[test]

@@ -529,6 +529,35 @@ struct RaftLoop {
     started: Instant,
     /// The earliest time a learner sends its next membership probe.
     next_probe: Instant,
+    /// When each lease expires unless renewed, as this member saw its grant or last
+    /// renewal applied (only the leader acts on it: it proposes the revocation).
+    lease_deadlines: HashMap<u64, Instant>,
+    /// Leases whose revocation this member proposed, and when (proposed again if it has
+    /// not been applied within the request timeout).
+    revoking: HashMap<u64, Instant>,
+}
+
+/// When a lease with `ttl_ms` renewed at `now` expires (a TTL too long for the clock,
+/// which only a hostile proposal could carry, is a century).
+fn lease_deadline(now: Instant, ttl_ms: u64) -> Instant {
+    let century = Duration::from_secs(100 * 365 * 24 * 3600);
+    now.checked_add(Duration::from_millis(ttl_ms).min(century)).unwrap_or(now)
+}
+
+/// A lease command applied: a grant or renewal starts its time to live again here; a
+/// revocation (or a renewal finding the lease gone) ends it.
+fn track_lease(deadlines: &mut HashMap<u64, Instant>, revoking: &mut HashMap<u64, Instant>, cmd: &Command, outcome: &ApplyOutcome) {
+    use crate::kv::OpType;
+    match (OpType::from_i32(cmd.op), outcome) {
+        (Some(OpType::LeaseGrant | OpType::LeaseKeepAlive), ApplyOutcome::LeaseKept { ttl_ms, .. }) => {
+            deadlines.insert(cmd.lease, lease_deadline(Instant::now(), *ttl_ms));
+        }
+        (Some(OpType::LeaseRevoke | OpType::LeaseKeepAlive), _) => {
+            deadlines.remove(&cmd.lease);
+            revoking.remove(&cmd.lease);
+        }
+        _ => {}
+    }
 }
 
 fn lock_err<T>(_: T) -> StorageError {
@@ -682,7 +711,10 @@ pub fn start(
         snapshot_retry: None,
         started: Instant::now(),
         next_probe: Instant::now(),
+        lease_deadlines: HashMap::new(),
+        revoking: HashMap::new(),
     };
+    lp.renew_all_leases();
     lp.publish_status();
     let fatal = lp.shutdown.clone();
     let thread = std::thread::Builder::new()
@@ -1104,6 +1136,42 @@ impl RaftLoop {
         metrics().proposals_pending.set(self.proposals.len() as i64);
         metrics().files_pending_delete.set(i64::try_from(self.storage.files_pending_delete()).unwrap_or(i64::MAX));
         self.probe_membership(now);
+        self.expire_leases(now);
+    }
+
+    /// Every lease's time to live starts again now: at start-up, after a snapshot, and
+    /// when this member becomes the leader (as etcd's lessor does on promotion), so that
+    /// no lease expires earlier than its holder could expect, whatever this member saw.
+    fn renew_all_leases(&mut self) {
+        let now = Instant::now();
+        let Ok(kv) = self.kv.read() else { return };
+        self.lease_deadlines = kv.leases().map(|(id, ttl)| (id, lease_deadline(now, ttl))).collect();
+        self.revoking.clear();
+    }
+
+    /// The leader proposes the revocation of every lease past its deadline.
+    fn expire_leases(&mut self, now: Instant) {
+        if self.raw.raft.state != StateRole::Leader || self.stop_deadline.is_some() || self.disk_full {
+            return;
+        }
+        let timeout = self.cfg.request_timeout;
+        let expired: Vec<u64> = self
+            .lease_deadlines
+            .iter()
+            .filter(|(id, deadline)| **deadline <= now && self.revoking.get(*id).is_none_or(|at| now.duration_since(*at) >= timeout))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in expired {
+            info!(lease = id, "lease expired; revoking it and its keys");
+            let request_id = rand::random::<u64>();
+            let cmd = Command { request_id, op: crate::kv::OpType::LeaseRevoke as i32, lease: id, ..Default::default() };
+            // Nobody waits for the answer: the receiver is dropped.
+            let (tx, _) = oneshot::channel();
+            if self.batch.push(request_id, cmd.encode_to_vec(), tx) {
+                self.flush_proposals();
+            }
+            self.revoking.insert(id, now);
+        }
     }
 
     /// A removed voter that missed the entry removing it finds out when it campaigns:
@@ -1316,6 +1384,7 @@ impl RaftLoop {
         *self.kv.write().map_err(lock_err)? = kv;
         // The changes between the old state and this one are not known here.
         self.watch.reset(meta.index);
+        self.renew_all_leases();
         self.conf_state = meta.conf_state.unwrap_or_default();
         info!(index = meta.index, term = meta.term, "installed snapshot from leader");
         Ok(())
@@ -1331,6 +1400,9 @@ impl RaftLoop {
             }
             info!(from = self.last_leader, to = leader, term = self.raw.raft.term, "leader changed");
             self.last_leader = leader;
+            if leader == self.cfg.id {
+                self.renew_all_leases();
+            }
         }
     }
 
@@ -1390,6 +1462,7 @@ impl RaftLoop {
                         source: std::io::Error::other(format!("entry {} holds operation {op}, unknown to this version: upgrade this member", e.index)),
                     });
                 }
+                track_lease(&mut self.lease_deadlines, &mut self.revoking, &cmd, &outcome);
                 self.forwarded_to.remove(&cmd.request_id);
                 if let Some(w) = self.proposals.remove(&cmd.request_id) {
                     let _ = w.send(Ok(outcome));
@@ -1792,6 +1865,22 @@ mod tests {
         assert!(batch.take().is_none(), "taking empties the batch");
         let (tx, _rx) = oneshot::channel();
         assert!(!batch.push(99, vec![0; 10], tx), "the byte count starts over");
+    }
+
+    #[test]
+    fn lease_deadlines_never_overflow_the_clock() {
+        let now = Instant::now();
+        assert_eq!(lease_deadline(now, 1500), now + Duration::from_millis(1500));
+        assert!(lease_deadline(now, u64::MAX) > now + Duration::from_secs(3600 * 24 * 365));
+        let mut deadlines = HashMap::new();
+        let mut revoking = HashMap::new();
+        let grant = Command { op: crate::kv::OpType::LeaseGrant as i32, lease: 3, ttl_ms: u64::MAX, ..Default::default() };
+        track_lease(&mut deadlines, &mut revoking, &grant, &ApplyOutcome::LeaseKept { revision: 1, ttl_ms: u64::MAX });
+        assert!(deadlines.contains_key(&3));
+        let revoke = Command { op: crate::kv::OpType::LeaseRevoke as i32, lease: 3, ..Default::default() };
+        revoking.insert(3, now);
+        track_lease(&mut deadlines, &mut revoking, &revoke, &ApplyOutcome::DeletedPrefix { revision: 2, deleted: 0 });
+        assert!(deadlines.is_empty() && revoking.is_empty());
     }
 
     #[test]

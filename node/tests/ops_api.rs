@@ -700,3 +700,68 @@ fn a_transaction_swaps_two_keys_atomically_or_runs_its_failure_branch() {
     let big = format!(r#"{{"success":[{{"op":"put","key":"k","value":"{}"}}]}}"#, "v".repeat(2 << 20));
     assert_eq!(c.http.post(&format!("{}/v1/txn", c.url(1)), big).unwrap().status, StatusCode::PAYLOAD_TOO_LARGE);
 }
+
+#[test]
+fn a_leased_key_lives_while_kept_alive_goes_when_it_expires_and_survives_a_leader_kill() {
+    let mut c = Cluster::start(3);
+    let grant = |c: &Cluster, id: u64, ttl: u64| {
+        let r = c.http.post(&format!("{}/v1/leases", c.url(id)), format!(r#"{{"ttl":{ttl}}}"#)).unwrap();
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.text());
+        r.json()["id"].as_u64().unwrap()
+    };
+    let present = |c: &Cluster, id: u64, key: &str| c.http.get(&format!("{}/v1/kv/{key}", c.url(id))).unwrap().status == StatusCode::OK;
+    let long = Http::new(Duration::from_secs(30));
+    let mut watch = long.stream(&format!("{}/v1/watch?prefix=l/", c.url(2))).unwrap();
+    let lease = grant(&c, 1, 2);
+    let r = c.http.put(&format!("{}/v1/kv/l/a?lease={lease}", c.url(2)), "held").unwrap();
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let r = c.http.get(&format!("{}/v1/leases/{lease}", c.url(3))).unwrap().json();
+    assert_eq!((r["ttl"].as_u64(), r["keys"].clone()), (Some(2), serde_json::json!(["l/a"])));
+    assert_eq!(c.http.get(&format!("{}/v1/kv/l/a", c.url(3))).unwrap().json()["lease"], lease);
+    // Kept alive (every 300 ms, through every member) for over twice its TTL: still there.
+    let until = std::time::Instant::now() + Duration::from_millis(4500);
+    let mut n = 0;
+    while std::time::Instant::now() < until {
+        n += 1;
+        let r = c.http.post(&format!("{}/v1/leases/{lease}/keepalive", c.url(1 + n % 3)), "").unwrap();
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+        std::thread::sleep(Duration::from_millis(300)); // the renewal rhythm, not a wait
+    }
+    assert!(present(&c, 1, "l/a"), "expired while kept alive");
+    // Left alone, it expires: the key goes, watchers see the delete, the lease is gone.
+    let gone_after = std::time::Instant::now();
+    wait_for(T, "the leased key to expire", || (!present(&c, 3, "l/a")).then_some(()));
+    eprintln!("expired {:?} after the last renewal", gone_after.elapsed());
+    assert_eq!(next_change(&mut watch).0, "put");
+    let (kind, key, _, _) = next_change(&mut watch);
+    assert_eq!((kind.as_str(), key.as_str()), ("delete", "l/a"));
+    let r = c.http.post(&format!("{}/v1/leases/{lease}/keepalive", c.url(1)), "").unwrap();
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert_eq!(r.json()["code"], "lease_not_found");
+    // A lease outlives its leader: the new leader starts its time to live again.
+    let lease = grant(&c, 2, 10);
+    assert_eq!(c.http.put(&format!("{}/v1/kv/l/b?lease={lease}", c.url(1)), "v").unwrap().status, StatusCode::OK);
+    let leader = c.wait_leader(T);
+    c.kill(leader);
+    let other = (1..=3).find(|id| *id != leader).unwrap();
+    c.wait_leader(T);
+    assert!(present(&c, other, "l/b"));
+    let r = c.http.post(&format!("{}/v1/leases/{lease}/keepalive", c.url(other)), "").unwrap();
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    // Revoked by hand: its keys go at once.
+    let r = c.http.delete(&format!("{}/v1/leases/{lease}", c.url(other))).unwrap();
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.json()["deleted"], 1);
+    assert!(!present(&c, other, "l/b"));
+    // Bad requests.
+    let r = c.http.put(&format!("{}/v1/kv/l/c?lease=12345", c.url(other)), "v").unwrap();
+    assert_eq!((r.status, r.json()["code"].clone()), (StatusCode::NOT_FOUND, serde_json::json!("lease_not_found")));
+    assert!(!present(&c, other, "l/c"), "nothing written");
+    for body in ["{}", r#"{"ttl":0}"#, r#"{"ttl":"5"}"#, r#"{"ttl":5,"id":3}"#, "x"] {
+        assert_eq!(c.http.post(&format!("{}/v1/leases", c.url(other)), body).unwrap().status, StatusCode::BAD_REQUEST, "{body}");
+    }
+    assert_eq!(c.http.get(&format!("{}/v1/leases/0", c.url(other))).unwrap().status, StatusCode::BAD_REQUEST);
+    assert_eq!(c.http.get(&format!("{}/v1/leases/99", c.url(other))).unwrap().status, StatusCode::NOT_FOUND);
+    assert_eq!(c.http.put(&format!("{}/v1/leases/99", c.url(other)), "").unwrap().status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(c.http.get(&format!("{}/v1/leases", c.url(other))).unwrap().json()["leases"], serde_json::json!([]));
+}
