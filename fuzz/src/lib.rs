@@ -601,9 +601,10 @@ fn http_harness() -> &'static HttpHarness {
 const METHODS: &[&str] = &["GET", "PUT", "POST", "DELETE", "PATCH", "HEAD", "OPTIONS", "CONNECT"];
 const PATHS: &[&str] = &[
     "/v1/kv/", "/v1/kv", "/v1/members", "/v1/members/", "/v1/leader/transfer", "/v1/status", "/v1/", "/v1", "/",
-    "/healthz", "/readyz", "/metrics", "/v1/members/2/promote",
+    "/healthz", "/readyz", "/metrics", "/v1/members/2/promote", "/v1/txn", "/v1/leases", "/v1/leases/",
+    "/v1/watch", "/v1/backup",
 ];
-const QUERY_KEYS: &[&str] = &["prefix", "limit", "consistency", "prev_revision", ""];
+const QUERY_KEYS: &[&str] = &["prefix", "limit", "consistency", "prev_revision", "", "lease", "start_revision", "key", "progress_ms"];
 const VALUES: &[&str] = &["linearizable", "serializable", "0", "1", "10000", "10001", "-1", "%", "%zz", "%2F", "%ff", "18446744073709551616"];
 
 /// Bytes for a URL: mostly printable ASCII and escapes, sometimes anything.
@@ -632,10 +633,16 @@ fn json_body(r: &mut Input) -> Vec<u8> {
         _ => "-1".to_string(),
     };
     let learner = ["true", "false", "null", "1", "\"yes\""][r.u8() as usize % 5];
-    match r.u8() % 4 {
+    match r.u8() % 6 {
         0 => format!("{{\"id\":{id},\"peer_url\":\"{url}\",\"learner\":{learner}}}").into_bytes(),
         1 => format!("{{\"to\":{id}}}").into_bytes(),
         2 => url.into_bytes(),
+        // A transaction and a lease grant (their routes are among PATHS).
+        3 => format!(
+            "{{\"compare\":[{{\"key\":\"{url}\",\"revision\":{id}}}],\"success\":[{{\"op\":\"put\",\"key\":\"k\",\"value\":\"{url}\"}}],\"failure\":[{{\"op\":\"delete\",\"key\":\"k\"}}]}}"
+        )
+        .into_bytes(),
+        4 => format!("{{\"ttl\":{id}}}").into_bytes(),
         _ => r.chunk().iter().map(|b| if b.is_ascii_punctuation() { *b } else { b'{' }).collect(),
     }
 }

@@ -293,7 +293,7 @@ impl Api {
             (_, "/v1/leases") => match method {
                 Method::GET => {
                     self.read_barrier().await?;
-                    let leases: Vec<Json> = self.kv.read().map_err(|_| internal())?.leases().map(|(id, ttl)| json!({ "id": id, "ttl": ttl / 1000 })).collect();
+                    let leases: Vec<Json> = self.kv.read().map_err(|_| internal())?.leases().map(|(id, ttl, _)| json!({ "id": id, "ttl": ttl / 1000 })).collect();
                     Ok(json(StatusCode::OK, &json!({ "leases": leases })))
                 }
                 Method::POST => {

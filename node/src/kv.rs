@@ -70,6 +70,10 @@ pub struct Command {
     /// [`OpType::LeaseGrant`]: the lease's time to live.
     #[prost(uint64, tag = "8")]
     pub ttl_ms: u64,
+    /// [`OpType::LeaseRevoke`] of an expired lease: revoke it only if its last grant or
+    /// renewal is still the entry at this index (a renewal applied in between wins).
+    #[prost(uint64, optional, tag = "9")]
+    pub lease_renewed: Option<u64>,
 }
 
 /// A lease as snapshots hold it: its id, time to live and keys.
@@ -84,6 +88,18 @@ pub struct LeaseRecord {
     /// Keys attached to it, in order.
     #[prost(string, repeated, tag = "3")]
     pub keys: Vec<String>,
+    /// Index of the entry that granted or last renewed it.
+    #[prost(uint64, tag = "4")]
+    pub renewed: u64,
+}
+
+/// A lease in the state machine.
+#[derive(Debug, Clone, Default)]
+struct LeaseState {
+    ttl_ms: u64,
+    /// Index of the entry that granted or last renewed it.
+    renewed: u64,
+    keys: BTreeSet<String>,
 }
 
 /// A transaction, as etcd's: if every compare holds, the `success` writes are applied,
@@ -229,7 +245,8 @@ pub enum ApplyOutcome {
         existed: Vec<bool>,
     },
     /// The lease a command names does not exist (a put attaching a key to it, a
-    /// revoke, a renewal), or (a grant) already does. Nothing was changed.
+    /// revoke, a renewal), or (a grant) already does, or (a revocation on expiry) was
+    /// renewed after the leader decided to revoke it. Nothing was changed.
     LeaseMismatch {
         /// Whether the lease exists.
         exists: bool,
@@ -466,7 +483,7 @@ pub struct KvStore {
     /// when it asked for them ([`KvStore::record_events`]).
     events: Option<Vec<Event>>,
     /// Leases: time to live in ms and attached keys.
-    leases: BTreeMap<u64, (u64, BTreeSet<String>)>,
+    leases: BTreeMap<u64, LeaseState>,
     /// The lease each attached key belongs to.
     key_lease: std::collections::HashMap<String, u64>,
 }
@@ -522,15 +539,23 @@ impl KvStore {
                 if cmd.lease == 0 || self.leases.contains_key(&cmd.lease) {
                     return ApplyOutcome::LeaseMismatch { exists: cmd.lease != 0 };
                 }
-                self.leases.insert(cmd.lease, (cmd.ttl_ms, BTreeSet::new()));
+                self.leases.insert(cmd.lease, LeaseState { ttl_ms: cmd.ttl_ms, renewed: index, keys: BTreeSet::new() });
                 ApplyOutcome::LeaseKept { revision: index, ttl_ms: cmd.ttl_ms }
             }
-            OpType::LeaseKeepAlive => match self.leases.get(&cmd.lease) {
-                Some((ttl_ms, _)) => ApplyOutcome::LeaseKept { revision: index, ttl_ms: *ttl_ms },
+            OpType::LeaseKeepAlive => match self.leases.get_mut(&cmd.lease) {
+                Some(l) => {
+                    l.renewed = index;
+                    ApplyOutcome::LeaseKept { revision: index, ttl_ms: l.ttl_ms }
+                }
                 None => ApplyOutcome::LeaseMismatch { exists: false },
             },
             OpType::LeaseRevoke => {
-                let Some((_, keys)) = self.leases.remove(&cmd.lease) else {
+                match (self.leases.get(&cmd.lease), cmd.lease_renewed) {
+                    (None, _) => return ApplyOutcome::LeaseMismatch { exists: false },
+                    (Some(l), Some(seen)) if l.renewed != seen => return ApplyOutcome::LeaseMismatch { exists: true },
+                    _ => {}
+                }
+                let Some(LeaseState { keys, .. }) = self.leases.remove(&cmd.lease) else {
                     return ApplyOutcome::LeaseMismatch { exists: false };
                 };
                 for k in &keys {
@@ -573,8 +598,8 @@ impl KvStore {
 
     /// Attaches `key` (just written) to `lease`, which exists.
     fn attach(&mut self, key: &str, lease: u64) {
-        if let Some((_, keys)) = self.leases.get_mut(&lease) {
-            keys.insert(key.to_string());
+        if let Some(l) = self.leases.get_mut(&lease) {
+            l.keys.insert(key.to_string());
             self.key_lease.insert(key.to_string(), lease);
         }
     }
@@ -582,20 +607,20 @@ impl KvStore {
     /// Detaches `key` from its lease, if any (it was rewritten or deleted).
     fn detach(&mut self, key: &str) {
         if let Some(lease) = self.key_lease.remove(key) {
-            if let Some((_, keys)) = self.leases.get_mut(&lease) {
-                keys.remove(key);
+            if let Some(l) = self.leases.get_mut(&lease) {
+                l.keys.remove(key);
             }
         }
     }
 
-    /// Every lease: id and time to live.
-    pub fn leases(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
-        self.leases.iter().map(|(id, (ttl, _))| (*id, *ttl))
+    /// Every lease: id, time to live, and the index of its grant or last renewal.
+    pub fn leases(&self) -> impl Iterator<Item = (u64, u64, u64)> + '_ {
+        self.leases.iter().map(|(id, l)| (*id, l.ttl_ms, l.renewed))
     }
 
     /// A lease's time to live and keys.
     pub fn lease(&self, id: u64) -> Option<(u64, Vec<String>)> {
-        self.leases.get(&id).map(|(ttl, keys)| (*ttl, keys.iter().cloned().collect()))
+        self.leases.get(&id).map(|l| (l.ttl_ms, l.keys.iter().cloned().collect()))
     }
 
     /// The lease `key` is attached to.
@@ -756,7 +781,11 @@ impl KvStore {
     pub fn image_source(&self) -> ImageSource {
         ImageSource {
             data: self.data.clone(),
-            leases: self.leases.iter().map(|(id, (ttl_ms, keys))| LeaseRecord { id: *id, ttl_ms: *ttl_ms, keys: keys.iter().cloned().collect() }).collect(),
+            leases: self
+                .leases
+                .iter()
+                .map(|(id, l)| LeaseRecord { id: *id, ttl_ms: l.ttl_ms, keys: l.keys.iter().cloned().collect(), renewed: l.renewed })
+                .collect(),
             members: self.members.clone(),
             removed: self.removed.clone(),
             applied: self.applied,
@@ -796,7 +825,7 @@ impl KvStore {
     /// full, delta or not), and tracks changes from that image on.
     fn adopt(&mut self, img: SnapshotImage) {
         self.key_lease = img.leases.iter().flat_map(|l| l.keys.iter().map(move |k| (k.clone(), l.id))).collect();
-        self.leases = img.leases.into_iter().map(|l| (l.id, (l.ttl_ms, l.keys.into_iter().collect()))).collect();
+        self.leases = img.leases.into_iter().map(|l| (l.id, LeaseState { ttl_ms: l.ttl_ms, renewed: l.renewed, keys: l.keys.into_iter().collect() })).collect();
         self.members = img.members.into_iter().map(|m| (m.id, m.peer_url)).collect();
         self.removed = img.removed.into_iter().collect();
         self.applied = img.applied_index;
@@ -1177,7 +1206,14 @@ mod tests {
         assert_eq!(kv.lease(7), None);
         assert_eq!(kv.take_events().iter().map(|e| format!("{e:?}")).collect::<Vec<_>>(), ["delete \"a\"@52"]);
         assert_eq!(kv.apply(53, &lease(OpType::LeaseRevoke, 7, 0)), ApplyOutcome::LeaseMismatch { exists: false });
-        assert_eq!(kv.leases().collect::<Vec<_>>(), [(9, 2000)]);
+        assert_eq!(kv.leases().collect::<Vec<_>>(), [(9, 2000, 50)]);
+        // An expiry revocation loses to a renewal applied after the leader decided it.
+        let expire = |seen: u64| Command { lease_renewed: Some(seen), ..lease(OpType::LeaseRevoke, 9, 0) };
+        kv.apply(54, &lease(OpType::LeaseKeepAlive, 9, 0));
+        assert_eq!(kv.apply(55, &expire(50)), ApplyOutcome::LeaseMismatch { exists: true });
+        assert!(kv.get("d").is_some());
+        assert_eq!(kv.apply(56, &expire(54)), ApplyOutcome::DeletedPrefix { revision: 56, deleted: 1 });
+        assert!(kv.get("d").is_none() && kv.leases().next().is_none());
     }
 
     #[test]

@@ -530,8 +530,9 @@ struct RaftLoop {
     /// The earliest time a learner sends its next membership probe.
     next_probe: Instant,
     /// When each lease expires unless renewed, as this member saw its grant or last
-    /// renewal applied (only the leader acts on it: it proposes the revocation).
-    lease_deadlines: HashMap<u64, Instant>,
+    /// renewal applied, and that entry's index (only the leader acts on it: it proposes
+    /// the revocation, void if a later renewal is applied first).
+    lease_deadlines: HashMap<u64, (Instant, u64)>,
     /// Leases whose revocation this member proposed, and when (proposed again if it has
     /// not been applied within the request timeout).
     revoking: HashMap<u64, Instant>,
@@ -546,11 +547,15 @@ fn lease_deadline(now: Instant, ttl_ms: u64) -> Instant {
 
 /// A lease command applied: a grant or renewal starts its time to live again here; a
 /// revocation (or a renewal finding the lease gone) ends it.
-fn track_lease(deadlines: &mut HashMap<u64, Instant>, revoking: &mut HashMap<u64, Instant>, cmd: &Command, outcome: &ApplyOutcome) {
+fn track_lease(deadlines: &mut HashMap<u64, (Instant, u64)>, revoking: &mut HashMap<u64, Instant>, cmd: &Command, outcome: &ApplyOutcome) {
     use crate::kv::OpType;
     match (OpType::from_i32(cmd.op), outcome) {
-        (Some(OpType::LeaseGrant | OpType::LeaseKeepAlive), ApplyOutcome::LeaseKept { ttl_ms, .. }) => {
-            deadlines.insert(cmd.lease, lease_deadline(Instant::now(), *ttl_ms));
+        (Some(OpType::LeaseGrant | OpType::LeaseKeepAlive), ApplyOutcome::LeaseKept { ttl_ms, revision }) => {
+            deadlines.insert(cmd.lease, (lease_deadline(Instant::now(), *ttl_ms), *revision));
+        }
+        // An expiry revocation made void by a renewal: the renewal set the deadline.
+        (Some(OpType::LeaseRevoke), ApplyOutcome::LeaseMismatch { exists: true }) => {
+            revoking.remove(&cmd.lease);
         }
         (Some(OpType::LeaseRevoke | OpType::LeaseKeepAlive), _) => {
             deadlines.remove(&cmd.lease);
@@ -1145,7 +1150,7 @@ impl RaftLoop {
     fn renew_all_leases(&mut self) {
         let now = Instant::now();
         let Ok(kv) = self.kv.read() else { return };
-        self.lease_deadlines = kv.leases().map(|(id, ttl)| (id, lease_deadline(now, ttl))).collect();
+        self.lease_deadlines = kv.leases().map(|(id, ttl, renewed)| (id, (lease_deadline(now, ttl), renewed))).collect();
         self.revoking.clear();
     }
 
@@ -1155,16 +1160,16 @@ impl RaftLoop {
             return;
         }
         let timeout = self.cfg.request_timeout;
-        let expired: Vec<u64> = self
+        let expired: Vec<(u64, u64)> = self
             .lease_deadlines
             .iter()
-            .filter(|(id, deadline)| **deadline <= now && self.revoking.get(*id).is_none_or(|at| now.duration_since(*at) >= timeout))
-            .map(|(id, _)| *id)
+            .filter(|(id, (deadline, _))| *deadline <= now && self.revoking.get(*id).is_none_or(|at| now.duration_since(*at) >= timeout))
+            .map(|(id, (_, renewed))| (*id, *renewed))
             .collect();
-        for id in expired {
+        for (id, renewed) in expired {
             info!(lease = id, "lease expired; revoking it and its keys");
             let request_id = rand::random::<u64>();
-            let cmd = Command { request_id, op: crate::kv::OpType::LeaseRevoke as i32, lease: id, ..Default::default() };
+            let cmd = Command { request_id, op: crate::kv::OpType::LeaseRevoke as i32, lease: id, lease_renewed: Some(renewed), ..Default::default() };
             // Nobody waits for the answer: the receiver is dropped.
             let (tx, _) = oneshot::channel();
             if self.batch.push(request_id, cmd.encode_to_vec(), tx) {
@@ -1465,6 +1470,8 @@ impl RaftLoop {
                 track_lease(&mut self.lease_deadlines, &mut self.revoking, &cmd, &outcome);
                 self.forwarded_to.remove(&cmd.request_id);
                 if let Some(w) = self.proposals.remove(&cmd.request_id) {
+                    // What a client reads right after its answer includes its write.
+                    metrics().keys.set(kv.len() as i64);
                     let _ = w.send(Ok(outcome));
                 }
             }
@@ -1878,6 +1885,10 @@ mod tests {
         track_lease(&mut deadlines, &mut revoking, &grant, &ApplyOutcome::LeaseKept { revision: 1, ttl_ms: u64::MAX });
         assert!(deadlines.contains_key(&3));
         let revoke = Command { op: crate::kv::OpType::LeaseRevoke as i32, lease: 3, ..Default::default() };
+        // A void expiry revocation (renewed meanwhile) keeps the renewal's deadline.
+        revoking.insert(3, now);
+        track_lease(&mut deadlines, &mut revoking, &revoke, &ApplyOutcome::LeaseMismatch { exists: true });
+        assert!(deadlines.contains_key(&3) && revoking.is_empty());
         revoking.insert(3, now);
         track_lease(&mut deadlines, &mut revoking, &revoke, &ApplyOutcome::DeletedPrefix { revision: 2, deleted: 0 });
         assert!(deadlines.is_empty() && revoking.is_empty());

@@ -562,7 +562,7 @@ fn watches_stream_every_change_in_order_from_now_or_from_a_revision() {
     };
     let first = put(&c, 1, "w/a", "1");
     // From now (linearizable): the stream starts at or after the acknowledged write.
-    let long = Http::new(Duration::from_secs(30));
+    let long = Http::new(Duration::from_secs(60));
     let mut now = long.stream(&format!("{}/v1/watch?prefix=w/", c.url(2))).unwrap();
     assert_eq!(now.status, StatusCode::OK);
     assert_eq!(now.content_type.as_deref(), Some("application/x-ndjson"));
@@ -625,7 +625,9 @@ fn watches_stream_every_change_in_order_from_now_or_from_a_revision() {
 fn a_stream_that_falls_behind_the_history_is_told_so_and_ends() {
     let c = Cluster::start_with(3, Options { extra_args: vec!["--watch-history".into(), "10".into()], ..Options::default() });
     c.put_retry(1, "before", "v", T);
-    let long = Http::new(Duration::from_secs(30));
+    // A bound for the whole stream, 80 MiB of writes included (about 25 s on a busy
+    // 2-core machine).
+    let long = Http::new(Duration::from_secs(120));
     let mut s = long.stream(&format!("{}/v1/watch?progress_ms=1000", c.url(3))).unwrap();
     assert_eq!(s.status, StatusCode::OK);
     let from = s.revision.unwrap();
@@ -663,7 +665,7 @@ fn a_transaction_swaps_two_keys_atomically_or_runs_its_failure_branch() {
     let c = Cluster::start(3);
     let put = |k: &str, v: &str| c.http.put(&format!("{}/v1/kv/{k}", c.url(1)), v.to_string()).unwrap().json()["revision"].as_u64().unwrap();
     let (ra, rb) = (put("x/a", "1"), put("x/b", "2"));
-    let long = Http::new(Duration::from_secs(30));
+    let long = Http::new(Duration::from_secs(60));
     let mut watch = long.stream(&format!("{}/v1/watch?prefix=x/", c.url(3))).unwrap();
     let swap = format!(
         r#"{{"compare":[{{"key":"x/a","revision":{ra}}},{{"key":"x/b","revision":{rb}}}],
@@ -710,7 +712,7 @@ fn a_leased_key_lives_while_kept_alive_goes_when_it_expires_and_survives_a_leade
         r.json()["id"].as_u64().unwrap()
     };
     let present = |c: &Cluster, id: u64, key: &str| c.http.get(&format!("{}/v1/kv/{key}", c.url(id))).unwrap().status == StatusCode::OK;
-    let long = Http::new(Duration::from_secs(30));
+    let long = Http::new(Duration::from_secs(60));
     let mut watch = long.stream(&format!("{}/v1/watch?prefix=l/", c.url(2))).unwrap();
     let lease = grant(&c, 1, 2);
     let r = c.http.put(&format!("{}/v1/kv/l/a?lease={lease}", c.url(2)), "held").unwrap();
