@@ -767,3 +767,35 @@ fn a_leased_key_lives_while_kept_alive_goes_when_it_expires_and_survives_a_leade
     assert_eq!(c.http.put(&format!("{}/v1/leases/99", c.url(other)), "").unwrap().status, StatusCode::METHOD_NOT_ALLOWED);
     assert_eq!(c.http.get(&format!("{}/v1/leases", c.url(other))).unwrap().json()["leases"], serde_json::json!([]));
 }
+
+#[test]
+fn leases_survive_kill_9_of_every_member_through_snapshots_and_still_expire() {
+    // Snapshots every 20 entries: the lease is restored from a snapshot image, not only
+    // replayed from the log.
+    let mut c = Cluster::start_with(3, Options { snapshot_count: 20, ..Options::default() });
+    let r = c.http.post(&format!("{}/v1/leases", c.url(1)), r#"{"ttl":3}"#).unwrap();
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text());
+    let lease = r.json()["id"].as_u64().unwrap();
+    assert_eq!(c.http.put(&format!("{}/v1/kv/eph?lease={lease}", c.url(2)), "v").unwrap().status, StatusCode::OK);
+    for i in 0..60 {
+        c.put_retry(1 + i % 3, &format!("fill{i}"), "v", T);
+    }
+    for id in 1..=3 {
+        c.kill(id);
+    }
+    for id in 1..=3 {
+        c.spawn(id);
+    }
+    c.wait_leader(T);
+    // Still there after the restart (every member restarts the lease's TTL)...
+    let r = c.http.get(&format!("{}/v1/leases/{lease}", c.url(3))).unwrap();
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.json()["keys"], serde_json::json!(["eph"]));
+    assert_eq!(c.http.get(&format!("{}/v1/kv/eph", c.url(1))).unwrap().json()["lease"], lease);
+    // ...and, left alone, it expires with its key.
+    wait_for(T, "the restored lease to expire", || {
+        (c.http.get(&format!("{}/v1/kv/eph", c.url(2))).ok()?.status == StatusCode::NOT_FOUND).then_some(())
+    });
+    assert_eq!(c.http.get(&format!("{}/v1/leases/{lease}", c.url(1))).unwrap().status, StatusCode::NOT_FOUND);
+    assert!(c.get(1, "fill59").unwrap().is_some(), "other keys stay");
+}
