@@ -136,6 +136,16 @@ fn query_param(req: &HttpRequest<Incoming>, name: &str) -> Result<Option<String>
     Ok(None)
 }
 
+/// Whether a read asks for linearizability (`consistency=linearizable`, the default)
+/// rather than this member's local state (`consistency=serializable`).
+fn linearizable(req: &HttpRequest<Incoming>) -> Result<bool, ApiError> {
+    match query_param(req, "consistency")?.as_deref() {
+        None | Some("linearizable") => Ok(true),
+        Some("serializable") => Ok(false),
+        Some(other) => Err(ApiError::bad(format!("consistency must be linearizable or serializable, not {other:?}"))),
+    }
+}
+
 fn parse_member_id(s: &str) -> Result<u64, ApiError> {
     match s.parse::<u64>() {
         Ok(id) if id > 0 => Ok(id),
@@ -395,10 +405,8 @@ impl Api {
         };
         match method {
             Method::GET => {
-                match query_param(&req, "consistency")?.as_deref() {
-                    None | Some("linearizable") => self.read_barrier().await?,
-                    Some("serializable") => {}
-                    Some(other) => return Err(ApiError::bad(format!("consistency must be linearizable or serializable, not {other:?}"))),
+                if linearizable(&req)? {
+                    self.read_barrier().await?;
                 }
                 let found = {
                     let kv = self.kv.read().map_err(|_| internal())?;
@@ -444,10 +452,8 @@ impl Api {
             None => 1000,
         };
         let after = query_param(req, "after")?;
-        match query_param(req, "consistency")?.as_deref() {
-            None | Some("linearizable") => self.read_barrier().await?,
-            Some("serializable") => {}
-            Some(other) => return Err(ApiError::bad(format!("consistency must be linearizable or serializable, not {other:?}"))),
+        if linearizable(req)? {
+            self.read_barrier().await?;
         }
         let ((items, more), revision) = {
             let kv = self.kv.read().map_err(|_| internal())?;
@@ -466,7 +472,7 @@ impl Api {
         };
         let cmd = Command { op: OpType::DeletePrefix as i32, key: prefix.clone(), ..Default::default() };
         match self.propose(cmd).await? {
-            ApplyOutcome::DeletedPrefix { revision, deleted } => Ok(json(StatusCode::OK, &json!({ "prefix": prefix, "deleted": deleted, "revision": revision }))),
+            ApplyOutcome::KeysRemoved { revision, deleted } => Ok(json(StatusCode::OK, &json!({ "prefix": prefix, "deleted": deleted, "revision": revision }))),
             other => Err(unexpected(other)),
         }
     }
@@ -475,10 +481,8 @@ impl Api {
     /// streamed as it is encoded from an O(1) frozen copy, so writes go on meanwhile.
     /// Linearizable by default: it holds every write acknowledged before the request.
     async fn backup(&self, req: &HttpRequest<Incoming>) -> ApiResult {
-        match query_param(req, "consistency")?.as_deref() {
-            None | Some("linearizable") => self.read_barrier().await?,
-            Some("serializable") => {}
-            Some(other) => return Err(ApiError::bad(format!("consistency must be linearizable or serializable, not {other:?}"))),
+        if linearizable(req)? {
+            self.read_barrier().await?;
         }
         let Some(slot) = BackupSlot::take() else {
             return Err(ApiError::new(StatusCode::TOO_MANY_REQUESTS, "backup_in_progress", "another backup is being sent by this member; retry when it is done"));
@@ -538,10 +542,9 @@ impl Api {
                 .map(Duration::from_millis)
                 .ok_or_else(|| ApiError::bad("progress_ms must be 100 to 3600000"))?,
         };
-        match query_param(req, "consistency")?.as_deref() {
-            None | Some("linearizable") if start.is_none() => self.read_barrier().await?,
-            None | Some("linearizable" | "serializable") => {}
-            Some(other) => return Err(ApiError::bad(format!("consistency must be linearizable or serializable, not {other:?}"))),
+        // From a given revision no barrier is needed: that revision fixes the start.
+        if linearizable(req)? && start.is_none() {
+            self.read_barrier().await?;
         }
         let Some(slot) = self.watch.open_stream() else {
             return Err(ApiError::new(StatusCode::TOO_MANY_REQUESTS, "too_many_watches", format!("this member serves {} watch streams already", crate::watch::MAX_STREAMS)));
@@ -592,7 +595,7 @@ impl Api {
         let cmd = Command { op: op as i32, lease: id, ..Default::default() };
         match self.propose(cmd).await? {
             ApplyOutcome::LeaseKept { revision, ttl_ms } => Ok(json(StatusCode::OK, &json!({ "id": id, "ttl": ttl_ms / 1000, "revision": revision }))),
-            ApplyOutcome::DeletedPrefix { revision, deleted } => Ok(json(StatusCode::OK, &json!({ "id": id, "deleted": deleted, "revision": revision }))),
+            ApplyOutcome::KeysRemoved { revision, deleted } => Ok(json(StatusCode::OK, &json!({ "id": id, "deleted": deleted, "revision": revision }))),
             ApplyOutcome::LeaseMismatch { .. } => Err(lease_not_found(id)),
             other => Err(unexpected(other)),
         }
@@ -1170,7 +1173,7 @@ async fn stream_watch(hub: Arc<WatchHub>, filter: Filter, mut position: u64, pro
                     "revision": start + 1,
                     "error": format!("this stream fell behind this member's history of changes, which now starts at revision {}: list the keys again and watch from the list's revision + 1", start + 1),
                 });
-                let _ = tx.send(Ok(json_line(&line))).await;
+                let _ = tx.send(Ok(json_chunk(&line))).await;
                 return;
             }
             Ok(batch) => {
@@ -1178,12 +1181,12 @@ async fn stream_watch(hub: Arc<WatchHub>, filter: Filter, mut position: u64, pro
                 if !batch.events.is_empty() {
                     let mut buf = Vec::new();
                     for e in &batch.events {
-                        let mut line = match e.value() {
-                            Some(v) => value_json(e.key(), &v.data, v.revision),
-                            None => json!({ "key": e.key(), "revision": e.revision() }),
+                        let (kind, mut line) = match e.value() {
+                            Some(v) => ("put", value_json(e.key(), &v.data, v.revision)),
+                            None => ("delete", json!({ "key": e.key(), "revision": e.revision() })),
                         };
-                        line["type"] = json!(if e.value().is_some() { "put" } else { "delete" });
-                        buf.extend_from_slice(&json_line(&line));
+                        line["type"] = json!(kind);
+                        buf.extend_from_slice(&crate::http::json_line(&line));
                     }
                     if tx.send(Ok(Bytes::from(buf))).await.is_err() {
                         return;
@@ -1199,7 +1202,7 @@ async fn stream_watch(hub: Arc<WatchHub>, filter: Filter, mut position: u64, pro
         tokio::select! {
             r = changed.changed() => if r.is_err() { return },
             _ = tokio::time::sleep_until(last_sent + progress) => {
-                if tx.send(Ok(json_line(&json!({ "type": "progress", "revision": position })))).await.is_err() {
+                if tx.send(Ok(json_chunk(&json!({ "type": "progress", "revision": position })))).await.is_err() {
                     return;
                 }
                 last_sent = tokio::time::Instant::now();
@@ -1209,10 +1212,8 @@ async fn stream_watch(hub: Arc<WatchHub>, filter: Filter, mut position: u64, pro
     }
 }
 
-fn json_line(v: &Json) -> Bytes {
-    let mut buf = serde_json::to_vec(v).unwrap_or_default();
-    buf.push(b'\n');
-    Bytes::from(buf)
+fn json_chunk(v: &Json) -> Bytes {
+    Bytes::from(crate::http::json_line(v))
 }
 
 /// Bytes of a backup sent per chunk.

@@ -80,11 +80,16 @@ pub fn response(status: StatusCode, content_type: &'static str, body: impl Into<
     r
 }
 
+/// `value` as one line of JSON (with its newline).
+pub fn json_line(value: &serde_json::Value) -> Vec<u8> {
+    let mut line = serde_json::to_vec(value).unwrap_or_default();
+    line.push(b'\n');
+    line
+}
+
 /// A JSON response.
 pub fn json(status: StatusCode, value: &serde_json::Value) -> Resp {
-    let mut body = serde_json::to_vec(value).unwrap_or_default();
-    body.push(b'\n');
-    response(status, "application/json", body)
+    response(status, "application/json", json_line(value))
 }
 
 /// A JSON error `{"error": message, "code": code}`.

@@ -259,7 +259,7 @@ pub enum ApplyOutcome {
         ttl_ms: u64,
     },
     /// Keys under a prefix (or a revoked lease's keys) were removed.
-    DeletedPrefix {
+    KeysRemoved {
         /// Entry index.
         revision: u64,
         /// How many keys were removed.
@@ -561,7 +561,7 @@ impl KvStore {
                 for k in &keys {
                     self.delete(index, k);
                 }
-                ApplyOutcome::DeletedPrefix { revision: index, deleted: keys.len() as u64 }
+                ApplyOutcome::KeysRemoved { revision: index, deleted: keys.len() as u64 }
             }
             OpType::Delete => ApplyOutcome::Applied { revision: index, existed: self.delete(index, &cmd.key) },
             OpType::DeletePrefix => {
@@ -576,7 +576,7 @@ impl KvStore {
                 for p in &doomed {
                     self.delete(index, p.key());
                 }
-                ApplyOutcome::DeletedPrefix { revision: index, deleted: doomed.len() as u64 }
+                ApplyOutcome::KeysRemoved { revision: index, deleted: doomed.len() as u64 }
             }
             OpType::Txn => {
                 let txn = cmd.txn.as_ref();
@@ -1201,7 +1201,7 @@ mod tests {
         assert_eq!(follower.lease_of("d"), Some(9));
         // Revoking removes the lease and its keys, at its revision.
         let _ = kv.take_events();
-        assert_eq!(kv.apply(52, &lease(OpType::LeaseRevoke, 7, 0)), ApplyOutcome::DeletedPrefix { revision: 52, deleted: 1 });
+        assert_eq!(kv.apply(52, &lease(OpType::LeaseRevoke, 7, 0)), ApplyOutcome::KeysRemoved { revision: 52, deleted: 1 });
         assert!(kv.get("a").is_none() && kv.get("b").is_some() && kv.get("free").is_some());
         assert_eq!(kv.lease(7), None);
         assert_eq!(kv.take_events().iter().map(|e| format!("{e:?}")).collect::<Vec<_>>(), ["delete \"a\"@52"]);
@@ -1212,7 +1212,7 @@ mod tests {
         kv.apply(54, &lease(OpType::LeaseKeepAlive, 9, 0));
         assert_eq!(kv.apply(55, &expire(50)), ApplyOutcome::LeaseMismatch { exists: true });
         assert!(kv.get("d").is_some());
-        assert_eq!(kv.apply(56, &expire(54)), ApplyOutcome::DeletedPrefix { revision: 56, deleted: 1 });
+        assert_eq!(kv.apply(56, &expire(54)), ApplyOutcome::KeysRemoved { revision: 56, deleted: 1 });
         assert!(kv.get("d").is_none() && kv.leases().next().is_none());
     }
 
@@ -1232,13 +1232,13 @@ mod tests {
         follower.restore(&kv.take_image(None).encode()).unwrap();
         let _ = kv.take_events();
         let del = |prefix: &str| Command { op: OpType::DeletePrefix as i32, key: prefix.into(), ..Default::default() };
-        assert_eq!(kv.apply(200, &del("p/")), ApplyOutcome::DeletedPrefix { revision: 200, deleted: 2 });
+        assert_eq!(kv.apply(200, &del("p/")), ApplyOutcome::KeysRemoved { revision: 200, deleted: 2 });
         let left: Vec<String> = kv.list("", 100).0.into_iter().map(|(k, _)| k).filter(|k| !k.starts_with('f')).collect();
         assert_eq!(left, ["o", "p", "p0", "q/a"]);
         let events: Vec<String> = kv.take_events().iter().map(|e| format!("{e:?}")).collect();
         assert_eq!(events, ["delete \"p/a\"@200", "delete \"p/b\"@200"]);
-        assert_eq!(kv.apply(201, &del("zzz")), ApplyOutcome::DeletedPrefix { revision: 201, deleted: 0 });
-        assert_eq!(kv.apply(202, &del("")), ApplyOutcome::DeletedPrefix { revision: 202, deleted: 0 }, "never every key");
+        assert_eq!(kv.apply(201, &del("zzz")), ApplyOutcome::KeysRemoved { revision: 201, deleted: 0 });
+        assert_eq!(kv.apply(202, &del("")), ApplyOutcome::KeysRemoved { revision: 202, deleted: 0 }, "never every key");
         assert_eq!(kv.len(), 24);
         // Its deletes reach a delta snapshot.
         let delta = kv.take_image(Some(base));

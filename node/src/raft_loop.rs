@@ -1890,7 +1890,7 @@ mod tests {
         track_lease(&mut deadlines, &mut revoking, &revoke, &ApplyOutcome::LeaseMismatch { exists: true });
         assert!(deadlines.contains_key(&3) && revoking.is_empty());
         revoking.insert(3, now);
-        track_lease(&mut deadlines, &mut revoking, &revoke, &ApplyOutcome::DeletedPrefix { revision: 2, deleted: 0 });
+        track_lease(&mut deadlines, &mut revoking, &revoke, &ApplyOutcome::KeysRemoved { revision: 2, deleted: 0 });
         assert!(deadlines.is_empty() && revoking.is_empty());
     }
 
