@@ -19,7 +19,7 @@ use tokio::sync::oneshot;
 
 use crate::config::{parse_peer_url, Config};
 use crate::http::{error, json, response, ChannelBody, ChunkSender, Resp};
-use crate::kv::{ApplyOutcome, Command, KvStore, OpType, Txn, TxnCompare, TxnOp};
+use crate::kv::{ApplyOutcome, Command, KvStore, OpType, Txn, TxnCompare, TxnOp, TxnResult};
 use crate::metrics::metrics;
 use crate::raft_loop::{NodeStatus, ProposeError, RaftHandle, Request, StatusCell};
 use crate::watch::{Filter, WatchHub};
@@ -601,20 +601,16 @@ impl Api {
         }
     }
 
-    /// `POST /v1/txn`: etcd's transaction. If every compare holds, the `success` writes
-    /// are applied, otherwise the `failure` writes: atomically, at one revision, after
-    /// a quorum commit. See docs/api.md.
+    /// `POST /v1/txn`: etcd's transaction. If every compare holds, the `success` branch
+    /// runs, otherwise the `failure` branch (puts, deletes and gets): atomically, at one
+    /// revision, after a quorum commit. See docs/api.md.
     async fn txn(&self, body: &[u8]) -> ApiResult {
         let txn = parse_txn(body)?;
         let cmd = Command { op: OpType::Txn as i32, txn: Some(txn.clone()), ..Default::default() };
         match self.propose(cmd).await? {
-            ApplyOutcome::Txn { revision, succeeded, existed } => {
+            ApplyOutcome::Txn { revision, succeeded, results } => {
                 let ops = if succeeded { &txn.success } else { &txn.failure };
-                let results: Vec<Json> = ops
-                    .iter()
-                    .zip(existed)
-                    .map(|(o, existed)| json!({ "op": if o.op == OpType::Put as i32 { "put" } else { "delete" }, "key": o.key, "existed": existed }))
-                    .collect();
+                let results: Vec<Json> = ops.iter().zip(results).map(|(o, r)| txn_result_json(o, r)).collect();
                 Ok(json(StatusCode::OK, &json!({ "succeeded": succeeded, "revision": revision, "results": results })))
             }
             other => Err(unexpected(other)),
@@ -1052,7 +1048,7 @@ fn lease_not_found(id: u64) -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "lease_not_found", format!("lease {id} not found (expired or revoked?)"))
 }
 
-/// Compares, and writes per branch, one transaction holds at most (as etcd's default
+/// Compares, and operations per branch, one transaction holds at most (as etcd's default
 /// `--max-txn-ops`).
 pub const TXN_MAX_OPS: usize = 128;
 
@@ -1089,6 +1085,25 @@ fn parse_txn(body: &[u8]) -> Result<Txn, ApiError> {
     Ok(Txn { compare, success: txn_ops("success", list("success")?)?, failure: txn_ops("failure", list("failure")?)? })
 }
 
+/// One entry of a transaction's `results`: a write's `existed`, or a get's value.
+fn txn_result_json(o: &TxnOp, r: TxnResult) -> Json {
+    match r {
+        TxnResult::Wrote { existed } => {
+            json!({ "op": if o.op == OpType::Put as i32 { "put" } else { "delete" }, "key": o.key, "existed": existed })
+        }
+        TxnResult::Read(Some((v, lease))) => {
+            let mut body = value_json(&o.key, &v.data, v.revision);
+            body["op"] = json!("get");
+            body["found"] = json!(true);
+            if let Some(id) = lease {
+                body["lease"] = json!(id);
+            }
+            body
+        }
+        TxnResult::Read(None) => json!({ "op": "get", "key": o.key, "found": false }),
+    }
+}
+
 fn txn_ops(name: &str, ops: &[Json]) -> Result<Vec<TxnOp>, ApiError> {
     let mut out: Vec<TxnOp> = Vec::new();
     for (i, op) in ops.iter().enumerate() {
@@ -1104,9 +1119,15 @@ fn txn_ops(name: &str, ops: &[Json]) -> Result<Vec<TxnOp>, ApiError> {
                 only_fields(o, &what, &["op", "key"])?;
                 (OpType::Delete, Vec::new())
             }
-            _ => return Err(ApiError::bad(format!("{what}.op must be \"put\" or \"delete\""))),
+            Some("get") => {
+                only_fields(o, &what, &["op", "key"])?;
+                (OpType::Get, Vec::new())
+            }
+            _ => return Err(ApiError::bad(format!("{what}.op must be \"put\", \"delete\" or \"get\""))),
         };
-        if out.iter().any(|p| p.key == key) {
+        // A key may be read any number of times, but written once per branch.
+        let writes = |op: i32| op != OpType::Get as i32;
+        if writes(kind as i32) && out.iter().any(|p| writes(p.op) && p.key == key) {
             return Err(ApiError::bad(format!("{what}: key {key:?} is written twice in {name}")));
         }
         out.push(TxnOp { op: kind as i32, key, value });
@@ -1473,6 +1494,9 @@ mod tests {
         assert_eq!((t.success[0].op, t.success[1].op), (OpType::Put as i32, OpType::Delete as i32));
         assert_eq!(t.failure[0].value, [0u8]);
         assert_eq!(parse_txn(b"{}").unwrap(), Txn::default(), "an empty transaction is a (linearizable) no-op");
+        // Gets: any number of times, also of a key the branch writes (before or after).
+        let t = parse_txn(br#"{"failure":[{"op":"get","key":"a"},{"op":"put","key":"a","value":"1"},{"op":"get","key":"a"}]}"#).unwrap();
+        assert_eq!(t.failure.iter().map(|o| o.op).collect::<Vec<_>>(), [OpType::Get as i32, OpType::Put as i32, OpType::Get as i32]);
         let too_many = format!(r#"{{"success":[{}]}}"#, (0..=TXN_MAX_OPS).map(|i| format!(r#"{{"op":"delete","key":"k{i}"}}"#)).collect::<Vec<_>>().join(","));
         for (body, why) in [
             (&b"nope"[..], "JSON"),
@@ -1484,7 +1508,9 @@ mod tests {
             (br#"{"compare":[{"key":"a","revision":-1}]}"#, "non-negative"),
             (br#"{"compare":[{"key":"a","value":"x","value_base64":"eA=="}]}"#, "not both"),
             (br#"{"compare":[{"key":"a","value_base64":"!!"}]}"#, "base64"),
-            (br#"{"success":[{"op":"get","key":"a"}]}"#, "put\" or"),
+            (br#"{"success":[{"op":"range","key":"a"}]}"#, "\"put\", \"delete\" or \"get\""),
+            (br#"{"success":[{"op":"get","key":"a","value":"x"}]}"#, "unknown field"),
+            (br#"{"success":[{"op":"get","key":""}]}"#, "non-empty"),
             (br#"{"success":[{"op":"put","key":"a"}]}"#, "needs a value"),
             (br#"{"success":[{"op":"delete","key":"a","value":"x"}]}"#, "unknown field"),
             (br#"{"failure":[{"op":"delete","key":"a"},{"op":"put","key":"a","value":""}]}"#, "written twice"),

@@ -41,6 +41,10 @@ pub enum OpType {
     LeaseRevoke = 5,
     /// Renew lease `Command::lease`: its time to live starts again where it is applied.
     LeaseKeepAlive = 6,
+    /// Read a key: an operation of a transaction's branch (`TxnOp`), whose result
+    /// carries the key's value at that point of the branch. As a command of its own it
+    /// changes nothing (the API never proposes one).
+    Get = 7,
 }
 
 /// A client command as stored in a raft entry.
@@ -131,10 +135,10 @@ pub struct TxnCompare {
     pub value: Option<Vec<u8>>,
 }
 
-/// One write of a [`Txn`]: a put or a delete.
+/// One operation of a [`Txn`]'s branch: a put, a delete or a get.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct TxnOp {
-    /// [`OpType::Put`] or [`OpType::Delete`].
+    /// [`OpType::Put`], [`OpType::Delete`] or [`OpType::Get`].
     #[prost(enumeration = "OpType", tag = "1")]
     pub op: i32,
     /// The key.
@@ -234,15 +238,15 @@ pub enum ApplyOutcome {
         /// Current revision.
         current: u64,
     },
-    /// A transaction was applied: which branch ran, and for each of its writes
-    /// whether the key existed before it.
+    /// A transaction was applied: which branch ran, and what each of its operations
+    /// did.
     Txn {
         /// Entry index: the revision of every write of the transaction.
         revision: u64,
         /// Whether every compare held (the `success` branch ran).
         succeeded: bool,
-        /// Per write of the branch that ran: whether its key existed before.
-        existed: Vec<bool>,
+        /// Per operation of the branch that ran, in order.
+        results: Vec<TxnResult>,
     },
     /// The lease a command names does not exist (a put attaching a key to it, a
     /// revoke, a renewal), or (a grant) already does, or (a revocation on expiry) was
@@ -271,6 +275,19 @@ pub enum ApplyOutcome {
         /// The operation's number.
         op: i32,
     },
+}
+
+/// What one operation of an applied transaction's branch did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TxnResult {
+    /// A put or a delete: whether its key existed before it.
+    Wrote {
+        /// Whether the key existed before the write.
+        existed: bool,
+    },
+    /// A get: the key's value and lease at that point of the branch (after the
+    /// branch's earlier writes), or `None` when it was absent.
+    Read(Option<(Value, Option<u64>)>),
 }
 
 /// A value read from the store. Its bytes are shared with the store, not copied.
@@ -351,11 +368,11 @@ pub fn is_known(op: i32, txn: Option<&Txn>) -> bool {
     OpType::from_i32(op).is_some() && unknown_txn_op(txn).is_none()
 }
 
-/// A transaction's write whose operation is not a put or a delete (one this version
+/// A transaction's operation that is not a put, a delete or a get (one this version
 /// does not know): nothing of the transaction may be applied.
 fn unknown_txn_op(txn: Option<&Txn>) -> Option<i32> {
     let txn = txn?;
-    txn.success.iter().chain(&txn.failure).map(|o| o.op).find(|op| !matches!(OpType::from_i32(*op), Some(OpType::Put | OpType::Delete)))
+    txn.success.iter().chain(&txn.failure).map(|o| o.op).find(|op| !matches!(OpType::from_i32(*op), Some(OpType::Put | OpType::Delete | OpType::Get)))
 }
 
 /// Changes tracked for a delta never exceed half the store (then a full image is no
@@ -564,6 +581,8 @@ impl KvStore {
                 ApplyOutcome::KeysRemoved { revision: index, deleted: keys.len() as u64 }
             }
             OpType::Delete => ApplyOutcome::Applied { revision: index, existed: self.delete(index, &cmd.key) },
+            // A read on its own is no write: the index is applied and nothing changes.
+            OpType::Get => ApplyOutcome::Applied { revision: index, existed: self.data.contains(cmd.key.as_bytes()) },
             OpType::DeletePrefix => {
                 let pre = cmd.key.as_bytes();
                 // An empty prefix would be every key: the API never proposes one, and
@@ -582,16 +601,17 @@ impl KvStore {
                 let txn = cmd.txn.as_ref();
                 let succeeded = txn.is_none_or(|t| t.compare.iter().all(|c| self.holds(c)));
                 let ops = txn.map(|t| if succeeded { &t.success } else { &t.failure });
-                let existed = ops
+                let results = ops
                     .into_iter()
                     .flatten()
                     .map(|o| match OpType::from_i32(o.op) {
-                        Some(OpType::Put) => self.put(index, &o.key, &o.value),
-                        // Only puts and deletes get here (`unknown_txn_op`).
-                        _ => self.delete(index, &o.key),
+                        Some(OpType::Put) => TxnResult::Wrote { existed: self.put(index, &o.key, &o.value) },
+                        Some(OpType::Get) => TxnResult::Read(self.get(&o.key).map(|v| (v, self.lease_of(&o.key)))),
+                        // Only puts, deletes and gets get here (`unknown_txn_op`).
+                        _ => TxnResult::Wrote { existed: self.delete(index, &o.key) },
                     })
                     .collect();
-                ApplyOutcome::Txn { revision: index, succeeded, existed }
+                ApplyOutcome::Txn { revision: index, succeeded, results }
             }
         }
     }
@@ -1259,7 +1279,7 @@ mod tests {
             vec![w(OpType::Put, "a", "2"), w(OpType::Put, "b", "1"), w(OpType::Put, "new", "n"), w(OpType::Delete, "gone", "")],
             vec![w(OpType::Put, "failed", "x")],
         );
-        assert_eq!(kv.apply(3, &swap), ApplyOutcome::Txn { revision: 3, succeeded: true, existed: vec![true, true, false, false] });
+        assert_eq!(kv.apply(3, &swap), ApplyOutcome::Txn { revision: 3, succeeded: true, results: wrote(&[true, true, false, false]) });
         for (k, v) in [("a", "2"), ("b", "1"), ("new", "n")] {
             assert_eq!(kv.get(k).map(|x| (x.data.to_vec(), x.revision)), Some((v.as_bytes().to_vec(), 3)), "{k}");
         }
@@ -1268,12 +1288,12 @@ mod tests {
         // exists compared as absent): only the failure branch runs.
         for failing in [cmp("a", Some(1), None), cmp("a", None, Some("1")), cmp("new", Some(0), None), cmp("nope", None, Some(""))] {
             let t = txn(vec![cmp("b", Some(3), None), failing.clone()], vec![w(OpType::Delete, "a", "")], vec![w(OpType::Put, "failed", "x")]);
-            assert_eq!(kv.apply(4, &t), ApplyOutcome::Txn { revision: 4, succeeded: false, existed: vec![false] }, "{failing:?}");
+            assert_eq!(kv.apply(4, &t), ApplyOutcome::Txn { revision: 4, succeeded: false, results: wrote(&[false]) }, "{failing:?}");
             assert_eq!(kv.get("a").unwrap().revision, 3, "{failing:?}");
             kv.apply(4, &Command { op: OpType::Delete as i32, key: "failed".into(), ..Default::default() });
         }
         // No compares: success; no writes: nothing changes but the applied index.
-        assert_eq!(kv.apply(5, &txn(vec![], vec![], vec![])), ApplyOutcome::Txn { revision: 5, succeeded: true, existed: vec![] });
+        assert_eq!(kv.apply(5, &txn(vec![], vec![], vec![])), ApplyOutcome::Txn { revision: 5, succeeded: true, results: vec![] });
         assert_eq!(kv.applied(), 5);
         // A write of a kind this version does not know: nothing of it is applied.
         let odd = txn(vec![], vec![w(OpType::Delete, "a", ""), TxnOp { op: 2, key: "b".into(), value: vec![] }], vec![]);
@@ -1296,6 +1316,43 @@ mod tests {
         follower.apply_delta(&delta.encode()).unwrap();
         assert!(follower.get("a").is_none());
         assert_eq!(follower.get("c").unwrap().revision, 7);
+    }
+
+    fn wrote(existed: &[bool]) -> Vec<TxnResult> {
+        existed.iter().map(|&existed| TxnResult::Wrote { existed }).collect()
+    }
+
+    #[test]
+    fn a_transaction_get_reads_the_key_where_it_stands_in_its_branch() {
+        let mut kv = KvStore::new();
+        kv.apply(1, &put("owner", "me", None));
+        kv.apply(2, &Command { op: OpType::LeaseGrant as i32, lease: 9, ttl_ms: 5000, ..Default::default() });
+        kv.apply(3, &Command { op: OpType::Put as i32, key: "eph".into(), value: b"e".to_vec(), lease: 9, ..Default::default() });
+        let read = |kv: &KvStore, key: &str| TxnResult::Read(kv.get(key).map(|v| (v, kv.lease_of(key))));
+        let (owner, eph) = (read(&kv, "owner"), read(&kv, "eph"));
+        assert!(matches!(&eph, TxnResult::Read(Some((_, Some(9))))), "a leased key reads with its lease");
+        // The lock is taken (the compare on its absence fails): the failure branch reads
+        // who holds it, atomically with the compare, and writes nothing.
+        let take = txn(vec![cmp("owner", Some(0), None)], vec![w(OpType::Put, "owner", "you")], vec![w(OpType::Get, "owner", ""), w(OpType::Get, "eph", ""), w(OpType::Get, "nobody", "")]);
+        assert!(is_known(take.op, take.txn.as_ref()));
+        assert_eq!(kv.apply(4, &take), ApplyOutcome::Txn { revision: 4, succeeded: false, results: vec![owner, eph, TxnResult::Read(None)] });
+        assert_eq!(kv.get("owner").unwrap().revision, 1, "a read changes nothing");
+        // A get sees the writes before it in its branch, not those after it.
+        let t = txn(vec![], vec![w(OpType::Get, "k", ""), w(OpType::Put, "k", "v"), w(OpType::Get, "k", ""), w(OpType::Delete, "owner", ""), w(OpType::Get, "owner", "")], vec![]);
+        let ApplyOutcome::Txn { results, .. } = kv.apply(5, &t) else { panic!("not a transaction's outcome") };
+        assert_eq!(results[0], TxnResult::Read(None));
+        assert_eq!(results[1], TxnResult::Wrote { existed: false });
+        assert_eq!(results[2], TxnResult::Read(Some((Value { data: Bytes::from_static(b"v"), revision: 5 }, None))));
+        assert_eq!(results[3], TxnResult::Wrote { existed: true });
+        assert_eq!(results[4], TxnResult::Read(None));
+        // Reads leave no change for watchers or deltas.
+        kv.record_events();
+        kv.apply(6, &txn(vec![], vec![w(OpType::Get, "k", "")], vec![]));
+        assert!(kv.take_events().is_empty());
+        // A get proposed as a command of its own (the API never does) changes nothing.
+        assert_eq!(kv.apply(7, &Command { op: OpType::Get as i32, key: "k".into(), ..Default::default() }), ApplyOutcome::Applied { revision: 7, existed: true });
+        assert_eq!(kv.get("k").unwrap().revision, 5);
+        assert_eq!(kv.applied(), 7);
     }
 
     #[test]

@@ -670,7 +670,7 @@ fn a_transaction_swaps_two_keys_atomically_or_runs_its_failure_branch() {
     let swap = format!(
         r#"{{"compare":[{{"key":"x/a","revision":{ra}}},{{"key":"x/b","revision":{rb}}}],
             "success":[{{"op":"put","key":"x/a","value":"2"}},{{"op":"put","key":"x/b","value":"1"}}],
-            "failure":[{{"op":"put","key":"x/conflict","value_base64":"AP8="}}]}}"#
+            "failure":[{{"op":"put","key":"x/conflict","value_base64":"AP8="}},{{"op":"get","key":"x/a"}},{{"op":"get","key":"x/none"}}]}}"#
     );
     // Through a follower: committed by a quorum, answered once applied.
     let leader = c.wait_leader(T);
@@ -691,10 +691,25 @@ fn a_transaction_swaps_two_keys_atomically_or_runs_its_failure_branch() {
     // The same transaction again: its compares no longer hold, the failure branch runs.
     let r = c.http.post(&format!("{}/v1/txn", c.url(leader)), swap).unwrap().json();
     assert_eq!(r["succeeded"], false, "{r}");
-    assert_eq!(r["results"], serde_json::json!([{"op":"put","key":"x/conflict","existed":false}]));
+    // Its gets read, atomically with the failed compares, what made them fail.
+    assert_eq!(
+        r["results"],
+        serde_json::json!([{"op":"put","key":"x/conflict","existed":false},{"op":"get","key":"x/a","found":true,"value":"2","revision":rev},{"op":"get","key":"x/none","found":false}])
+    );
     let r = c.http.get(&format!("{}/v1/kv/x/conflict", c.url(2))).unwrap().json();
     assert_eq!(r["value_base64"], "AP8=");
     assert_eq!(c.get(1, "x/a").unwrap().as_deref(), Some("2"), "untouched");
+    // A lock: take it if free, else learn who holds it. Both through followers.
+    let others: Vec<u64> = (1..=3).filter(|id| *id != leader).collect();
+    let lock = |id: u64, me: &str| {
+        let body = format!(r#"{{"compare":[{{"key":"x/lock","revision":0}}],"success":[{{"op":"put","key":"x/lock","value":"{me}"}}],"failure":[{{"op":"get","key":"x/lock"}}]}}"#);
+        c.http.post(&format!("{}/v1/txn", c.url(id)), body).unwrap().json()
+    };
+    let first = lock(others[0], "one");
+    assert_eq!(first["succeeded"], true, "{first}");
+    let second = lock(others[1], "two");
+    assert_eq!(second["succeeded"], false, "{second}");
+    assert_eq!(second["results"], serde_json::json!([{"op":"get","key":"x/lock","found":true,"value":"one","revision":first["revision"]}]));
     // Refused before anything is proposed.
     let r = c.http.post(&format!("{}/v1/txn", c.url(1)), r#"{"success":[{"op":"put","key":"x/a"}]}"#).unwrap();
     assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text());
