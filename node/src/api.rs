@@ -455,11 +455,23 @@ impl Api {
         if linearizable(req)? {
             self.read_barrier().await?;
         }
-        let ((items, more), revision) = {
+        let ((items, more), leases, revision) = {
             let kv = self.kv.read().map_err(|_| internal())?;
-            (kv.list_page(&prefix, after.as_deref(), limit, LIST_PAGE_BYTES), kv.applied())
+            let page = kv.list_page(&prefix, after.as_deref(), limit, LIST_PAGE_BYTES);
+            let leases: Vec<Option<u64>> = page.0.iter().map(|(k, _)| kv.lease_of(k)).collect();
+            (page, leases, kv.applied())
         };
-        let items: Vec<Json> = items.iter().map(|(k, v)| value_json(k, &v.data, v.revision)).collect();
+        let items: Vec<Json> = items
+            .iter()
+            .zip(leases)
+            .map(|((k, v), lease)| {
+                let mut item = value_json(k, &v.data, v.revision);
+                if let Some(id) = lease {
+                    item["lease"] = json!(id);
+                }
+                item
+            })
+            .collect();
         Ok(json(StatusCode::OK, &json!({ "items": items, "more": more, "revision": revision })))
     }
 

@@ -735,6 +735,11 @@ fn a_leased_key_lives_while_kept_alive_goes_when_it_expires_and_survives_a_leade
     let r = c.http.get(&format!("{}/v1/leases/{lease}", c.url(3))).unwrap().json();
     assert_eq!((r["ttl"].as_u64(), r["keys"].clone()), (Some(2), serde_json::json!(["l/a"])));
     assert_eq!(c.http.get(&format!("{}/v1/kv/l/a", c.url(3))).unwrap().json()["lease"], lease);
+    // Listings show the lease of a leased key (outside the watched prefix: a plain key).
+    assert_eq!(c.http.put(&format!("{}/v1/kv/lp", c.url(1)), "v").unwrap().status, StatusCode::OK);
+    let r = c.http.get(&format!("{}/v1/kv?prefix=l", c.url(3))).unwrap().json();
+    assert_eq!((r["items"][0]["key"].as_str(), r["items"][0]["lease"].as_u64()), (Some("l/a"), Some(lease)), "{r}");
+    assert_eq!((r["items"][1]["key"].as_str(), r["items"][1].get("lease")), (Some("lp"), None), "{r}");
     // Kept alive (every 300 ms, through every member) for over twice its TTL: still there.
     let until = std::time::Instant::now() + Duration::from_millis(4500);
     let mut n = 0;
