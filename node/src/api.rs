@@ -508,16 +508,25 @@ impl Api {
         .await
         .map_err(|_| internal())?;
         let applied = image.applied();
+        if applied == 0 {
+            // A member that holds no state yet (a joining member before its first
+            // snapshot, asked for a serializable backup): no file could restore it.
+            return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no_state", "this member holds no state yet; ask another member"));
+        }
         let (tx, body) = ChannelBody::new(crate::backup::file_len(image_len), 4);
+        let rt = tokio::runtime::Handle::current();
         tokio::task::spawn_blocking(move || {
             let _slot = slot;
-            let mut w = ChunkWriter { tx, buf: Vec::with_capacity(BACKUP_CHUNK) };
+            let mut w = ChunkWriter { tx, buf: Vec::with_capacity(BACKUP_CHUNK), rt, stall: BACKUP_STALL };
             let written = crate::backup::write(&image, image_len, &mut w).and_then(|_| w.send_buffered());
             if let Err(e) = written {
                 // The client went away (nothing to tell), or encoding failed: end the
                 // body early so the client sees a short file, never a wrong one.
                 tracing::debug!(error = %e, "backup not sent whole");
-                let _ = w.tx.blocking_send(Err(e));
+                // try_send: a stalled client's queue is full, and waiting on it again
+                // is what the stall bound is there to stop; the body ends short when
+                // this thread drops its sender either way.
+                let _ = w.tx.try_send(Err(e));
             }
         });
         let mut r = response(StatusCode::OK, "application/octet-stream", Bytes::new());
@@ -1251,6 +1260,8 @@ fn json_chunk(v: &Json) -> Bytes {
 
 /// Bytes of a backup sent per chunk.
 const BACKUP_CHUNK: usize = 256 << 10;
+/// How long a backup waits for a client that reads nothing before it gives up on it.
+const BACKUP_STALL: Duration = Duration::from_secs(60);
 
 /// The one backup a member sends at a time (each holds a frozen copy of the state
 /// machine and a blocking thread while it streams): taken, and given back on drop.
@@ -1276,15 +1287,31 @@ impl Drop for BackupSlot {
 struct ChunkWriter {
     tx: tokio::sync::mpsc::Sender<std::io::Result<Bytes>>,
     buf: Vec<u8>,
+    /// The runtime the body is sent on (the writer runs on a blocking thread).
+    rt: tokio::runtime::Handle,
+    /// How long one chunk may wait for the client to take the previous ones.
+    stall: Duration,
 }
 
 impl ChunkWriter {
+    /// Sends the buffered bytes as one chunk. A client that takes nothing for
+    /// `stall` is given up on (`TimedOut`): it would otherwise hold the member's one
+    /// backup slot, and its frozen copy of the store, for as long as it keeps the
+    /// connection open.
     fn send_buffered(&mut self) -> std::io::Result<()> {
+        use tokio::sync::mpsc::error::SendTimeoutError;
         if self.buf.is_empty() {
             return Ok(());
         }
         let chunk = Bytes::from(std::mem::replace(&mut self.buf, Vec::with_capacity(BACKUP_CHUNK)));
-        self.tx.blocking_send(Ok(chunk)).map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the client closed the connection"))
+        match self.rt.block_on(self.tx.send_timeout(Ok(chunk), self.stall)) {
+            Ok(()) => Ok(()),
+            Err(SendTimeoutError::Closed(_)) => Err(std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the client closed the connection")),
+            Err(SendTimeoutError::Timeout(_)) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("the client read nothing for {} s", self.stall.as_secs()),
+            )),
+        }
     }
 }
 
@@ -1532,6 +1559,40 @@ mod tests {
             assert_eq!(e.status, StatusCode::BAD_REQUEST);
             assert!(e.message.contains(why), "{}: {}", String::from_utf8_lossy(body), e.message);
         }
+    }
+
+    #[test]
+    fn a_backup_writer_gives_up_on_a_client_that_reads_nothing() {
+        use std::io::Write as _;
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_time().build().expect("runtime");
+        let (tx, mut rx) = tokio::sync::mpsc::channel(1);
+        let stall = Duration::from_millis(200);
+        let mut w = ChunkWriter { tx, buf: Vec::new(), rt: rt.handle().clone(), stall };
+        w.write_all(&vec![1u8; BACKUP_CHUNK]).expect("the first chunk fits the queue");
+        let started = std::time::Instant::now();
+        let e = w.write_all(&vec![2u8; BACKUP_CHUNK]).expect_err("nobody reads");
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "{e}");
+        assert!(started.elapsed() >= stall, "gave up after {:?}", started.elapsed());
+        // A client that reads gets each chunk whole, in order.
+        assert_eq!(rx.try_recv().expect("first chunk").expect("data")[0], 1);
+        let reader = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            while let Some(c) = rx.blocking_recv() {
+                got.push(c.expect("data")[0]);
+            }
+            got
+        });
+        for b in 3..6u8 {
+            w.write_all(&vec![b; BACKUP_CHUNK]).expect("a reading client keeps up");
+        }
+        drop(w);
+        assert_eq!(reader.join().expect("reader"), [3, 4, 5]);
+        // A client gone: the writer stops at once.
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        drop(rx);
+        let mut w = ChunkWriter { tx, buf: Vec::new(), rt: rt.handle().clone(), stall: Duration::from_secs(60) };
+        let e = w.write_all(&vec![0u8; BACKUP_CHUNK]).expect_err("closed");
+        assert_eq!(e.kind(), std::io::ErrorKind::BrokenPipe);
     }
 
     #[test]
