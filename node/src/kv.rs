@@ -6,8 +6,8 @@
 //! last wrote it.
 //!
 //! Pairs live in a persistent ordered set (`imbl::OrdSet`), so taking a snapshot is an
-//! O(1) clone: the image is encoded and written on another thread while the raft loop
-//! keeps applying. Each pair (key, value, revision) is one allocation behind a
+//! O(1) clone of them (leases are copied: a cost in the number of leased keys): the
+//! image is encoded and written on another thread while the raft loop keeps applying. Each pair (key, value, revision) is one allocation behind a
 //! reference count ([`Pair`]): the store costs little beyond the bytes it holds.
 //!
 //! An image is full (version 1: every pair) or a delta (version 2: the pairs written
