@@ -115,6 +115,10 @@ fn read_header(path: &Path, r: &mut impl Read, file_len: u64) -> Result<(BackupI
     if applied_index == 0 {
         return Err(invalid("applied index 0: no member ever had such a state".into()));
     }
+    if applied_index >= crate::storage::MAX_INDEX {
+        // The restored log continues after it, and no entry may go past MAX_INDEX.
+        return Err(invalid(format!("applied index {applied_index}: no log can continue after it (at most {})", crate::storage::MAX_INDEX - 1)));
+    }
     if image_len.checked_add(HEADER_LEN + TRAILER_LEN) != Some(file_len) {
         return Err(invalid(format!(
             "the header announces a {image_len}-byte image, the file has {file_len} bytes in all (truncated or padded)"
@@ -155,6 +159,27 @@ pub fn read(path: &Path) -> Result<(BackupInfo, Vec<u8>), BackupError> {
     Ok((info, image))
 }
 
+/// Checks a backup file whole — header, length, checksum — reading it in chunks, so a
+/// large backup is never held in memory (what [`read`] checks, without the image).
+pub fn verify(path: &Path) -> Result<BackupInfo, BackupError> {
+    let (f, len) = open(path)?;
+    let mut f = io::BufReader::with_capacity(1 << 16, f);
+    let (mut info, mut crc) = read_header(path, &mut f, len)?;
+    let io = |source| BackupError::Io { path: path.to_path_buf(), source };
+    let mut left = info.image_len;
+    let mut buf = vec![0u8; 1 << 16];
+    while left > 0 {
+        let n = usize::try_from(left).map_or(buf.len(), |l| l.min(buf.len()));
+        f.read_exact(&mut buf[..n]).map_err(io)?;
+        crc.update(&buf[..n]);
+        left -= n as u64;
+    }
+    let mut trailer = [0u8; 4];
+    f.read_exact(&mut trailer).map_err(io)?;
+    info.crc = check_trailer(path, crc, trailer)?;
+    Ok(info)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -186,6 +211,7 @@ mod tests {
         let path = dir.path().join("b");
         std::fs::write(&path, backup_of(&kv)).unwrap();
         let (info, image) = read(&path).unwrap();
+        assert_eq!(verify(&path).unwrap(), info, "the streaming check agrees");
         assert_eq!(info.applied_index, 301);
         assert_eq!(info.image_len, image.len() as u64);
         let mut back = KvStore::new();
@@ -201,11 +227,17 @@ mod tests {
         let path = dir.path().join("b");
         let refused = |bytes: &[u8]| {
             std::fs::write(&path, bytes).unwrap();
-            match read(&path) {
+            let why = match read(&path) {
                 Err(BackupError::Invalid { why, .. }) => why,
                 Err(other) => panic!("{other:?}"),
                 Ok((info, _)) => panic!("accepted: {info:?}"),
+            };
+            // The streaming check refuses it for the same reason.
+            match verify(&path) {
+                Err(BackupError::Invalid { why: v, .. }) => assert_eq!(v, why),
+                other => panic!("verify: {other:?}"),
             }
+            why
         };
         let mut flipped = good.clone();
         let mid = flipped.len() / 2;
@@ -222,6 +254,28 @@ mod tests {
         let mut zero = good.clone();
         zero[12..20].copy_from_slice(&0u64.to_le_bytes());
         assert!(refused(&zero).contains("applied index 0"));
+        // The storage's largest index: a member restored at it could never append.
+        let mut last = good.clone();
+        last[12..20].copy_from_slice(&crate::storage::MAX_INDEX.to_le_bytes());
+        assert!(refused(&last).contains("no log can continue after it"), "{}", refused(&last));
         assert!(matches!(read(&dir.path().join("missing")), Err(BackupError::Io { .. })));
+        assert!(matches!(verify(&dir.path().join("missing")), Err(BackupError::Io { .. })));
+    }
+
+    #[test]
+    fn verify_streams_a_backup_larger_than_its_buffer() {
+        let mut good = backup_of(&store(1500));
+        assert!(good.len() > 2 << 16, "{} bytes: not several buffers", good.len());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b");
+        std::fs::write(&path, &good).unwrap();
+        let info = verify(&path).unwrap();
+        assert_eq!((info.applied_index, file_len(info.image_len)), (1501, good.len() as u64));
+        assert_eq!(info, read(&path).unwrap().0);
+        // A byte flipped past the first buffer is caught.
+        let at = good.len() - 100;
+        good[at] ^= 0x80;
+        std::fs::write(&path, &good).unwrap();
+        assert!(matches!(verify(&path), Err(BackupError::Invalid { why, .. }) if why.contains("checksum")));
     }
 }

@@ -21,6 +21,8 @@
 //!   follow them.
 //! * [`backup`] — the backup file: the state machine taken whole from a member
 //!   (`GET /v1/backup`) and the seed of a new cluster (`--restore-from`).
+//! * [`backup_client`] — `raftkv-node backup`: fetches a backup from the first member
+//!   that delivers a whole one, into a folder of timestamped files pruned to `--keep`.
 //! * [`metrics`] — Prometheus metrics in etcd's naming style.
 //! * [`shutdown`] — one signal for SIGTERM, removal and fatal errors.
 //! * [`http`] — the accept loop (plaintext or TLS) and response helpers both listeners share.
@@ -34,6 +36,7 @@
 pub mod api;
 pub mod auth;
 pub mod backup;
+pub mod backup_client;
 pub mod config;
 pub mod http;
 pub mod kv;

@@ -1,4 +1,5 @@
 //! The `raftkv-node` binary: parse flags, set up logging and signals, run the node.
+//! `raftkv-node backup ...` is the backup client instead ([`raftkv_node::backup_client`]).
 
 use clap::Parser;
 use raftkv_node::config::{normalize_go_flags, Args};
@@ -6,6 +7,11 @@ use raftkv_node::shutdown::{Reason, Shutdown};
 use tracing_subscriber::EnvFilter;
 
 fn main() {
+    // `backup` (exactly, first) selects the backup client and its own flags; every other
+    // command line is the node's.
+    if std::env::args().nth(1).as_deref() == Some("backup") {
+        std::process::exit(raftkv_node::backup_client::main(std::env::args().skip(1)));
+    }
     let argv = normalize_go_flags(std::env::args());
     let args = match Args::try_parse_from(argv) {
         Ok(a) => a,
