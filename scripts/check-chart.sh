@@ -3,7 +3,9 @@
 #   1. helm lint (strict) of charts/raftkv-operator, with default and all-features values
 #   2. helm template output, the plain manifests (kubectl kustomize deploy/) and the
 #      examples validated against the Kubernetes OpenAPI schemas (kubernetes-validate,
-#      strict, for each version in K8S_VERSIONS); RaftKV objects against the CRD's own
+#      strict, for each version in K8S_VERSIONS), and so are the objects the operator
+#      creates for each example (`raftkv-operator render`, built with cargo); RaftKV
+#      objects against the CRD's own
 #      openAPIV3Schema; ServiceMonitors against a minimal structural check; plus project
 #      rules: restricted pod security, /healthz probes, no wildcard or secrets RBAC
 #   3. CRD drift: deploy/crd.yaml and the chart's crds/raftkv.yaml are identical (the Rust
@@ -141,6 +143,18 @@ if ! kubectl kustomize deploy/ >"$tmp/kustomize.yaml"; then
     fail "kubectl kustomize deploy/"
 fi
 echo "ok: rendered $(grep -c '^kind:' "$tmp/default.yaml") default objects"
+# What the operator itself creates for each example (its Rust builders): validated below
+# like the chart, so a field the API server would refuse fails here, not in a cluster.
+operator_objects=()
+for example in deploy/examples/*.yaml; do
+    out="$tmp/operator-$(basename "$example")"
+    if cargo run -q -p raftkv-operator -- render "$example" >"$out"; then
+        operator_objects+=("$out")
+    else
+        fail "raftkv-operator render $example"
+    fi
+done
+echo "ok: rendered the operator's objects for ${#operator_objects[@]} examples"
 
 step "validate against Kubernetes $K8S_VERSIONS schemas (kubernetes-validate, strict)"
 crd_file=deploy/crd.yaml
@@ -151,7 +165,7 @@ fi
 # shellcheck disable=SC2086 # K8S_VERSIONS is a space-separated list on purpose
 if ! "$python" - "$crd_file" "$K8S_VERSIONS" \
     "$tmp/default.yaml" "$tmp/all-on.rendered.yaml" "$tmp/no-rbac.rendered.yaml" \
-    "$tmp/kustomize.yaml" deploy/examples/*.yaml <<'PY'; then
+    "$tmp/kustomize.yaml" deploy/examples/*.yaml "${operator_objects[@]}" <<'PY'; then
 """Validates every object of the given YAML files.
 
 Built-in kinds: kubernetes-validate, strict (unknown fields are errors), for each version.

@@ -1,16 +1,18 @@
 //! The Kubernetes controller: [`reconcile`] applies the owned objects, observes pods,
 //! claims and the raft cluster, asks [`decide`] for one step, executes it through
-//! [`KubePlatform`] and the node API, publishes an Event for it, and writes status.
+//! [`KubePlatform`] and the node API, publishes an Event for it, keeps the backup
+//! CronJob in line with `spec.backup`, and writes status.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::batch::v1::CronJob;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action as Requeue;
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::{Client, Resource, ResourceExt};
@@ -507,11 +509,24 @@ pub async fn reconcile<N: NodeApi>(rkv: Arc<RaftKV>, ctx: Arc<Context<N>>) -> Re
     // lease may have passed (another replica may have changed the membership since).
     ctx.fence.check()?;
     Api::<PodDisruptionBudget>::namespaced(client.clone(), &ns).patch(&name, &ssa, &Patch::Apply(&pdb)).await?;
+
+    // 6. Scheduled backups, after the membership step: a CronJob the API server refuses
+    //    never holds up membership changes (a Warning Event says why; the error policy
+    //    retries).
+    let backups = reconcile_backups(&client, &rkv, &ns, status.backups_scheduled, &ssa).await;
+    if let Err((kind, e)) = &backups {
+        publish(&ctx.recorder, &rkv, EventType::Warning, "BackupScheduleFailed", format!("{kind}: {e}")).await;
+    }
     let mut status_json = serde_json::to_value(&new_status).unwrap_or_default();
     if let Some(obj) = status_json.as_object_mut() {
         // Written step by step by the executor; never overwritten here.
-        for k in ["operation", "incarnations", "initialCluster"] {
+        for k in ["operation", "incarnations", "initialCluster", "backupsScheduled"] {
             obj.remove(k);
+        }
+        if let Ok(scheduled) = backups {
+            if scheduled != status.backups_scheduled {
+                obj.insert("backupsScheduled".into(), json!(scheduled));
+            }
         }
         // Explicit nulls clear stale values under a merge patch.
         for k in ["leader", "message"] {
@@ -522,11 +537,45 @@ pub async fn reconcile<N: NodeApi>(rkv: Arc<RaftKV>, ctx: Arc<Context<N>>) -> Re
     rkv_api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&json!({"status": status_json}))).await?;
 
     outcome?;
+    backups.map_err(|(_, e)| e)?;
     Ok(match action {
         Action::Done => Requeue::requeue(REQUEUE_STEADY),
         Action::Wait(_) => Requeue::requeue(REQUEUE_WAITING),
         _ => Requeue::requeue(REQUEUE_AFTER_STEP),
     })
+}
+
+/// Keeps the backup objects in line with `spec.backup`: with it, the backups claim
+/// (created once, never changed: it is the user's from then on) and the CronJob
+/// (server-side apply); without it, deletes the CronJob this operator made (`scheduled`:
+/// status says it did). Answers whether a CronJob is scheduled now, or the kind of the
+/// object that failed.
+async fn reconcile_backups(client: &Client, rkv: &RaftKV, ns: &str, scheduled: bool, ssa: &PatchParams) -> Result<bool, (&'static str, kube::Error)> {
+    let name = rkv.name_any();
+    let cron_api: Api<CronJob> = Api::namespaced(client.clone(), ns);
+    let (Some(pvc), Some(cron)) = (resources::backup_pvc(rkv), resources::backup_cronjob(rkv)) else {
+        if scheduled {
+            let dp = DeleteParams::background();
+            match cron_api.delete(&resources::backup_cronjob_name(&name), &dp).await {
+                Ok(_) => tracing::info!(rkv = %name, namespace = %ns, "spec.backup removed: backup CronJob deleted"),
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => return Err(("CronJob", e)),
+            }
+        }
+        return Ok(false);
+    };
+    let pvc_api: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), ns);
+    let pvc_name = resources::backup_pvc_name(&name);
+    if pvc_api.get_opt(&pvc_name).await.map_err(|e| ("PersistentVolumeClaim", e))?.is_none() {
+        match pvc_api.create(&PostParams::default(), &pvc).await {
+            Ok(_) => tracing::info!(rkv = %name, namespace = %ns, claim = %pvc_name, "backups claim created"),
+            // Created meanwhile (another reconcile, or the user): it is there, as wanted.
+            Err(kube::Error::Api(st)) if st.code == 409 => {}
+            Err(e) => return Err(("PersistentVolumeClaim", e)),
+        }
+    }
+    cron_api.patch(&resources::backup_cronjob_name(&name), ssa, &Patch::Apply(&cron)).await.map_err(|e| ("CronJob", e))?;
+    Ok(true)
 }
 
 /// Backs off after a failed reconcile.

@@ -685,3 +685,122 @@ fn status_is_never_available_without_quorum() {
     let s = compute_status(&r, Some(&c), None, &Action::Done, true);
     assert_eq!(s.conditions.iter().find(|c| c.type_ == "Available").expect("Available").reason, "NoLeader");
 }
+
+// ------------------------------------------------------------------------------------
+// Scheduled backups.
+
+const BACKUP_PVC: &str = "/api/v1/namespaces/db/persistentvolumeclaims/kv-backups";
+const CRONJOB: &str = "/apis/batch/v1/namespaces/db/cronjobs/kv-backup";
+
+fn with_backup(mut r: RaftKV) -> RaftKV {
+    r.spec.backup = Some(crate::crd::BackupSpec {
+        schedule: "0 */6 * * *".into(),
+        keep: 5,
+        suspend: false,
+        storage: crate::crd::BackupStorageSpec { size: "5Gi".into(), storage_class_name: Some("fast".into()) },
+    });
+    r
+}
+
+fn cronjob_ok() -> Value {
+    json!({"apiVersion": "batch/v1", "kind": "CronJob", "metadata": {"name": "kv-backup"}, "spec": {"schedule": "0 */6 * * *", "jobTemplate": {}}})
+}
+
+fn backup_pvc_ok() -> Value {
+    json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "kv-backups", "namespace": "db", "uid": "pvc-b"}})
+}
+
+#[tokio::test]
+async fn a_backup_schedule_creates_its_claim_once_and_applies_the_cronjob() {
+    let r = with_backup(rkv(3, Some(running_status(None))));
+    let mut script = prelude(3, 3, &[0, 1, 2]);
+    script.extend([
+        expect("PATCH", PDB, pdb_ok()),
+        not_found("GET", BACKUP_PVC),
+        expect("POST", PVCS, backup_pvc_ok()),
+        expect("PATCH", CRONJOB, cronjob_ok()),
+        expect("PATCH", RKV_STATUS, echo_rkv(&r)),
+    ]);
+    let (res, seen, _) = run_reconcile(r.clone(), FakeNode::cluster(&[1, 2, 3], &[], 1), script).await;
+    assert!(res.is_ok(), "{res:?}");
+    let pvc = &find(&seen, "POST", PVCS)[0].body;
+    assert_eq!(pvc["metadata"]["name"], "kv-backups");
+    assert_eq!(pvc["spec"]["resources"]["requests"]["storage"], "5Gi");
+    assert_eq!(pvc["spec"]["storageClassName"], "fast");
+    assert!(pvc["metadata"].get("ownerReferences").is_none(), "backups outlive the cluster: {pvc}");
+    let cron = find(&seen, "PATCH", CRONJOB)[0];
+    assert!(cron.query.contains("fieldManager=raftkv-operator") && cron.query.contains("force=true"), "{}", cron.query);
+    assert_eq!(cron.body["spec"]["schedule"], "0 */6 * * *");
+    assert_eq!(cron.body["metadata"]["ownerReferences"][0]["uid"], "uid-kv");
+    let args = &cron.body["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["args"];
+    assert_eq!(args, &json!(["backup", "--endpoints", "http://kv.db.svc:2379", "--dir", "/backups", "--keep", "5"]));
+    let status = &seen.last().expect("status").body["status"];
+    assert_eq!(status["backupsScheduled"], true, "{status}");
+
+    // Next time: the claim exists and is left alone (it is the user's); the CronJob is
+    // applied again; status unchanged, so not written.
+    let mut st = running_status(None);
+    st.backups_scheduled = true;
+    let r = with_backup(rkv(3, Some(st)));
+    let mut script = prelude(3, 3, &[0, 1, 2]);
+    script.extend([
+        expect("PATCH", PDB, pdb_ok()),
+        expect("GET", BACKUP_PVC, backup_pvc_ok()),
+        expect("PATCH", CRONJOB, cronjob_ok()),
+        expect("PATCH", RKV_STATUS, echo_rkv(&r)),
+    ]);
+    let (res, seen, _) = run_reconcile(r, FakeNode::cluster(&[1, 2, 3], &[], 1), script).await;
+    assert!(res.is_ok(), "{res:?}");
+    assert!(seen.last().expect("status").body["status"].get("backupsScheduled").is_none());
+}
+
+#[tokio::test]
+async fn removing_the_backup_schedule_deletes_the_cronjob_and_keeps_the_backups() {
+    let mut st = running_status(None);
+    st.backups_scheduled = true;
+    let r = rkv(3, Some(st));
+    let mut script = prelude(3, 3, &[0, 1, 2]);
+    script.extend([
+        expect("PATCH", PDB, pdb_ok()),
+        expect("DELETE", CRONJOB, json!({"kind": "Status", "apiVersion": "v1", "status": "Success"})),
+        expect("PATCH", RKV_STATUS, echo_rkv(&r)),
+    ]);
+    let (res, seen, _) = run_reconcile(r, FakeNode::cluster(&[1, 2, 3], &[], 1), script).await;
+    assert!(res.is_ok(), "{res:?}");
+    assert!(find(&seen, "DELETE", BACKUP_PVC).is_empty(), "the backups claim stays");
+    assert_eq!(seen.last().expect("status").body["status"]["backupsScheduled"], false);
+    // Already gone (deleted by hand): fine, and the flag is cleared all the same.
+    let mut st = running_status(None);
+    st.backups_scheduled = true;
+    let r = rkv(3, Some(st));
+    let mut script = prelude(3, 3, &[0, 1, 2]);
+    script.extend([expect("PATCH", PDB, pdb_ok()), not_found("DELETE", CRONJOB), expect("PATCH", RKV_STATUS, echo_rkv(&r))]);
+    let (res, seen, _) = run_reconcile(r, FakeNode::cluster(&[1, 2, 3], &[], 1), script).await;
+    assert!(res.is_ok(), "{res:?}");
+    assert_eq!(seen.last().expect("status").body["status"]["backupsScheduled"], false);
+}
+
+#[tokio::test]
+async fn a_refused_cronjob_does_not_hold_up_membership_and_is_reported() {
+    // A scale-up is due and the CronJob is refused: the step still happens, a Warning
+    // Event says why, status does not claim a schedule, and the error policy retries.
+    let r = with_backup(rkv(4, Some(running_status(None))));
+    let refusal = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Invalid", "code": 422,
+        "message": "CronJob.batch \"kv-backup\" is invalid: spec.schedule: Invalid value: \"61 * * * *\""});
+    let mut script = replacement_recorded(&r);
+    let status_patch = script.pop().expect("the status write");
+    script.extend([
+        expect("GET", BACKUP_PVC, backup_pvc_ok()),
+        Expect { method: "PATCH", path: CRONJOB.to_string(), status: 422, response: refusal },
+        expect("POST", EVENTS, event_ok()),
+        status_patch,
+    ]);
+    let (res, seen, _) = run_reconcile(r, FakeNode::cluster(&[1, 2, 3], &[], 1), script).await;
+    assert!(res.is_err(), "{res:?}");
+    assert_eq!(find(&seen, "PATCH", RKV_STATUS)[0].body["status"]["operation"]["kind"], "ScaleUp", "the step went ahead");
+    let warning = find(&seen, "POST", EVENTS).into_iter().map(|e| &e.body).find(|b| b["reason"] == "BackupScheduleFailed").cloned();
+    let warning = warning.expect("a BackupScheduleFailed event");
+    assert_eq!(warning["type"], "Warning");
+    assert!(warning["note"].as_str().unwrap_or("").contains("61 * * * *"), "{warning}");
+    assert!(seen.last().expect("status").body["status"].get("backupsScheduled").is_none());
+}

@@ -100,6 +100,14 @@ pub struct RaftKVSpec {
     /// prefers one member per node, `Hard` requires it, `None` adds nothing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod_anti_affinity: Option<AntiAffinityPreset>,
+
+    /// Scheduled backups: when set, a CronJob `<name>-backup` takes a checked backup of
+    /// the cluster (`raftkv-node backup` against the client Service: `GET /v1/backup`,
+    /// linearizable) on `schedule` into the volume claim `<name>-backups`, keeping the
+    /// newest `keep`. Removing it deletes the CronJob; the claim and its backups stay,
+    /// also when the RaftKV is deleted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<BackupSpec>,
 }
 
 impl RaftKVSpec {
@@ -116,6 +124,7 @@ impl RaftKVSpec {
             tolerations: None,
             affinity: None,
             pod_anti_affinity: None,
+            backup: None,
         }
     }
 }
@@ -134,6 +143,62 @@ pub enum AntiAffinityPreset {
     /// No anti-affinity.
     None,
 }
+
+/// Scheduled backups of a cluster (see `spec.backup`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupSpec {
+    /// When to take a backup, in the CronJob's syntax: five fields (minute hour
+    /// day-of-month month day-of-week, e.g. `0 */6 * * *`) or a macro such as `@hourly`
+    /// or `@daily`; times are in the kube-controller-manager's time zone (UTC unless
+    /// configured otherwise).
+    #[schemars(regex(pattern = BACKUP_SCHEDULE_PATTERN), length(max = 200))]
+    pub schedule: String,
+
+    /// How many backups to keep in the volume (the newest; older ones are deleted after
+    /// each successful backup). 1 to 1000, default 7.
+    #[serde(default = "default_backup_keep")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub keep: i32,
+
+    /// Stop taking backups for now (the CronJob's `suspend`), keeping the schedule.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub suspend: bool,
+
+    /// The volume claim `<name>-backups` the backups are written to: created once, when
+    /// first needed; from then on the claim is yours (the operator never changes or
+    /// deletes it, so a later change here is not applied to it). Give it room for `keep`
+    /// backups, each about the size of a member's snapshot.
+    #[serde(default)]
+    pub storage: BackupStorageSpec,
+}
+
+/// The backups volume claim (`spec.backup.storage`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupStorageSpec {
+    /// Size of the claim, e.g. `10Gi` (a quantity, as `storage.size`). Default `1Gi`.
+    #[schemars(regex(pattern = STORAGE_SIZE_PATTERN))]
+    #[serde(default = "default_storage_size")]
+    pub size: String,
+
+    /// Storage class of the claim; the cluster default when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_class_name: Option<String>,
+}
+
+impl Default for BackupStorageSpec {
+    fn default() -> Self {
+        BackupStorageSpec { size: default_storage_size(), storage_class_name: None }
+    }
+}
+
+fn default_backup_keep() -> i32 {
+    7
+}
+
+/// What `backup.schedule` must match: five cron fields, or a macro.
+pub const BACKUP_SCHEDULE_PATTERN: &str = r"^(@(yearly|annually|monthly|weekly|daily|midnight|hourly)|[0-9*/,?LW#A-Za-z-]+( +[0-9*/,?LW#A-Za-z-]+){4})$";
 
 /// Storage of each member's data directory (a volume claim template named `data`).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
@@ -213,6 +278,10 @@ pub struct RaftKVStatus {
     /// Human-readable explanation of the current wait, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// True while the operator keeps a backup CronJob for this cluster (`spec.backup`
+    /// set); it deletes the CronJob when `spec.backup` goes away.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub backups_scheduled: bool,
 }
 
 /// Lifecycle phase of a cluster: `Creating` (initial members not yet serving), `Running`
@@ -428,5 +497,25 @@ mod tests {
         let crd = serde_json::to_value(RaftKV::crd()).expect("crd json");
         let size = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["storage"]["properties"]["size"];
         assert_eq!(size["pattern"], STORAGE_SIZE_PATTERN, "{size}");
+    }
+
+    #[test]
+    fn backup_schedule_pattern_takes_cron_lines_and_macros() {
+        let re = regex::Regex::new(BACKUP_SCHEDULE_PATTERN).expect("pattern compiles");
+        for ok in ["0 */6 * * *", "*/15 * * * *", "30 2 * * 1-5", "0 0 1 JAN,JUL *", "0 3 * * SUN", "@daily", "@hourly", "@weekly", "0  4 * * *"] {
+            assert!(re.is_match(ok), "{ok} refused");
+        }
+        for bad in ["", "* * * *", "* * * * * *", "@often", "daily", " 0 * * * *", "0 * * * * ", "0 * * * *; rm -rf /", "TZ=UTC 0 * * * *"] {
+            assert!(!re.is_match(bad), "{bad:?} taken");
+        }
+        let crd = crd_json();
+        let backup = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["backup"];
+        let props = &backup["properties"];
+        assert_eq!(props["schedule"]["pattern"], BACKUP_SCHEDULE_PATTERN, "{backup}");
+        assert_eq!((props["keep"]["minimum"].as_f64(), props["keep"]["maximum"].as_f64()), (Some(1.0), Some(1000.0)), "{backup}");
+        assert!(backup["description"].as_str().unwrap_or_default().contains("CronJob"), "{backup}");
+        let spec: RaftKVSpec = serde_json::from_value(serde_json::json!({"replicas": 3, "backup": {"schedule": "@daily"}})).expect("parses");
+        let b = spec.backup.expect("backup");
+        assert_eq!((b.keep, b.suspend, b.storage.size.as_str()), (7, false, "1Gi"), "defaults");
     }
 }

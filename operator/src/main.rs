@@ -1,5 +1,6 @@
-//! `raftkv-operator`: `crd` prints the CustomResourceDefinition; `run` runs the
-//! controller under a leader-election Lease with `/metrics` and `/healthz`.
+//! `raftkv-operator`: `crd` prints the CustomResourceDefinition; `render` prints the
+//! objects it would create for a RaftKV manifest; `run` runs the controller under a
+//! leader-election Lease with `/metrics` and `/healthz`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -25,6 +26,16 @@ struct Cli {
 enum Command {
     /// Print the RaftKV CustomResourceDefinition as YAML.
     Crd,
+    /// Print, as YAML, the objects the operator creates for a new RaftKV read from FILE
+    /// (`-`: standard input): Services, StatefulSet, PodDisruptionBudget and, with
+    /// `spec.backup`, the backup CronJob and claim. Nothing is sent anywhere.
+    Render {
+        /// A RaftKV manifest (one YAML document).
+        file: std::path::PathBuf,
+        /// Namespace to render into, unless the manifest has one.
+        #[arg(long, default_value = "default")]
+        namespace: String,
+    },
     /// Run the controller.
     Run(RunArgs),
 }
@@ -67,6 +78,31 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         Command::Run(args) => run(args).await,
+        Command::Render { file, namespace } => {
+            use std::io::{Read as _, Write as _};
+            let mut text = String::new();
+            if file.as_os_str() == "-" {
+                std::io::stdin().read_to_string(&mut text).context("reading standard input")?;
+            } else {
+                text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+            }
+            let mut rkv: raftkv_operator::crd::RaftKV =
+                serde_yaml::from_str(&text).with_context(|| format!("{} is not a RaftKV manifest", file.display()))?;
+            if rkv.metadata.namespace.is_none() {
+                rkv.metadata.namespace = Some(namespace);
+            }
+            // The API server gives every object a uid; owner references need one.
+            rkv.metadata.uid.get_or_insert_with(|| "00000000-0000-0000-0000-000000000000".to_string());
+            let mut out = std::io::stdout().lock();
+            for obj in raftkv_operator::resources::initial_objects(&rkv) {
+                let doc = serde_yaml::to_string(&obj).context("rendering an object")?;
+                match out.write_all(format!("---\n{doc}").as_bytes()) {
+                    Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
+                    r => r.context("writing the objects")?,
+                }
+            }
+            Ok(())
+        }
     }
 }
 

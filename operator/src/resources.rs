@@ -1,12 +1,14 @@
 //! Client-free builders of the objects a `RaftKV` owns: the StatefulSet, the headless
-//! peer Service, the client Service and the PodDisruptionBudget. Names, ports, labels and
+//! peer Service, the client Service and the PodDisruptionBudget; with `spec.backup`, the
+//! backup CronJob and the backups claim. Names, ports, labels and
 //! environment follow the conventions listed at the top of docs/membership.md.
 
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy};
+use k8s_openapi::api::batch::v1::{CronJob, CronJobSpec, JobSpec, JobTemplateSpec};
 use k8s_openapi::api::core::v1::{
-    Affinity, Capabilities, Container, ContainerPort, EnvVar, HTTPGetAction, PersistentVolumeClaim, PersistentVolumeClaimSpec, PodAffinityTerm, PodAntiAffinity, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, SecurityContext, Service, ServicePort, ServiceSpec, VolumeMount, VolumeResourceRequirements, WeightedPodAffinityTerm,
+    Affinity, Capabilities, Container, ContainerPort, EnvVar, HTTPGetAction, PersistentVolumeClaim, PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource, PodAffinityTerm, PodAntiAffinity, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount, VolumeResourceRequirements, WeightedPodAffinityTerm,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -352,8 +354,173 @@ pub fn statefulset(rkv: &RaftKV, replicas: u32, initial_cluster: &[String], boot
     }
 }
 
+/// Every object the operator creates for a new `rkv` (before any member exists: the
+/// StatefulSet at `spec.replicas`, the initial cluster of that size, a PDB for as many
+/// voters), as JSON in the order they are applied; for `raftkv-operator render` and for
+/// validating the builders against the Kubernetes schemas (scripts/check-chart.sh).
+pub fn initial_objects(rkv: &RaftKV) -> Vec<serde_json::Value> {
+    let name = rkv.name_any();
+    let replicas = u32::try_from(rkv.spec.replicas.clamp(1, crate::crd::MAX_REPLICAS)).unwrap_or(1);
+    let init = initial_cluster(&name, &rkv.namespace().unwrap_or_default(), replicas);
+    let mut out = vec![
+        with_kind(serde_json::to_value(peer_service(rkv)), "v1", "Service"),
+        with_kind(serde_json::to_value(client_service(rkv)), "v1", "Service"),
+        with_kind(serde_json::to_value(statefulset(rkv, replicas, &init, false)), "apps/v1", "StatefulSet"),
+        with_kind(serde_json::to_value(pdb(rkv, replicas)), "policy/v1", "PodDisruptionBudget"),
+    ];
+    if let Some(claim) = backup_pvc(rkv) {
+        out.push(with_kind(serde_json::to_value(claim), "v1", "PersistentVolumeClaim"));
+    }
+    if let Some(cron) = backup_cronjob(rkv) {
+        out.push(with_kind(serde_json::to_value(cron), "batch/v1", "CronJob"));
+    }
+    out
+}
+
+/// The object with its `apiVersion` and `kind` (k8s-openapi's serializer writes them;
+/// set here too, so the output never depends on that).
+fn with_kind(v: serde_json::Result<serde_json::Value>, api_version: &str, kind: &str) -> serde_json::Value {
+    let mut v = v.unwrap_or_default();
+    if let Some(o) = v.as_object_mut() {
+        o.insert("apiVersion".into(), api_version.into());
+        o.insert("kind".into(), kind.into());
+    }
+    v
+}
+
 /// The uid and gid the node image runs as (images/node.Dockerfile).
 pub const NODE_UID: i64 = 65532;
+
+/// Where the backup job mounts the backups claim.
+pub const BACKUP_DIR: &str = "/backups";
+
+/// Name of the backup CronJob of cluster `name`.
+pub fn backup_cronjob_name(name: &str) -> String {
+    format!("{name}-backup")
+}
+
+/// Name of the volume claim holding the backups of cluster `name`.
+pub fn backup_pvc_name(name: &str) -> String {
+    format!("{name}-backups")
+}
+
+/// Labels of the backup CronJob, its pods and the backups claim. Not the members'
+/// selector labels: a backup pod must never count as a member (Services, the PDB, the
+/// operator's own pod listing).
+pub fn backup_labels(name: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".to_string(), "raftkv-backup".to_string()),
+        ("app.kubernetes.io/instance".to_string(), name.to_string()),
+        ("app.kubernetes.io/managed-by".to_string(), "raftkv-operator".to_string()),
+    ])
+}
+
+/// The claim `<name>-backups` for `spec.backup` (None without it). It has no owner
+/// reference: backups outlive the cluster they were taken from.
+pub fn backup_pvc(rkv: &RaftKV) -> Option<PersistentVolumeClaim> {
+    let backup = rkv.spec.backup.as_ref()?;
+    let name = rkv.name_any();
+    Some(PersistentVolumeClaim {
+        metadata: ObjectMeta {
+            name: Some(backup_pvc_name(&name)),
+            namespace: rkv.namespace(),
+            labels: Some(backup_labels(&name)),
+            ..ObjectMeta::default()
+        },
+        spec: Some(PersistentVolumeClaimSpec {
+            access_modes: Some(vec!["ReadWriteOnce".to_string()]),
+            storage_class_name: backup.storage.storage_class_name.clone(),
+            resources: Some(VolumeResourceRequirements {
+                requests: Some(BTreeMap::from([("storage".to_string(), Quantity(backup.storage.size.clone()))])),
+                ..VolumeResourceRequirements::default()
+            }),
+            ..PersistentVolumeClaimSpec::default()
+        }),
+        ..PersistentVolumeClaim::default()
+    })
+}
+
+/// The CronJob `<name>-backup` for `spec.backup` (None without it): on the schedule, one
+/// job at a time, `raftkv-node backup` (the node image) fetches a linearizable backup
+/// through the client Service, checks it, writes it to the backups claim and keeps the
+/// newest `keep`.
+pub fn backup_cronjob(rkv: &RaftKV) -> Option<CronJob> {
+    let backup = rkv.spec.backup.as_ref()?;
+    let name = rkv.name_any();
+    let ns = rkv.namespace().unwrap_or_default();
+    let endpoint = format!("http://{name}.{ns}.svc:{CLIENT_PORT}");
+    let container = Container {
+        name: "backup".to_string(),
+        image: Some(rkv.spec.image.clone().unwrap_or_else(default_image)),
+        image_pull_policy: rkv.spec.image_pull_policy.clone(),
+        args: Some(vec![
+            "backup".to_string(),
+            "--endpoints".to_string(),
+            endpoint,
+            "--dir".to_string(),
+            BACKUP_DIR.to_string(),
+            "--keep".to_string(),
+            backup.keep.clamp(1, 1000).to_string(),
+        ]),
+        volume_mounts: Some(vec![VolumeMount { name: "backups".to_string(), mount_path: BACKUP_DIR.to_string(), ..VolumeMount::default() }]),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), ..Capabilities::default() }),
+            ..SecurityContext::default()
+        }),
+        ..Container::default()
+    };
+    let pod = PodSpec {
+        containers: vec![container],
+        restart_policy: Some("Never".to_string()),
+        node_selector: rkv.spec.node_selector.clone(),
+        tolerations: rkv.spec.tolerations.clone(),
+        volumes: Some(vec![Volume {
+            name: "backups".to_string(),
+            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource { claim_name: backup_pvc_name(&name), read_only: None }),
+            ..Volume::default()
+        }]),
+        security_context: Some(PodSecurityContext {
+            run_as_non_root: Some(true),
+            run_as_user: Some(NODE_UID),
+            run_as_group: Some(NODE_UID),
+            fs_group: Some(NODE_UID),
+            fs_group_change_policy: Some("OnRootMismatch".into()),
+            seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), ..SeccompProfile::default() }),
+            ..PodSecurityContext::default()
+        }),
+        ..PodSpec::default()
+    };
+    let labels = backup_labels(&name);
+    Some(CronJob {
+        metadata: ObjectMeta { labels: Some(labels.clone()), ..meta(rkv, backup_cronjob_name(&name)) },
+        spec: CronJobSpec {
+            schedule: backup.schedule.clone(),
+            suspend: Some(backup.suspend),
+            // A backup still running when the next one is due: skip the next one.
+            concurrency_policy: Some("Forbid".to_string()),
+            // A schedule missed (the controller was down) by more than this is skipped.
+            starting_deadline_seconds: Some(300),
+            successful_jobs_history_limit: Some(3),
+            failed_jobs_history_limit: Some(3),
+            job_template: JobTemplateSpec {
+                metadata: Some(ObjectMeta { labels: Some(labels.clone()), ..ObjectMeta::default() }),
+                spec: Some(JobSpec {
+                    backoff_limit: Some(2),
+                    active_deadline_seconds: Some(3600),
+                    template: PodTemplateSpec {
+                        metadata: Some(ObjectMeta { labels: Some(labels), ..ObjectMeta::default() }),
+                        spec: Some(pod),
+                    },
+                    ..JobSpec::default()
+                }),
+            },
+            ..CronJobSpec::default()
+        },
+        ..CronJob::default()
+    })
+}
 
 #[cfg(test)]
 mod tests {
@@ -389,6 +556,7 @@ mod tests {
                 tolerations: None,
                 affinity: None,
                 pod_anti_affinity: None,
+                backup: None,
             },
         );
         r.metadata.namespace = Some("db".into());
@@ -481,5 +649,55 @@ mod tests {
         assert_eq!(mu(4), Some(IntOrString::Int(1)));
         assert_eq!(mu(5), Some(IntOrString::Int(2)));
         assert_eq!(mu(9), Some(IntOrString::Int(4)));
+    }
+
+    #[test]
+    fn backup_cronjob_and_claim_follow_the_spec_and_never_pass_for_members() {
+        assert!(backup_cronjob(&rkv()).is_none() && backup_pvc(&rkv()).is_none(), "no spec.backup, no objects");
+        let mut r = rkv();
+        r.spec.image = Some("reg/raftkv-node:1".into());
+        r.spec.image_pull_policy = Some("Always".into());
+        r.spec.node_selector = Some(BTreeMap::from([("disk".to_string(), "ssd".to_string())]));
+        r.spec.backup = Some(crate::crd::BackupSpec {
+            schedule: "@daily".into(),
+            keep: 3,
+            suspend: true,
+            storage: crate::crd::BackupStorageSpec { size: "10Gi".into(), storage_class_name: None },
+        });
+        let cron = backup_cronjob(&r).expect("a CronJob");
+        assert_eq!(cron.metadata.name.as_deref(), Some("kv-backup"));
+        assert_eq!(cron.metadata.namespace.as_deref(), Some("db"));
+        assert_eq!(cron.metadata.owner_references.as_ref().map(|o| o[0].uid.as_str()), Some("uid-1"), "goes with the cluster");
+        let spec = &cron.spec;
+        assert_eq!((spec.schedule.as_str(), spec.suspend, spec.concurrency_policy.as_deref()), ("@daily", Some(true), Some("Forbid")));
+        let job = spec.job_template.spec.as_ref().expect("job");
+        let pod = job.template.spec.as_ref().expect("pod");
+        assert_eq!(pod.restart_policy.as_deref(), Some("Never"));
+        assert_eq!(pod.node_selector, r.spec.node_selector);
+        let c = &pod.containers[0];
+        assert_eq!((c.image.as_deref(), c.image_pull_policy.as_deref()), (Some("reg/raftkv-node:1"), Some("Always")));
+        let args = c.args.clone().unwrap_or_default();
+        assert_eq!(args, ["backup", "--endpoints", "http://kv.db.svc:2379", "--dir", BACKUP_DIR, "--keep", "3"]);
+        assert_eq!(c.volume_mounts.as_ref().map(|m| m[0].mount_path.as_str()), Some(BACKUP_DIR));
+        let vol = &pod.volumes.as_ref().expect("volumes")[0];
+        assert_eq!(vol.persistent_volume_claim.as_ref().map(|p| p.claim_name.as_str()), Some("kv-backups"));
+        // Restricted like the members.
+        let psc = pod.security_context.clone().expect("pod security");
+        assert_eq!((psc.run_as_non_root, psc.fs_group), (Some(true), Some(NODE_UID)));
+        let csc = c.security_context.clone().expect("container security");
+        assert_eq!((csc.read_only_root_filesystem, csc.allow_privilege_escalation), (Some(true), Some(false)));
+        // A backup pod must never match the members' selector (Services, PDB, the
+        // operator's pod listing).
+        let members = selector_labels("kv");
+        let pod_labels = job.template.metadata.as_ref().and_then(|m| m.labels.clone()).unwrap_or_default();
+        assert!(!members.iter().all(|(k, v)| pod_labels.get(k) == Some(v)), "{pod_labels:?}");
+        let claim = backup_pvc(&r).expect("a claim");
+        assert_eq!(claim.metadata.name.as_deref(), Some("kv-backups"));
+        assert!(claim.metadata.owner_references.is_none(), "backups outlive the cluster");
+        let claim_labels = claim.metadata.labels.clone().unwrap_or_default();
+        assert!(!members.iter().all(|(k, v)| claim_labels.get(k) == Some(v)), "{claim_labels:?}");
+        assert_eq!(parse_ordinal("kv", "kv-backups"), None);
+        let req = claim.spec.and_then(|s| s.resources).and_then(|r| r.requests).unwrap_or_default();
+        assert_eq!(req.get("storage").map(|q| q.0.as_str()), Some("10Gi"));
     }
 }
