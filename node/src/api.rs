@@ -575,7 +575,9 @@ impl Api {
             None => self.watch.applied(),
         };
         let oldest = self.watch.start();
-        if position < oldest {
+        // From now: never 410 (the history may have moved since `applied` was read; the
+        // stream's first read then ends it with a `compacted` line, which is the truth).
+        if start.is_some() && position < oldest {
             return Err(ApiError::new(
                 StatusCode::GONE,
                 "compacted",
@@ -1188,8 +1190,12 @@ fn txn_value(o: &serde_json::Map<String, Json>, what: &str) -> Result<Option<Vec
 /// Chunks of a watch stream queued for a slow client before its stream waits.
 const WATCH_QUEUE: usize = 16;
 
-/// Changes one chunk of a watch stream holds at most.
+/// Changes one read of the history hands a watch stream at most.
 const WATCH_CHUNK_EVENTS: usize = 512;
+
+/// A watch stream's chunk is sent once it holds this many bytes (or the read's last
+/// change).
+const WATCH_CHUNK_BYTES: usize = 256 << 10;
 
 /// Changes a watch stream looks at per read of the history (it yields in between).
 const WATCH_SCAN: usize = 8192;
@@ -1203,10 +1209,12 @@ async fn stream_watch(hub: Arc<WatchHub>, filter: Filter, mut position: u64, pro
     let mut changed = hub.subscribe();
     let mut last_sent = tokio::time::Instant::now();
     loop {
+        // Marked seen before the closed flag is read: a close() in between still wakes
+        // the select below (it sets the flag, then notifies).
+        changed.borrow_and_update();
         if hub.is_closed() {
             return;
         }
-        changed.borrow_and_update();
         match hub.read(position, &filter, WATCH_CHUNK_EVENTS, WATCH_SCAN) {
             Err(start) => {
                 metrics().watch_compacted.inc();
@@ -1221,17 +1229,21 @@ async fn stream_watch(hub: Arc<WatchHub>, filter: Filter, mut position: u64, pro
             Ok(batch) => {
                 position = batch.position;
                 if !batch.events.is_empty() {
+                    // Chunks of about WATCH_CHUNK_BYTES: what a slow client's queue
+                    // holds stays bounded by bytes, not only by changes.
                     let mut buf = Vec::new();
-                    for e in &batch.events {
+                    for (i, e) in batch.events.iter().enumerate() {
                         let (kind, mut line) = match e.value() {
                             Some(v) => ("put", value_json(e.key(), &v.data, v.revision)),
                             None => ("delete", json!({ "key": e.key(), "revision": e.revision() })),
                         };
                         line["type"] = json!(kind);
                         buf.extend_from_slice(&crate::http::json_line(&line));
-                    }
-                    if tx.send(Ok(Bytes::from(buf))).await.is_err() {
-                        return;
+                        if buf.len() >= WATCH_CHUNK_BYTES || i + 1 == batch.events.len() {
+                            if tx.send(Ok(Bytes::from(std::mem::take(&mut buf)))).await.is_err() {
+                                return;
+                            }
+                        }
                     }
                     last_sent = tokio::time::Instant::now();
                 }

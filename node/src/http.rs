@@ -225,6 +225,85 @@ async fn reject_plaintext(mut stream: TcpStream) {
     }
 }
 
+/// How long a connection's writes may wait for the other side to take any byte before
+/// the connection is cut ([`WriteStallGuard`]).
+pub const WRITE_STALL: Duration = Duration::from_secs(120);
+
+/// A connection's IO whose writes give up (`TimedOut`) once the other side has taken no
+/// byte for `stall`. Without it a client that stops reading a large answer (a backup, a
+/// watch stream, a page of keys) would keep the connection, its queued chunks and
+/// whatever the sending task holds (a backup slot, a watch slot) for as long as it keeps
+/// the socket open: hyper has no write timeout. Any progress starts the bound again.
+pub struct WriteStallGuard<I> {
+    io: I,
+    stall: Duration,
+    /// Running while writes wait; reset by any progress.
+    waiting: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<I> WriteStallGuard<I> {
+    /// Wraps `io`.
+    pub fn new(io: I, stall: Duration) -> Self {
+        WriteStallGuard { io, stall, waiting: None }
+    }
+
+    /// After a write that could not go on: `Some(error)` once the bound has passed
+    /// (else the timer wakes this task when it does).
+    fn stalled(&mut self, cx: &mut Context<'_>) -> Option<std::io::Error> {
+        let stall = self.stall;
+        let timer = self.waiting.get_or_insert_with(|| Box::pin(tokio::time::sleep(stall)));
+        timer.as_mut().poll(cx).is_ready().then(|| {
+            std::io::Error::new(std::io::ErrorKind::TimedOut, format!("the other side took no byte for {} s", stall.as_secs()))
+        })
+    }
+
+    /// Maps a write's outcome: progress (or an error) resets the bound; waiting counts.
+    fn track<T>(&mut self, cx: &mut Context<'_>, r: Poll<std::io::Result<T>>) -> Poll<std::io::Result<T>> {
+        match r {
+            Poll::Pending => match self.stalled(cx) {
+                Some(e) => Poll::Ready(Err(e)),
+                None => Poll::Pending,
+            },
+            ready => {
+                self.waiting = None;
+                ready
+            }
+        }
+    }
+}
+
+impl<I: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for WriteStallGuard<I> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut tokio::io::ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl<I: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for WriteStallGuard<I> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.io).poll_write(cx, buf);
+        this.track(cx, r)
+    }
+    fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[std::io::IoSlice<'_>]) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        this.track(cx, r)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.io).poll_flush(cx);
+        this.track(cx, r)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.io).poll_shutdown(cx);
+        this.track(cx, r)
+    }
+}
+
 async fn serve_connection<I, F, Fut, B>(io: I, stop: Shutdown, handler: F)
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -240,7 +319,7 @@ where
     let conn = http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(Duration::from_secs(30))
-        .serve_connection(TokioIo::new(io), svc)
+        .serve_connection(TokioIo::new(WriteStallGuard::new(io, WRITE_STALL)), svc)
         // Peer streams upgrade their connection (see `transport`).
         .with_upgrades();
     tokio::pin!(conn);
@@ -256,6 +335,33 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_that_waits_too_long_fails_and_progress_restarts_the_bound() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (ours, mut theirs) = tokio::io::duplex(1024);
+        let mut guarded = WriteStallGuard::new(ours, Duration::from_secs(120));
+        guarded.write_all(&[1u8; 1024]).await.expect("fits the buffer");
+        // They read a little after 100 s, and again 100 s later: each write waits, but
+        // less than the bound, so it goes on.
+        let reader = tokio::spawn(async move {
+            let mut buf = [0u8; 512];
+            for _ in 0..2 {
+                tokio::time::sleep(Duration::from_secs(100)).await;
+                theirs.read_exact(&mut buf).await.expect("read");
+            }
+            theirs
+        });
+        guarded.write_all(&[2u8; 512]).await.expect("taken after 100 s");
+        guarded.write_all(&[3u8; 512]).await.expect("taken after another 100 s");
+        let _theirs = reader.await.expect("reader");
+        // Then they read nothing: the write fails once 120 s have passed.
+        let started = tokio::time::Instant::now();
+        let waited = tokio::time::timeout(Duration::from_secs(300), guarded.write_all(&[4u8; 2048])).await;
+        let e = waited.expect("the guard gives up within 300 s").expect_err("nobody reads");
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "{e}");
+        assert_eq!(started.elapsed(), Duration::from_secs(120));
+    }
 
     #[test]
     fn plaintext_reply_is_well_formed() {

@@ -4,9 +4,10 @@
 //! The raft loop publishes each applied batch's changes ([`WatchHub::publish`]) before
 //! it answers the reads waiting for them, so a stream started after a linearizable
 //! barrier misses nothing acknowledged before it. Every stream reads the one shared
-//! history from its own position: no per-stream buffers, so a slow client costs only
-//! its position, and one that falls behind the history's start is told so (`compacted`)
-//! and must list again. Revisions are raft indexes, the same on every member, so a
+//! history from its own position (a slow client costs its position and a bounded queue
+//! of encoded chunks, see `crate::api`), and one that falls behind the history's start
+//! is told so (`compacted`) and must list again; one that reads nothing at all is cut
+//! off by the connection's write-stall bound (`crate::http::WRITE_STALL`). Revisions are raft indexes, the same on every member, so a
 //! client may resume on any member whose history still covers its position.
 //!
 //! docs/api.md describes the route and the stream's lines.
