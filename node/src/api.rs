@@ -1239,10 +1239,9 @@ async fn stream_watch(hub: Arc<WatchHub>, filter: Filter, mut position: u64, pro
                         };
                         line["type"] = json!(kind);
                         buf.extend_from_slice(&crate::http::json_line(&line));
-                        if buf.len() >= WATCH_CHUNK_BYTES || i + 1 == batch.events.len() {
-                            if tx.send(Ok(Bytes::from(std::mem::take(&mut buf)))).await.is_err() {
-                                return;
-                            }
+                        let full = buf.len() >= WATCH_CHUNK_BYTES || i + 1 == batch.events.len();
+                        if full && tx.send(Ok(Bytes::from(std::mem::take(&mut buf)))).await.is_err() {
+                            return;
                         }
                     }
                     last_sent = tokio::time::Instant::now();
