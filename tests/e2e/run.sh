@@ -10,7 +10,8 @@
 # members), check that the API server refuses invalid spec changes (the CRD's CEL
 # rules), write and read keys through the client Service, scale to 5 and back to 3
 # checking membership and data, delete a pod and see it rejoin with its data, scrape the
-# node and operator /metrics, uninstall cleanly.
+# node and operator /metrics, schedule backups (spec.backup) and see a backup job
+# succeed, then remove the schedule, uninstall cleanly.
 #
 # Environment:
 #   KEEP_CLUSTER=1       keep the kind cluster afterwards (prints how to delete it)
@@ -80,7 +81,7 @@ cleanup() {
     done
     if [ "$succeeded" -ne 1 ] && [ "$cluster_created" -eq 1 ]; then
         log "diagnostics after failure:"
-        kubectl get rkv,statefulsets,pods,pvc,svc -A -o wide >&2
+        kubectl get rkv,statefulsets,cronjobs,jobs,pods,pvc,svc -A -o wide >&2
         kubectl -n "$ns" describe rkv >&2
         kubectl -n "$ns" get events --sort-by=.lastTimestamp 2>&1 | tail -n 40 >&2
         kubectl -n "$operator_ns" logs -l app.kubernetes.io/name=raftkv-operator \
@@ -397,7 +398,31 @@ kill "$PF_PID" 2>/dev/null || true
 grep -q '^# TYPE ' <<<"$operator_metrics" || die "operator /metrics is not Prometheus text"
 log "ok: operator /metrics ($(grep -c '^# TYPE ' <<<"$operator_metrics") metric families)"
 
-# --- 7. clean uninstall --------------------------------------------------------------------------
+# --- 7. scheduled backups --------------------------------------------------------------------
+log "scheduling a backup every minute (spec.backup)"
+kubectl -n "$ns" patch "rkv/$name" --type merge \
+    -p '{"spec":{"backup":{"schedule":"* * * * *","keep":2,"storage":{"size":"100Mi"}}}}'
+backup_selector="app.kubernetes.io/name=raftkv-backup,app.kubernetes.io/instance=$name"
+backup_job=""
+backup_succeeded() {
+    backup_job="$(kubectl -n "$ns" get jobs -l "$backup_selector" \
+        -o 'jsonpath={.items[?(@.status.succeeded==1)].metadata.name}' 2>/dev/null | awk '{print $1}')"
+    [ -n "$backup_job" ]
+}
+wait_until "a backup job of CronJob $name-backup to succeed" "$e2e_timeout" backup_succeeded
+backup_out="$(kubectl -n "$ns" logs "job/$backup_job")" || die "cannot read the log of $backup_job"
+grep -q '"applied_index"' <<<"$backup_out" || die "backup job $backup_job printed no result: $backup_out"
+grep -q '"file":"/backups/backup-' <<<"$backup_out" || die "backup job $backup_job wrote no backup file: $backup_out"
+log "ok: $backup_job: $backup_out"
+log "removing spec.backup"
+kubectl -n "$ns" patch "rkv/$name" --type json -p '[{"op":"remove","path":"/spec/backup"}]'
+cronjob_gone() { ! kubectl -n "$ns" get "cronjob/$name-backup" -o name 2>/dev/null | grep -q .; }
+wait_until "CronJob $name-backup deleted" "$e2e_timeout" cronjob_gone
+kubectl -n "$ns" get "pvc/$name-backups" -o name >/dev/null \
+    || die "the backups claim $name-backups went with the schedule (it must stay)"
+log "ok: the backups claim $name-backups stays"
+
+# --- 8. clean uninstall --------------------------------------------------------------------------
 kill "$svc_pf_pid" 2>/dev/null || true
 log "deleting RaftKV $name"
 kubectl -n "$ns" delete "rkv/$name" --wait=true --timeout=180s

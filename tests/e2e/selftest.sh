@@ -5,7 +5,8 @@
 #      runs every step (scale 5 and 3, pod deletion, uninstall, cluster deletion);
 #   2. the kubectl (kustomize) install path works the same way;
 #   3. a pod that comes back with a new data dir fails the suite, and the cluster is
-#      still deleted; so does an API server that accepts an invalid spec change;
+#      still deleted; so does an API server that accepts an invalid spec change, and a
+#      backup job that never succeeds;
 #   4. without a Docker engine, or without kind, it prints SKIP and exits 0.
 # Needs python3 and curl. About two minutes. Usage: bash tests/e2e/selftest.sh
 set -euo pipefail
@@ -56,6 +57,9 @@ check "helm uninstall" grep -q "^helm uninstall raftkv-operator" "$work/pass.cal
 check "invalid spec changes tried" grep -q "^kubectl .*patch rkv/example --type merge -p .*imagePullPolicy" "$work/pass.calls"
 check "invalid spec changes refused" grep -q "ok: invalid spec changes refused" "$work/pass.log"
 check "kind cluster deleted" grep -q "^kind delete cluster --name raftkv-e2e-" "$work/pass.calls"
+check "backups scheduled" grep -q "^kubectl .*patch rkv/example --type merge -p .*\"backup\"" "$work/pass.calls"
+check "a backup job's result read" grep -q "ok: example-backup-29000000: " "$work/pass.log"
+check "backup schedule removed" grep -q "ok: CronJob example-backup deleted" "$work/pass.log"
 no_port_forward() { ! pgrep -f "$work/bin/kubectl" >/dev/null; }
 check "no port-forward left running" no_port_forward
 
@@ -79,6 +83,12 @@ run_suite badspec FAKE_ACCEPT_BAD_SPEC=1
 check "exit status 1 (was $rc)" [ "$rc" -eq 1 ]
 check "names the cause" grep -q "accepted the invalid change" "$work/badspec.log"
 check "kind cluster deleted" grep -q "^kind delete cluster --name raftkv-e2e-" "$work/badspec.calls"
+
+echo "== a backup job that never succeeds fails the suite"
+run_suite nobackup FAKE_BACKUP_FAIL=1
+check "exit status 1 (was $rc)" [ "$rc" -eq 1 ]
+check "names the cause" grep -q "timed out after 60s waiting for a backup job of CronJob example-backup to succeed" "$work/nobackup.log"
+check "kind cluster deleted" grep -q "^kind delete cluster --name raftkv-e2e-" "$work/nobackup.calls"
 
 echo "== skips"
 rc=0

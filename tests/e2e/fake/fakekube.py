@@ -13,6 +13,7 @@ Fault knobs (environment):
   FAKE_PF_DIE=N       each port-forward dies at its N-th request (as when its pod goes)
   FAKE_503_EVERY=N    every N-th PUT answers 503 no_leader (as during a leader change)
   FAKE_DOCKER_DOWN=1  `docker info` fails (no engine)
+  FAKE_BACKUP_FAIL=1  backup jobs never succeed
 Every invocation is appended to $FAKE_STATE.calls.
 """
 import fcntl
@@ -26,6 +27,9 @@ import sys
 # The CRD's pattern for spec.storage.size (operator/src/crd.rs, STORAGE_SIZE_PATTERN).
 STORAGE_SIZE_PATTERN = r"^(0*[1-9][0-9]*(\.[0-9]+)?|0*\.[0-9]*[1-9][0-9]*)(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$"
 
+# The CRD's pattern for spec.backup.schedule (operator/src/crd.rs, BACKUP_SCHEDULE_PATTERN).
+BACKUP_SCHEDULE_PATTERN = r"^(@(yearly|annually|monthly|weekly|daily|midnight|hourly)|[0-9*/,?LW#A-Za-z-]+( +[0-9*/,?LW#A-Za-z-]+){4})$"
+
 STATE = os.environ["FAKE_STATE"]
 NAME = "example"
 
@@ -34,7 +38,7 @@ def load():
     if os.path.exists(STATE):
         with open(STATE) as f:
             return json.load(f)
-    return {"replicas": 0, "pods": {}, "kv": {}, "pvcs": [], "rkv": False, "puts": 0}
+    return {"replicas": 0, "pods": {}, "kv": {}, "pvcs": [], "rkv": False, "puts": 0, "backup": False}
 
 
 class Locked:
@@ -155,6 +159,14 @@ def kubectl(args):
         elif verb == "scale":
             n = next(a for a in args if a.startswith("--replicas=")).split("=")[1]
             set_replicas(s, int(n))
+        elif verb == "patch" and "json" in args:
+            # Only the removal of spec.backup: the operator deletes the CronJob.
+            ops = json.loads(args[args.index("-p") + 1])
+            if ops != [{"op": "remove", "path": "/spec/backup"}]:
+                print(f"fake: unsupported JSON patch {ops}", file=sys.stderr)
+                return 1
+            s["backup"] = False
+            print("raftkv.raftkv.dev/example patched")
         elif verb == "patch":
             # The CRD's CEL rules and bounds, as the API server would apply them.
             body = json.loads(args[args.index("-p") + 1])
@@ -170,10 +182,21 @@ def kubectl(args):
                 refusals.append("spec.imagePullPolicy: Invalid value: \"string\": imagePullPolicy must be Always, IfNotPresent or Never")
             if not 1 <= spec.get("replicas", 1) <= 9:
                 refusals.append("spec.replicas: Invalid value: should be less than or equal to 9")
+            backup = spec.get("backup")
+            if backup is not None and not re.match(BACKUP_SCHEDULE_PATTERN, str(backup.get("schedule", ""))):
+                refusals.append(f"spec.backup.schedule: Invalid value: should match '{BACKUP_SCHEDULE_PATTERN}'")
             if refusals and not os.environ.get("FAKE_ACCEPT_BAD_SPEC"):
                 print("The RaftKV \"example\" is invalid: " + ", ".join(refusals), file=sys.stderr)
                 return 1
+            if backup is not None:
+                # The operator makes the CronJob and the claim; a job runs at once.
+                s["backup"] = True
+                if "example-backups" not in s["pvcs"]:
+                    s["pvcs"].append("example-backups")
             print("raftkv.raftkv.dev/example patched")
+        elif verb == "logs" and args[1].startswith("job/"):
+            print('{"applied_index":42,"bytes":1234,"endpoint":"http://example.raftkv-e2e.svc:2379",'
+                  '"file":"/backups/backup-20261207T000000Z-000000000000002a.raftkv","pruned":[]}')
         elif verb == "delete" and args[1] == "pod":
             pod = s["pods"][args[2]]
             pod["uid"] = str(random.random())  # the StatefulSet recreates it at once
@@ -199,6 +222,17 @@ def kubectl(args):
                           '"prometheus.io/scrape":"true"}', end="")
                 else:
                     print(pod["uid"], end="")
+            elif what == "jobs":
+                if s["backup"] and not os.environ.get("FAKE_BACKUP_FAIL"):
+                    print("example-backup-29000000", end="")
+            elif what.startswith("cronjob/"):
+                if not s["backup"]:
+                    return 1
+                print("cronjob.batch/" + what[8:])
+            elif what.startswith("pvc/"):
+                if what[4:] not in s["pvcs"]:
+                    return 1
+                print("persistentvolumeclaim/" + what[4:])
             elif what == "pvc":
                 names = [a for a in args[2:] if a.startswith("data-")]
                 found = [n for n in names if n in s["pvcs"]]
