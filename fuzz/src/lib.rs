@@ -546,7 +546,7 @@ impl LiveNode {
         // Watch streams end at once (as on a stopping node): the exchange reads every
         // answer to its end, and a live stream has none.
         started.watch.close();
-        let api = Api { cfg: Arc::new(cfg), raft: started.handle.clone(), status: started.status.clone(), kv: started.kv.clone(), watch: started.watch.clone() };
+        let api = Api { cfg: Arc::new(cfg), raft: started.handle.clone(), status: started.status.clone(), kv: started.kv.clone(), watch: started.watch.clone(), transport: None };
         let node = LiveNode { api, tx, shutdown, thread: Some(started.thread), _dir: dir };
         let deadline = Instant::now() + Duration::from_secs(20);
         while !node.healthy() {

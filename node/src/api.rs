@@ -37,6 +37,9 @@ pub struct Api {
     pub kv: Arc<RwLock<KvStore>>,
     /// The recent changes watch streams follow.
     pub watch: Arc<WatchHub>,
+    /// The peer transport, to forward lease keepalives to the leader (None in unit
+    /// tests without peers).
+    pub transport: Option<crate::transport::Transport>,
 }
 
 /// An API failure: status, machine-readable code, message.
@@ -317,7 +320,7 @@ impl Api {
                 match rest.strip_suffix("/keepalive") {
                     Some(id) => {
                         self.only(&method, &[Method::POST])?;
-                        self.lease_command(OpType::LeaseKeepAlive, parse_lease_id(id)?).await
+                        self.keepalive(parse_lease_id(id)?).await
                     }
                     None => match method {
                         Method::GET => {
@@ -612,8 +615,44 @@ impl Api {
         }
     }
 
-    /// Renews (`POST /v1/leases/<id>/keepalive`) or revokes (`DELETE /v1/leases/<id>`)
-    /// a lease through raft.
+    /// `POST /v1/leases/<id>/keepalive`: renewed by the leader without a raft entry (as
+    /// etcd's keepalives), here or forwarded to it over the peer port; through raft
+    /// (a renewal entry) when the leader is of an older version that cannot.
+    async fn keepalive(&self, id: u64) -> ApiResult {
+        use crate::raft_loop::Renewal;
+        use crate::transport::PeerRenewal;
+        let (tx, rx) = oneshot::channel();
+        if !self.raft.send(Request::RenewLease { lease: id, reply: tx }) {
+            return Err(ApiError::unavailable("stopping", "node is stopping"));
+        }
+        let timeout = self.cfg.request_timeout;
+        let here = match tokio::time::timeout(timeout, rx).await {
+            Err(_) => return Err(ApiError::unavailable("timeout", "timed out confirming leadership with a quorum (no leader or no quorum)")),
+            Ok(Err(_)) => return Err(ApiError::unavailable("stopping", "node is stopping")),
+            Ok(Ok(r)) => r,
+        };
+        let answer = match (here, &self.transport) {
+            (Renewal::NotLeader { leader }, Some(transport)) if leader != 0 && leader != self.cfg.id => {
+                match transport.renew_lease(leader, id, timeout).await {
+                    Ok(PeerRenewal::Answer(r)) => r,
+                    Ok(PeerRenewal::Unsupported) => return self.lease_command(OpType::LeaseKeepAlive, id).await,
+                    Err(why) => return Err(ApiError::unavailable("unavailable", why)),
+                }
+            }
+            (r, _) => r,
+        };
+        match answer {
+            Renewal::Renewed { ttl_ms } => {
+                let revision = self.kv.read().map_err(|_| internal())?.applied();
+                Ok(json(StatusCode::OK, &json!({ "id": id, "ttl": ttl_ms / 1000, "revision": revision })))
+            }
+            Renewal::NotFound => Err(lease_not_found(id)),
+            Renewal::NotLeader { .. } => Err(ApiError::unavailable("no_leader", "no leader to renew the lease (an election is under way); retry")),
+        }
+    }
+
+    /// Revokes (`DELETE /v1/leases/<id>`) a lease through raft; renews one through raft
+    /// when the leader cannot renew it itself (an older version).
     async fn lease_command(&self, op: OpType, id: u64) -> ApiResult {
         let cmd = Command { op: op as i32, lease: id, ..Default::default() };
         match self.propose(cmd).await? {
@@ -1649,6 +1688,7 @@ mod tests {
             status: status.clone(),
             kv: Arc::new(RwLock::new(KvStore::new())),
             watch: WatchHub::new(0, 10),
+            transport: None,
         };
         let fake = std::thread::spawn(move || {
             let mut proposed = 0;

@@ -638,6 +638,11 @@ impl KvStore {
         self.leases.iter().map(|(id, l)| (*id, l.ttl_ms, l.renewed))
     }
 
+    /// A lease's time to live and the index of its grant or last renewal entry.
+    pub fn lease_ttl(&self, id: u64) -> Option<(u64, u64)> {
+        self.leases.get(&id).map(|l| (l.ttl_ms, l.renewed))
+    }
+
     /// A lease's time to live and keys.
     pub fn lease(&self, id: u64) -> Option<(u64, Vec<String>)> {
         self.leases.get(&id).map(|l| (l.ttl_ms, l.keys.iter().cloned().collect()))

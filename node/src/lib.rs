@@ -124,6 +124,7 @@ pub async fn run(cfg: Config, shutdown: Shutdown) -> Result<Reason, RunError> {
         status: started.status.clone(),
         kv: started.kv.clone(),
         watch: started.watch.clone(),
+        transport: Some(transport.clone()),
     };
     let client_server = tokio::spawn(http::serve_tls(client_listener, cfg.client_tls.clone(), shutdown.clone(), move |req| api.clone().handle(req)));
 

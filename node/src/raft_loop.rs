@@ -185,6 +185,38 @@ pub type ConfReply = oneshot::Sender<Result<ConfState, ProposeError>>;
 /// Reply channel for a read: Ok once the local state is at least the read index.
 pub type ReadReply = oneshot::Sender<Result<(), ProposeError>>;
 
+/// What a member answers [`Request::RenewLease`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Renewal {
+    /// Renewed: its time to live starts again from (at the latest) when the leader took
+    /// the request, and this member was confirmed leader after that.
+    Renewed {
+        /// The lease's time to live.
+        ttl_ms: u64,
+    },
+    /// No such lease: never granted, revoked, or expired (its revocation is under way).
+    NotFound,
+    /// This member is not the leader, or stopped being it before a quorum confirmed it;
+    /// the leader it knows (0: none).
+    NotLeader {
+        /// The leader's id, 0 when unknown.
+        leader: u64,
+    },
+}
+
+/// Where a [`Renewal`] goes.
+pub type RenewReply = oneshot::Sender<Renewal>;
+
+/// A renewal done on the leader, waiting for its leadership to be confirmed.
+struct PendingRenewal {
+    /// The term the leader renewed in: the answer needs it to be leader of it still.
+    term: u64,
+    ttl_ms: u64,
+    /// Answered by the read barrier issued with it.
+    confirmed: oneshot::Receiver<Result<(), ProposeError>>,
+    reply: RenewReply,
+}
+
 /// A request to the raft loop.
 pub enum Request {
     /// Propose an encoded [`Command`] with its request id.
@@ -209,6 +241,15 @@ pub enum Request {
     Read {
         /// Answered once the read index is applied.
         reply: ReadReply,
+    },
+    /// Renew lease `lease` here, on the leader, without a raft entry (etcd's keepalive):
+    /// its deadline moves, and the answer waits until a quorum has confirmed that this
+    /// member was still the leader of the same term afterwards.
+    RenewLease {
+        /// The lease.
+        lease: u64,
+        /// Where the answer goes.
+        reply: RenewReply,
     },
     /// A raft message from a peer.
     Raft(Box<Message>),
@@ -536,6 +577,8 @@ struct RaftLoop {
     /// Leases whose revocation this member proposed, and when (proposed again if it has
     /// not been applied within the request timeout).
     revoking: HashMap<u64, Instant>,
+    /// Lease renewals waiting for a quorum to confirm this leader.
+    renewals: Vec<PendingRenewal>,
 }
 
 /// When a lease with `ttl_ms` renewed at `now` expires (a TTL too long for the clock,
@@ -718,6 +761,7 @@ pub fn start(
         next_probe: Instant::now(),
         lease_deadlines: HashMap::new(),
         revoking: HashMap::new(),
+        renewals: Vec::new(),
     };
     lp.renew_all_leases();
     lp.publish_status();
@@ -780,6 +824,7 @@ impl RaftLoop {
                 self.shutdown.trigger(Reason::Fatal);
                 break;
             }
+            self.answer_renewals();
             self.publish_status();
             if self.removed {
                 self.fail_all(|proposed| ProposeError::Stopping { proposed });
@@ -858,6 +903,7 @@ impl RaftLoop {
                 }
             }
             Request::Read { reply } => self.new_reads.push(reply),
+            Request::RenewLease { lease, reply } => self.renew_lease(lease, reply),
             Request::Raft(m) => {
                 if let Err(reason) = vet::vet(&self.raw.raft, &m) {
                     metrics().peer_refused_messages.with_label_values(&[reason]).inc();
@@ -1152,6 +1198,59 @@ impl RaftLoop {
         let Ok(kv) = self.kv.read() else { return };
         self.lease_deadlines = kv.leases().map(|(id, ttl, renewed)| (id, (lease_deadline(now, ttl), renewed))).collect();
         self.revoking.clear();
+    }
+
+    /// A keepalive, on the leader: no raft entry, as etcd's. The lease's deadline moves
+    /// now (only ever later), and the answer waits for a read barrier: a quorum confirms
+    /// that this member was still the leader, of the same term, after the deadline
+    /// moved. A member elected after that restarts every lease's time to live when it
+    /// takes over, so the renewal holds whoever leads. A lease whose revocation is under
+    /// way is not found (it expired).
+    fn renew_lease(&mut self, id: u64, reply: RenewReply) {
+        let leader = self.raw.raft.leader_id;
+        if self.raw.raft.state != StateRole::Leader || self.stop_deadline.is_some() {
+            let leader = if leader == self.cfg.id { 0 } else { leader };
+            let _ = reply.send(Renewal::NotLeader { leader });
+            return;
+        }
+        let lease = self.kv.read().ok().and_then(|kv| kv.lease_ttl(id));
+        let Some((ttl_ms, renewed)) = lease.filter(|_| !self.revoking.contains_key(&id)) else {
+            let _ = reply.send(Renewal::NotFound);
+            return;
+        };
+        let deadline = lease_deadline(Instant::now(), ttl_ms);
+        let entry = self.lease_deadlines.entry(id).or_insert((deadline, renewed));
+        entry.0 = entry.0.max(deadline);
+        let (tx, confirmed) = oneshot::channel();
+        self.new_reads.push(tx);
+        self.renewals.push(PendingRenewal { term: self.raw.raft.term, ttl_ms, confirmed, reply });
+    }
+
+    /// Answers the renewals whose barrier came back (renewed, if this member is still
+    /// the leader of their term), and those whose leader stepped down meanwhile.
+    fn answer_renewals(&mut self) {
+        if self.renewals.is_empty() {
+            return;
+        }
+        let raft = &self.raw.raft;
+        let (leading, term) = (raft.state == StateRole::Leader && self.stop_deadline.is_none(), raft.term);
+        let leader = if raft.leader_id == self.cfg.id { 0 } else { raft.leader_id };
+        for mut r in std::mem::take(&mut self.renewals) {
+            if r.reply.is_closed() {
+                continue;
+            }
+            let same = leading && term == r.term;
+            let answer = match r.confirmed.try_recv() {
+                Ok(Ok(())) if same => Renewal::Renewed { ttl_ms: r.ttl_ms },
+                Err(oneshot::error::TryRecvError::Empty) if same => {
+                    self.renewals.push(r);
+                    continue;
+                }
+                // The barrier failed, or leadership (or its term) changed meanwhile.
+                _ => Renewal::NotLeader { leader },
+            };
+            let _ = r.reply.send(answer);
+        }
     }
 
     /// The leader proposes the revocation of every lease past its deadline.

@@ -49,7 +49,7 @@ use tracing::{debug, warn};
 
 use crate::kv::KvStore;
 use crate::metrics::metrics;
-use crate::raft_loop::Request;
+use crate::raft_loop::{Renewal, Request};
 use crate::shutdown::Shutdown;
 use crate::tls::PeerTls;
 
@@ -75,6 +75,43 @@ pub const STREAM_PATH: &str = "/raft/stream";
 /// The path a leader tells a member on: proposals it forwarded were dropped without
 /// being appended (body: their request ids, `u64` big-endian each).
 pub const DROPPED_PATH: &str = "/raft/dropped";
+/// The path a member forwards a client's lease keepalive on, to the leader (etcd's
+/// followers do the same): body the lease id (`u64` big-endian); `200` with a JSON
+/// [`Renewal`] (`{"renewed":ttl_ms}`, `{"not_found":true}` or `{"not_leader":id}`).
+/// A member of an older version answers `404`: the keepalive then goes through raft.
+pub const RENEW_PATH: &str = "/raft/lease-renew";
+/// How long the leader's peer listener waits for a forwarded renewal's confirmation.
+const RENEW_WAIT: Duration = Duration::from_secs(5);
+
+/// A [`Renewal`] as the peer route carries it.
+fn renewal_json(r: Renewal) -> serde_json::Value {
+    match r {
+        Renewal::Renewed { ttl_ms } => serde_json::json!({ "renewed": ttl_ms }),
+        Renewal::NotFound => serde_json::json!({ "not_found": true }),
+        Renewal::NotLeader { leader } => serde_json::json!({ "not_leader": leader }),
+    }
+}
+
+/// Reads [`renewal_json`]'s output back.
+fn renewal_from_json(v: &serde_json::Value) -> Option<Renewal> {
+    if let Some(ttl_ms) = v.get("renewed").and_then(serde_json::Value::as_u64) {
+        Some(Renewal::Renewed { ttl_ms })
+    } else if v.get("not_found").is_some() {
+        Some(Renewal::NotFound)
+    } else {
+        v.get("not_leader").and_then(serde_json::Value::as_u64).map(|leader| Renewal::NotLeader { leader })
+    }
+}
+
+/// What the leader said of a forwarded lease renewal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerRenewal {
+    /// Its answer.
+    Answer(Renewal),
+    /// It does not know the route (an older version): renew through raft instead.
+    Unsupported,
+}
+
 /// Most request ids one dropped-proposal notice may carry.
 const MAX_DROPPED_IDS: usize = 1 << 16;
 /// The `Upgrade` token of a peer stream (its version is in the name).
@@ -396,6 +433,30 @@ impl Transport {
                 Err(_) => debug!(peer = to, "dropped-proposal notice timed out"),
             }
         });
+    }
+
+    /// Forwards a client's lease keepalive to member `leader` ([`RENEW_PATH`]) and
+    /// returns its answer, within `timeout`.
+    pub async fn renew_lease(&self, leader: u64, lease: u64, timeout: Duration) -> Result<PeerRenewal, String> {
+        let url = self.peer_url(leader).ok_or_else(|| format!("no address known for the leader (member {leader})"))?;
+        let body = Full::new(Bytes::copy_from_slice(&lease.to_be_bytes()));
+        let req = peer_request(&self.inner, &url, Method::POST, RENEW_PATH).body(body).map_err(|e| format!("bad peer URL {url}: {e}"))?;
+        let answer = async {
+            let resp = self.inner.client.request(req).await.map_err(|e| format!("the leader (member {leader}) did not answer: {e}"))?;
+            let status = resp.status();
+            let body = Limited::new(resp.into_body(), 4096).collect().await.map_err(|e| format!("the leader's answer was cut: {e}"))?.to_bytes();
+            match status {
+                StatusCode::OK => serde_json::from_slice(&body)
+                    .ok()
+                    .as_ref()
+                    .and_then(renewal_from_json)
+                    .map(PeerRenewal::Answer)
+                    .ok_or_else(|| format!("the leader's answer is not a renewal: {}", String::from_utf8_lossy(&body))),
+                StatusCode::NOT_FOUND => Ok(PeerRenewal::Unsupported),
+                other => Err(format!("the leader answered {other}: {}", String::from_utf8_lossy(&body).trim())),
+            }
+        };
+        tokio::time::timeout(timeout, answer).await.map_err(|_| format!("the leader (member {leader}) did not answer in time"))?
     }
 
     /// Queues messages for their peers; never blocks.
@@ -958,6 +1019,7 @@ impl PeerListener {
             (&Method::POST, "/raft") => {}
             (&Method::GET, STREAM_PATH) => return self.open_stream(req),
             (&Method::POST, DROPPED_PATH) => return self.dropped(req).await,
+            (&Method::POST, RENEW_PATH) => return self.renew(req).await,
             (&Method::GET, "/members") => {
                 let mut r = text(StatusCode::OK, crate::api::members_json(&self.current_status()).to_string());
                 r.headers_mut().insert("content-type", HeaderValue::from_static("application/json"));
@@ -965,7 +1027,7 @@ impl PeerListener {
             }
             (_, "/raft") => return text(StatusCode::METHOD_NOT_ALLOWED, "use POST\n"),
             (_, STREAM_PATH) => return text(StatusCode::METHOD_NOT_ALLOWED, "use GET with Upgrade\n"),
-            (_, DROPPED_PATH) => return text(StatusCode::METHOD_NOT_ALLOWED, "use POST\n"),
+            (_, DROPPED_PATH) | (_, RENEW_PATH) => return text(StatusCode::METHOD_NOT_ALLOWED, "use POST\n"),
             _ => return text(StatusCode::NOT_FOUND, "not a raftkv peer route\n"),
         }
         if let Some(refused) = self.refuse_other_cluster(&req) {
@@ -1028,6 +1090,38 @@ impl PeerListener {
             return text(StatusCode::SERVICE_UNAVAILABLE, "node is stopping\n");
         }
         text(StatusCode::NO_CONTENT, Bytes::new())
+    }
+
+    /// Answers [`RENEW_PATH`]: a lease keepalive a member forwarded, renewed here if
+    /// this member leads (see `Request::RenewLease`).
+    async fn renew(self, req: HttpRequest<Incoming>) -> Response<Full<Bytes>> {
+        match header(&req, FROM_HEADER).and_then(|s| s.parse::<u64>().ok()) {
+            Some(id) if id != 0 && id != self.my_id => {}
+            _ => return text(StatusCode::BAD_REQUEST, format!("a lease renewal needs `{FROM_HEADER}`: the sender's member id\n")),
+        }
+        if let Some(refused) = self.refuse_other_cluster(&req) {
+            return refused;
+        }
+        let body = match Limited::new(req.into_body(), 8).collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(e) => return text(StatusCode::BAD_REQUEST, format!("unreadable body: {e}\n")),
+        };
+        let Ok(id) = <[u8; 8]>::try_from(body.as_ref()).map(u64::from_be_bytes) else {
+            return text(StatusCode::BAD_REQUEST, "the body must be a lease id of 8 bytes\n");
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if self.raft.send(Request::RenewLease { lease: id, reply: tx }).is_err() {
+            return text(StatusCode::SERVICE_UNAVAILABLE, "node is stopping\n");
+        }
+        match tokio::time::timeout(RENEW_WAIT, rx).await {
+            Ok(Ok(r)) => {
+                let mut resp = text(StatusCode::OK, renewal_json(r).to_string());
+                resp.headers_mut().insert("content-type", HeaderValue::from_static("application/json"));
+                resp
+            }
+            Ok(Err(_)) => text(StatusCode::SERVICE_UNAVAILABLE, "node is stopping\n"),
+            Err(_) => text(StatusCode::SERVICE_UNAVAILABLE, "no quorum confirmed this leader in time\n"),
+        }
     }
 
     /// Answers `GET /raft/stream`: 101 and a task reading the stream, or why not.
@@ -1418,6 +1512,16 @@ mod tests {
         assert!(decode_frames(&[5, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0xff]).is_err());
         assert!(decode_frames(&[0xff, 0xff, 0xff, 0xff]).is_err());
         assert!(decode_frames(&[]).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_renewal_reads_back_as_it_was_sent() {
+        for r in [Renewal::Renewed { ttl_ms: 60_000 }, Renewal::NotFound, Renewal::NotLeader { leader: 3 }, Renewal::NotLeader { leader: 0 }] {
+            assert_eq!(renewal_from_json(&renewal_json(r)), Some(r));
+        }
+        for junk in [serde_json::json!({}), serde_json::json!({"renewed": "60"}), serde_json::json!([1]), serde_json::json!({"not_leader": -1})] {
+            assert_eq!(renewal_from_json(&junk), None, "{junk}");
+        }
     }
 
     #[test]

@@ -789,6 +789,55 @@ fn a_leased_key_lives_while_kept_alive_goes_when_it_expires_and_survives_a_leade
 }
 
 #[test]
+fn keepalives_are_renewed_by_the_leader_without_raft_entries() {
+    let c = Cluster::start(3);
+    let leader = c.wait_leader(T);
+    let r = c.http.post(&format!("{}/v1/leases", c.url(1)), r#"{"ttl":60}"#).unwrap();
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text());
+    let lease = r.json()["id"].as_u64().unwrap();
+    let applied = |id: u64| c.status(id).and_then(|s| s["applied_index"].as_u64()).unwrap_or(0);
+    let applied_at = |id: u64, want: u64| wait_for(T, "the grant applied everywhere", || (applied(id) >= want).then_some(()));
+    let before = applied(leader);
+    for id in 1..=3 {
+        applied_at(id, before);
+    }
+    // Thirty keepalives through every member (two of three forwarded to the leader):
+    // all renewed, and the log does not grow (a raft write each would add thirty).
+    for n in 0..30u64 {
+        let r = c.http.post(&format!("{}/v1/leases/{lease}/keepalive", c.url(1 + n % 3)), "").unwrap();
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+        assert_eq!(r.json()["ttl"], 60);
+    }
+    let after = applied(leader);
+    assert!(after < before + 3, "keepalives wrote raft entries: applied {before} -> {after}");
+    let r = c.http.post(&format!("{}/v1/leases/999/keepalive", c.url(1 + leader % 3)), "").unwrap();
+    assert_eq!((r.status, r.json()["code"].clone()), (StatusCode::NOT_FOUND, serde_json::json!("lease_not_found")));
+    // The peer route members forward them on: the leader renews, a follower points at
+    // the leader, bad requests get 400.
+    let peer = |id: u64| c.node(id).peer_url();
+    let client = reqwest::blocking::Client::builder().timeout(T).no_proxy().build().unwrap();
+    let renew = |id: u64, from: Option<&str>, body: Vec<u8>| {
+        let mut req = client.post(format!("{}/raft/lease-renew", peer(id))).body(body);
+        if let Some(f) = from {
+            req = req.header("x-raftkv-from", f);
+        }
+        let resp = req.send().unwrap();
+        (resp.status(), resp.text().unwrap_or_default())
+    };
+    let follower = (1..=3).find(|id| *id != leader).unwrap();
+    let (st, body) = renew(leader, Some(&follower.to_string()), lease.to_be_bytes().to_vec());
+    assert_eq!((st, body.as_str()), (StatusCode::OK, r#"{"renewed":60000}"#));
+    let (st, body) = renew(leader, Some(&follower.to_string()), 999u64.to_be_bytes().to_vec());
+    assert_eq!((st, body.as_str()), (StatusCode::OK, r#"{"not_found":true}"#));
+    let (st, body) = renew(follower, Some(&leader.to_string()), lease.to_be_bytes().to_vec());
+    assert_eq!((st, body), (StatusCode::OK, format!(r#"{{"not_leader":{leader}}}"#)));
+    assert_eq!(renew(leader, None, lease.to_be_bytes().to_vec()).0, StatusCode::BAD_REQUEST, "no sender");
+    assert_eq!(renew(leader, Some(&follower.to_string()), vec![1, 2, 3]).0, StatusCode::BAD_REQUEST, "not an id");
+    let resp = client.get(format!("{}/raft/lease-renew", peer(leader))).send().unwrap();
+    assert_eq!(resp.status(), StatusCode::METHOD_NOT_ALLOWED);
+}
+
+#[test]
 fn leases_survive_kill_9_of_every_member_through_snapshots_and_still_expire() {
     // Snapshots every 20 entries: the lease is restored from a snapshot image, not only
     // replayed from the log.
