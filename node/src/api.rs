@@ -642,10 +642,7 @@ impl Api {
             (r, _) => r,
         };
         match answer {
-            Renewal::Renewed { ttl_ms } => {
-                let revision = self.kv.read().map_err(|_| internal())?.applied();
-                Ok(json(StatusCode::OK, &json!({ "id": id, "ttl": ttl_ms / 1000, "revision": revision })))
-            }
+            Renewal::Renewed { ttl_ms, revision } => Ok(json(StatusCode::OK, &json!({ "id": id, "ttl": ttl_ms / 1000, "revision": revision }))),
             Renewal::NotFound => Err(lease_not_found(id)),
             Renewal::NotLeader { .. } => Err(ApiError::unavailable("no_leader", "no leader to renew the lease (an election is under way); retry")),
         }

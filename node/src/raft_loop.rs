@@ -193,6 +193,8 @@ pub enum Renewal {
     Renewed {
         /// The lease's time to live.
         ttl_ms: u64,
+        /// The leader's applied index when it answered.
+        revision: u64,
     },
     /// No such lease: never granted, revoked, or expired (its revocation is under way).
     NotFound,
@@ -209,6 +211,10 @@ pub type RenewReply = oneshot::Sender<Renewal>;
 
 /// A renewal done on the leader, waiting for its leadership to be confirmed.
 struct PendingRenewal {
+    /// The lease: it must still exist when the answer goes (a revocation committed
+    /// meanwhile — an expiry an earlier leader proposed, committed with this leader's
+    /// first entry — wins).
+    lease: u64,
     /// The term the leader renewed in: the answer needs it to be leader of it still.
     term: u64,
     ttl_ms: u64,
@@ -579,6 +585,10 @@ struct RaftLoop {
     revoking: HashMap<u64, Instant>,
     /// Lease renewals waiting for a quorum to confirm this leader.
     renewals: Vec<PendingRenewal>,
+    /// The term in which this member, as leader, last started every lease's time to
+    /// live again: expiry waits until that is done for the current term (followers never
+    /// see keepalives, so their deadlines are no measure of a lease's life).
+    leases_term: u64,
 }
 
 /// When a lease with `ttl_ms` renewed at `now` expires (a TTL too long for the clock,
@@ -762,6 +772,7 @@ pub fn start(
         lease_deadlines: HashMap::new(),
         revoking: HashMap::new(),
         renewals: Vec::new(),
+        leases_term: 0,
     };
     lp.renew_all_leases();
     lp.publish_status();
@@ -1223,7 +1234,7 @@ impl RaftLoop {
         entry.0 = entry.0.max(deadline);
         let (tx, confirmed) = oneshot::channel();
         self.new_reads.push(tx);
-        self.renewals.push(PendingRenewal { term: self.raw.raft.term, ttl_ms, confirmed, reply });
+        self.renewals.push(PendingRenewal { lease: id, term: self.raw.raft.term, ttl_ms, confirmed, reply });
     }
 
     /// Answers the renewals whose barrier came back (renewed, if this member is still
@@ -1235,13 +1246,18 @@ impl RaftLoop {
         let raft = &self.raw.raft;
         let (leading, term) = (raft.state == StateRole::Leader && self.stop_deadline.is_none(), raft.term);
         let leader = if raft.leader_id == self.cfg.id { 0 } else { raft.leader_id };
+        let Ok(kv) = self.kv.read() else { return };
+        let revision = kv.applied();
         for mut r in std::mem::take(&mut self.renewals) {
             if r.reply.is_closed() {
                 continue;
             }
             let same = leading && term == r.term;
             let answer = match r.confirmed.try_recv() {
-                Ok(Ok(())) if same => Renewal::Renewed { ttl_ms: r.ttl_ms },
+                // Everything committed before the barrier is applied now: a revocation
+                // among it removed the lease.
+                Ok(Ok(())) if same && (kv.lease_ttl(r.lease).is_none() || self.revoking.contains_key(&r.lease)) => Renewal::NotFound,
+                Ok(Ok(())) if same => Renewal::Renewed { ttl_ms: r.ttl_ms, revision },
                 Err(oneshot::error::TryRecvError::Empty) if same => {
                     self.renewals.push(r);
                     continue;
@@ -1256,6 +1272,14 @@ impl RaftLoop {
     /// The leader proposes the revocation of every lease past its deadline.
     fn expire_leases(&mut self, now: Instant) {
         if self.raw.raft.state != StateRole::Leader || self.stop_deadline.is_some() || self.disk_full {
+            return;
+        }
+        if self.leases_term != self.raw.raft.term {
+            // Leader of a term whose Ready (and its soft-state change) has not been
+            // handled yet: the deadlines are a follower's, blind to every keepalive the
+            // last leader took. Start every lease's time to live again first.
+            self.renew_all_leases();
+            self.leases_term = self.raw.raft.term;
             return;
         }
         let timeout = self.cfg.request_timeout;
@@ -1506,6 +1530,7 @@ impl RaftLoop {
             self.last_leader = leader;
             if leader == self.cfg.id {
                 self.renew_all_leases();
+                self.leases_term = self.raw.raft.term;
             }
         }
     }

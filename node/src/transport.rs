@@ -77,7 +77,8 @@ pub const STREAM_PATH: &str = "/raft/stream";
 pub const DROPPED_PATH: &str = "/raft/dropped";
 /// The path a member forwards a client's lease keepalive on, to the leader (etcd's
 /// followers do the same): body the lease id (`u64` big-endian); `200` with a JSON
-/// [`Renewal`] (`{"renewed":ttl_ms}`, `{"not_found":true}` or `{"not_leader":id}`).
+/// [`Renewal`] (`{"renewed":ttl_ms,"revision":applied}`, `{"not_found":true}` or
+/// `{"not_leader":id}`).
 /// A member of an older version answers `404`: the keepalive then goes through raft.
 pub const RENEW_PATH: &str = "/raft/lease-renew";
 /// How long the leader's peer listener waits for a forwarded renewal's confirmation.
@@ -86,7 +87,7 @@ const RENEW_WAIT: Duration = Duration::from_secs(5);
 /// A [`Renewal`] as the peer route carries it.
 fn renewal_json(r: Renewal) -> serde_json::Value {
     match r {
-        Renewal::Renewed { ttl_ms } => serde_json::json!({ "renewed": ttl_ms }),
+        Renewal::Renewed { ttl_ms, revision } => serde_json::json!({ "renewed": ttl_ms, "revision": revision }),
         Renewal::NotFound => serde_json::json!({ "not_found": true }),
         Renewal::NotLeader { leader } => serde_json::json!({ "not_leader": leader }),
     }
@@ -95,7 +96,8 @@ fn renewal_json(r: Renewal) -> serde_json::Value {
 /// Reads [`renewal_json`]'s output back.
 fn renewal_from_json(v: &serde_json::Value) -> Option<Renewal> {
     if let Some(ttl_ms) = v.get("renewed").and_then(serde_json::Value::as_u64) {
-        Some(Renewal::Renewed { ttl_ms })
+        let revision = v.get("revision").and_then(serde_json::Value::as_u64)?;
+        Some(Renewal::Renewed { ttl_ms, revision })
     } else if v.get("not_found").is_some() {
         Some(Renewal::NotFound)
     } else {
@@ -1516,10 +1518,10 @@ mod tests {
 
     #[test]
     fn a_renewal_reads_back_as_it_was_sent() {
-        for r in [Renewal::Renewed { ttl_ms: 60_000 }, Renewal::NotFound, Renewal::NotLeader { leader: 3 }, Renewal::NotLeader { leader: 0 }] {
+        for r in [Renewal::Renewed { ttl_ms: 60_000, revision: 7 }, Renewal::NotFound, Renewal::NotLeader { leader: 3 }, Renewal::NotLeader { leader: 0 }] {
             assert_eq!(renewal_from_json(&renewal_json(r)), Some(r));
         }
-        for junk in [serde_json::json!({}), serde_json::json!({"renewed": "60"}), serde_json::json!([1]), serde_json::json!({"not_leader": -1})] {
+        for junk in [serde_json::json!({}), serde_json::json!({"renewed": "60"}), serde_json::json!({"renewed": 60}), serde_json::json!([1]), serde_json::json!({"not_leader": -1})] {
             assert_eq!(renewal_from_json(&junk), None, "{junk}");
         }
     }

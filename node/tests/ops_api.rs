@@ -760,14 +760,32 @@ fn a_leased_key_lives_while_kept_alive_goes_when_it_expires_and_survives_a_leade
     let r = c.http.post(&format!("{}/v1/leases/{lease}/keepalive", c.url(1)), "").unwrap();
     assert_eq!(r.status, StatusCode::NOT_FOUND);
     assert_eq!(r.json()["code"], "lease_not_found");
-    // A lease outlives its leader: the new leader starts its time to live again.
-    let lease = grant(&c, 2, 10);
+    // A lease outlives its leader: the new leader starts its time to live again. Kept
+    // alive for longer than its TTL first, so the followers' own deadlines (they never
+    // see a keepalive) have long passed: a new leader acting on them would revoke it.
+    let lease = grant(&c, 2, 2);
     assert_eq!(c.http.put(&format!("{}/v1/kv/l/b?lease={lease}", c.url(1)), "v").unwrap().status, StatusCode::OK);
+    let keep_alive = |c: &Cluster, through: &[u64], for_ms: u64| {
+        let until = std::time::Instant::now() + Duration::from_millis(for_ms);
+        let mut n = 0;
+        while std::time::Instant::now() < until {
+            n += 1;
+            let id = through[n % through.len()];
+            let r = c.http.post(&format!("{}/v1/leases/{lease}/keepalive", c.url(id)), "").unwrap();
+            // During the election a keepalive may find no leader (503): renew again.
+            assert!(r.status == StatusCode::OK || r.status == StatusCode::SERVICE_UNAVAILABLE, "{} {}", r.status, r.text());
+            std::thread::sleep(Duration::from_millis(300)); // the renewal rhythm, not a wait
+        }
+    };
+    keep_alive(&c, &[1, 2, 3], 3500);
     let leader = c.wait_leader(T);
     c.kill(leader);
-    let other = (1..=3).find(|id| *id != leader).unwrap();
-    c.wait_leader(T);
-    assert!(present(&c, other, "l/b"));
+    let others: Vec<u64> = (1..=3).filter(|id| *id != leader).collect();
+    let other = others[0];
+    keep_alive(&c, &others, 4000);
+    let new_leader = c.wait_leader(T);
+    assert_ne!(new_leader, leader);
+    assert!(present(&c, other, "l/b"), "a new leader revoked a lease kept alive through the election");
     let r = c.http.post(&format!("{}/v1/leases/{lease}/keepalive", c.url(other)), "").unwrap();
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
     // Revoked by hand: its keys go at once.
@@ -826,7 +844,10 @@ fn keepalives_are_renewed_by_the_leader_without_raft_entries() {
     };
     let follower = (1..=3).find(|id| *id != leader).unwrap();
     let (st, body) = renew(leader, Some(&follower.to_string()), lease.to_be_bytes().to_vec());
-    assert_eq!((st, body.as_str()), (StatusCode::OK, r#"{"renewed":60000}"#));
+    assert_eq!(st, StatusCode::OK, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["renewed"], 60000, "{body}");
+    assert!(v["revision"].as_u64().unwrap() >= after, "{body}");
     let (st, body) = renew(leader, Some(&follower.to_string()), 999u64.to_be_bytes().to_vec());
     assert_eq!((st, body.as_str()), (StatusCode::OK, r#"{"not_found":true}"#));
     let (st, body) = renew(follower, Some(&leader.to_string()), lease.to_be_bytes().to_vec());
