@@ -2,7 +2,7 @@
 //! operator CronJob runs it).
 //!
 //! It asks the endpoints of `--endpoints` in order for a backup and keeps the first whole,
-//! checked one: the body is streamed to `DIR/.backup-<pid>.tmp` (never held in memory),
+//! checked one: the body is streamed to `DIR/.backup-<pid>-<random>.tmp` (never held in memory),
 //! each endpoint bounded by `--timeout`, and the file is checked with
 //! [`backup::verify`]. A non-200 answer, a connection failure, a timeout or a damaged
 //! or truncated file moves on to the next endpoint. The good file is fsynced, renamed to
@@ -405,7 +405,10 @@ pub fn run(cfg: &BackupConfig) -> Result<Done, BackupClientError> {
     let https = cfg.endpoints.iter().any(|e| e.starts_with("https://"));
     let client_tls = tls_config(cfg.cacert.as_deref(), https)?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(BackupClientError::Runtime)?;
-    let tmp = cfg.dir.join(format!(".backup-{}.tmp", std::process::id()));
+    // The pid alone repeats across containers (under tini it is nearly fixed): a random
+    // part keeps two runs sharing the volume (a job replacing a pod still terminating)
+    // off each other's temp file.
+    let tmp = cfg.dir.join(format!(".backup-{}-{:08x}.tmp", std::process::id(), rand::random::<u32>()));
     let fetched = rt.block_on(async {
         let client = http_client(client_tls, cfg.timeout);
         let stop = stop_signal();

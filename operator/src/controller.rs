@@ -523,10 +523,10 @@ pub async fn reconcile<N: NodeApi>(rkv: Arc<RaftKV>, ctx: Arc<Context<N>>) -> Re
         for k in ["operation", "incarnations", "initialCluster", "backupsScheduled"] {
             obj.remove(k);
         }
-        if let Ok(scheduled) = backups {
-            if scheduled != status.backups_scheduled {
-                obj.insert("backupsScheduled".into(), json!(scheduled));
-            }
+        // Set before the CronJob is applied (in `reconcile_backups`); cleared here once
+        // it is deleted.
+        if backups.as_ref().is_ok_and(|scheduled| !scheduled) && status.backups_scheduled {
+            obj.insert("backupsScheduled".into(), json!(false));
         }
         // Explicit nulls clear stale values under a merge patch.
         for k in ["leader", "message"] {
@@ -545,11 +545,12 @@ pub async fn reconcile<N: NodeApi>(rkv: Arc<RaftKV>, ctx: Arc<Context<N>>) -> Re
     })
 }
 
-/// Keeps the backup objects in line with `spec.backup`: with it, the backups claim
-/// (created once, never changed: it is the user's from then on) and the CronJob
-/// (server-side apply); without it, deletes the CronJob this operator made (`scheduled`:
-/// status says it did). Answers whether a CronJob is scheduled now, or the kind of the
-/// object that failed.
+/// Keeps the backup objects in line with `spec.backup`: with it, records
+/// `status.backupsScheduled` (first, unless `scheduled` says it is), then the backups
+/// claim (created once, never changed: it is the user's from then on) and the CronJob
+/// (server-side apply); without it, deletes the CronJob this operator may have made
+/// (`scheduled`). Answers whether a CronJob is scheduled now, or the kind of the object
+/// that failed.
 async fn reconcile_backups(client: &Client, rkv: &RaftKV, ns: &str, scheduled: bool, ssa: &PatchParams) -> Result<bool, (&'static str, kube::Error)> {
     let name = rkv.name_any();
     let cron_api: Api<CronJob> = Api::namespaced(client.clone(), ns);
@@ -564,6 +565,14 @@ async fn reconcile_backups(client: &Client, rkv: &RaftKV, ns: &str, scheduled: b
         }
         return Ok(false);
     };
+    if !scheduled {
+        // Recorded before the CronJob may exist (as membership operations are): had the
+        // apply landed and this write failed, or the operator stopped in between, a later
+        // removal of spec.backup would never delete it.
+        let api: Api<RaftKV> = Api::namespaced(client.clone(), ns);
+        let patch = json!({"status": {"backupsScheduled": true}});
+        api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch)).await.map_err(|e| ("RaftKV status", e))?;
+    }
     let pvc_api: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), ns);
     let pvc_name = resources::backup_pvc_name(&name);
     if pvc_api.get_opt(&pvc_name).await.map_err(|e| ("PersistentVolumeClaim", e))?.is_none() {

@@ -716,6 +716,7 @@ async fn a_backup_schedule_creates_its_claim_once_and_applies_the_cronjob() {
     let mut script = prelude(3, 3, &[0, 1, 2]);
     script.extend([
         expect("PATCH", PDB, pdb_ok()),
+        expect("PATCH", RKV_STATUS, echo_rkv(&r)),
         not_found("GET", BACKUP_PVC),
         expect("POST", PVCS, backup_pvc_ok()),
         expect("PATCH", CRONJOB, cronjob_ok()),
@@ -723,6 +724,13 @@ async fn a_backup_schedule_creates_its_claim_once_and_applies_the_cronjob() {
     ]);
     let (res, seen, _) = run_reconcile(r.clone(), FakeNode::cluster(&[1, 2, 3], &[], 1), script).await;
     assert!(res.is_ok(), "{res:?}");
+    // The flag is recorded before the CronJob can exist, so a later removal of
+    // spec.backup always deletes it.
+    let statuses = find(&seen, "PATCH", RKV_STATUS);
+    assert_eq!(statuses[0].body, json!({"status": {"backupsScheduled": true}}));
+    let order: Vec<&str> = seen.iter().map(|s| s.path.as_str()).collect();
+    let flag_at = order.iter().position(|p| *p == RKV_STATUS).unwrap_or(usize::MAX);
+    assert!(flag_at < order.iter().position(|p| *p == CRONJOB).unwrap_or(0), "{order:?}");
     let pvc = &find(&seen, "POST", PVCS)[0].body;
     assert_eq!(pvc["metadata"]["name"], "kv-backups");
     assert_eq!(pvc["spec"]["resources"]["requests"]["storage"], "5Gi");
@@ -734,8 +742,7 @@ async fn a_backup_schedule_creates_its_claim_once_and_applies_the_cronjob() {
     assert_eq!(cron.body["metadata"]["ownerReferences"][0]["uid"], "uid-kv");
     let args = &cron.body["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["args"];
     assert_eq!(args, &json!(["backup", "--endpoints", "http://kv.db.svc:2379", "--dir", "/backups", "--keep", "5"]));
-    let status = &seen.last().expect("status").body["status"];
-    assert_eq!(status["backupsScheduled"], true, "{status}");
+    assert!(seen.last().expect("status").body["status"].get("backupsScheduled").is_none(), "set once, before");
 
     // Next time: the claim exists and is left alone (it is the user's); the CronJob is
     // applied again; status unchanged, so not written.
@@ -790,6 +797,7 @@ async fn a_refused_cronjob_does_not_hold_up_membership_and_is_reported() {
     let mut script = replacement_recorded(&r);
     let status_patch = script.pop().expect("the status write");
     script.extend([
+        expect("PATCH", RKV_STATUS, echo_rkv(&r)),
         expect("GET", BACKUP_PVC, backup_pvc_ok()),
         Expect { method: "PATCH", path: CRONJOB.to_string(), status: 422, response: refusal },
         expect("POST", EVENTS, event_ok()),
@@ -802,5 +810,8 @@ async fn a_refused_cronjob_does_not_hold_up_membership_and_is_reported() {
     let warning = warning.expect("a BackupScheduleFailed event");
     assert_eq!(warning["type"], "Warning");
     assert!(warning["note"].as_str().unwrap_or("").contains("61 * * * *"), "{warning}");
+    // The flag was recorded before the apply was tried: a removal of spec.backup will
+    // make sure no CronJob is left.
+    assert_eq!(find(&seen, "PATCH", RKV_STATUS)[1].body, json!({"status": {"backupsScheduled": true}}));
     assert!(seen.last().expect("status").body["status"].get("backupsScheduled").is_none());
 }

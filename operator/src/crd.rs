@@ -105,7 +105,8 @@ pub struct RaftKVSpec {
     /// the cluster (`raftkv-node backup` against the client Service: `GET /v1/backup`,
     /// linearizable) on `schedule` into the volume claim `<name>-backups`, keeping the
     /// newest `keep`. Removing it deletes the CronJob; the claim and its backups stay,
-    /// also when the RaftKV is deleted.
+    /// also when the RaftKV is deleted. Needs a RaftKV name of at most 45 characters
+    /// (a CronJob name has at most 52).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backup: Option<BackupSpec>,
 }
@@ -197,8 +198,37 @@ fn default_backup_keep() -> i32 {
     7
 }
 
-/// What `backup.schedule` must match: five cron fields, or a macro.
-pub const BACKUP_SCHEDULE_PATTERN: &str = r"^(@(yearly|annually|monthly|weekly|daily|midnight|hourly)|[0-9*/,?LW#A-Za-z-]+( +[0-9*/,?LW#A-Za-z-]+){4})$";
+/// One value of a cron field: a number, or a month or day name.
+macro_rules! cron_value {
+    () => {
+        r"(?:[0-9]+|JAN|FEB|MAR|APR|MAY|JUN|JUL|AUG|SEP|OCT|NOV|DEC|SUN|MON|TUE|WED|THU|FRI|SAT|jan|feb|mar|apr|may|jun|jul|aug|sep|oct|nov|dec|sun|mon|tue|wed|thu|fri|sat)"
+    };
+}
+/// One item of a cron field's list: `*`, `?`, a value or a range, with an optional step.
+macro_rules! cron_item {
+    () => {
+        concat!(r"(?:\*|\?|", cron_value!(), r"(?:-", cron_value!(), r")?)(?:/[0-9]+)?")
+    };
+}
+/// A cron field: a comma-separated list of items.
+macro_rules! cron_field {
+    () => {
+        concat!(cron_item!(), r"(?:,", cron_item!(), r")*")
+    };
+}
+
+/// What `backup.schedule` must match: five cron fields in the syntax Kubernetes' CronJob
+/// parser takes (numbers, `*`, `?`, ranges `a-b`, steps `/n`, lists `a,b`, month and day
+/// names in capitals or lower case), or a macro. Numbers out of a field's range are left
+/// to the API server.
+pub const BACKUP_SCHEDULE_PATTERN: &str = concat!(
+    r"^(@(yearly|annually|monthly|weekly|daily|midnight|hourly)|",
+    cron_field!(),
+    r"(?: +",
+    cron_field!(),
+    r"){4})$"
+);
+
 
 /// Storage of each member's data directory (a volume claim template named `data`).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
@@ -502,10 +532,12 @@ mod tests {
     #[test]
     fn backup_schedule_pattern_takes_cron_lines_and_macros() {
         let re = regex::Regex::new(BACKUP_SCHEDULE_PATTERN).expect("pattern compiles");
-        for ok in ["0 */6 * * *", "*/15 * * * *", "30 2 * * 1-5", "0 0 1 JAN,JUL *", "0 3 * * SUN", "@daily", "@hourly", "@weekly", "0  4 * * *"] {
+        for ok in ["0 */6 * * *", "*/15 * * * *", "30 2 * * 1-5", "0 0 1 JAN,JUL *", "0 3 * * SUN", "0 3 ? * mon-fri", "5,35 1-23/2 * * *", "@daily", "@hourly", "@weekly", "0  4 * * *"] {
             assert!(re.is_match(ok), "{ok} refused");
         }
-        for bad in ["", "* * * *", "* * * * * *", "@often", "daily", " 0 * * * *", "0 * * * * ", "0 * * * *; rm -rf /", "TZ=UTC 0 * * * *"] {
+        // What Kubernetes' cron parser refuses: Quartz's L, W and #, words, six fields,
+        // a time zone prefix.
+        for bad in ["", "* * * *", "* * * * * *", "@often", "daily", " 0 * * * *", "0 * * * * ", "0 * * * *; rm -rf /", "TZ=UTC 0 * * * *", "0 0 L * *", "0 0 15W * *", "0 0 * * 5#3", "a b c d e", "0 0 * * Sunday", "0 0 * * Sun", "0 0 1-/2 * *", "0 0 ,1 * *"] {
             assert!(!re.is_match(bad), "{bad:?} taken");
         }
         let crd = crd_json();

@@ -410,7 +410,11 @@ backup_succeeded() {
     [ -n "$backup_job" ]
 }
 wait_until "a backup job of CronJob $name-backup to succeed" "$e2e_timeout" backup_succeeded
-backup_out="$(kubectl -n "$ns" logs "job/$backup_job")" || die "cannot read the log of $backup_job"
+# The job's succeeded pod (a failed first attempt may be there too, and `logs job/...`
+# could pick it).
+backup_pod="$(kubectl -n "$ns" get pods -l "job-name=$backup_job" --field-selector=status.phase=Succeeded \
+    -o 'jsonpath={.items[0].metadata.name}')" || die "cannot find the succeeded pod of $backup_job"
+backup_out="$(kubectl -n "$ns" logs "pod/$backup_pod")" || die "cannot read the log of $backup_pod"
 grep -q '"applied_index"' <<<"$backup_out" || die "backup job $backup_job printed no result: $backup_out"
 grep -q '"file":"/backups/backup-' <<<"$backup_out" || die "backup job $backup_job wrote no backup file: $backup_out"
 log "ok: $backup_job: $backup_out"

@@ -27,8 +27,21 @@ import sys
 # The CRD's pattern for spec.storage.size (operator/src/crd.rs, STORAGE_SIZE_PATTERN).
 STORAGE_SIZE_PATTERN = r"^(0*[1-9][0-9]*(\.[0-9]+)?|0*\.[0-9]*[1-9][0-9]*)(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$"
 
-# The CRD's pattern for spec.backup.schedule (operator/src/crd.rs, BACKUP_SCHEDULE_PATTERN).
-BACKUP_SCHEDULE_PATTERN = r"^(@(yearly|annually|monthly|weekly|daily|midnight|hourly)|[0-9*/,?LW#A-Za-z-]+( +[0-9*/,?LW#A-Za-z-]+){4})$"
+
+
+def crd_schedule_pattern():
+    """The CRD's pattern for spec.backup.schedule, read from deploy/crd.yaml (generated
+    from operator/src/crd.rs, BACKUP_SCHEDULE_PATTERN; single-quoted YAML)."""
+    crd = os.path.join(os.path.dirname(os.path.realpath(__file__)), "..", "..", "..", "deploy", "crd.yaml")
+    with open(crd) as f:
+        for line in f:
+            line = line.strip()
+            if line.startswith("pattern: '^(@(yearly"):
+                return line[len("pattern: '"):-1].replace("''", "'")
+    raise SystemExit("fake: no backup schedule pattern in deploy/crd.yaml")
+
+
+BACKUP_SCHEDULE_PATTERN = crd_schedule_pattern()
 
 STATE = os.environ["FAKE_STATE"]
 NAME = "example"
@@ -194,7 +207,7 @@ def kubectl(args):
                 if "example-backups" not in s["pvcs"]:
                     s["pvcs"].append("example-backups")
             print("raftkv.raftkv.dev/example patched")
-        elif verb == "logs" and args[1].startswith("job/"):
+        elif verb == "logs" and args[1] == "pod/example-backup-29000000-x7k2q":
             print('{"applied_index":42,"bytes":1234,"endpoint":"http://example.raftkv-e2e.svc:2379",'
                   '"file":"/backups/backup-20261207T000000Z-000000000000002a.raftkv","pruned":[]}')
         elif verb == "delete" and args[1] == "pod":
@@ -239,6 +252,9 @@ def kubectl(args):
                 for n in found:
                     print("persistentvolumeclaim/" + n)
                 return 0 if len(found) == len(names) else 1
+            elif what == "pods" and "job-name=example-backup-29000000" in args:
+                if "--field-selector=status.phase=Succeeded" in args and s["backup"]:
+                    print("example-backup-29000000-x7k2q", end="")
             elif what == "pods":
                 for pod in s["pods"]:
                     print("pod/" + pod)
