@@ -566,6 +566,11 @@ impl Api {
                 .map(Duration::from_millis)
                 .ok_or_else(|| ApiError::bad("progress_ms must be 100 to 3600000"))?,
         };
+        let prev = match query_param(req, "prev_kv")?.as_deref() {
+            None | Some("false") => false,
+            Some("true") => true,
+            Some(other) => return Err(ApiError::bad(format!("prev_kv must be true or false, not {other:?}"))),
+        };
         // From a given revision no barrier is needed: that revision fixes the start.
         if linearizable(req)? && start.is_none() {
             self.read_barrier().await?;
@@ -588,7 +593,7 @@ impl Api {
             ));
         }
         let (tx, body) = ChannelBody::unsized_stream(WATCH_QUEUE);
-        tokio::spawn(stream_watch(self.watch.clone(), filter, position, progress, tx, slot));
+        tokio::spawn(stream_watch(self.watch.clone(), WatchOptions { filter, progress, prev }, position, tx, slot));
         let mut r = response(StatusCode::OK, "application/x-ndjson", Bytes::new());
         *r.body_mut() = http_body_util::Either::Right(body);
         r.headers_mut().insert("x-raftkv-revision", hyper::header::HeaderValue::from(position));
@@ -1241,7 +1246,18 @@ const WATCH_PROGRESS: Duration = Duration::from_secs(10);
 
 /// Follows the history from `position` for one client until it goes away, falls behind
 /// the history (a last `compacted` line), or the node stops (the body just ends).
-async fn stream_watch(hub: Arc<WatchHub>, filter: Filter, mut position: u64, progress: Duration, tx: ChunkSender, _slot: crate::watch::StreamSlot) {
+/// What a watch stream was asked for.
+struct WatchOptions {
+    /// The keys it follows.
+    filter: Filter,
+    /// How often a quiet stream sends a `progress` line.
+    progress: Duration,
+    /// Whether each change also carries the key's previous value (`prev_kv=true`).
+    prev: bool,
+}
+
+async fn stream_watch(hub: Arc<WatchHub>, opts: WatchOptions, mut position: u64, tx: ChunkSender, _slot: crate::watch::StreamSlot) {
+    let WatchOptions { filter, progress, prev } = opts;
     let mut changed = hub.subscribe();
     let mut last_sent = tokio::time::Instant::now();
     loop {
@@ -1274,6 +1290,13 @@ async fn stream_watch(hub: Arc<WatchHub>, filter: Filter, mut position: u64, pro
                             None => ("delete", json!({ "key": e.key(), "revision": e.revision() })),
                         };
                         line["type"] = json!(kind);
+                        if let Some(p) = e.prev().filter(|_| prev) {
+                            let mut old = value_json(e.key(), &p.data, p.revision);
+                            if let Some(o) = old.as_object_mut() {
+                                o.remove("key");
+                            }
+                            line["prev"] = old;
+                        }
                         buf.extend_from_slice(&crate::http::json_line(&line));
                         let full = buf.len() >= WATCH_CHUNK_BYTES || i + 1 == batch.events.len();
                         if full && tx.send(Ok(Bytes::from(std::mem::take(&mut buf)))).await.is_err() {

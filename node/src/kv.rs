@@ -306,6 +306,8 @@ pub struct Value {
 #[derive(Clone)]
 pub struct Event {
     pair: Pair,
+    /// A put over an existing key: the pair it replaced (etcd's `prev_kv`).
+    prev: Option<Pair>,
     revision: u64,
     deleted: bool,
 }
@@ -323,9 +325,18 @@ impl Event {
     pub fn value(&self) -> Option<Value> {
         (!self.deleted).then(|| self.pair.value())
     }
-    /// Bytes this event keeps alive (key and value), for bounding a history of events.
+    /// The key's value before the change (etcd's `prev_kv`): for a put, what it
+    /// replaced (None for a new key); for a delete, what it removed.
+    pub fn prev(&self) -> Option<Value> {
+        if self.deleted {
+            Some(self.pair.value())
+        } else {
+            self.prev.as_ref().map(Pair::value)
+        }
+    }
+    /// Bytes this event keeps alive (key and values), for bounding a history of events.
     pub fn size(&self) -> usize {
-        self.pair.bytes.len()
+        self.pair.bytes.len() + self.prev.as_ref().map_or(0, |p| p.bytes.len())
     }
 }
 
@@ -662,10 +673,13 @@ impl KvStore {
         // One walk of the tree: the replaced pair tells whether the key existed.
         let pair = Pair::new(key, value, index);
         self.track(&pair);
-        if let Some(events) = &mut self.events {
-            events.push(Event { pair: pair.clone(), revision: index, deleted: false });
+        let event_pair = self.events.is_some().then(|| pair.clone());
+        let old = self.data.insert(pair);
+        let existed = old.is_some();
+        if let (Some(events), Some(pair)) = (&mut self.events, event_pair) {
+            events.push(Event { pair, prev: old, revision: index, deleted: false });
         }
-        self.data.insert(pair).is_some()
+        existed
     }
 
     /// Removes `key` at revision `index`; whether it existed.
@@ -677,7 +691,7 @@ impl KvStore {
         if let Some(p) = &old {
             self.track(p);
             if let Some(events) = &mut self.events {
-                events.push(Event { pair: p.clone(), revision: index, deleted: true });
+                events.push(Event { pair: p.clone(), prev: None, revision: index, deleted: true });
             }
         }
         old.is_some()
@@ -1321,6 +1335,28 @@ mod tests {
         follower.apply_delta(&delta.encode()).unwrap();
         assert!(follower.get("a").is_none());
         assert_eq!(follower.get("c").unwrap().revision, 7);
+    }
+
+    #[test]
+    fn events_carry_the_value_before_the_change() {
+        let mut kv = KvStore::new();
+        kv.record_events();
+        kv.apply(1, &put("k", "one", None));
+        kv.apply(2, &put("k", "two", None));
+        kv.apply(3, &Command { op: OpType::Delete as i32, key: "k".into(), ..Default::default() });
+        kv.apply(4, &txn(vec![], vec![w(OpType::Put, "k", "four"), w(OpType::Put, "t", "t")], vec![]));
+        kv.apply(5, &txn(vec![], vec![w(OpType::Put, "k", "five")], vec![]));
+        let events = kv.take_events();
+        let prev: Vec<Option<(Vec<u8>, u64)>> = events.iter().map(|e| e.prev().map(|v| (v.data.to_vec(), v.revision))).collect();
+        assert_eq!(
+            prev,
+            [None, Some((b"one".to_vec(), 1)), Some((b"two".to_vec(), 2)), None, None, Some((b"four".to_vec(), 4))],
+            "{events:?}"
+        );
+        // A history bounded by bytes counts the previous value a put keeps alive.
+        assert!(events[1].size() > events[0].size());
+        // (a put over "one" holds "two" and "one"; the delete holds the "two" it removed)
+        assert_eq!(events[2].size(), events[1].size() - events[0].size());
     }
 
     fn wrote(existed: &[bool]) -> Vec<TxnResult> {

@@ -585,6 +585,32 @@ fn watches_stream_every_change_in_order_from_now_or_from_a_revision() {
     assert_eq!(next_change(&mut from).3, r2);
     assert_eq!(next_change(&mut from).3, r3);
     assert_eq!(next_change(&mut from).3, r4);
+    // With prev_kv=true each change also carries the key's previous value (none for a
+    // new key; for a delete, what it removed).
+    let mut with_prev = long.stream(&format!("{}/v1/watch?prefix=w/&start_revision={first}&prev_kv=true", c.url(3))).unwrap();
+    let mut prevs = Vec::new();
+    for _ in 0..4 {
+        let line = loop {
+            let l = with_prev.next_json().expect("the prev_kv stream ended");
+            if l["type"] != "progress" {
+                break l;
+            }
+        };
+        prevs.push((line["revision"].as_u64().unwrap(), line["prev"].clone()));
+    }
+    assert_eq!(
+        prevs,
+        [
+            (first, Value::Null),
+            (r2, serde_json::json!({"value": "1", "revision": first})),
+            (r3, Value::Null),
+            (r4, serde_json::json!({"value": "2", "revision": r2})),
+        ]
+    );
+    let mut without = long.stream(&format!("{}/v1/watch?prefix=w/&start_revision={r2}", c.url(3))).unwrap();
+    let line = without.next_json().expect("a change");
+    assert_eq!(line["revision"], r2);
+    assert!(line.get("prev").is_none(), "a prev without prev_kv: {line}");
     // A list's revision is where a watch takes over without a gap or a repeat.
     let list = c.http.get(&format!("{}/v1/kv?prefix=w/", c.url(2))).unwrap().json();
     let at = list["revision"].as_u64().unwrap();
@@ -604,7 +630,7 @@ fn watches_stream_every_change_in_order_from_now_or_from_a_revision() {
     assert_eq!(r.status, StatusCode::GONE, "{}", r.text());
     assert_eq!(r.json()["code"], "compacted");
     // Bad requests.
-    for q in ["key=a&prefix=b", "key=", "start_revision=0", "start_revision=x", "consistency=eventual", "progress_ms=5"] {
+    for q in ["key=a&prefix=b", "key=", "start_revision=0", "start_revision=x", "consistency=eventual", "progress_ms=5", "prev_kv=yes"] {
         let r = c.http.get(&format!("{}/v1/watch?{q}", c.url(1))).unwrap();
         assert_eq!(r.status, StatusCode::BAD_REQUEST, "{q}: {}", r.text());
     }
