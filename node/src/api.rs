@@ -493,7 +493,7 @@ impl Api {
     }
 
     /// `GET /v1/backup`: the whole state machine as a backup file (see [`crate::backup`]),
-    /// streamed as it is encoded from an O(1) frozen copy, so writes go on meanwhile.
+    /// streamed as it is encoded from a frozen copy (the keys an O(1) clone, the leases copied), so writes go on meanwhile.
     /// Linearizable by default: it holds every write acknowledged before the request.
     async fn backup(&self, req: &HttpRequest<Incoming>) -> ApiResult {
         if linearizable(req)? {
@@ -568,7 +568,14 @@ impl Api {
         };
         let prev = match query_param(req, "prev_kv")?.as_deref() {
             None | Some("false") => false,
-            Some("true") => true,
+            Some("true") if self.cfg.watch_prev_kv => true,
+            Some("true") => {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "prev_kv_disabled",
+                    "this member keeps no previous values: start it with --watch-prev-kv (RAFTKV_WATCH_PREV_KV=true) to watch with prev_kv=true",
+                ))
+            }
             Some(other) => return Err(ApiError::bad(format!("prev_kv must be true or false, not {other:?}"))),
         };
         // From a given revision no barrier is needed: that revision fixes the start.

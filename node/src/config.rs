@@ -81,6 +81,11 @@ pub struct Args {
     /// from any revision they cover (1 to 1000000; also at most 64 MiB of keys and values).
     #[arg(long, env = "RAFTKV_WATCH_HISTORY", default_value_t = crate::watch::DEFAULT_HISTORY)]
     pub watch_history: usize,
+    /// Keep, in the watch history, the value each put replaced, so that watches may ask
+    /// for it (`prev_kv=true`; a delete's is always there). Costs memory: the history
+    /// then holds the replaced values too.
+    #[arg(long, env = "RAFTKV_WATCH_PREV_KV")]
+    pub watch_prev_kv: bool,
     /// Client listener TLS certificate chain (PEM). With --key-file, clients must use https.
     #[arg(long, env = "RAFTKV_CERT_FILE")]
     pub cert_file: Option<PathBuf>,
@@ -154,6 +159,8 @@ pub struct Config {
     pub worker_threads: usize,
     /// Changes kept for watchers.
     pub watch_history: usize,
+    /// Whether the watch history keeps the values puts replaced.
+    pub watch_prev_kv: bool,
     /// TLS for the client listener (`None`: plaintext).
     pub client_tls: Option<Arc<rustls::ServerConfig>>,
     /// Mutual TLS between peers (`None`: plaintext peer traffic).
@@ -384,6 +391,7 @@ impl Args {
             promote_max_lag: self.promote_max_lag,
             worker_threads: self.worker_threads,
             watch_history: self.watch_history,
+            watch_prev_kv: self.watch_prev_kv,
             client_tls: security.client_tls,
             peer_tls: security.peer_tls,
             admin_token: security.admin_token,
@@ -565,6 +573,8 @@ mod tests {
         assert_eq!(parse(&[]).unwrap().worker_threads, 1);
         assert_eq!(parse(&[]).unwrap().watch_history, 10_000);
         assert_eq!(parse(&["--watch-history", "1"]).unwrap().watch_history, 1);
+        assert!(!parse(&[]).unwrap().watch_prev_kv);
+        assert!(parse(&["--watch-prev-kv"]).unwrap().watch_prev_kv);
         assert!(parse(&["--watch-history", "0"]).unwrap_err().contains("--watch-history"));
         assert!(parse(&["--watch-history", "1000001"]).unwrap_err().contains("--watch-history"));
     }

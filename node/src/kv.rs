@@ -326,7 +326,8 @@ impl Event {
         (!self.deleted).then(|| self.pair.value())
     }
     /// The key's value before the change (etcd's `prev_kv`): for a put, what it
-    /// replaced (None for a new key); for a delete, what it removed.
+    /// replaced (None for a new key, or when the store keeps no previous values:
+    /// [`KvStore::keep_previous_values`]); for a delete, what it removed.
     pub fn prev(&self) -> Option<Value> {
         if self.deleted {
             Some(self.pair.value())
@@ -510,6 +511,8 @@ pub struct KvStore {
     /// Changes applied since the raft loop last took them ([`KvStore::take_events`]),
     /// when it asked for them ([`KvStore::record_events`]).
     events: Option<Vec<Event>>,
+    /// Whether a put's event keeps the pair it replaced ([`KvStore::keep_previous_values`]).
+    events_prev: bool,
     /// Leases: time to live in ms and attached keys.
     leases: BTreeMap<u64, LeaseState>,
     /// The lease each attached key belongs to.
@@ -677,7 +680,8 @@ impl KvStore {
         let old = self.data.insert(pair);
         let existed = old.is_some();
         if let (Some(events), Some(pair)) = (&mut self.events, event_pair) {
-            events.push(Event { pair, prev: old, revision: index, deleted: false });
+            let prev = if self.events_prev { old } else { None };
+            events.push(Event { pair, prev, revision: index, deleted: false });
         }
         existed
     }
@@ -722,6 +726,13 @@ impl KvStore {
     /// (the raft loop feeds watchers with them; nothing else asks).
     pub fn record_events(&mut self) {
         self.events.get_or_insert_with(Vec::new);
+    }
+
+    /// Whether a put's event keeps the value it replaced ([`Event::prev`]; a delete's
+    /// always has what it removed). Off by default: it keeps those values alive as long
+    /// as the events are (the watch history), which costs memory.
+    pub fn keep_previous_values(&mut self, keep: bool) {
+        self.events_prev = keep;
     }
 
     /// The changes applied since the last call, oldest first.
@@ -1341,6 +1352,16 @@ mod tests {
     fn events_carry_the_value_before_the_change() {
         let mut kv = KvStore::new();
         kv.record_events();
+        // By default a put's event keeps nothing of what it replaced (memory); a delete's
+        // is the removed pair itself.
+        kv.apply(1, &put("k", "one", None));
+        kv.apply(2, &put("k", "two", None));
+        kv.apply(3, &Command { op: OpType::Delete as i32, key: "k".into(), ..Default::default() });
+        let prev: Vec<Option<u64>> = kv.take_events().iter().map(|e| e.prev().map(|v| v.revision)).collect();
+        assert_eq!(prev, [None, None, Some(2)]);
+        let mut kv = KvStore::new();
+        kv.record_events();
+        kv.keep_previous_values(true);
         kv.apply(1, &put("k", "one", None));
         kv.apply(2, &put("k", "two", None));
         kv.apply(3, &Command { op: OpType::Delete as i32, key: "k".into(), ..Default::default() });

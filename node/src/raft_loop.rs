@@ -721,6 +721,7 @@ pub fn start(
     let status: StatusCell = Arc::new(RwLock::new(Arc::new(NodeStatus::default())));
     let watch = WatchHub::new(kv.applied(), cfg.watch_history);
     kv.record_events();
+    kv.keep_previous_values(cfg.watch_prev_kv);
     let kv = Arc::new(RwLock::new(kv));
     let (persist_tx, persist_rx) = std::sync::mpsc::channel::<u64>();
     {
@@ -1509,6 +1510,7 @@ impl RaftLoop {
         self.transport.set_cluster_id(kv.cluster_id());
         metrics().keys.set(kv.len() as i64);
         kv.record_events();
+        kv.keep_previous_values(self.cfg.watch_prev_kv);
         *self.kv.write().map_err(lock_err)? = kv;
         // The changes between the old state and this one are not known here.
         self.watch.reset(meta.index);

@@ -554,7 +554,7 @@ fn next_change(s: &mut raftkv_tests::LineStream) -> (String, String, Option<Stri
 
 #[test]
 fn watches_stream_every_change_in_order_from_now_or_from_a_revision() {
-    let mut c = Cluster::start_with(3, Options { extra_args: vec!["--watch-history".into(), "50".into()], ..Options::default() });
+    let mut c = Cluster::start_with(3, Options { extra_args: vec!["--watch-history".into(), "50".into(), "--watch-prev-kv".into()], ..Options::default() });
     let put = |c: &Cluster, id: u64, k: &str, v: &str| -> u64 {
         let r = c.http.put(&format!("{}/v1/kv/{k}", c.url(id)), v.to_string()).unwrap();
         assert_eq!(r.status, StatusCode::OK, "{}", r.text());
@@ -651,6 +651,9 @@ fn watches_stream_every_change_in_order_from_now_or_from_a_revision() {
 fn a_stream_that_falls_behind_the_history_is_told_so_and_ends() {
     let c = Cluster::start_with(3, Options { extra_args: vec!["--watch-history".into(), "10".into()], ..Options::default() });
     c.put_retry(1, "before", "v", T);
+    // Without --watch-prev-kv a member keeps no previous values, and says so.
+    let r = c.http.get(&format!("{}/v1/watch?prev_kv=true", c.url(1))).unwrap();
+    assert_eq!((r.status, r.json()["code"].clone()), (StatusCode::BAD_REQUEST, serde_json::json!("prev_kv_disabled")));
     // A bound for the whole stream, 80 MiB of writes included (about 25 s on a busy
     // 2-core machine).
     let long = Http::new(Duration::from_secs(120));

@@ -101,6 +101,13 @@ pub struct RaftKVSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod_anti_affinity: Option<AntiAffinityPreset>,
 
+    /// Let watches ask for each change's previous value (`prev_kv=true`, as Kubernetes'
+    /// watch cache does with etcd): every member keeps the values puts replaced in its
+    /// watch history (`--watch-prev-kv`), which costs memory. Off by default. Like any pod
+    /// template change, it takes effect as each member's pod is restarted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watch_prev_kv: Option<bool>,
+
     /// Scheduled backups: when set, a CronJob `<name>-backup` takes a checked backup of
     /// the cluster (`raftkv-node backup` against the client Service: `GET /v1/backup`,
     /// linearizable) on `schedule` into the volume claim `<name>-backups`, keeping the
@@ -125,6 +132,7 @@ impl RaftKVSpec {
             tolerations: None,
             affinity: None,
             pod_anti_affinity: None,
+            watch_prev_kv: None,
             backup: None,
         }
     }

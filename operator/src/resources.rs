@@ -265,6 +265,9 @@ pub fn statefulset(rkv: &RaftKV, replicas: u32, initial_cluster: &[String], boot
     if bootstrapped {
         envs.push(env("RAFTKV_JOIN", "true"));
     }
+    if spec.watch_prev_kv == Some(true) {
+        envs.push(env("RAFTKV_WATCH_PREV_KV", "true"));
+    }
     let container = Container {
         name: "raftkv".to_string(),
         image: Some(spec.image.clone().unwrap_or_else(default_image)),
@@ -556,6 +559,7 @@ mod tests {
                 tolerations: None,
                 affinity: None,
                 pod_anti_affinity: None,
+                watch_prev_kv: None,
                 backup: None,
             },
         );
@@ -599,6 +603,10 @@ mod tests {
         assert_eq!(env["RAFTKV_SNAPSHOT_COUNT"], "500");
         assert!(!env.contains_key("RAFTKV_JOIN"));
         assert!(env_of(&statefulset(&rkv(), 3, &init, true)).contains_key("RAFTKV_JOIN"));
+        assert!(!env.contains_key("RAFTKV_WATCH_PREV_KV"));
+        let mut prev = rkv();
+        prev.spec.watch_prev_kv = Some(true);
+        assert_eq!(env_of(&statefulset(&prev, 3, &init, true))["RAFTKV_WATCH_PREV_KV"], "true");
         let pod = spec.template.spec.as_ref().expect("pod");
         let c = &pod.containers[0];
         assert_eq!(c.image.as_deref(), Some(default_image().as_str()));
