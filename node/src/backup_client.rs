@@ -66,6 +66,13 @@ pub struct BackupArgs {
     /// system's root certificates).
     #[arg(long, value_name = "FILE")]
     pub cacert: Option<PathBuf>,
+    /// Client certificate chain (PEM) to present to https endpoints, for members started
+    /// with `--client-cert-auth`; with --key.
+    #[arg(long, value_name = "FILE", requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// The private key (PEM) of --cert.
+    #[arg(long, value_name = "FILE", requires = "cert")]
+    pub key: Option<PathBuf>,
     /// Ask for `?consistency=serializable`: the member's own state, without the
     /// linearizable read barrier (needs no quorum; may miss the latest writes).
     #[arg(long)]
@@ -85,6 +92,8 @@ pub struct BackupConfig {
     pub timeout: Duration,
     /// CA bundle for https endpoints.
     pub cacert: Option<PathBuf>,
+    /// Client certificate chain and key for https endpoints.
+    pub identity: Option<(PathBuf, PathBuf)>,
     /// Whether to ask for a serializable backup.
     pub serializable: bool,
 }
@@ -220,6 +229,7 @@ impl BackupArgs {
             keep,
             timeout: Duration::from_secs(self.timeout),
             cacert: self.cacert,
+            identity: self.cert.zip(self.key),
             serializable: self.serializable,
         })
     }
@@ -299,20 +309,28 @@ type BackupHttp = Client<HttpsConnector<HttpConnector>, Empty<Bytes>>;
 
 /// The TLS client config: `--cacert`'s roots, else the system's when an endpoint is
 /// https, else none (plain http only).
-fn tls_config(cacert: Option<&Path>, https: bool) -> Result<ClientConfig, BackupClientError> {
+fn tls_config(cacert: Option<&Path>, identity: Option<(&Path, &Path)>, https: bool) -> Result<ClientConfig, BackupClientError> {
     let builder = ClientConfig::builder_with_provider(crate::tls::provider())
         .with_safe_default_protocol_versions()
         .or_else(|e| usage(format!("TLS: {e}")))?;
-    match (cacert, https) {
+    let builder = match (cacert, https) {
         (Some(path), _) => {
             let roots = crate::tls::load_roots("--cacert", path).or_else(|e| usage(e.to_string()))?;
-            Ok(builder.with_root_certificates(roots).with_no_client_auth())
+            builder.with_root_certificates(roots)
         }
         (None, true) => match builder.with_native_roots() {
-            Ok(b) => Ok(b.with_no_client_auth()),
-            Err(e) => usage(format!("https endpoints need CA certificates: {e}; give --cacert FILE")),
+            Ok(b) => b,
+            Err(e) => return usage(format!("https endpoints need CA certificates: {e}; give --cacert FILE")),
         },
-        (None, false) => Ok((*crate::tls::untrusting_client_config()).clone()),
+        (None, false) => return Ok((*crate::tls::untrusting_client_config()).clone()),
+    };
+    match identity {
+        None => Ok(builder.with_no_client_auth()),
+        Some((cert, key)) => {
+            let chain = crate::tls::load_certs("--cert", cert).or_else(|e| usage(e.to_string()))?;
+            let key = crate::tls::load_key("--key", key).or_else(|e| usage(e.to_string()))?;
+            builder.with_client_auth_cert(chain, key).or_else(|e| usage(format!("--cert/--key: {e}")))
+        }
     }
 }
 
@@ -403,7 +421,8 @@ async fn stop_signal() {
 /// runtime of its own. Progress and endpoint failures go to stderr.
 pub fn run(cfg: &BackupConfig) -> Result<Done, BackupClientError> {
     let https = cfg.endpoints.iter().any(|e| e.starts_with("https://"));
-    let client_tls = tls_config(cfg.cacert.as_deref(), https)?;
+    let identity = cfg.identity.as_ref().map(|(c, k)| (c.as_path(), k.as_path()));
+    let client_tls = tls_config(cfg.cacert.as_deref(), identity, https)?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(BackupClientError::Runtime)?;
     // The pid alone repeats across containers (under tini it is nearly fixed): a random
     // part keeps two runs sharing the volume (a job replacing a pod still terminating)
@@ -685,13 +704,22 @@ mod tests {
     }
 
     #[test]
-    fn a_bad_cacert_is_a_usage_error() {
+    fn a_bad_cacert_or_client_key_is_a_usage_error() {
         let t = tempfile::tempdir().unwrap();
-        let e = tls_config(Some(&t.path().join("missing.pem")), true).unwrap_err();
+        let e = tls_config(Some(&t.path().join("missing.pem")), None, true).unwrap_err();
         assert!(e.exit_code() == 2 && e.to_string().contains("--cacert"), "{e}");
-        fs::write(t.path().join("garbage.pem"), "hello\n").unwrap();
-        let e = tls_config(Some(&t.path().join("garbage.pem")), false).unwrap_err();
+        let garbage = t.path().join("garbage.pem");
+        fs::write(&garbage, "hello\n").unwrap();
+        let e = tls_config(Some(&garbage), None, false).unwrap_err();
         assert!(e.exit_code() == 2 && e.to_string().contains("--cacert"), "{e}");
-        tls_config(None, false).unwrap();
+        tls_config(None, None, false).unwrap();
+        let e = tls_config(None, Some((&garbage, &garbage)), true);
+        // (without system roots on this machine the roots fail first; either way exit 2)
+        assert!(e.is_err_and(|e| e.exit_code() == 2));
+        // --cert needs --key and the other way round.
+        assert!(config(&["--endpoints", "https://a:1", "--dir", "d", "--cert", "c.pem"]).is_err());
+        assert!(config(&["--endpoints", "https://a:1", "--dir", "d", "--key", "k.pem"]).is_err());
+        let c = config(&["--endpoints", "https://a:1", "--dir", "d", "--cert", "c.pem", "--key", "k.pem"]).unwrap();
+        assert_eq!(c.identity, Some((PathBuf::from("c.pem"), PathBuf::from("k.pem"))));
     }
 }

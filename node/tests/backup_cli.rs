@@ -261,3 +261,21 @@ fn backup_cli_over_https_verifies_the_server_against_cacert() {
     assert!(r.stderr.to_lowercase().contains("certificate"), "{}", r.stderr);
     assert_eq!(names(&dir), kept);
 }
+
+#[test]
+fn backup_cli_presents_a_client_certificate_to_members_that_require_one() {
+    let c = TlsCluster::start_with(1, |pki| vec!["--trusted-ca-file".into(), pki.ca_file().display().to_string(), "--client-cert-auth".into()]);
+    let url = c.url(1);
+    wait_for(T, "an https write", || c.http.put(&format!("{url}/v1/kv/secure"), "yes").ok().filter(|r| r.status == StatusCode::OK));
+    let dir = c.dir.path().join("backups");
+    let ca = c.pki.ca_file();
+    // Without a certificate the member refuses the handshake: no backup, exit 1.
+    let r = backup(&["--endpoints", &url, "--dir", s(&dir), "--cacert", s(&ca)]);
+    assert_eq!(r.code, Some(1), "{}", r.stderr);
+    assert!(names(&dir).is_empty(), "{:?}", names(&dir));
+    // With the cluster CA's client certificate it is let in.
+    let (cert, key) = (&c.client_cert.cert, &c.client_cert.key);
+    let r = backup(&["--endpoints", &url, "--dir", s(&dir), "--cacert", s(&ca), "--cert", s(cert), "--key", s(key)]);
+    let (_, applied, _) = check_output(&r, &dir, &url);
+    assert!(applied > 0);
+}
