@@ -639,7 +639,7 @@ fn json_body(r: &mut Input) -> Vec<u8> {
         2 => url.into_bytes(),
         // A transaction and a lease grant (their routes are among PATHS).
         3 => format!(
-            "{{\"compare\":[{{\"key\":\"{url}\",\"revision\":{id}}}],\"success\":[{{\"op\":\"put\",\"key\":\"k\",\"value\":\"{url}\"}}],\"failure\":[{{\"op\":\"delete\",\"key\":\"k\"}},{{\"op\":\"get\",\"key\":\"{url}\"}}]}}"
+            "{{\"compare\":[{{\"key\":\"{url}\",\"revision\":{id}}}],\"success\":[{{\"op\":\"put\",\"key\":\"k\",\"value\":\"{url}\",\"lease\":{id}}}],\"failure\":[{{\"op\":\"delete\",\"key\":\"k\"}},{{\"op\":\"get\",\"key\":\"{url}\"}}]}}"
         )
         .into_bytes(),
         4 => format!("{{\"ttl\":{id}}}").into_bytes(),

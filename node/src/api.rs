@@ -684,6 +684,17 @@ impl Api {
                 let results: Vec<Json> = ops.iter().zip(results).map(|(o, r)| txn_result_json(o, r)).collect();
                 Ok(json(StatusCode::OK, &json!({ "succeeded": succeeded, "revision": revision, "results": results })))
             }
+            ApplyOutcome::LeaseMismatch { .. } => {
+                let mut ids: Vec<u64> = txn.success.iter().chain(&txn.failure).filter(|o| o.op == OpType::LeasedPut as i32).map(|o| o.lease).collect();
+                ids.sort_unstable();
+                ids.dedup();
+                let ids: Vec<String> = ids.iter().map(u64::to_string).collect();
+                Err(ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "lease_not_found",
+                    format!("a lease the branch attaches a key to is not found (expired or revoked?): one of {}; nothing was written", ids.join(", ")),
+                ))
+            }
             other => Err(unexpected(other)),
         }
     }
@@ -1160,7 +1171,8 @@ fn parse_txn(body: &[u8]) -> Result<Txn, ApiError> {
 fn txn_result_json(o: &TxnOp, r: TxnResult) -> Json {
     match r {
         TxnResult::Wrote { existed } => {
-            json!({ "op": if o.op == OpType::Put as i32 { "put" } else { "delete" }, "key": o.key, "existed": existed })
+            let put = o.op == OpType::Put as i32 || o.op == OpType::LeasedPut as i32;
+            json!({ "op": if put { "put" } else { "delete" }, "key": o.key, "existed": existed })
         }
         TxnResult::Read(Some((v, lease))) => {
             let mut body = value_json(&o.key, &v.data, v.revision);
@@ -1181,10 +1193,18 @@ fn txn_ops(name: &str, ops: &[Json]) -> Result<Vec<TxnOp>, ApiError> {
         let what = format!("{name}[{i}]");
         let o = op.as_object().ok_or_else(|| ApiError::bad(format!("{what} must be an object")))?;
         let key = txn_key(o, &what)?;
+        let mut lease = 0;
         let (kind, value) = match o.get("op").and_then(Json::as_str) {
             Some("put") => {
-                only_fields(o, &what, &["op", "key", "value", "value_base64"])?;
-                (OpType::Put, txn_value(o, &what)?.ok_or_else(|| ApiError::bad(format!("{what}: a put needs a value (or value_base64)")))?)
+                only_fields(o, &what, &["op", "key", "value", "value_base64", "lease"])?;
+                let value = txn_value(o, &what)?.ok_or_else(|| ApiError::bad(format!("{what}: a put needs a value (or value_base64)")))?;
+                match o.get("lease") {
+                    None => (OpType::Put, value),
+                    Some(l) => {
+                        lease = l.as_u64().filter(|id| *id > 0).ok_or_else(|| ApiError::bad(format!("{what}.lease must be a lease id (a positive integer)")))?;
+                        (OpType::LeasedPut, value)
+                    }
+                }
             }
             Some("delete") => {
                 only_fields(o, &what, &["op", "key"])?;
@@ -1201,7 +1221,7 @@ fn txn_ops(name: &str, ops: &[Json]) -> Result<Vec<TxnOp>, ApiError> {
         if writes(kind as i32) && out.iter().any(|p| writes(p.op) && p.key == key) {
             return Err(ApiError::bad(format!("{what}: key {key:?} is written twice in {name}")));
         }
-        out.push(TxnOp { op: kind as i32, key, value });
+        out.push(TxnOp { op: kind as i32, key, value, lease });
     }
     Ok(out)
 }
@@ -1610,6 +1630,13 @@ mod tests {
         assert_eq!((t.success[0].op, t.success[1].op), (OpType::Put as i32, OpType::Delete as i32));
         assert_eq!(t.failure[0].value, [0u8]);
         assert_eq!(parse_txn(b"{}").unwrap(), Txn::default(), "an empty transaction is a (linearizable) no-op");
+        // A put with a lease attaches its key (a kind of its own in the log).
+        let t = parse_txn(br#"{"success":[{"op":"put","key":"lock","value":"me","lease":7},{"op":"put","key":"x","value":"1"}]}"#).unwrap();
+        assert_eq!((t.success[0].op, t.success[0].lease), (OpType::LeasedPut as i32, 7));
+        assert_eq!((t.success[1].op, t.success[1].lease), (OpType::Put as i32, 0));
+        for bad in [r#"{"success":[{"op":"put","key":"k","value":"v","lease":0}]}"#, r#"{"success":[{"op":"put","key":"k","value":"v","lease":"7"}]}"#, r#"{"success":[{"op":"delete","key":"k","lease":7}]}"#] {
+            assert_eq!(parse_txn(bad.as_bytes()).unwrap_err().status, StatusCode::BAD_REQUEST, "{bad}");
+        }
         // Gets: any number of times, also of a key the branch writes (before or after).
         let t = parse_txn(br#"{"failure":[{"op":"get","key":"a"},{"op":"put","key":"a","value":"1"},{"op":"get","key":"a"}]}"#).unwrap();
         assert_eq!(t.failure.iter().map(|o| o.op).collect::<Vec<_>>(), [OpType::Get as i32, OpType::Put as i32, OpType::Get as i32]);

@@ -45,6 +45,11 @@ pub enum OpType {
     /// carries the key's value at that point of the branch. As a command of its own it
     /// changes nothing (the API never proposes one).
     Get = 7,
+    /// A put attaching its key to a lease (`TxnOp::lease`), inside a transaction: a kind
+    /// of its own, so that a member that could not attach it refuses the transaction
+    /// (stops) instead of applying it without the lease. As a command of its own, a put
+    /// with `Command::lease`.
+    LeasedPut = 8,
 }
 
 /// A client command as stored in a raft entry.
@@ -138,7 +143,7 @@ pub struct TxnCompare {
 /// One operation of a [`Txn`]'s branch: a put, a delete or a get.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct TxnOp {
-    /// [`OpType::Put`], [`OpType::Delete`] or [`OpType::Get`].
+    /// [`OpType::Put`], [`OpType::LeasedPut`], [`OpType::Delete`] or [`OpType::Get`].
     #[prost(enumeration = "OpType", tag = "1")]
     pub op: i32,
     /// The key.
@@ -147,6 +152,9 @@ pub struct TxnOp {
     /// The value (puts).
     #[prost(bytes = "vec", tag = "3")]
     pub value: Vec<u8>,
+    /// [`OpType::LeasedPut`]: the lease the key is attached to.
+    #[prost(uint64, tag = "4")]
+    pub lease: u64,
 }
 
 /// Context attached to a conf change: who asked, and the new member's URL.
@@ -384,7 +392,7 @@ pub fn is_known(op: i32, txn: Option<&Txn>) -> bool {
 /// does not know): nothing of the transaction may be applied.
 fn unknown_txn_op(txn: Option<&Txn>) -> Option<i32> {
     let txn = txn?;
-    txn.success.iter().chain(&txn.failure).map(|o| o.op).find(|op| !matches!(OpType::from_i32(*op), Some(OpType::Put | OpType::Delete | OpType::Get)))
+    txn.success.iter().chain(&txn.failure).map(|o| o.op).find(|op| !matches!(OpType::from_i32(*op), Some(OpType::Put | OpType::LeasedPut | OpType::Delete | OpType::Get)))
 }
 
 /// Changes tracked for a delta never exceed half the store (then a full image is no
@@ -555,11 +563,11 @@ impl KvStore {
                 return ApplyOutcome::PreconditionFailed { current };
             }
         }
-        if op == OpType::Put && cmd.lease != 0 && !self.leases.contains_key(&cmd.lease) {
+        if matches!(op, OpType::Put | OpType::LeasedPut) && cmd.lease != 0 && !self.leases.contains_key(&cmd.lease) {
             return ApplyOutcome::LeaseMismatch { exists: false };
         }
         match op {
-            OpType::Put => {
+            OpType::Put | OpType::LeasedPut => {
                 let existed = self.put(index, &cmd.key, &cmd.value);
                 if cmd.lease != 0 {
                     self.attach(&cmd.key, cmd.lease);
@@ -615,11 +623,22 @@ impl KvStore {
                 let txn = cmd.txn.as_ref();
                 let succeeded = txn.is_none_or(|t| t.compare.iter().all(|c| self.holds(c)));
                 let ops = txn.map(|t| if succeeded { &t.success } else { &t.failure });
+                // A leased put whose lease is gone: nothing of the branch is applied, as a
+                // plain put with a missing lease writes nothing.
+                let leased = |o: &&TxnOp| o.op == OpType::LeasedPut as i32;
+                if ops.into_iter().flatten().filter(leased).any(|o| !self.leases.contains_key(&o.lease)) {
+                    return ApplyOutcome::LeaseMismatch { exists: false };
+                }
                 let results = ops
                     .into_iter()
                     .flatten()
                     .map(|o| match OpType::from_i32(o.op) {
                         Some(OpType::Put) => TxnResult::Wrote { existed: self.put(index, &o.key, &o.value) },
+                        Some(OpType::LeasedPut) => {
+                            let existed = self.put(index, &o.key, &o.value);
+                            self.attach(&o.key, o.lease);
+                            TxnResult::Wrote { existed }
+                        }
                         Some(OpType::Get) => TxnResult::Read(self.get(&o.key).map(|v| (v, self.lease_of(&o.key)))),
                         // Only puts, deletes and gets get here (`unknown_txn_op`).
                         _ => TxnResult::Wrote { existed: self.delete(index, &o.key) },
@@ -1202,7 +1221,7 @@ mod tests {
     }
 
     fn w(op: OpType, key: &str, value: &str) -> TxnOp {
-        TxnOp { op: op as i32, key: key.into(), value: value.as_bytes().to_vec() }
+        TxnOp { op: op as i32, key: key.into(), value: value.as_bytes().to_vec(), lease: 0 }
     }
 
     fn cmp(key: &str, revision: Option<u64>, value: Option<&str>) -> TxnCompare {
@@ -1326,7 +1345,7 @@ mod tests {
         assert_eq!(kv.apply(5, &txn(vec![], vec![], vec![])), ApplyOutcome::Txn { revision: 5, succeeded: true, results: vec![] });
         assert_eq!(kv.applied(), 5);
         // A write of a kind this version does not know: nothing of it is applied.
-        let odd = txn(vec![], vec![w(OpType::Delete, "a", ""), TxnOp { op: 2, key: "b".into(), value: vec![] }], vec![]);
+        let odd = txn(vec![], vec![w(OpType::Delete, "a", ""), TxnOp { op: 2, key: "b".into(), value: vec![], lease: 0 }], vec![]);
         assert_eq!(kv.apply(6, &odd), ApplyOutcome::UnknownOp { op: 2 });
         assert!(kv.get("a").is_some());
         assert_eq!(kv.applied(), 5);
@@ -1378,6 +1397,29 @@ mod tests {
         assert!(events[1].size() > events[0].size());
         // (a put over "one" holds "two" and "one"; the delete holds the "two" it removed)
         assert_eq!(events[2].size(), events[1].size() - events[0].size());
+    }
+
+    #[test]
+    fn a_transaction_put_attaches_its_key_to_a_lease_or_nothing_is_written() {
+        let mut kv = KvStore::new();
+        kv.apply(1, &Command { op: OpType::LeaseGrant as i32, lease: 5, ttl_ms: 5000, ..Default::default() });
+        let leased = |key: &str, lease: u64| TxnOp { op: OpType::LeasedPut as i32, key: key.into(), value: b"me".to_vec(), lease };
+        // Take the lock with the lease, if free.
+        let take = txn(vec![cmp("lock", Some(0), None)], vec![leased("lock", 5), w(OpType::Put, "plain", "p")], vec![]);
+        assert!(is_known(take.op, take.txn.as_ref()));
+        assert_eq!(kv.apply(2, &take), ApplyOutcome::Txn { revision: 2, succeeded: true, results: wrote(&[false, false]) });
+        assert_eq!((kv.lease_of("lock"), kv.lease_of("plain")), (Some(5), None));
+        // A branch naming a lease that is gone writes nothing at all.
+        let stale = txn(vec![], vec![w(OpType::Put, "other", "o"), leased("lock2", 6)], vec![]);
+        assert_eq!(kv.apply(3, &stale), ApplyOutcome::LeaseMismatch { exists: false });
+        assert!(kv.get("other").is_none() && kv.get("lock2").is_none());
+        assert_eq!(kv.applied(), 3);
+        // Only the branch that runs is checked.
+        let other_branch = txn(vec![cmp("lock", Some(0), None)], vec![leased("never", 6)], vec![w(OpType::Get, "lock", "")]);
+        assert!(matches!(kv.apply(4, &other_branch), ApplyOutcome::Txn { succeeded: false, .. }));
+        // Revoking the lease removes the key the transaction attached.
+        assert_eq!(kv.apply(5, &Command { op: OpType::LeaseRevoke as i32, lease: 5, ..Default::default() }), ApplyOutcome::KeysRemoved { revision: 5, deleted: 1 });
+        assert!(kv.get("lock").is_none() && kv.get("plain").is_some());
     }
 
     fn wrote(existed: &[bool]) -> Vec<TxnResult> {

@@ -2053,7 +2053,7 @@ mod tests {
             data: Command {
                 request_id: 9,
                 op: OpType::Txn as i32,
-                txn: Some(Txn { success: vec![TxnOp { op, key: "k".into(), value: vec![] }], ..Default::default() }),
+                txn: Some(Txn { success: vec![TxnOp { op, key: "k".into(), value: vec![], lease: 0 }], ..Default::default() }),
                 ..Default::default()
             }
             .encode_to_vec(),

@@ -260,7 +260,7 @@ mod tests {
     fn a_read_never_stops_inside_a_transaction() {
         let mut kv = KvStore::new();
         kv.record_events();
-        let op = |key: &str| TxnOp { op: OpType::Put as i32, key: key.into(), value: b"v".to_vec() };
+        let op = |key: &str| TxnOp { op: OpType::Put as i32, key: key.into(), value: b"v".to_vec(), lease: 0 };
         let txn = Txn { compare: Vec::new(), success: vec![op("t/1"), op("t/2"), op("t/3")], failure: Vec::new() };
         kv.apply(5, &Command { op: OpType::Txn as i32, txn: Some(txn), ..Default::default() });
         let mut ev = kv.take_events();

@@ -739,6 +739,21 @@ fn a_transaction_swaps_two_keys_atomically_or_runs_its_failure_branch() {
     let second = lock(others[1], "two");
     assert_eq!(second["succeeded"], false, "{second}");
     assert_eq!(second["results"], serde_json::json!([{"op":"get","key":"x/lock","found":true,"value":"one","revision":first["revision"]}]));
+    // An ephemeral lock (etcd's concurrency mutex): taken with a lease in the same
+    // transaction, gone with the lease.
+    let r = c.http.post(&format!("{}/v1/leases", c.url(others[0])), r#"{"ttl":60}"#).unwrap();
+    let lease = r.json()["id"].as_u64().unwrap();
+    let body = format!(r#"{{"compare":[{{"key":"x/elock","revision":0}}],"success":[{{"op":"put","key":"x/elock","value":"one","lease":{lease}}}]}}"#);
+    let r = c.http.post(&format!("{}/v1/txn", c.url(others[1])), body).unwrap().json();
+    assert_eq!(r["succeeded"], true, "{r}");
+    assert_eq!(c.http.get(&format!("{}/v1/kv/x/elock", c.url(leader))).unwrap().json()["lease"], lease);
+    assert_eq!(c.http.delete(&format!("{}/v1/leases/{lease}", c.url(leader))).unwrap().json()["deleted"], 1);
+    assert_eq!(c.http.get(&format!("{}/v1/kv/x/elock", c.url(others[0]))).unwrap().status, StatusCode::NOT_FOUND);
+    // A lease that is gone: 404, and nothing of the branch is written.
+    let body = format!(r#"{{"success":[{{"op":"put","key":"x/plain","value":"p"}},{{"op":"put","key":"x/elock","value":"two","lease":{lease}}}]}}"#);
+    let r = c.http.post(&format!("{}/v1/txn", c.url(others[0])), body).unwrap();
+    assert_eq!((r.status, r.json()["code"].clone()), (StatusCode::NOT_FOUND, serde_json::json!("lease_not_found")), "{}", r.text());
+    assert_eq!(c.http.get(&format!("{}/v1/kv/x/plain", c.url(leader))).unwrap().status, StatusCode::NOT_FOUND);
     // Refused before anything is proposed.
     let r = c.http.post(&format!("{}/v1/txn", c.url(1)), r#"{"success":[{"op":"put","key":"x/a"}]}"#).unwrap();
     assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text());
