@@ -692,7 +692,7 @@ impl Api {
                 Err(ApiError::new(
                     StatusCode::NOT_FOUND,
                     "lease_not_found",
-                    format!("a lease the branch attaches a key to is not found (expired or revoked?): one of {}; nothing was written", ids.join(", ")),
+                    format!("a lease a put of the branch that ran attaches its key to is not found (expired or revoked?); the transaction's leases: {}; nothing was written", ids.join(", ")),
                 ))
             }
             other => Err(unexpected(other)),

@@ -223,6 +223,9 @@ impl BackupArgs {
         if self.timeout == 0 {
             return usage("--timeout: must be at least 1 second");
         }
+        if self.cert.is_some() && !endpoints.iter().any(|e: &String| e.starts_with("https://")) {
+            return usage("--cert/--key: a client certificate is for https endpoints, and none is given");
+        }
         Ok(BackupConfig {
             endpoints,
             dir: self.dir,
@@ -719,6 +722,7 @@ mod tests {
         // --cert needs --key and the other way round.
         assert!(config(&["--endpoints", "https://a:1", "--dir", "d", "--cert", "c.pem"]).is_err());
         assert!(config(&["--endpoints", "https://a:1", "--dir", "d", "--key", "k.pem"]).is_err());
+        assert!(config(&["--endpoints", "http://a:1", "--dir", "d", "--cert", "c.pem", "--key", "k.pem"]).unwrap_err().contains("https"));
         let c = config(&["--endpoints", "https://a:1", "--dir", "d", "--cert", "c.pem", "--key", "k.pem"]).unwrap();
         assert_eq!(c.identity, Some((PathBuf::from("c.pem"), PathBuf::from("k.pem"))));
     }

@@ -84,8 +84,8 @@ pub struct Args {
     /// Keep, in the watch history, the value each put replaced, so that watches may ask
     /// for it (`prev_kv=true`; a delete's is always there). Costs memory: the history
     /// then holds the replaced values too.
-    #[arg(long, env = "RAFTKV_WATCH_PREV_KV")]
-    pub watch_prev_kv: bool,
+    #[arg(long, env = "RAFTKV_WATCH_PREV_KV", num_args = 0..=1, default_missing_value = "true")]
+    pub watch_prev_kv: Option<bool>,
     /// Client listener TLS certificate chain (PEM). With --key-file, clients must use https.
     #[arg(long, env = "RAFTKV_CERT_FILE")]
     pub cert_file: Option<PathBuf>,
@@ -391,7 +391,7 @@ impl Args {
             promote_max_lag: self.promote_max_lag,
             worker_threads: self.worker_threads,
             watch_history: self.watch_history,
-            watch_prev_kv: self.watch_prev_kv,
+            watch_prev_kv: self.watch_prev_kv.unwrap_or(false),
             client_tls: security.client_tls,
             peer_tls: security.peer_tls,
             admin_token: security.admin_token,
@@ -575,6 +575,8 @@ mod tests {
         assert_eq!(parse(&["--watch-history", "1"]).unwrap().watch_history, 1);
         assert!(!parse(&[]).unwrap().watch_prev_kv);
         assert!(parse(&["--watch-prev-kv"]).unwrap().watch_prev_kv);
+        assert!(parse(&["--watch-prev-kv=true"]).unwrap().watch_prev_kv);
+        assert!(!parse(&["--watch-prev-kv=false"]).unwrap().watch_prev_kv);
         assert!(parse(&["--watch-history", "0"]).unwrap_err().contains("--watch-history"));
         assert!(parse(&["--watch-history", "1000001"]).unwrap_err().contains("--watch-history"));
     }
