@@ -286,12 +286,7 @@ pub fn statefulset(rkv: &RaftKV, replicas: u32, initial_cluster: &[String], boot
             ..VolumeMount::default()
         }]),
         // The node writes only to its data volume.
-        security_context: Some(SecurityContext {
-            allow_privilege_escalation: Some(false),
-            read_only_root_filesystem: Some(true),
-            capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), ..Capabilities::default() }),
-            ..SecurityContext::default()
-        }),
+        security_context: Some(restricted_container()),
         ..Container::default()
     };
     let annotations = BTreeMap::from([
@@ -305,15 +300,7 @@ pub fn statefulset(rkv: &RaftKV, replicas: u32, initial_cluster: &[String], boot
             labels: Some(labels(&name)),
             ..ObjectMeta::default()
         },
-        spec: Some(PersistentVolumeClaimSpec {
-            access_modes: Some(vec!["ReadWriteOnce".to_string()]),
-            storage_class_name: spec.storage.storage_class_name.clone(),
-            resources: Some(VolumeResourceRequirements {
-                requests: Some(BTreeMap::from([("storage".to_string(), Quantity(spec.storage.size.clone()))])),
-                ..VolumeResourceRequirements::default()
-            }),
-            ..PersistentVolumeClaimSpec::default()
-        }),
+        spec: Some(rwo_claim(&spec.storage.size, spec.storage.storage_class_name.as_deref())),
         ..PersistentVolumeClaim::default()
     };
     StatefulSet {
@@ -336,17 +323,7 @@ pub fn statefulset(rkv: &RaftKV, replicas: u32, initial_cluster: &[String], boot
                     tolerations: spec.tolerations.clone(),
                     affinity: affinity(rkv),
                     termination_grace_period_seconds: Some(30),
-                    // The image runs as 65532; fsGroup makes a fresh volume writable for it
-                    // on storage that hands out root-owned volumes.
-                    security_context: Some(PodSecurityContext {
-                        run_as_non_root: Some(true),
-                        run_as_user: Some(NODE_UID),
-                        run_as_group: Some(NODE_UID),
-                        fs_group: Some(NODE_UID),
-                        fs_group_change_policy: Some("OnRootMismatch".into()),
-                        seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), ..SeccompProfile::default() }),
-                        ..PodSecurityContext::default()
-                    }),
+                    security_context: Some(restricted_pod()),
                     ..PodSpec::default()
                 }),
             },
@@ -394,6 +371,45 @@ fn with_kind(v: serde_json::Result<serde_json::Value>, api_version: &str, kind: 
 /// The uid and gid the node image runs as (images/node.Dockerfile).
 pub const NODE_UID: i64 = 65532;
 
+/// A container that writes only to its volumes: no privilege escalation, a read-only
+/// root filesystem, no capabilities (members and backup jobs alike).
+fn restricted_container() -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        read_only_root_filesystem: Some(true),
+        capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), ..Capabilities::default() }),
+        ..SecurityContext::default()
+    }
+}
+
+/// The pod security of members and backup jobs (the `restricted` standard): the image
+/// runs as 65532; fsGroup makes a fresh volume writable for it on storage that hands out
+/// root-owned volumes.
+fn restricted_pod() -> PodSecurityContext {
+    PodSecurityContext {
+        run_as_non_root: Some(true),
+        run_as_user: Some(NODE_UID),
+        run_as_group: Some(NODE_UID),
+        fs_group: Some(NODE_UID),
+        fs_group_change_policy: Some("OnRootMismatch".into()),
+        seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), ..SeccompProfile::default() }),
+        ..PodSecurityContext::default()
+    }
+}
+
+/// A ReadWriteOnce claim spec of `size`, in `class` (the cluster default when None).
+fn rwo_claim(size: &str, class: Option<&str>) -> PersistentVolumeClaimSpec {
+    PersistentVolumeClaimSpec {
+        access_modes: Some(vec!["ReadWriteOnce".to_string()]),
+        storage_class_name: class.map(str::to_string),
+        resources: Some(VolumeResourceRequirements {
+            requests: Some(BTreeMap::from([("storage".to_string(), Quantity(size.to_string()))])),
+            ..VolumeResourceRequirements::default()
+        }),
+        ..PersistentVolumeClaimSpec::default()
+    }
+}
+
 /// Where the backup job mounts the backups claim.
 pub const BACKUP_DIR: &str = "/backups";
 
@@ -430,15 +446,7 @@ pub fn backup_pvc(rkv: &RaftKV) -> Option<PersistentVolumeClaim> {
             labels: Some(backup_labels(&name)),
             ..ObjectMeta::default()
         },
-        spec: Some(PersistentVolumeClaimSpec {
-            access_modes: Some(vec!["ReadWriteOnce".to_string()]),
-            storage_class_name: backup.storage.storage_class_name.clone(),
-            resources: Some(VolumeResourceRequirements {
-                requests: Some(BTreeMap::from([("storage".to_string(), Quantity(backup.storage.size.clone()))])),
-                ..VolumeResourceRequirements::default()
-            }),
-            ..PersistentVolumeClaimSpec::default()
-        }),
+        spec: Some(rwo_claim(&backup.storage.size, backup.storage.storage_class_name.as_deref())),
         ..PersistentVolumeClaim::default()
     })
 }
@@ -466,12 +474,7 @@ pub fn backup_cronjob(rkv: &RaftKV) -> Option<CronJob> {
             backup.keep.clamp(1, 1000).to_string(),
         ]),
         volume_mounts: Some(vec![VolumeMount { name: "backups".to_string(), mount_path: BACKUP_DIR.to_string(), ..VolumeMount::default() }]),
-        security_context: Some(SecurityContext {
-            allow_privilege_escalation: Some(false),
-            read_only_root_filesystem: Some(true),
-            capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), ..Capabilities::default() }),
-            ..SecurityContext::default()
-        }),
+        security_context: Some(restricted_container()),
         ..Container::default()
     };
     let pod = PodSpec {
@@ -484,15 +487,7 @@ pub fn backup_cronjob(rkv: &RaftKV) -> Option<CronJob> {
             persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource { claim_name: backup_pvc_name(&name), read_only: None }),
             ..Volume::default()
         }]),
-        security_context: Some(PodSecurityContext {
-            run_as_non_root: Some(true),
-            run_as_user: Some(NODE_UID),
-            run_as_group: Some(NODE_UID),
-            fs_group: Some(NODE_UID),
-            fs_group_change_policy: Some("OnRootMismatch".into()),
-            seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), ..SeccompProfile::default() }),
-            ..PodSecurityContext::default()
-        }),
+        security_context: Some(restricted_pod()),
         ..PodSpec::default()
     };
     let labels = backup_labels(&name);
