@@ -1225,6 +1225,7 @@ impl RaftLoop {
             let _ = reply.send(Renewal::NotLeader { leader });
             return;
         }
+        self.take_over_leases();
         let lease = self.kv.read().ok().and_then(|kv| kv.lease_ttl(id));
         let Some((ttl_ms, renewed)) = lease.filter(|_| !self.revoking.contains_key(&id)) else {
             let _ = reply.send(Renewal::NotFound);
@@ -1270,17 +1271,26 @@ impl RaftLoop {
         }
     }
 
+    /// On the leader, once per term, before it renews or expires any lease: every lease's
+    /// time to live starts again, and revocations of an earlier term are forgotten. Its
+    /// deadlines until then are a follower's, blind to every keepalive the last leader
+    /// took (whether or not the Ready that made this member leader was handled yet).
+    /// Whether it did so now.
+    fn take_over_leases(&mut self) -> bool {
+        if self.leases_term == self.raw.raft.term {
+            return false;
+        }
+        self.renew_all_leases();
+        self.leases_term = self.raw.raft.term;
+        true
+    }
+
     /// The leader proposes the revocation of every lease past its deadline.
     fn expire_leases(&mut self, now: Instant) {
         if self.raw.raft.state != StateRole::Leader || self.stop_deadline.is_some() || self.disk_full {
             return;
         }
-        if self.leases_term != self.raw.raft.term {
-            // Leader of a term whose Ready (and its soft-state change) has not been
-            // handled yet: the deadlines are a follower's, blind to every keepalive the
-            // last leader took. Start every lease's time to live again first.
-            self.renew_all_leases();
-            self.leases_term = self.raw.raft.term;
+        if self.take_over_leases() {
             return;
         }
         let timeout = self.cfg.request_timeout;
@@ -1531,8 +1541,7 @@ impl RaftLoop {
             info!(from = self.last_leader, to = leader, term = self.raw.raft.term, "leader changed");
             self.last_leader = leader;
             if leader == self.cfg.id {
-                self.renew_all_leases();
-                self.leases_term = self.raw.raft.term;
+                self.take_over_leases();
             }
         }
     }
