@@ -633,16 +633,8 @@ impl Api {
     async fn keepalive(&self, id: u64) -> ApiResult {
         use crate::raft_loop::Renewal;
         use crate::transport::PeerRenewal;
-        let (tx, rx) = oneshot::channel();
-        if !self.raft.send(Request::RenewLease { lease: id, reply: tx }) {
-            return Err(ApiError::unavailable("stopping", "node is stopping"));
-        }
+        let here = self.ask_loop(|reply| Request::RenewLease { lease: id, reply }).await?;
         let timeout = self.cfg.request_timeout;
-        let here = match tokio::time::timeout(timeout, rx).await {
-            Err(_) => return Err(ApiError::unavailable("timeout", "timed out confirming leadership with a quorum (no leader or no quorum)")),
-            Ok(Err(_)) => return Err(ApiError::unavailable("stopping", "node is stopping")),
-            Ok(Ok(r)) => r,
-        };
         let answer = match (here, &self.transport) {
             (Renewal::NotLeader { leader }, Some(transport)) if leader != 0 && leader != self.cfg.id => {
                 match transport.renew_lease(leader, id, timeout).await {
@@ -773,15 +765,20 @@ impl Api {
 
     /// Waits until the local state machine reflects everything committed before now.
     async fn read_barrier(&self) -> Result<(), ApiError> {
+        self.ask_loop(|reply| Request::Read { reply }).await?.map_err(|e| ApiError::unavailable("unavailable", e.to_string()))
+    }
+
+    /// Sends the raft loop a request that confirms leadership with a quorum (a read
+    /// barrier, a lease renewal) and waits for its answer, within the request timeout.
+    async fn ask_loop<T>(&self, request: impl FnOnce(oneshot::Sender<T>) -> Request) -> Result<T, ApiError> {
         let (tx, rx) = oneshot::channel();
-        if !self.raft.send(Request::Read { reply: tx }) {
+        if !self.raft.send(request(tx)) {
             return Err(ApiError::unavailable("stopping", "node is stopping"));
         }
         match tokio::time::timeout(self.cfg.request_timeout, rx).await {
             Err(_) => Err(ApiError::unavailable("timeout", "timed out confirming leadership with a quorum (no leader or no quorum)")),
             Ok(Err(_)) => Err(ApiError::unavailable("stopping", "node is stopping")),
-            Ok(Ok(Ok(()))) => Ok(()),
-            Ok(Ok(Err(e))) => Err(ApiError::unavailable("unavailable", e.to_string())),
+            Ok(Ok(answer)) => Ok(answer),
         }
     }
 

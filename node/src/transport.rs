@@ -1073,9 +1073,9 @@ impl PeerListener {
     /// Answers `POST /raft/dropped`: a member dropped proposals this member forwarded to
     /// it. The raft loop honours it only for proposals it forwarded to that member.
     async fn dropped(self, req: HttpRequest<Incoming>) -> Response<Full<Bytes>> {
-        let from: u64 = match header(&req, FROM_HEADER).and_then(|s| s.parse().ok()) {
-            Some(id) if id != 0 && id != self.my_id => id,
-            _ => return text(StatusCode::BAD_REQUEST, format!("a dropped-proposal notice needs `{FROM_HEADER}`: the sender's member id\n")),
+        let from = match self.sender(&req, "a dropped-proposal notice") {
+            Ok(id) => id,
+            Err(refused) => return *refused,
         };
         if let Some(refused) = self.refuse_other_cluster(&req) {
             return refused;
@@ -1094,12 +1094,20 @@ impl PeerListener {
         text(StatusCode::NO_CONTENT, Bytes::new())
     }
 
+    /// The sender's member id from [`FROM_HEADER`] (not 0, not this member), or the 400
+    /// that `what` (a kind of request) gets without one.
+    fn sender(&self, req: &HttpRequest<Incoming>, what: &str) -> Result<u64, Box<Response<Full<Bytes>>>> {
+        match header(req, FROM_HEADER).and_then(|s| s.parse::<u64>().ok()) {
+            Some(id) if id != 0 && id != self.my_id => Ok(id),
+            _ => Err(Box::new(text(StatusCode::BAD_REQUEST, format!("{what} needs `{FROM_HEADER}`: the sender's member id\n")))),
+        }
+    }
+
     /// Answers [`RENEW_PATH`]: a lease keepalive a member forwarded, renewed here if
     /// this member leads (see `Request::RenewLease`).
     async fn renew(self, req: HttpRequest<Incoming>) -> Response<Full<Bytes>> {
-        match header(&req, FROM_HEADER).and_then(|s| s.parse::<u64>().ok()) {
-            Some(id) if id != 0 && id != self.my_id => {}
-            _ => return text(StatusCode::BAD_REQUEST, format!("a lease renewal needs `{FROM_HEADER}`: the sender's member id\n")),
+        if let Err(refused) = self.sender(&req, "a lease renewal") {
+            return *refused;
         }
         if let Some(refused) = self.refuse_other_cluster(&req) {
             return refused;
@@ -1131,9 +1139,9 @@ impl PeerListener {
         if !header(&req, UPGRADE).is_some_and(|v| v.eq_ignore_ascii_case(STREAM_PROTOCOL)) {
             return text(StatusCode::BAD_REQUEST, format!("a peer stream needs `Upgrade: {STREAM_PROTOCOL}`\n"));
         }
-        let sender: u64 = match header(&req, FROM_HEADER).and_then(|s| s.parse().ok()) {
-            Some(id) if id != 0 && id != self.my_id => id,
-            _ => return text(StatusCode::BAD_REQUEST, format!("a peer stream needs `{FROM_HEADER}`: the sender's member id\n")),
+        let sender = match self.sender(&req, "a peer stream") {
+            Ok(id) => id,
+            Err(refused) => return *refused,
         };
         if let Some(refused) = self.refuse_other_cluster(&req) {
             return refused;
