@@ -586,8 +586,9 @@ struct RaftLoop {
     /// Lease renewals waiting for a quorum to confirm this leader.
     renewals: Vec<PendingRenewal>,
     /// The term in which this member, as leader, last started every lease's time to
-    /// live again: expiry waits until that is done for the current term (followers never
-    /// see keepalives, so their deadlines are no measure of a lease's life).
+    /// live again ([`RaftLoop::take_over_leases`], done before it renews or expires one
+    /// in a new term: followers never see keepalives, so their deadlines are no measure
+    /// of a lease's life).
     leases_term: u64,
 }
 
