@@ -156,7 +156,12 @@ fn pod_view(p: &Pod) -> PodView {
         .as_ref()
         .and_then(|s| s.container_statuses.as_ref())
         .is_some_and(|cs| !cs.is_empty() && cs.iter().all(|c| c.state.as_ref().is_some_and(|st| st.running.is_some())));
-    PodView { running: phase == "Running" && started && !terminating, terminating, uid: p.uid().unwrap_or_default() }
+    PodView {
+        running: phase == "Running" && started && !terminating,
+        terminating,
+        uid: p.uid().unwrap_or_default(),
+        template_hash: p.annotations().get(resources::TEMPLATE_HASH_ANNOTATION).cloned(),
+    }
 }
 
 /// Event reason and note for an executed action.
@@ -291,7 +296,11 @@ pub fn compute_status(
     } else if !available {
         Phase::Degraded
     } else if let Some(op) = operation {
-        if op.kind == OperationKind::ReplaceAmnesiac { Phase::Repairing } else { Phase::Scaling }
+        match op.kind {
+            OperationKind::ReplaceAmnesiac => Phase::Repairing,
+            OperationKind::Restart => Phase::Updating,
+            OperationKind::ScaleUp | OperationKind::ScaleDown => Phase::Scaling,
+        }
     } else if progressing {
         Phase::Repairing
     } else if !all_healthy {
@@ -392,11 +401,12 @@ pub async fn reconcile<N: NodeApi>(rkv: Arc<RaftKV>, ctx: Arc<Context<N>>) -> Re
         .and_then(|s| s.spec.replicas)
         .map(|r| u32::try_from(r).unwrap_or(0))
         .unwrap_or_else(|| initial_size.max(u32::try_from(recorded_top.min(10)).unwrap_or(1)));
+    let sts = resources::statefulset(&rkv, sts_replicas, &initial, status.bootstrapped);
+    let template_hash = resources::statefulset_template_hash(&sts);
     let applied = async {
         let peer = resources::peer_service(&rkv);
         svc_api.patch(&resources::peer_service_name(&name), &ssa, &Patch::Apply(&peer)).await.map_err(|e| ("Service", e))?;
         svc_api.patch(&name, &ssa, &Patch::Apply(&resources::client_service(&rkv))).await.map_err(|e| ("Service", e))?;
-        let sts = resources::statefulset(&rkv, sts_replicas, &initial, status.bootstrapped);
         sts_api.patch(&name, &ssa, &Patch::Apply(&sts)).await.map_err(|e| ("StatefulSet", e))?;
         Ok::<(), (&str, kube::Error)>(())
     }
@@ -443,6 +453,7 @@ pub async fn reconcile<N: NodeApi>(rkv: Arc<RaftKV>, ctx: Arc<Context<N>>) -> Re
         operation: status.operation.clone(),
         incarnations,
         recorded_top,
+        template_hash,
     };
 
     // 4. One step.

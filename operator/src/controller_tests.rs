@@ -196,9 +196,21 @@ fn sts_json(replicas: u32) -> Value {
         .expect("sts json")
 }
 
+/// The template hash of the StatefulSet the fixtures' RaftKV makes.
+fn current_template() -> String {
+    let sts: StatefulSet = serde_json::from_value(sts_json(3)).expect("sts");
+    resources::statefulset_template_hash(&sts).expect("annotated")
+}
+
+/// A running pod made from the current pod template.
 fn pod_json(ordinal: u32) -> Value {
+    pod_json_from(ordinal, &current_template())
+}
+
+fn pod_json_from(ordinal: u32, template: &str) -> Value {
     json!({"apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": format!("kv-{ordinal}"), "namespace": "db", "uid": format!("pod-{ordinal}")},
+        "metadata": {"name": format!("kv-{ordinal}"), "namespace": "db", "uid": format!("pod-{ordinal}"),
+            "annotations": {resources::TEMPLATE_HASH_ANNOTATION: template}},
         "status": {"phase": "Running", "containerStatuses": [{"name": "raftkv", "ready": true, "restartCount": 0,
             "image": "i", "imageID": "", "state": {"running": {}}}]}})
 }
@@ -669,6 +681,7 @@ fn status_is_never_available_without_quorum() {
                 applied_index: Some(5),
                 incarnation: None,
                 snapshot_index: Some(0),
+                leader: Some(1),
             },
         );
     }
@@ -814,4 +827,58 @@ async fn a_refused_cronjob_does_not_hold_up_membership_and_is_reported() {
     // make sure no CronJob is left.
     assert_eq!(find(&seen, "PATCH", RKV_STATUS)[1].body, json!({"status": {"backupsScheduled": true}}));
     assert!(seen.last().expect("status").body["status"].get("backupsScheduled").is_none());
+}
+
+#[tokio::test]
+async fn a_pod_on_an_older_template_is_restarted_after_recording_it() {
+    // Pod 2 (member 3, a follower) runs an older template: the restart is recorded first.
+    let r = rkv(3, Some(running_status(None)));
+    let mut script = prelude(3, 3, &[0, 1, 2]);
+    let pods = vec![pod_json(0), pod_json(1), pod_json_from(2, "0123456789abcdef")];
+    script[4] = expect("GET", PODS, list("PodList", pods.clone()));
+    script.extend([
+        expect("PATCH", RKV_STATUS, echo_rkv(&r)),
+        expect("POST", EVENTS, event_ok()),
+        expect("PATCH", PDB, pdb_ok()),
+        expect("PATCH", RKV_STATUS, echo_rkv(&r)),
+    ]);
+    let (res, seen, ctx) = run_reconcile(r, FakeNode::cluster(&[1, 2, 3], &[], 1), script).await;
+    assert!(res.is_ok(), "{res:?}");
+    assert!(ctx.node.calls().is_empty());
+    let op = &find(&seen, "PATCH", RKV_STATUS)[0].body["status"]["operation"];
+    assert_eq!(op, &json!({"kind": "Restart", "id": 3, "stage": "Started", "podUid": "pod-2"}));
+
+    // Next reconcile: that pod is deleted (the StatefulSet makes it again from the
+    // current template), with an Event saying so.
+    let r = rkv(3, Some(running_status(Some(Operation { pod_uid: Some("pod-2".into()), ..Operation::new(OperationKind::Restart, 3) }))));
+    let mut script = prelude(3, 3, &[0, 1, 2]);
+    script[4] = expect("GET", PODS, list("PodList", pods));
+    script.extend([
+        expect("DELETE", "/api/v1/namespaces/db/pods/kv-2", pod_json(2)),
+        expect("POST", EVENTS, event_ok()),
+        expect("PATCH", PDB, pdb_ok()),
+        expect("PATCH", RKV_STATUS, echo_rkv(&r)),
+    ]);
+    let (res, seen, ctx) = run_reconcile(r, FakeNode::cluster(&[1, 2, 3], &[], 1), script).await;
+    assert!(res.is_ok(), "{res:?}");
+    assert!(ctx.node.calls().is_empty());
+    assert_eq!(find(&seen, "POST", EVENTS)[0].body["reason"], "PodDeleted");
+    assert_eq!(find(&seen, "PATCH", RKV_STATUS)[0].body["status"]["phase"], "Updating");
+}
+
+#[tokio::test]
+async fn the_leaders_pod_is_restarted_only_after_leadership_moved() {
+    let r = rkv(3, Some(running_status(Some(Operation { pod_uid: Some("pod-0".into()), ..Operation::new(OperationKind::Restart, 1) }))));
+    let mut script = prelude(3, 3, &[0, 1, 2]);
+    script[4] = expect("GET", PODS, list("PodList", vec![pod_json_from(0, "old"), pod_json(1), pod_json(2)]));
+    script.extend([
+        expect("POST", EVENTS, event_ok()),
+        expect("PATCH", PDB, pdb_ok()),
+        expect("PATCH", RKV_STATUS, echo_rkv(&r)),
+    ]);
+    let (res, seen, ctx) = run_reconcile(r, FakeNode::cluster(&[1, 2, 3], &[], 1), script).await;
+    assert!(res.is_ok(), "{res:?}");
+    let calls = ctx.node.calls();
+    assert!(calls.len() == 1 && calls[0].starts_with("transfer ") && calls[0].ends_with("via 1"), "{calls:?}");
+    assert!(find(&seen, "DELETE", "/api/v1/namespaces/db/pods/kv-0").is_empty());
 }

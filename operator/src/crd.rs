@@ -57,6 +57,8 @@ pub struct RaftKVSpec {
     pub replicas: i32,
 
     /// Container image of raftkv-node. Defaults to `raftkv-node:<operator version>`.
+    /// Changing it (or any field the pods run with) restarts the members one at a time,
+    /// the leader last, each once every member follows the leader again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
 
@@ -104,7 +106,7 @@ pub struct RaftKVSpec {
     /// Let watches ask for each change's previous value (`prev_kv=true`, as Kubernetes'
     /// watch cache does with etcd): every member keeps the values puts replaced in its
     /// watch history (`--watch-prev-kv`), which costs memory. Off by default. Like any pod
-    /// template change, it takes effect as each member's pod is restarted.
+    /// template change, it restarts the members one at a time.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub watch_prev_kv: Option<bool>,
 
@@ -286,7 +288,7 @@ pub struct RaftKVStatus {
     /// Raft id of the current leader; absent when there is none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub leader: Option<u64>,
-    /// Lifecycle phase: Creating, Running, Scaling, Repairing, Degraded.
+    /// Lifecycle phase: Creating, Running, Scaling, Repairing, Updating, Degraded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<Phase>,
     /// Standard conditions: Available, Progressing, Degraded.
@@ -325,8 +327,9 @@ pub struct RaftKVStatus {
 /// Lifecycle phase of a cluster: `Creating` (initial members not yet serving), `Running`
 /// (membership matches the spec), `Scaling` (a membership operation in flight),
 /// `Repairing` (replacing a member that lost its data, or fixing the StatefulSet size or a
-/// leftover volume claim), `Degraded` (no leader or healthy voter majority, or an
-/// unhealthy member).
+/// leftover volume claim), `Updating` (restarting members one at a time onto a changed
+/// pod template), `Degraded` (no leader or healthy voter majority, or an unhealthy
+/// member).
 // The CRD shows this text, not the field's: the schema of an enum field is the enum's.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
 pub enum Phase {
@@ -343,6 +346,9 @@ pub enum Phase {
     /// No leader or no healthy voter majority, or (with no operation in flight) a member
     /// is unhealthy.
     Degraded,
+    /// Members are restarted one at a time onto a changed pod template (image,
+    /// resources, flags).
+    Updating,
 }
 
 /// One raft member as seen by the operator.
@@ -371,6 +377,10 @@ pub enum OperationKind {
     ScaleDown,
     /// Replacing member `id` that lost its data: remove, wipe its volume, re-add, promote.
     ReplaceAmnesiac,
+    /// Restarting member `id` on the current pod template (image, resources, flags
+    /// changed): move leadership away, delete its pod (`podUid`), wait until the new pod's
+    /// member is healthy again. Its volume and raft membership stay.
+    Restart,
 }
 
 /// Progress marker of a [`OperationKind::ReplaceAmnesiac`] operation (the other kinds are
@@ -399,7 +409,7 @@ pub struct Operation {
     /// Progress marker (ReplaceAmnesiac only).
     #[serde(default)]
     pub stage: OperationStage,
-    /// UID of the pod being wiped (stage Wiping).
+    /// UID of the pod being wiped (ReplaceAmnesiac, stage Wiping) or restarted (Restart).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod_uid: Option<String>,
     /// UID of the volume claim being wiped (stage Wiping).
@@ -499,7 +509,7 @@ mod tests {
         let status = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"];
         // Doc comments keep their line breaks; read the text as one line.
         let d = status["properties"]["phase"]["description"].as_str().unwrap_or_default().replace('\n', " ");
-        for v in ["Creating", "Running", "Scaling", "Repairing", "Degraded"] {
+        for v in ["Creating", "Running", "Scaling", "Repairing", "Updating", "Degraded"] {
             assert!(d.contains(&format!("`{v}` (")), "phase's description does not explain {v}: {d}");
         }
         let spec_props = &spec["properties"];

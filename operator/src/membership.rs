@@ -9,7 +9,10 @@
 //! - every mutation is preceded by recording its operation in status ([`Action::Record`]);
 //! - a voter is removed only when the current voters can commit the change and the
 //!   remaining voters keep a healthy majority, and never while it is the leader;
-//! - a removed member's volume claim is deleted before its ordinal is used again.
+//! - a removed member's volume claim is deleted before its ordinal is used again;
+//! - a member's pod is restarted onto a new pod template only when every member is
+//!   healthy, one member at a time, the leader last and after handing leadership over,
+//!   and the next only once the restarted member is healthy again.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -39,6 +42,9 @@ pub struct MemberView {
     pub incarnation: Option<String>,
     /// Index of the member's latest snapshot (its log starts after it); None when unknown.
     pub snapshot_index: Option<u64>,
+    /// The leader the member itself follows (0: none known); None when it did not answer.
+    /// A restarted member knows the leader only once it heard from it again.
+    pub leader: Option<u64>,
 }
 
 /// The raft cluster as observed through the node API.
@@ -61,6 +67,9 @@ pub struct PodView {
     pub terminating: bool,
     /// Pod UID (tells a recreated pod from the old one).
     pub uid: String,
+    /// Hash of the pod template the pod was made from (the operator's annotation on it),
+    /// None when it carries none.
+    pub template_hash: Option<String>,
 }
 
 /// A `data` volume claim of a pod ordinal.
@@ -92,6 +101,9 @@ pub struct Observed {
     /// [`pods_needed_top`] of `status.members`: the membership last seen, kept while no
     /// member answers (0 before the first one did).
     pub recorded_top: u64,
+    /// Hash of the pod template the StatefulSet has now; pods made from another one are
+    /// restarted one by one. None: unknown, nothing is restarted.
+    pub template_hash: Option<String>,
 }
 
 /// Why nothing is done now.
@@ -113,6 +125,11 @@ pub enum WaitReason {
     WouldLoseQuorum(u64),
     /// No healthy voter can take leadership from the member to remove.
     NoTransferTarget(u64),
+    /// Member `id` runs on an older pod template; it is restarted once every member is
+    /// healthy.
+    RestartWaitsForHealth(u64),
+    /// Restarted member `id` is not healthy yet.
+    MemberRecovering(u64),
 }
 
 impl std::fmt::Display for WaitReason {
@@ -130,6 +147,10 @@ impl std::fmt::Display for WaitReason {
             WaitReason::NoTransferTarget(id) => {
                 write!(f, "no healthy voter can take leadership from member {id}")
             }
+            WaitReason::RestartWaitsForHealth(id) => {
+                write!(f, "member {id} runs an older pod template; it restarts once every member is healthy")
+            }
+            WaitReason::MemberRecovering(id) => write!(f, "restarted member {id} is not healthy yet"),
         }
     }
 }
@@ -249,6 +270,12 @@ impl ClusterView {
         self.members.get(&id).is_some_and(|m| m.healthy)
     }
 
+    /// Healthy, and following the current leader (a member that restarted has heard from
+    /// it again, not only answered its own API).
+    fn following(&self, id: u64) -> bool {
+        self.healthy(id) && self.members.get(&id).is_some_and(|m| m.leader == Some(self.leader))
+    }
+
     /// Can voter `id` be removed: the current voters commit the change and the remaining
     /// ones keep a healthy majority. A learner can always be removed.
     fn can_remove(&self, id: u64) -> bool {
@@ -262,6 +289,18 @@ impl ClusterView {
         let healthy_now = voters.iter().filter(|v| self.healthy(**v)).count();
         let healthy_after = voters.iter().filter(|v| **v != id && self.healthy(**v)).count();
         healthy_now >= majority(voters.len()) && healthy_after >= majority(voters.len() - 1)
+    }
+
+    /// Can member `id` go down for a restart: the other voters keep a healthy majority.
+    /// Clusters of one or two voters have no such majority; they restart a member when
+    /// all of them are healthy, and are unavailable until it is back.
+    fn can_restart(&self, id: u64) -> bool {
+        let voters = self.voters();
+        if !voters.contains(&id) {
+            return true;
+        }
+        let others = voters.iter().filter(|v| **v != id && self.healthy(**v)).count();
+        others >= majority(voters.len()) || (voters.len() < 3 && others + 1 == voters.len())
     }
 
     /// Can learner `id` be promoted without the new voter set lacking a healthy majority.
@@ -327,6 +366,13 @@ pub fn decide(o: &Observed) -> Action {
     if known_top > 0 && o.sts_replicas < members_pods(known_top) {
         return Action::ScaleStatefulSet(members_pods(known_top));
     }
+    // A pod made from an older pod template that does not run (a bad image, since
+    // fixed; a pod that cannot be scheduled) is down anyway, and under OnDelete only its
+    // deletion brings the new template: at once, whatever else waits (with no member
+    // answering, or an operation waiting for that very pod, nothing else would move it).
+    if let Some(ord) = o.pods.iter().find(|(_, p)| !p.running && !p.terminating && outdated(o, p)).map(|(ord, _)| *ord) {
+        return Action::DeletePod(ord);
+    }
     let Some(c) = o.cluster.as_ref() else {
         return Action::Wait(WaitReason::NoMemberReachable);
     };
@@ -344,8 +390,10 @@ pub fn decide(o: &Observed) -> Action {
             // member first. Only a step that waits and has not removed its member yet is
             // dropped; next_operation finds it again from what it left (a grown
             // StatefulSet, a learner). A removal already done finishes (its volume must go).
-            let other = amnesiacs.iter().copied().find(|id| *id != cur.id);
-            let droppable = cur.kind == OperationKind::ScaleUp
+            // A restart waiting for a member that came back without its data gives way
+            // to replacing that very member.
+            let other = amnesiacs.iter().copied().find(|id| *id != cur.id || cur.kind == OperationKind::Restart);
+            let droppable = matches!(cur.kind, OperationKind::ScaleUp | OperationKind::Restart)
                 || (cur.kind == OperationKind::ScaleDown && c.members.contains_key(&cur.id));
             match (other, &next) {
                 (Some(id), Action::Wait(_)) if droppable => Action::Record(Some(op(OperationKind::ReplaceAmnesiac, id))),
@@ -361,6 +409,7 @@ fn continue_operation(o: &Observed, c: &ClusterView, op: &Operation) -> Action {
         OperationKind::ScaleUp => scale_up(o, c, op.id),
         OperationKind::ScaleDown => scale_down(o, c, op.id),
         OperationKind::ReplaceAmnesiac => replace_amnesiac(o, c, op),
+        OperationKind::Restart => restart(o, c, op),
     }
 }
 
@@ -517,6 +566,82 @@ fn replace_amnesiac(o: &Observed, c: &ClusterView, op: &Operation) -> Action {
     }
 }
 
+/// Does the pod run an older pod template than the StatefulSet's (unknown: no).
+fn outdated(o: &Observed, pod: &PodView) -> bool {
+    o.template_hash.as_ref().is_some_and(|want| pod.template_hash.as_ref() != Some(want))
+}
+
+fn restart_op(id: u64, pod: &PodView) -> Action {
+    Action::Record(Some(Operation { pod_uid: Some(pod.uid.clone()), ..op(OperationKind::Restart, id) }))
+}
+
+/// Steps of restarting member `id` on the current pod template: move leadership away,
+/// delete the recorded pod, wait for its successor's member to be healthy.
+fn restart(o: &Observed, c: &ClusterView, op: &Operation) -> Action {
+    let id = op.id;
+    let ord = ordinal(id);
+    if !c.members.contains_key(&id) {
+        // Removed meanwhile (a scale-down or a repair took over): nothing to restart.
+        return Action::Record(None);
+    }
+    match o.pods.get(&ord) {
+        None => Action::Wait(WaitReason::PodNotRunning(ord)),
+        Some(p) if p.terminating => Action::Wait(WaitReason::PodTerminating(ord)),
+        Some(p) if Some(&p.uid) == op.pod_uid.as_ref() => {
+            // A member that is down already loses nothing more by its restart.
+            if c.healthy(id) {
+                if c.leader == id && c.voters().len() > 1 {
+                    return match c.transfer_target(id) {
+                        Some(to) => Action::TransferLeader { from: id, to },
+                        None => Action::Wait(WaitReason::NoTransferTarget(id)),
+                    };
+                }
+                if !c.can_restart(id) {
+                    return Action::Wait(WaitReason::WouldLoseQuorum(id));
+                }
+            }
+            Action::DeletePod(ord)
+        }
+        Some(p) => {
+            // The successor. One made from an older template yet (the StatefulSet had not
+            // seen the new one, or the template changed again while it could not start,
+            // e.g. a bad image then fixed) is restarted too: it is down anyway.
+            if outdated(o, p) && !c.healthy(id) {
+                return restart_op(id, p);
+            }
+            if !p.running {
+                return Action::Wait(WaitReason::PodNotRunning(ord));
+            }
+            if !c.following(id) {
+                return Action::Wait(WaitReason::MemberRecovering(id));
+            }
+            Action::Record(None)
+        }
+    }
+}
+
+/// A member to restart on the current pod template, if any: one that is down anyway
+/// first; else, with every member healthy and every pod running, the highest follower,
+/// the leader last.
+fn next_restart(o: &Observed, c: &ClusterView) -> Option<Action> {
+    let stale: Vec<(u64, &PodView)> = c
+        .members
+        .keys()
+        .filter_map(|id| o.pods.get(&ordinal(*id)).map(|p| (*id, p)))
+        .filter(|(_, p)| !p.terminating && outdated(o, p))
+        .collect();
+    if let Some((id, p)) = stale.iter().find(|(id, _)| !c.healthy(*id)) {
+        return Some(restart_op(*id, p));
+    }
+    let (first, _) = stale.first()?;
+    let all_well = c.members.keys().all(|id| c.following(*id) && pod_running(o, ordinal(*id)));
+    if !all_well {
+        return Some(Action::Wait(WaitReason::RestartWaitsForHealth(*first)));
+    }
+    let (id, p) = stale.iter().rev().find(|(id, _)| *id != c.leader).or_else(|| stale.first())?;
+    Some(restart_op(*id, p))
+}
+
 /// No operation in flight: find the next one, or repair, or report done.
 fn next_operation(o: &Observed, c: &ClusterView) -> Action {
     // Amnesia first: a voter that forgot its log endangers safety.
@@ -575,6 +700,10 @@ fn next_operation(o: &Observed, c: &ClusterView) -> Action {
         .map(|(ord, _)| *ord)
     {
         return Action::DeletePvc(ord);
+    }
+    // Pods made from an older pod template (image, resources, flags): one at a time.
+    if let Some(a) = next_restart(o, c) {
+        return a;
     }
     Action::Done
 }

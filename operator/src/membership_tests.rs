@@ -24,6 +24,8 @@ struct Pod {
     uid: String,
     running: bool,
     terminating: bool,
+    /// The pod template it was made from.
+    template: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -51,6 +53,10 @@ struct Model {
     removed_at: BTreeMap<u64, u64>,
     operation: Option<Operation>,
     incarnations: BTreeMap<u64, String>,
+    /// The StatefulSet's pod template now.
+    template: u64,
+    /// Templates whose pods never start (a bad image).
+    bad_templates: BTreeSet<u64>,
     next_uid: u64,
     /// Every violation of a safety invariant seen.
     violations: Vec<String>,
@@ -72,6 +78,8 @@ impl Model {
             removed_at: BTreeMap::new(),
             operation: None,
             incarnations: BTreeMap::new(),
+            template: 0,
+            bad_templates: BTreeSet::new(),
             next_uid: 0,
             violations: Vec::new(),
         };
@@ -79,7 +87,7 @@ impl Model {
             let pvc = m.uid();
             let pod = m.uid();
             m.pvcs.insert(ord, Pvc { uid: pvc.clone(), terminating: false, data: Data::Member });
-            m.pods.insert(ord, Pod { uid: pod, running: true, terminating: false });
+            m.pods.insert(ord, Pod { uid: pod, running: true, terminating: false, template: 0 });
             m.members.insert(u64::from(ord) + 1, (Role::Voter, true));
             m.incarnations.insert(u64::from(ord) + 1, pvc);
         }
@@ -142,6 +150,7 @@ impl Model {
                             applied_index: up.then_some(applied),
                             incarnation: if up { inc } else { None },
                             snapshot_index: up.then_some(self.snapshot),
+                            leader: up.then_some(leader),
                         },
                     )
                 })
@@ -154,7 +163,10 @@ impl Model {
             pods: self
                 .pods
                 .iter()
-                .map(|(o, p)| (*o, PodView { running: p.running, terminating: p.terminating, uid: p.uid.clone() }))
+                .map(|(o, p)| {
+                    let template_hash = Some(p.template.to_string());
+                    (*o, PodView { running: p.running, terminating: p.terminating, uid: p.uid.clone(), template_hash })
+                })
                 .collect(),
             pvcs: self
                 .pvcs
@@ -166,6 +178,7 @@ impl Model {
             incarnations: self.incarnations.clone(),
             // The controller's status.members is the membership of its last reconcile.
             recorded_top: pods_needed_top(self.members.iter().map(|(id, (r, _))| (*id, *r == Role::Voter)), self.desired),
+            template_hash: Some(self.template.to_string()),
         }
     }
 
@@ -251,8 +264,18 @@ impl Model {
                 }
             }
             Action::DeletePod(ord) => {
+                let id = u64::from(*ord) + 1;
+                let was_up = self.node_up(id) && self.members.get(&id).is_some_and(|(r, _)| *r == Role::Voter);
+                let had_quorum = self.has_quorum();
                 if let Some(p) = self.pods.get_mut(ord) {
                     p.terminating = true;
+                }
+                // One or two voters cannot restart one without losing the quorum.
+                if was_up && had_quorum && !self.has_quorum() && self.voters() >= 3 {
+                    self.violation(format!("DeletePod({ord}) of a voter lost quorum"));
+                }
+                if was_up && id == self.leader && self.voters() > 1 {
+                    self.violation(format!("DeletePod({ord}) of the leader"));
                 }
             }
             Action::Wait(_) | Action::Done => {}
@@ -292,9 +315,12 @@ impl Model {
         for o in free {
             self.pvcs.remove(&o);
         }
-        // Pods start (only on a healthy volume) and get created.
+        // Pods start (only on a healthy volume, from a template that works) and get created.
         for (o, p) in self.pods.iter_mut() {
-            if !p.terminating && self.pvcs.get(o).is_some_and(|v| v.data != Data::Tombstone && !v.terminating) {
+            if !p.terminating
+                && !self.bad_templates.contains(&p.template)
+                && self.pvcs.get(o).is_some_and(|v| v.data != Data::Tombstone && !v.terminating)
+            {
                 p.running = true;
             }
         }
@@ -308,7 +334,7 @@ impl Model {
                     self.pvcs.insert(o, Pvc { uid, terminating: false, data: Data::Fresh });
                 }
                 let uid = self.uid();
-                self.pods.insert(o, Pod { uid, running: false, terminating: false });
+                self.pods.insert(o, Pod { uid, running: false, terminating: false, template: self.template });
             }
         }
         // Voters take snapshots as the log grows.
@@ -352,6 +378,7 @@ impl Model {
             && self.pods.keys().copied().eq(0..self.desired)
             && self.operation.is_none()
             && self.members.keys().all(|id| !self.amnesiac(*id))
+            && self.pods.values().all(|p| p.template == self.template)
     }
 }
 
@@ -446,7 +473,7 @@ fn scale_up_records_intent_then_grows_adds_learner_promotes() {
     assert_eq!(decide(&o), Action::ScaleStatefulSet(4));
     o.sts_replicas = 4;
     assert_eq!(decide(&o), Action::Wait(WaitReason::PodNotRunning(3)));
-    o.pods.insert(3, PodView { running: true, terminating: false, uid: "p".into() });
+    o.pods.insert(3, PodView { running: true, terminating: false, uid: "p".into(), template_hash: Some("0".into()) });
     assert_eq!(decide(&o), Action::AddLearner(4));
     let c = o.cluster.as_mut().expect("cluster");
     c.members.insert(
@@ -458,6 +485,7 @@ fn scale_up_records_intent_then_grows_adds_learner_promotes() {
             applied_index: Some(0),
             incarnation: Some("i4".into()),
             snapshot_index: Some(0),
+            leader: Some(1),
         },
     );
     assert_eq!(decide(&o), Action::Promote(4));
@@ -566,7 +594,7 @@ fn amnesiac_member_is_removed_wiped_and_re_added() {
     let uid = m.uid();
     m.pvcs.insert(1, Pvc { uid, terminating: false, data: Data::Fresh });
     let uid = m.uid();
-    m.pods.insert(1, Pod { uid, running: true, terminating: false });
+    m.pods.insert(1, Pod { uid, running: true, terminating: false, template: m.template });
     let a = decide(&m.observe());
     assert_eq!(a, Action::Record(Some(Operation::new(OperationKind::ReplaceAmnesiac, 2))));
     let trace = run_until_done(&mut m, 80);
@@ -646,6 +674,9 @@ enum Event {
     LoseVolume(u64),
     /// Someone runs `kubectl scale sts --replicas=n` (may take the quorum away).
     ShrinkStatefulSet(u32),
+    /// A user changes the pod template (image, resources); `true`: to one whose pods
+    /// never start.
+    ChangeTemplate(bool),
 }
 
 fn event() -> impl Strategy<Value = Event> {
@@ -659,6 +690,7 @@ fn event() -> impl Strategy<Value = Event> {
         1 => (1u64..=9).prop_map(Event::Election),
         1 => (1u64..=9).prop_map(Event::LoseVolume),
         1 => (0u32..=4).prop_map(Event::ShrinkStatefulSet),
+        1 => prop::bool::weighted(0.3).prop_map(Event::ChangeTemplate),
     ]
 }
 
@@ -684,6 +716,12 @@ impl Model {
             }
             Event::PodsUp => self.down.clear(),
             Event::ShrinkStatefulSet(n) => self.sts = self.sts.min(*n),
+            Event::ChangeTemplate(bad) => {
+                self.template += 1;
+                if *bad {
+                    self.bad_templates.insert(self.template);
+                }
+            }
             Event::Election(id) => {
                 if self.node_up(*id)
                     && !self.amnesiac(*id)
@@ -706,7 +744,7 @@ impl Model {
                     let uid = self.uid();
                     self.pvcs.insert(ord, Pvc { uid, terminating: false, data: Data::Fresh });
                     let uid = self.uid();
-                    self.pods.insert(ord, Pod { uid, running: true, terminating: false });
+                    self.pods.insert(ord, Pod { uid, running: true, terminating: false, template: self.template });
                 }
             }
         }
@@ -728,9 +766,12 @@ proptest! {
             m.world(e);
             prop_assert!(m.violations.is_empty(), "violations {:?} after {:?}", m.violations, e);
         }
-        // Faults stop; the last spec stands; the operator must converge.
+        // Faults stop; the last spec stands (a working template); the operator must converge.
         m.down.clear();
         m.desired = last;
+        if m.bad_templates.contains(&m.template) {
+            m.template += 1;
+        }
         m.elect();
         let mut done = false;
         for _ in 0..400 {
@@ -788,4 +829,111 @@ fn an_amnesiac_member_found_during_a_scale_down_is_replaced_first() {
     assert_eq!(decide(&m.observe()), Action::Record(Some(Operation::new(OperationKind::ReplaceAmnesiac, 2))));
     run_until_done(&mut m, 80);
     assert!(m.converged() && m.violations.is_empty(), "{m:#?}");
+}
+
+// ---------------------------------------------------------------------------------------
+// Restarts onto a new pod template.
+
+/// Ordinals of the pods deleted in `trace`, in order.
+fn deleted_pods(trace: &[Action]) -> Vec<u32> {
+    trace.iter().filter_map(|a| if let Action::DeletePod(o) = a { Some(*o) } else { None }).collect()
+}
+
+#[test]
+fn a_new_pod_template_restarts_followers_one_at_a_time_then_the_leader() {
+    let mut m = Model::new(3);
+    m.leader = 3;
+    m.template = 1;
+    let o = m.observe();
+    let restart = |id: u64, uid: &str| {
+        Action::Record(Some(Operation { pod_uid: Some(uid.into()), ..Operation::new(OperationKind::Restart, id) }))
+    };
+    // The highest follower first; the leader, 3, last.
+    let uid2 = o.pods[&1].uid.clone();
+    assert_eq!(decide(&o), restart(2, &uid2));
+    m.apply(&decide(&o));
+    assert_eq!(decide(&m.observe()), Action::DeletePod(1));
+    m.apply(&Action::DeletePod(1));
+    // While its pod is replaced and its member comes back, nothing else happens.
+    m.progress_pods_only(); // old pod gone, new one created
+    m.elect();
+    assert_eq!(decide(&m.observe()), Action::Wait(WaitReason::PodNotRunning(1)));
+    m.down.insert(2); // running, but the member does not answer yet
+    m.progress_pods_only();
+    assert_eq!(decide(&m.observe()), Action::Wait(WaitReason::MemberRecovering(2)));
+    m.down.clear();
+    assert_eq!(decide(&m.observe()), Action::Record(None));
+    let trace = run_until_done(&mut m, 60);
+    assert_eq!(deleted_pods(&trace), [0, 2], "{trace:?}");
+    let transfer = trace.iter().position(|a| matches!(a, Action::TransferLeader { from: 3, .. }));
+    let delete_leader = trace.iter().position(|a| *a == Action::DeletePod(2));
+    assert!(transfer.is_some() && transfer < delete_leader, "leadership moves before its pod goes: {trace:?}");
+    assert!(m.converged() && m.violations.is_empty(), "{m:#?}");
+}
+
+#[test]
+fn a_restart_waits_for_every_member_to_be_healthy_but_a_member_down_goes_first() {
+    let mut m = Model::new(5);
+    m.template = 1;
+    m.down.insert(2);
+    m.down.insert(4);
+    // Member 4 is down anyway: restarting it costs nothing.
+    let a = decide(&m.observe());
+    assert!(matches!(&a, Action::Record(Some(op)) if op.kind == OperationKind::Restart && op.id == 2), "{a:?}");
+    // Once the down members were restarted, the rest waits while one is unhealthy.
+    let mut m = Model::new(3);
+    m.template = 1;
+    for o in 0..3 {
+        m.pods.get_mut(&o).expect("pod").template = if o == 1 { 1 } else { 0 };
+    }
+    m.down.insert(2);
+    assert_eq!(decide(&m.observe()), Action::Wait(WaitReason::RestartWaitsForHealth(1)));
+    m.down.clear();
+    run_until_done(&mut m, 60);
+    assert!(m.converged() && m.violations.is_empty(), "{m:#?}");
+}
+
+#[test]
+fn a_template_whose_pods_never_start_stops_the_roll_and_a_fixed_one_resumes_it() {
+    let mut m = Model::new(3);
+    m.template = 1;
+    m.bad_templates.insert(1);
+    let mut trace = Vec::new();
+    for _ in 0..40 {
+        m.elect();
+        let a = decide(&m.observe());
+        trace.push(a.clone());
+        m.apply(&a);
+        m.progress();
+    }
+    assert_eq!(deleted_pods(&trace), [2], "only one member is taken down: {trace:?}");
+    assert_eq!(trace.last(), Some(&Action::Wait(WaitReason::PodNotRunning(2))));
+    assert!(m.violations.is_empty(), "{m:#?}");
+    // The user fixes the image: the stuck pod is replaced at once, then the others roll.
+    m.template = 2;
+    let trace = run_until_done(&mut m, 80);
+    assert_eq!(deleted_pods(&trace).first(), Some(&2), "{trace:?}");
+    assert!(m.converged() && m.violations.is_empty(), "{m:#?}");
+}
+
+#[test]
+fn a_single_member_is_restarted_and_unknown_templates_restart_nothing() {
+    let mut m = Model::new(1);
+    m.template = 1;
+    let trace = run_until_done(&mut m, 20);
+    assert_eq!(deleted_pods(&trace), [0], "{trace:?}");
+    assert!(m.converged() && m.violations.is_empty(), "{m:#?}");
+    let mut m = Model::new(3);
+    m.template = 1;
+    let mut o = m.observe();
+    o.template_hash = None;
+    assert_eq!(decide(&o), Action::Done, "no template hash known: no restart");
+}
+
+#[test]
+fn a_restart_of_a_member_removed_meanwhile_ends() {
+    let mut m = Model::new(3);
+    m.operation = Some(Operation { pod_uid: Some("gone".into()), ..Operation::new(OperationKind::Restart, 3) });
+    m.members.remove(&3);
+    assert_eq!(decide(&m.observe()), Action::Record(None));
 }

@@ -127,6 +127,7 @@ pub async fn observe_cluster<N: NodeApi, A: Addresses>(node: &N, addrs: &A, cand
                         applied_index: st.map(|s| s.applied_index),
                         incarnation: st.map(|s| s.incarnation.clone()).filter(|i| !i.is_empty()),
                         snapshot_index: st.map(|s| s.snapshot_index),
+                        leader: st.map(|s| s.leader),
                     },
                 )
             })

@@ -234,7 +234,8 @@ fn affinity(rkv: &RaftKV) -> Option<Affinity> {
 /// (same pod and peer names) gets another cluster id, and pods of the old one are refused.
 ///
 /// The update strategy is OnDelete: the operator, not the StatefulSet controller, decides
-/// when a member restarts.
+/// when a member restarts. The pod template carries [`TEMPLATE_HASH_ANNOTATION`] (see
+/// [`template_hash`]), which pods keep, so the operator tells which run an older one.
 pub fn statefulset(rkv: &RaftKV, replicas: u32, initial_cluster: &[String], bootstrapped: bool) -> StatefulSet {
     let name = rkv.name_any();
     let spec = &rkv.spec;
@@ -303,6 +304,26 @@ pub fn statefulset(rkv: &RaftKV, replicas: u32, initial_cluster: &[String], boot
         spec: Some(rwo_claim(&spec.storage.size, spec.storage.storage_class_name.as_deref())),
         ..PersistentVolumeClaim::default()
     };
+    let mut template = PodTemplateSpec {
+        metadata: Some(ObjectMeta {
+            labels: Some(labels(&name)),
+            annotations: Some(annotations),
+            ..ObjectMeta::default()
+        }),
+        spec: Some(PodSpec {
+            containers: vec![container],
+            node_selector: spec.node_selector.clone(),
+            tolerations: spec.tolerations.clone(),
+            affinity: affinity(rkv),
+            termination_grace_period_seconds: Some(30),
+            security_context: Some(restricted_pod()),
+            ..PodSpec::default()
+        }),
+    };
+    let hash = template_hash(&template);
+    if let Some(a) = template.metadata.as_mut().and_then(|m| m.annotations.as_mut()) {
+        a.insert(TEMPLATE_HASH_ANNOTATION.to_string(), hash);
+    }
     StatefulSet {
         metadata: meta(rkv, name.clone()),
         spec: StatefulSetSpec {
@@ -311,27 +332,44 @@ pub fn statefulset(rkv: &RaftKV, replicas: u32, initial_cluster: &[String], boot
             pod_management_policy: Some("Parallel".to_string()),
             update_strategy: Some(StatefulSetUpdateStrategy { type_: Some("OnDelete".to_string()), ..Default::default() }),
             selector: LabelSelector { match_labels: Some(selector_labels(&name)), ..LabelSelector::default() },
-            template: PodTemplateSpec {
-                metadata: Some(ObjectMeta {
-                    labels: Some(labels(&name)),
-                    annotations: Some(annotations),
-                    ..ObjectMeta::default()
-                }),
-                spec: Some(PodSpec {
-                    containers: vec![container],
-                    node_selector: spec.node_selector.clone(),
-                    tolerations: spec.tolerations.clone(),
-                    affinity: affinity(rkv),
-                    termination_grace_period_seconds: Some(30),
-                    security_context: Some(restricted_pod()),
-                    ..PodSpec::default()
-                }),
-            },
+            template,
             volume_claim_templates: Some(vec![claim]),
             ..StatefulSetSpec::default()
         },
         ..StatefulSet::default()
     }
+}
+
+/// Pod-template annotation holding [`template_hash`]; the pods made from it keep it.
+pub const TEMPLATE_HASH_ANNOTATION: &str = "raftkv.dev/template-hash";
+
+/// A stable hash (FNV-1a, 64 bits, hex) of what a member pod runs: the pod template as
+/// JSON, without `RAFTKV_JOIN` (set once the cluster has bootstrapped; it changes nothing
+/// for a pod that has data, so it must not restart every member) and without this hash.
+/// A pod whose [`TEMPLATE_HASH_ANNOTATION`] differs from the StatefulSet's runs an older
+/// template and is restarted (see `membership::decide`).
+pub fn template_hash(template: &PodTemplateSpec) -> String {
+    let mut t = template.clone();
+    if let Some(a) = t.metadata.as_mut().and_then(|m| m.annotations.as_mut()) {
+        a.remove(TEMPLATE_HASH_ANNOTATION);
+    }
+    for c in t.spec.iter_mut().flat_map(|s| s.containers.iter_mut()) {
+        if let Some(env) = c.env.as_mut() {
+            env.retain(|e| e.name != "RAFTKV_JOIN");
+        }
+    }
+    let bytes = serde_json::to_vec(&t).unwrap_or_default();
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+/// The [`template_hash`] a StatefulSet's pod template carries, if any.
+pub fn statefulset_template_hash(sts: &StatefulSet) -> Option<String> {
+    sts.spec.template.metadata.as_ref()?.annotations.as_ref()?.get(TEMPLATE_HASH_ANNOTATION).cloned()
 }
 
 /// Every object the operator creates for a new `rkv` (before any member exists: the
@@ -617,6 +655,36 @@ mod tests {
         assert_eq!(cs.storage_class_name.as_deref(), Some("fast"));
         assert_eq!(cs.resources.as_ref().and_then(|r| r.requests.as_ref()).expect("req")["storage"].0, "2Gi");
         assert!(pod.affinity.as_ref().and_then(|a| a.pod_anti_affinity.as_ref()).is_some());
+    }
+
+    #[test]
+    fn the_template_hash_follows_what_pods_run_but_not_the_join_flag() {
+        let init = initial_cluster("kv", "ns", 3);
+        let hash = |r: &RaftKV, bootstrapped: bool| {
+            let sts = statefulset(r, 3, &init, bootstrapped);
+            let h = statefulset_template_hash(&sts).expect("annotated");
+            assert_eq!(h, template_hash(&sts.spec.template), "the annotation is the template's own hash");
+            h
+        };
+        let base = hash(&rkv(), false);
+        assert_eq!(base.len(), 16);
+        assert_eq!(hash(&rkv(), true), base, "RAFTKV_JOIN after bootstrap restarts nobody");
+        assert_eq!(hash(&statefulset_with_replicas(), false), base, "replicas are not in the template");
+        let mut image = rkv();
+        image.spec.image = Some("example.org/raftkv:next".into());
+        assert_ne!(hash(&image, false), base);
+        let mut prev = rkv();
+        prev.spec.watch_prev_kv = Some(true);
+        assert_ne!(hash(&prev, false), base);
+        // Stable across builds and releases of the operator for the same template
+        // (an FNV-1a, not std's randomly seeded hasher).
+        assert_eq!(hash(&rkv(), false), base);
+    }
+
+    fn statefulset_with_replicas() -> RaftKV {
+        let mut r = rkv();
+        r.spec.replicas = 5;
+        r
     }
 
     #[test]

@@ -7,7 +7,8 @@
 //! is "killed" right after a raft removal (before the StatefulSet shrinks) and right after
 //! a StatefulSet growth (before the learner is added), restarted, and must converge.
 //! A second test wipes a member's volume under it (amnesia); the operator must replace it.
-//! At the end every acknowledged write must be readable.
+//! A third changes the pod template under load; the operator must restart the members one
+//! at a time, the leader last. At the end every acknowledged write must be readable.
 //!
 //! Needs the node binary: `cargo build -p raftkv-node` (same target dir) first, or
 //! `RAFTKV_NODE_BIN=/path/to/raftkv-node`.
@@ -31,6 +32,8 @@ const MAX_ORDINALS: u32 = 9;
 struct Pod {
     child: Child,
     uid: String,
+    /// The pod template it was made from.
+    template: u32,
 }
 
 struct Pvc {
@@ -50,6 +53,8 @@ struct World {
     operation: Option<Operation>,
     incarnations: BTreeMap<u64, String>,
     bootstrapped: bool,
+    /// The StatefulSet's pod template (it sets the members' `--snapshot-count`).
+    template: u32,
     next_uid: u64,
 }
 
@@ -67,7 +72,7 @@ impl World {
         (0..INITIAL).map(|o| self.peer_url(o)).collect::<Vec<_>>().join(",")
     }
 
-    fn spawn(&mut self, ord: u32) -> Child {
+    fn spawn(&mut self, ord: u32, template: u32) -> Child {
         let (client, peer) = self.ports[&ord];
         let dir = self.pvcs[&ord].dir.clone();
         let log = std::fs::OpenOptions::new()
@@ -89,7 +94,7 @@ impl World {
             .arg("--data-dir")
             .arg(&dir)
             .arg("--snapshot-count")
-            .arg("200")
+            .arg((200 + template).to_string())
             .arg("--request-timeout-ms")
             .arg("3000")
             .env("RUST_LOG", "info")
@@ -134,7 +139,8 @@ impl World {
         let exited: Vec<u32> =
             self.pods.iter_mut().filter_map(|(o, p)| matches!(p.child.try_wait(), Ok(Some(_))).then_some(*o)).collect();
         for o in exited {
-            let child = self.spawn(o);
+            let template = self.pods.get(&o).map_or(self.template, |p| p.template);
+            let child = self.spawn(o, template);
             if let Some(p) = self.pods.get_mut(&o) {
                 p.child = child;
             }
@@ -155,9 +161,10 @@ impl World {
                 let dir = self.root.join(format!("data-{o}-{uid}"));
                 self.pvcs.insert(o, Pvc { uid, dir, terminating: false });
             }
-            let child = self.spawn(o);
+            let template = self.template;
+            let child = self.spawn(o, template);
             let uid = self.uid();
-            self.pods.insert(o, Pod { child, uid });
+            self.pods.insert(o, Pod { child, uid, template });
         }
     }
 
@@ -284,7 +291,10 @@ async fn drive(
                 pods: w
                     .pods
                     .iter()
-                    .map(|(o, p)| (*o, PodView { running: running.contains(o), terminating: false, uid: p.uid.clone() }))
+                    .map(|(o, p)| {
+                        let template_hash = Some(p.template.to_string());
+                        (*o, PodView { running: running.contains(o), terminating: false, uid: p.uid.clone(), template_hash })
+                    })
                     .collect(),
                 pvcs: w
                     .pvcs
@@ -295,6 +305,7 @@ async fn drive(
                 operation: w.operation.clone(),
                 incarnations: w.incarnations.clone(),
                 recorded_top: 0,
+                template_hash: Some(w.template.to_string()),
             }
         };
         let action = decide(&observed);
@@ -369,6 +380,7 @@ fn setup() -> (tempfile::TempDir, Sim, Addrs, HttpNodeClient, Arc<Mutex<Vec<Stri
         operation: None,
         incarnations: BTreeMap::new(),
         bootstrapped: false,
+        template: 0,
         next_uid: 0,
     }));
     let addrs = Addrs(ports);
@@ -503,8 +515,8 @@ async fn lost_volume_is_detected_and_the_member_replaced() {
                 let _ = p.child.wait();
                 let dir = w.pvcs[&2].dir.clone();
                 std::fs::remove_dir_all(&dir).expect("wipe the volume");
-                let child = w.spawn(2);
-                w.pods.insert(2, Pod { child, uid: p.uid });
+                let child = w.spawn(2, p.template);
+                w.pods.insert(2, Pod { child, uid: p.uid, template: p.template });
             }
         }
         // Wait (bounded) until the wiped member answers with its new incarnation.
@@ -530,6 +542,106 @@ async fn lost_volume_is_detected_and_the_member_replaced() {
         stop.store(true, Ordering::Relaxed);
         load.join().expect("writer thread");
 
+    });
+    if let Err(payload) = futures::FutureExt::catch_unwind(result).await {
+        dump_logs(root.path());
+        std::panic::resume_unwind(payload);
+    }
+}
+
+/// Every acknowledged write `w-<n>` reads back as `v-<n>` through the leader (a
+/// linearizable read); the ones that do not.
+async fn lost_writes(sim: &Sim, addrs: &Addrs, node: &HttpNodeClient, acked: Vec<u64>) -> Vec<String> {
+    let leader_url = {
+        let candidates: Vec<u64> = sim.lock().running().iter().map(|o| u64::from(*o) + 1).collect();
+        let c = observe_cluster(node, addrs, &candidates).await.expect("cluster");
+        addrs.client_url(c.leader)
+    };
+    // The blocking client must live off the async runtime's threads.
+    tokio::task::spawn_blocking(move || {
+        let http = Http::new(Duration::from_secs(10));
+        let mut missing = Vec::new();
+        for n in &acked {
+            match http.get(&format!("{leader_url}/w-{n}")) {
+                Ok(r) if r.status == StatusCode::OK && r.text() == format!("v-{n}") => {}
+                Ok(r) => missing.push(format!("w-{n}: {} {}", r.status, r.text())),
+                Err(e) => missing.push(format!("w-{n}: {e}")),
+            }
+        }
+        missing
+    })
+    .await
+    .expect("reader task")
+}
+
+/// `kubectl edit raftkv` changing the image or a flag: the pod template changes (here:
+/// each member's `--snapshot-count`). Under a write load the operator restarts one member
+/// at a time, each only once the one before is back, the leader last and after handing
+/// leadership over; every member ends up on the new template, nothing acknowledged is
+/// lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_pod_template_restarts_members_one_at_a_time_under_load() {
+    let (root, sim, addrs, node, urls) = setup();
+    let never = |_: &Action| false;
+    let t = Duration::from_secs(120);
+    let result = std::panic::AssertUnwindSafe(async {
+        drive(&sim, &addrs, &node, &urls, INITIAL, t, &never).await;
+        let stop = Arc::new(AtomicBool::new(false));
+        let acked = Arc::new(Mutex::new(Vec::new()));
+        let load = {
+            let (u, s, a) = (urls.clone(), stop.clone(), acked.clone());
+            std::thread::spawn(move || writer(u, s, a))
+        };
+        let before: BTreeMap<u32, String> = {
+            let mut w = sim.lock();
+            w.template = 1;
+            w.pods.iter().map(|(o, p)| (*o, p.uid.clone())).collect()
+        };
+        let leader_before = observe_cluster(&node, &addrs, &[1, 2, 3]).await.map_or(0, |c| c.leader);
+        let acked_before = acked.lock().map(|a| a.len()).unwrap_or(0);
+        let trace = drive(&sim, &addrs, &node, &urls, INITIAL, t, &never).await;
+
+        // Each member restarted exactly once, onto the new template.
+        {
+            let w = sim.lock();
+            for (o, p) in &w.pods {
+                assert_eq!(p.template, 1, "pod {o} still runs the old template; steps {trace:?}");
+                assert_ne!(Some(&p.uid), before.get(o), "pod {o} was not restarted");
+            }
+        }
+        let deleted: Vec<u32> = trace.iter().filter_map(|a| if let Action::DeletePod(o) = a { Some(*o) } else { None }).collect();
+        let mut distinct = deleted.clone();
+        distinct.dedup();
+        assert_eq!(distinct.len(), 3, "one restart per member: {trace:?}");
+        // One at a time: the operation that restarted a member ends before the next starts.
+        let mut restarting = false;
+        for a in &trace {
+            match a {
+                Action::Record(Some(op)) if op.kind == raftkv_operator::crd::OperationKind::Restart => {
+                    assert!(!restarting, "a restart began before the previous ended: {trace:?}");
+                    restarting = true;
+                }
+                Action::Record(None) => restarting = false,
+                _ => {}
+            }
+        }
+        // The leader's pod went last, after leadership moved away from it.
+        let leader_ord = u32::try_from(leader_before - 1).expect("leader");
+        assert_eq!(distinct.last(), Some(&leader_ord), "the leader restarts last: {trace:?}");
+        let transfer = trace.iter().position(|a| matches!(a, Action::TransferLeader { from, .. } if *from == leader_before));
+        let delete_leader = trace.iter().position(|a| *a == Action::DeletePod(leader_ord));
+        assert!(transfer.is_some() && transfer < delete_leader, "{trace:?}");
+        let (voters, learners, sts, _) = shape(&sim, &addrs, &node).await;
+        assert_eq!((voters, learners, sts), (vec![1, 2, 3], vec![], 3));
+
+        stop.store(true, Ordering::Relaxed);
+        load.join().expect("writer thread");
+        let acked = acked.lock().map(|a| a.clone()).unwrap_or_default();
+        assert!(acked.len() > acked_before, "no write was acknowledged while members restarted");
+        let missing = lost_writes(&sim, &addrs, &node, acked.clone()).await;
+        assert!(missing.is_empty(), "{} of {} acked writes lost: {:?}", missing.len(), acked.len(), &missing[..missing.len().min(10)]);
+        eprintln!("3 members restarted in {} steps; {} acknowledged writes ({} during the restarts), all readable",
+            trace.len(), acked.len(), acked.len() - acked_before);
     });
     if let Err(payload) = futures::FutureExt::catch_unwind(result).await {
         dump_logs(root.path());
