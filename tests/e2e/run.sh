@@ -385,6 +385,37 @@ put_keys 101 110
 check_keys
 log "ok: $victim rejoined with its data (incarnation $after)"
 
+# --- 5b. a changed pod template restarts every member, one at a time ----------------------------
+# template_hash KIND/NAME: the operator's pod-template hash on a pod or the StatefulSet.
+template_hash() {
+    local path='{.metadata.annotations.raftkv\.dev/template-hash}'
+    case "$1" in statefulset/*) path='{.spec.template.metadata.annotations.raftkv\.dev/template-hash}' ;; esac
+    kubectl -n "$ns" get "$1" -o "jsonpath=$path" 2>/dev/null
+}
+old_template="$(template_hash "statefulset/$name")" || die "cannot read the StatefulSet's template hash"
+[ -n "$old_template" ] || die "the StatefulSet's pod template carries no raftkv.dev/template-hash"
+log "changing the pod template (spec.resources; template $old_template)"
+kubectl -n "$ns" patch "rkv/$name" --type merge \
+    -p '{"spec":{"resources":{"requests":{"cpu":"20m","memory":"64Mi"}}}}'
+new_template=""
+template_changed() {
+    new_template="$(template_hash "statefulset/$name")"
+    [ -n "$new_template" ] && [ "$new_template" != "$old_template" ]
+}
+wait_until "the StatefulSet's pod template to change" 120 template_changed
+put_keys 111 140 # writes while members restart
+all_restarted() {
+    local i
+    for i in 0 1 2; do
+        [ "$(template_hash "pod/$name-$i")" = "$new_template" ] || return 1
+    done
+    cluster_is 3
+}
+wait_until "every member restarted onto template $new_template" "$e2e_timeout" all_restarted
+pod_get "$name-0" "/v1/kv/e2e-140?consistency=serializable" || die "$name-0 does not serve reads"
+check_keys
+log "ok: every member restarted onto the new pod template with its data"
+
 # --- 6. metrics ----------------------------------------------------------------------------------
 api_ok GET /metrics
 metrics="$HTTP_BODY"

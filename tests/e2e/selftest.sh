@@ -5,8 +5,8 @@
 #      runs every step (scale 5 and 3, pod deletion, uninstall, cluster deletion);
 #   2. the kubectl (kustomize) install path works the same way;
 #   3. a pod that comes back with a new data dir fails the suite, and the cluster is
-#      still deleted; so does an API server that accepts an invalid spec change, and a
-#      backup job that never succeeds;
+#      still deleted; so does an API server that accepts an invalid spec change, a
+#      backup job that never succeeds, and a pod template change no pod picks up;
 #   4. without a Docker engine, or without kind, it prints SKIP and exits 0.
 # Needs python3 and curl. About two minutes. Usage: bash tests/e2e/selftest.sh
 set -euo pipefail
@@ -60,6 +60,8 @@ check "kind cluster deleted" grep -q "^kind delete cluster --name raftkv-e2e-" "
 check "backups scheduled" grep -q "^kubectl .*patch rkv/example --type merge -p .*\"backup\"" "$work/pass.calls"
 check "a backup job's result read" grep -q "ok: example-backup-29000000: " "$work/pass.log"
 check "backup schedule removed" grep -q "ok: CronJob example-backup deleted" "$work/pass.log"
+check "pod template changed" grep -q "^kubectl .*patch rkv/example --type merge -p .*\"resources\"" "$work/pass.calls"
+check "members restarted onto it" grep -q "ok: every member restarted onto the new pod template" "$work/pass.log"
 no_port_forward() { ! pgrep -f "$work/bin/kubectl" >/dev/null; }
 check "no port-forward left running" no_port_forward
 
@@ -90,6 +92,11 @@ check "exit status 1 (was $rc)" [ "$rc" -eq 1 ]
 check "names the cause" grep -q "timed out after 60s waiting for a backup job of CronJob example-backup to succeed" "$work/nobackup.log"
 check "kind cluster deleted" grep -q "^kind delete cluster --name raftkv-e2e-" "$work/nobackup.calls"
 
+echo "== pods that never pick up a changed template fail the suite"
+run_suite norestart FAKE_NO_RESTART=1
+check "exit status 1 (was $rc)" [ "$rc" -eq 1 ]
+check "names the cause" grep -q "timed out after 60s waiting for every member restarted onto template" "$work/norestart.log"
+check "kind cluster deleted" grep -q "^kind delete cluster --name raftkv-e2e-" "$work/norestart.calls"
 echo "== skips"
 rc=0
 FAKE_STATE="$work/state" FAKE_DOCKER_DOWN=1 PATH="$work/bin:$PATH" \

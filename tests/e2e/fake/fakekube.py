@@ -14,6 +14,7 @@ Fault knobs (environment):
   FAKE_503_EVERY=N    every N-th PUT answers 503 no_leader (as during a leader change)
   FAKE_DOCKER_DOWN=1  `docker info` fails (no engine)
   FAKE_BACKUP_FAIL=1  backup jobs never succeed
+  FAKE_NO_RESTART=1   a changed pod template never reaches the pods (no operator roll)
 Every invocation is appended to $FAKE_STATE.calls.
 """
 import fcntl
@@ -51,7 +52,8 @@ def load():
     if os.path.exists(STATE):
         with open(STATE) as f:
             return json.load(f)
-    return {"replicas": 0, "pods": {}, "kv": {}, "pvcs": [], "rkv": False, "puts": 0, "backup": False}
+    return {"replicas": 0, "pods": {}, "kv": {}, "pvcs": [], "rkv": False, "puts": 0, "backup": False,
+            "template": "0000000000000001"}
 
 
 class Locked:
@@ -78,7 +80,7 @@ def set_replicas(s, n):
     s["replicas"] = n
     for i in range(n):
         pod = f"{NAME}-{i}"
-        s["pods"].setdefault(pod, {"uid": str(random.random()), "inc": new_incarnation()})
+        s["pods"].setdefault(pod, {"uid": str(random.random()), "inc": new_incarnation(), "template": s["template"]})
         if f"data-{pod}" not in s["pvcs"]:
             s["pvcs"].append(f"data-{pod}")
     for pod in list(s["pods"]):
@@ -201,6 +203,14 @@ def kubectl(args):
             if refusals and not os.environ.get("FAKE_ACCEPT_BAD_SPEC"):
                 print("The RaftKV \"example\" is invalid: " + ", ".join(refusals), file=sys.stderr)
                 return 1
+            if "resources" in spec:
+                # A new pod template; the operator restarts every member onto it (new
+                # pods, same volumes).
+                s["template"] = "%016x" % random.getrandbits(64)
+                if not os.environ.get("FAKE_NO_RESTART"):
+                    for pod in s["pods"].values():
+                        pod["uid"] = str(random.random())
+                        pod["template"] = s["template"]
             if backup is not None:
                 # The operator makes the CronJob and the claim; a job runs at once.
                 s["backup"] = True
@@ -213,6 +223,7 @@ def kubectl(args):
         elif verb == "delete" and args[1] == "pod":
             pod = s["pods"][args[2]]
             pod["uid"] = str(random.random())  # the StatefulSet recreates it at once
+            pod["template"] = s["template"]  # from the StatefulSet's current template
             if os.environ.get("FAKE_AMNESIA"):
                 pod["inc"] = new_incarnation()
         elif verb == "delete" and args[1].startswith("rkv/"):
@@ -223,14 +234,19 @@ def kubectl(args):
             if what.startswith("statefulset/"):
                 if not s["rkv"]:
                     return 1
-                print(s["replicas"] if jp else f"statefulset.apps/{NAME}", end="" if jp else "\n")
+                if jp and "template-hash" in jp:
+                    print(s["template"], end="")
+                else:
+                    print(s["replicas"] if jp else f"statefulset.apps/{NAME}", end="" if jp else "\n")
             elif what.startswith("rkv/"):
                 print(s["replicas"], end="")
             elif what.startswith("pod/"):
                 pod = s["pods"].get(what[4:])
                 if pod is None:
                     return 1
-                if "annotations" in (jp or ""):
+                if "template-hash" in (jp or ""):
+                    print(pod.get("template", ""), end="")
+                elif "annotations" in (jp or ""):
                     print('{"prometheus.io/path":"/metrics","prometheus.io/port":"2379",'
                           '"prometheus.io/scrape":"true"}', end="")
                 else:
