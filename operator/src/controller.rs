@@ -146,16 +146,32 @@ impl Platform for KubePlatform {
             Err(e) => Err(perr(e)),
         }
     }
+
+    async fn evict_pod(&self, ordinal: u32) -> Result<bool, PlatformError> {
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), &self.namespace);
+        match api.evict(&resources::pod_name(&self.name, ordinal), &kube::api::EvictParams::default()).await {
+            Ok(_) => Ok(true),
+            Err(e) if is_not_found(&e) => Ok(true),
+            // The PodDisruptionBudget allows no disruption now.
+            Err(kube::Error::Api(st)) if st.code == 429 => Ok(false),
+            Err(e) => Err(perr(e)),
+        }
+    }
 }
 
 fn pod_view(p: &Pod) -> PodView {
     let terminating = p.metadata.deletion_timestamp.is_some();
     let phase = p.status.as_ref().and_then(|s| s.phase.as_deref()).unwrap_or("");
-    let started = p
-        .status
-        .as_ref()
-        .and_then(|s| s.container_statuses.as_ref())
-        .is_some_and(|cs| !cs.is_empty() && cs.iter().all(|c| c.state.as_ref().is_some_and(|st| st.running.is_some())));
+    // The node's container: a sidecar injected by a mesh or an agent that is not running
+    // does not make the member's pod look down (the operator deletes pods it takes for
+    // down ones on an older template).
+    let started = p.status.as_ref().and_then(|s| s.container_statuses.as_ref()).is_some_and(|cs| {
+        let running = |c: &k8s_openapi::api::core::v1::ContainerStatus| c.state.as_ref().is_some_and(|st| st.running.is_some());
+        match cs.iter().find(|c| c.name == resources::NODE_CONTAINER) {
+            Some(node) => running(node),
+            None => !cs.is_empty() && cs.iter().all(running),
+        }
+    });
     PodView {
         running: phase == "Running" && started && !terminating,
         terminating,
@@ -176,6 +192,7 @@ fn event_for(action: &Action) -> Option<(&'static str, String)> {
         Action::RemoveMember(id) => ("MemberRemoved", format!("member {id} removed from raft")),
         Action::DeletePvc(o) => ("VolumeClaimDeleted", format!("volume claim of ordinal {o} deleted")),
         Action::DeletePod(o) => ("PodDeleted", format!("pod of ordinal {o} deleted")),
+        Action::EvictPod(o) => ("PodEvicted", format!("pod of ordinal {o} evicted (restart onto the current pod template)")),
         Action::RecordIncarnation { .. } | Action::MarkRemoved { .. } | Action::Wait(_) | Action::Done => return None,
     })
 }
@@ -192,6 +209,7 @@ fn action_label(action: &Action) -> &'static str {
         Action::RemoveMember(_) => "RemoveMember",
         Action::DeletePvc(_) => "DeletePvc",
         Action::DeletePod(_) => "DeletePod",
+        Action::EvictPod(_) => "EvictPod",
         Action::Wait(_) => "Wait",
         Action::Done => "Done",
     }
@@ -504,6 +522,7 @@ pub async fn reconcile<N: NodeApi>(rkv: Arc<RaftKV>, ctx: Arc<Context<N>>) -> Re
     // A promotion the leader refused for now (the learner is behind) is a wait: say so.
     let shown = match (&action, &outcome) {
         (Action::Promote(id), Ok(Outcome::NotYet)) => Action::Wait(WaitReason::LearnerCatchingUp(*id)),
+        (Action::EvictPod(o), Ok(Outcome::NotYet)) => Action::Wait(WaitReason::EvictionRefused(*o)),
         _ => action.clone(),
     };
     // Status counts health as decide() does: a member that lost its data is not healthy.

@@ -117,6 +117,7 @@ impl NodeApi for FakeNode {
 // Scripted API server.
 
 /// One expected request and the answer to give.
+#[derive(Clone)]
 struct Expect {
     method: &'static str,
     path: String,
@@ -829,6 +830,23 @@ async fn a_refused_cronjob_does_not_hold_up_membership_and_is_reported() {
     assert!(seen.last().expect("status").body["status"].get("backupsScheduled").is_none());
 }
 
+#[test]
+fn a_pod_runs_when_the_node_container_runs_whatever_a_sidecar_does() {
+    let pod = |node: &str, sidecar: &str| -> Pod {
+        let state = |s: &str| if s == "running" { json!({"running": {}}) } else { json!({"waiting": {"reason": "CrashLoopBackOff"}}) };
+        serde_json::from_value(json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "kv-0", "uid": "u"},
+            "status": {"phase": "Running", "containerStatuses": [
+                {"name": "istio-proxy", "ready": false, "restartCount": 3, "image": "i", "imageID": "", "state": state(sidecar)},
+                {"name": "raftkv", "ready": true, "restartCount": 0, "image": "i", "imageID": "", "state": state(node)}]}}))
+        .expect("pod")
+    };
+    assert!(pod_view(&pod("running", "waiting")).running, "a crashing sidecar does not make the member's pod down");
+    assert!(!pod_view(&pod("waiting", "running")).running);
+    assert!(pod_view(&pod("running", "running")).running);
+    let v = pod_view(&serde_json::from_value::<Pod>(pod_json(1)).expect("pod"));
+    assert_eq!(v.template_hash, Some(current_template()), "the annotation is read");
+}
+
 #[tokio::test]
 async fn a_pod_on_an_older_template_is_restarted_after_recording_it() {
     // Pod 2 (member 3, a follower) runs an older template: the restart is recorded first.
@@ -853,18 +871,40 @@ async fn a_pod_on_an_older_template_is_restarted_after_recording_it() {
     let r = rkv(3, Some(running_status(Some(Operation { pod_uid: Some("pod-2".into()), ..Operation::new(OperationKind::Restart, 3) }))));
     let mut script = prelude(3, 3, &[0, 1, 2]);
     script[4] = expect("GET", PODS, list("PodList", pods));
+    let mut refused = script.clone();
     script.extend([
-        expect("DELETE", "/api/v1/namespaces/db/pods/kv-2", pod_json(2)),
+        expect("POST", EVICTION_2, json!({"kind": "Status", "apiVersion": "v1", "status": "Success"})),
         expect("POST", EVENTS, event_ok()),
         expect("PATCH", PDB, pdb_ok()),
         expect("PATCH", RKV_STATUS, echo_rkv(&r)),
     ]);
-    let (res, seen, ctx) = run_reconcile(r, FakeNode::cluster(&[1, 2, 3], &[], 1), script).await;
+    let (res, seen, ctx) = run_reconcile(r.clone(), FakeNode::cluster(&[1, 2, 3], &[], 1), script).await;
     assert!(res.is_ok(), "{res:?}");
     assert!(ctx.node.calls().is_empty());
-    assert_eq!(find(&seen, "POST", EVENTS)[0].body["reason"], "PodDeleted");
+    let eviction = &find(&seen, "POST", EVICTION_2)[0].body;
+    assert_eq!(eviction["metadata"]["name"], "kv-2", "{eviction}");
+    assert_eq!(find(&seen, "POST", EVENTS)[0].body["reason"], "PodEvicted");
     assert_eq!(find(&seen, "PATCH", RKV_STATUS)[0].body["status"]["phase"], "Updating");
+
+    // The budget refuses (a drain took another pod): no error, the wait shows in status.
+    refused.extend([
+        Expect {
+            method: "POST",
+            path: EVICTION_2.to_string(),
+            status: 429,
+            response: json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "TooManyRequests",
+                "message": "Cannot evict pod as it would violate the pod's disruption budget.", "code": 429}),
+        },
+        expect("PATCH", PDB, pdb_ok()),
+        expect("PATCH", RKV_STATUS, echo_rkv(&r)),
+    ]);
+    let (res, seen, _) = run_reconcile(r, FakeNode::cluster(&[1, 2, 3], &[], 1), refused).await;
+    assert!(res.is_ok(), "{res:?}");
+    let status = &find(&seen, "PATCH", RKV_STATUS)[0].body["status"];
+    assert_eq!(status["message"], "the PodDisruptionBudget refused to evict pod ordinal 2 for now", "{status}");
 }
+
+const EVICTION_2: &str = "/api/v1/namespaces/db/pods/kv-2/eviction";
 
 #[tokio::test]
 async fn the_leaders_pod_is_restarted_only_after_leadership_moved() {

@@ -58,7 +58,8 @@ pub struct RaftKVSpec {
 
     /// Container image of raftkv-node. Defaults to `raftkv-node:<operator version>`.
     /// Changing it (or any field the pods run with) restarts the members one at a time,
-    /// the leader last, each once every member follows the leader again.
+    /// the leader last, each once the one before follows the leader again and caught up;
+    /// with it unset, so does upgrading the operator.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
 

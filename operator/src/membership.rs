@@ -10,9 +10,10 @@
 //! - a voter is removed only when the current voters can commit the change and the
 //!   remaining voters keep a healthy majority, and never while it is the leader;
 //! - a removed member's volume claim is deleted before its ordinal is used again;
-//! - a member's pod is restarted onto a new pod template only when every member is
-//!   healthy, one member at a time, the leader last and after handing leadership over,
-//!   and the next only once the restarted member is healthy again.
+//! - a member's pod is restarted onto a new pod template one member at a time, never
+//!   while it leads (leadership moves first) and only while the other voters keep a
+//!   healthy majority; a healthy member only when every member follows the leader, the
+//!   next only once the restarted one follows it again and has caught up.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -130,6 +131,9 @@ pub enum WaitReason {
     RestartWaitsForHealth(u64),
     /// Restarted member `id` is not healthy yet.
     MemberRecovering(u64),
+    /// The PodDisruptionBudget refused to evict the pod of this ordinal (another pod is
+    /// disrupted, a node drain say).
+    EvictionRefused(u32),
 }
 
 impl std::fmt::Display for WaitReason {
@@ -151,6 +155,9 @@ impl std::fmt::Display for WaitReason {
                 write!(f, "member {id} runs an older pod template; it restarts once every member is healthy")
             }
             WaitReason::MemberRecovering(id) => write!(f, "restarted member {id} is not healthy yet"),
+            WaitReason::EvictionRefused(o) => {
+                write!(f, "the PodDisruptionBudget refused to evict pod ordinal {o} for now")
+            }
         }
     }
 }
@@ -186,6 +193,9 @@ pub enum Action {
     DeletePvc(u32),
     /// Delete the pod of an ordinal (the StatefulSet recreates it).
     DeletePod(u32),
+    /// Evict the pod of an ordinal (a deletion the PodDisruptionBudget may refuse, as a
+    /// node drain's; the StatefulSet recreates it).
+    EvictPod(u32),
     /// Replace the recorded incarnation of a member that left by a removal marker
     /// (`removed@<index>`, see [`removal_marker`]), so a later member with the same id is
     /// told apart from the one that left.
@@ -214,6 +224,10 @@ impl Action {
         )
     }
 }
+
+/// How far (entries) a member's match index may be behind the commit index for it to
+/// count as caught up after a restart: the node's default `--promote-max-lag`.
+pub const CAUGHT_UP_LAG: u64 = 1_000;
 
 /// Prefix of a removal marker stored in place of an incarnation.
 pub const REMOVED_PREFIX: &str = "removed@";
@@ -270,10 +284,16 @@ impl ClusterView {
         self.members.get(&id).is_some_and(|m| m.healthy)
     }
 
-    /// Healthy, and following the current leader (a member that restarted has heard from
-    /// it again, not only answered its own API).
+    /// Healthy, following the current leader (a member that restarted has heard from it
+    /// again, not only answered its own API), and caught up: the leader's match index for
+    /// it at most [`CAUGHT_UP_LAG`] behind the commit index (a member that was down for a
+    /// while is far behind until it acknowledges the entries it missed).
     fn following(&self, id: u64) -> bool {
-        self.healthy(id) && self.members.get(&id).is_some_and(|m| m.leader == Some(self.leader))
+        self.healthy(id)
+            && self.members.get(&id).is_some_and(|m| {
+                m.leader == Some(self.leader)
+                    && (id == self.leader || m.match_index.is_some_and(|mi| mi.saturating_add(CAUGHT_UP_LAG) >= self.commit_index))
+            })
     }
 
     /// Can voter `id` be removed: the current voters commit the change and the remaining
@@ -370,7 +390,14 @@ pub fn decide(o: &Observed) -> Action {
     // fixed; a pod that cannot be scheduled) is down anyway, and under OnDelete only its
     // deletion brings the new template: at once, whatever else waits (with no member
     // answering, or an operation waiting for that very pod, nothing else would move it).
-    if let Some(ord) = o.pods.iter().find(|(_, p)| !p.running && !p.terminating && outdated(o, p)).map(|(ord, _)| *ord) {
+    // Not when its member answers as healthy: then the pod does run it.
+    let member_healthy = |ord: u32| o.cluster.as_ref().is_some_and(|c| c.healthy(u64::from(ord) + 1));
+    if let Some(ord) = o
+        .pods
+        .iter()
+        .find(|(ord, p)| !p.running && !p.terminating && outdated(o, p) && !member_healthy(**ord))
+        .map(|(ord, _)| *ord)
+    {
         return Action::DeletePod(ord);
     }
     let Some(c) = o.cluster.as_ref() else {
@@ -397,6 +424,12 @@ pub fn decide(o: &Observed) -> Action {
                 || (cur.kind == OperationKind::ScaleDown && c.members.contains_key(&cur.id));
             match (other, &next) {
                 (Some(id), Action::Wait(_)) if droppable => Action::Record(Some(op(OperationKind::ReplaceAmnesiac, id))),
+                // A restart that waits (its successor cannot be scheduled, the quorum rule)
+                // never holds up a membership change: it ends, and is found again later
+                // from the pods' templates.
+                (_, Action::Wait(_)) if cur.kind == OperationKind::Restart && membership_work(&next_operation(o, c)) => {
+                    Action::Record(None)
+                }
                 _ => next,
             }
         }
@@ -588,24 +621,34 @@ fn restart(o: &Observed, c: &ClusterView, op: &Operation) -> Action {
         None => Action::Wait(WaitReason::PodNotRunning(ord)),
         Some(p) if p.terminating => Action::Wait(WaitReason::PodTerminating(ord)),
         Some(p) if Some(&p.uid) == op.pod_uid.as_ref() => {
-            // A member that is down already loses nothing more by its restart.
-            if c.healthy(id) {
-                if c.leader == id && c.voters().len() > 1 {
-                    return match c.transfer_target(id) {
-                        Some(to) => Action::TransferLeader { from: id, to },
-                        None => Action::Wait(WaitReason::NoTransferTarget(id)),
-                    };
-                }
-                if !c.can_restart(id) {
-                    return Action::Wait(WaitReason::WouldLoseQuorum(id));
-                }
+            // The spec went back to this pod's template meanwhile: nothing to do.
+            if !outdated(o, p) {
+                return Action::Record(None);
+            }
+            // Also for a member that looks down: "unhealthy" may only be an API call
+            // that timed out, while it still votes or leads.
+            if c.leader == id && c.voters().len() > 1 {
+                return match c.transfer_target(id) {
+                    Some(to) => Action::TransferLeader { from: id, to },
+                    None => Action::Wait(WaitReason::NoTransferTarget(id)),
+                };
+            }
+            if !c.can_restart(id) {
+                return Action::Wait(WaitReason::WouldLoseQuorum(id));
+            }
+            // A running pod of a cluster that tolerates a disruption goes by eviction,
+            // so a node drain evicting another member meanwhile cannot add up with it
+            // (the PodDisruptionBudget counts both). One or two voters tolerate none:
+            // their budget refuses every eviction, so their pods are deleted.
+            if p.running && c.voters().len() >= 3 {
+                return Action::EvictPod(ord);
             }
             Action::DeletePod(ord)
         }
         Some(p) => {
             // The successor. One made from an older template yet (the StatefulSet had not
             // seen the new one, or the template changed again while it could not start,
-            // e.g. a bad image then fixed) is restarted too: it is down anyway.
+            // e.g. a bad image then fixed) is restarted too, under the same checks.
             if outdated(o, p) && !c.healthy(id) {
                 return restart_op(id, p);
             }
@@ -620,9 +663,20 @@ fn restart(o: &Observed, c: &ClusterView, op: &Operation) -> Action {
     }
 }
 
-/// A member to restart on the current pod template, if any: one that is down anyway
-/// first; else, with every member healthy and every pod running, the highest follower,
-/// the leader last.
+/// Would `next_operation`'s answer change membership or repair something (as opposed to
+/// restarting a member, waiting, or nothing)?
+fn membership_work(a: &Action) -> bool {
+    match a {
+        Action::Record(Some(op)) => op.kind != OperationKind::Restart,
+        Action::Wait(_) | Action::Done | Action::Record(None) => false,
+        _ => true,
+    }
+}
+
+/// A member to restart on the current pod template, if any: one that looks down first
+/// (its restart still moves leadership away and keeps the quorum rule, see [`restart`]);
+/// else, with every member following the leader and every pod running, the highest
+/// follower, the leader last.
 fn next_restart(o: &Observed, c: &ClusterView) -> Option<Action> {
     let stale: Vec<(u64, &PodView)> = c
         .members

@@ -46,6 +46,9 @@ struct Model {
     leader: u64,
     /// Members whose pods are down (crashed, not yet restarted).
     down: BTreeSet<u64>,
+    /// Members up and voting whose `/v1/status` times out: the operator sees them
+    /// unhealthy.
+    flaky: BTreeSet<u64>,
     commit: u64,
     /// Every voter's latest snapshot index (logs hold only entries after it).
     snapshot: u64,
@@ -73,6 +76,7 @@ impl Model {
             members: BTreeMap::new(),
             leader: 1,
             down: BTreeSet::new(),
+            flaky: BTreeSet::new(),
             commit: 10,
             snapshot: 10,
             removed_at: BTreeMap::new(),
@@ -137,15 +141,21 @@ impl Model {
                 .members
                 .iter()
                 .map(|(id, (role, caught))| {
-                    let up = self.node_up(*id);
+                    let up = self.node_up(*id) && !self.flaky.contains(id);
                     let amnesiac = self.amnesiac(*id);
                     let inc = self.pvcs.get(&ordinal(*id)).map(|v| v.uid.clone());
                     let applied = if amnesiac || (*role == Role::Learner && !caught) { 0 } else { self.commit };
+                    // A voter that restarted is behind until it acknowledged what it missed.
+                    let match_index = match (*caught, amnesiac, *role) {
+                        (true, false, _) => Some(self.commit),
+                        (false, false, Role::Voter) => None,
+                        _ => Some(0),
+                    };
                     (
                         *id,
                         MemberView {
                             role: *role,
-                            match_index: Some(if *caught && !amnesiac { self.commit } else { 0 }),
+                            match_index,
                             healthy: up,
                             applied_index: up.then_some(applied),
                             incarnation: if up { inc } else { None },
@@ -263,12 +273,32 @@ impl Model {
                     v.terminating = true;
                 }
             }
-            Action::DeletePod(ord) => {
+            Action::DeletePod(ord) | Action::EvictPod(ord) => {
                 let id = u64::from(*ord) + 1;
+                if matches!(a, Action::EvictPod(_)) {
+                    // The PodDisruptionBudget: maxUnavailable = voters - majority, counting
+                    // voters whose pods do not run.
+                    let voters = self.voters();
+                    let disrupted = self
+                        .members
+                        .iter()
+                        .filter(|(m, (r, _))| *r == Role::Voter && !self.node_up(**m))
+                        .count();
+                    if disrupted >= voters - majority(voters) {
+                        return; // 429
+                    }
+                }
                 let was_up = self.node_up(id) && self.members.get(&id).is_some_and(|(r, _)| *r == Role::Voter);
                 let had_quorum = self.has_quorum();
+                let repairing = self.operation.as_ref().is_some_and(|op| op.kind == OperationKind::ReplaceAmnesiac);
+                if self.node_up(id) && !repairing && self.pods.get(ord).is_some_and(|p| p.template == self.template) {
+                    self.violation(format!("DeletePod({ord}) of a running pod on the current template"));
+                }
                 if let Some(p) = self.pods.get_mut(ord) {
                     p.terminating = true;
+                }
+                if let Some((_, caught)) = self.members.get_mut(&id) {
+                    *caught = false;
                 }
                 // One or two voters cannot restart one without losing the quorum.
                 if was_up && had_quorum && !self.has_quorum() && self.voters() >= 3 {
@@ -339,8 +369,9 @@ impl Model {
         }
         // Voters take snapshots as the log grows.
         self.snapshot = self.commit;
+        let up: BTreeSet<u64> = self.members.keys().copied().filter(|id| self.node_up(*id)).collect();
         for (id, (_, caught)) in self.members.iter_mut() {
-            if !self.down.contains(id) {
+            if up.contains(id) {
                 *caught = true;
             }
         }
@@ -666,8 +697,10 @@ enum Event {
     SetReplicas(u32),
     /// A member's pod crashes (only when the rest keep a healthy majority).
     PodDown(u64),
-    /// Crashed pods come back.
+    /// Crashed pods come back; API calls stop timing out.
     PodsUp,
+    /// A member's `/v1/status` times out (it still votes, and may lead).
+    Flaky(u64),
     /// Leadership moves to some healthy voter.
     Election(u64),
     /// A member's volume is lost (only when the rest keep a healthy majority).
@@ -687,6 +720,7 @@ fn event() -> impl Strategy<Value = Event> {
         1 => (1u32..=9).prop_map(Event::SetReplicas),
         1 => (1u64..=9).prop_map(Event::PodDown),
         2 => Just(Event::PodsUp),
+        1 => (1u64..=9).prop_map(Event::Flaky),
         1 => (1u64..=9).prop_map(Event::Election),
         1 => (1u64..=9).prop_map(Event::LoseVolume),
         1 => (0u32..=4).prop_map(Event::ShrinkStatefulSet),
@@ -714,7 +748,13 @@ impl Model {
                     }
                 }
             }
-            Event::PodsUp => self.down.clear(),
+            Event::PodsUp => {
+                self.down.clear();
+                self.flaky.clear();
+            }
+            Event::Flaky(id) => {
+                self.flaky.insert(*id);
+            }
             Event::ShrinkStatefulSet(n) => self.sts = self.sts.min(*n),
             Event::ChangeTemplate(bad) => {
                 self.template += 1;
@@ -768,6 +808,7 @@ proptest! {
         }
         // Faults stop; the last spec stands (a working template); the operator must converge.
         m.down.clear();
+        m.flaky.clear();
         m.desired = last;
         if m.bad_templates.contains(&m.template) {
             m.template += 1;
@@ -779,7 +820,9 @@ proptest! {
             let a = decide(&m.observe());
             if a == Action::Done {
                 // Done is "nothing for the operator to do": the StatefulSet may still be
-                // creating a pod the last step asked for. Let the world settle once.
+                // creating pods (a step's, or ones it re-creates after an out-of-band
+                // shrink). Let the world settle: one pass creates them, one starts them.
+                m.progress();
                 m.progress();
                 m.elect();
                 if decide(&m.observe()) == Action::Done {
@@ -836,7 +879,7 @@ fn an_amnesiac_member_found_during_a_scale_down_is_replaced_first() {
 
 /// Ordinals of the pods deleted in `trace`, in order.
 fn deleted_pods(trace: &[Action]) -> Vec<u32> {
-    trace.iter().filter_map(|a| if let Action::DeletePod(o) = a { Some(*o) } else { None }).collect()
+    trace.iter().filter_map(|a| if let Action::DeletePod(o) | Action::EvictPod(o) = a { Some(*o) } else { None }).collect()
 }
 
 #[test]
@@ -852,8 +895,9 @@ fn a_new_pod_template_restarts_followers_one_at_a_time_then_the_leader() {
     let uid2 = o.pods[&1].uid.clone();
     assert_eq!(decide(&o), restart(2, &uid2));
     m.apply(&decide(&o));
-    assert_eq!(decide(&m.observe()), Action::DeletePod(1));
-    m.apply(&Action::DeletePod(1));
+    // A running pod of three voters goes by eviction (the budget allows one).
+    assert_eq!(decide(&m.observe()), Action::EvictPod(1));
+    m.apply(&Action::EvictPod(1));
     // While its pod is replaced and its member comes back, nothing else happens.
     m.progress_pods_only(); // old pod gone, new one created
     m.elect();
@@ -862,11 +906,14 @@ fn a_new_pod_template_restarts_followers_one_at_a_time_then_the_leader() {
     m.progress_pods_only();
     assert_eq!(decide(&m.observe()), Action::Wait(WaitReason::MemberRecovering(2)));
     m.down.clear();
+    // It follows the leader again but has not acknowledged what it missed.
+    assert_eq!(decide(&m.observe()), Action::Wait(WaitReason::MemberRecovering(2)));
+    m.progress_pods_only();
     assert_eq!(decide(&m.observe()), Action::Record(None));
     let trace = run_until_done(&mut m, 60);
     assert_eq!(deleted_pods(&trace), [0, 2], "{trace:?}");
     let transfer = trace.iter().position(|a| matches!(a, Action::TransferLeader { from: 3, .. }));
-    let delete_leader = trace.iter().position(|a| *a == Action::DeletePod(2));
+    let delete_leader = trace.iter().position(|a| *a == Action::EvictPod(2));
     assert!(transfer.is_some() && transfer < delete_leader, "leadership moves before its pod goes: {trace:?}");
     assert!(m.converged() && m.violations.is_empty(), "{m:#?}");
 }
@@ -877,7 +924,8 @@ fn a_restart_waits_for_every_member_to_be_healthy_but_a_member_down_goes_first()
     m.template = 1;
     m.down.insert(2);
     m.down.insert(4);
-    // Member 4 is down anyway: restarting it costs nothing.
+    // Members 2 and 4 are down anyway: the lower one restarts first (the others stay
+    // a healthy majority of five).
     let a = decide(&m.observe());
     assert!(matches!(&a, Action::Record(Some(op)) if op.kind == OperationKind::Restart && op.id == 2), "{a:?}");
     // Once the down members were restarted, the rest waits while one is unhealthy.
@@ -937,3 +985,22 @@ fn a_restart_of_a_member_removed_meanwhile_ends() {
     m.members.remove(&3);
     assert_eq!(decide(&m.observe()), Action::Record(None));
 }
+
+#[test]
+fn an_eviction_the_budget_refuses_changes_nothing_and_is_retried() {
+    let mut m = Model::new(3);
+    m.template = 1;
+    m.apply(&decide(&m.observe())); // Restart of 3 recorded
+    // A node drain takes member 1's pod meanwhile; the budget (one disruption) is spent.
+    m.down.insert(1);
+    let before = m.pods[&2].uid.clone();
+    m.apply(&Action::EvictPod(2));
+    assert!(!m.pods[&2].terminating && m.pods[&2].uid == before, "refused: nothing changed");
+    // decide() itself waits too: the others are no healthy majority without member 1.
+    m.elect();
+    assert!(matches!(decide(&m.observe()), Action::Wait(_) | Action::TransferLeader { .. }), "{:?}", decide(&m.observe()));
+    m.down.clear();
+    run_until_done(&mut m, 60);
+    assert!(m.converged() && m.violations.is_empty(), "{m:#?}");
+}
+

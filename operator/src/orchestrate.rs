@@ -43,6 +43,9 @@ pub trait Platform: Send + Sync {
     fn delete_pvc(&self, ordinal: u32) -> impl Future<Output = Result<(), PlatformError>> + Send;
     /// Delete the pod of an ordinal (absent is success).
     fn delete_pod(&self, ordinal: u32) -> impl Future<Output = Result<(), PlatformError>> + Send;
+    /// Evict the pod of an ordinal (absent is success): false when the disruption budget
+    /// refuses it for now.
+    fn evict_pod(&self, ordinal: u32) -> impl Future<Output = Result<bool, PlatformError>> + Send;
 }
 
 /// Errors executing a step.
@@ -64,7 +67,8 @@ pub enum StepError {
 pub enum Outcome {
     /// The action was carried out.
     Applied,
-    /// The cluster is not ready for it yet (a learner still catching up).
+    /// The cluster is not ready for it yet (a learner still catching up, an eviction the
+    /// disruption budget refused).
     NotYet,
     /// Nothing to do (Wait / Done).
     Idle,
@@ -161,6 +165,11 @@ pub async fn execute<N: NodeApi, P: Platform, A: Addresses>(
         Action::ScaleStatefulSet(n) => platform.scale(*n).await?,
         Action::DeletePvc(o) => platform.delete_pvc(*o).await?,
         Action::DeletePod(o) => platform.delete_pod(*o).await?,
+        Action::EvictPod(o) => {
+            if !platform.evict_pod(*o).await? {
+                return Ok(Outcome::NotYet);
+            }
+        }
         Action::AddLearner(id) => node.add_learner(&leader_url()?, *id, &addrs.peer_url(*id)).await?,
         Action::Promote(id) => {
             if node.promote(&leader_url()?, *id).await? == Promotion::Behind {
@@ -266,6 +275,10 @@ mod tests {
             self.0.lock().map_err(|e| PlatformError(e.to_string()))?.push(format!("pod {o}"));
             Ok(())
         }
+        async fn evict_pod(&self, o: u32) -> Result<bool, PlatformError> {
+            self.0.lock().map_err(|e| PlatformError(e.to_string()))?.push(format!("evict {o}"));
+            Ok(o != 9)
+        }
     }
 
     fn member(id: u64, role: &str, reachable: Option<bool>) -> Member {
@@ -328,10 +341,15 @@ mod tests {
         assert_eq!(run(Action::Record(Some(op.clone())), 0).await.expect("record"), Outcome::Applied);
         assert_eq!(run(Action::MarkRemoved { id: 3, at: 42 }, 0).await.expect("mark"), Outcome::Applied);
         assert_eq!(run(Action::ScaleStatefulSet(5), 0).await.expect("scale"), Outcome::Applied);
+        assert_eq!(run(Action::EvictPod(2), 0).await.expect("evict"), Outcome::Applied);
+        assert_eq!(run(Action::EvictPod(9), 0).await.expect("evict"), Outcome::NotYet, "refused by the budget");
         assert_eq!(run(Action::Wait(WaitReason::NoLeader), 0).await.expect("wait"), Outcome::Idle);
         let calls = f.calls.lock().map(|c| c.clone()).unwrap_or_default();
         assert_eq!(calls, ["add 4 http://p4 @2", "promote 4 @2", "remove 3 @2", "transfer 1 @2"]);
         let plat = p.0.lock().map(|c| c.clone()).unwrap_or_default();
-        assert_eq!(plat, [format!("record {:?}", Some(&op)), "inc 3 Some(\"removed@42\")".to_string(), "scale 5".to_string()]);
+        assert_eq!(
+            plat,
+            [format!("record {:?}", Some(&op)), "inc 3 Some(\"removed@42\")".to_string(), "scale 5".to_string(), "evict 2".to_string(), "evict 9".to_string()]
+        );
     }
 }

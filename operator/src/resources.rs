@@ -270,7 +270,7 @@ pub fn statefulset(rkv: &RaftKV, replicas: u32, initial_cluster: &[String], boot
         envs.push(env("RAFTKV_WATCH_PREV_KV", "true"));
     }
     let container = Container {
-        name: "raftkv".to_string(),
+        name: NODE_CONTAINER.to_string(),
         image: Some(spec.image.clone().unwrap_or_else(default_image)),
         image_pull_policy: spec.image_pull_policy.clone(),
         env: Some(envs),
@@ -339,6 +339,9 @@ pub fn statefulset(rkv: &RaftKV, replicas: u32, initial_cluster: &[String], boot
         ..StatefulSet::default()
     }
 }
+
+/// Name of the node's container in member pods.
+pub const NODE_CONTAINER: &str = "raftkv";
 
 /// Pod-template annotation holding [`template_hash`]; the pods made from it keep it.
 pub const TEMPLATE_HASH_ANNOTATION: &str = "raftkv.dev/template-hash";
@@ -667,24 +670,20 @@ mod tests {
             h
         };
         let base = hash(&rkv(), false);
-        assert_eq!(base.len(), 16);
+        // Pinned: a change of the template the operator builds (a new env var, a probe, a
+        // k8s-openapi upgrade that serializes differently, a new version, which is the
+        // default image's tag) restarts every member once when the new operator rolls
+        // out. Update this value knowingly, and say so in the CHANGELOG.
+        assert_eq!(base, "8a2b382ffa78c17b");
         assert_eq!(hash(&rkv(), true), base, "RAFTKV_JOIN after bootstrap restarts nobody");
-        assert_eq!(hash(&statefulset_with_replicas(), false), base, "replicas are not in the template");
+        let five = statefulset(&rkv(), 5, &init, true);
+        assert_eq!(statefulset_template_hash(&five), Some(base.clone()), "the pod count is not in the template");
         let mut image = rkv();
         image.spec.image = Some("example.org/raftkv:next".into());
         assert_ne!(hash(&image, false), base);
         let mut prev = rkv();
         prev.spec.watch_prev_kv = Some(true);
         assert_ne!(hash(&prev, false), base);
-        // Stable across builds and releases of the operator for the same template
-        // (an FNV-1a, not std's randomly seeded hasher).
-        assert_eq!(hash(&rkv(), false), base);
-    }
-
-    fn statefulset_with_replicas() -> RaftKV {
-        let mut r = rkv();
-        r.spec.replicas = 5;
-        r
     }
 
     #[test]
