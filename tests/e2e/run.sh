@@ -394,6 +394,11 @@ template_hash() {
 }
 old_template="$(template_hash "statefulset/$name")" || die "cannot read the StatefulSet's template hash"
 [ -n "$old_template" ] || die "the StatefulSet's pod template carries no raftkv.dev/template-hash"
+incarnations_before=""
+for i in 0 1 2; do
+    incarnation "$name-$i" >"$work/inc" || die "cannot read /v1/status of $name-$i"
+    incarnations_before+="$(cat "$work/inc") "
+done
 log "changing the pod template (spec.resources; template $old_template)"
 kubectl -n "$ns" patch "rkv/$name" --type merge \
     -p '{"spec":{"resources":{"requests":{"cpu":"20m","memory":"64Mi"}}}}'
@@ -412,6 +417,13 @@ all_restarted() {
     cluster_is 3
 }
 wait_until "every member restarted onto template $new_template" "$e2e_timeout" all_restarted
+incarnations_after=""
+for i in 0 1 2; do
+    incarnation "$name-$i" >"$work/inc" || die "cannot read /v1/status of the restarted $name-$i"
+    incarnations_after+="$(cat "$work/inc") "
+done
+[ "$incarnations_before" = "$incarnations_after" ] \
+    || die "members came back with new data dirs: incarnations $incarnations_before-> $incarnations_after"
 pod_get "$name-0" "/v1/kv/e2e-140?consistency=serializable" || die "$name-0 does not serve reads"
 check_keys
 log "ok: every member restarted onto the new pod template with its data"
