@@ -527,7 +527,13 @@ pub async fn reconcile<N: NodeApi>(rkv: Arc<RaftKV>, ctx: Arc<Context<N>>) -> Re
     };
     // Status counts health as decide() does: a member that lost its data is not healthy.
     let shown_cluster = cluster.as_ref().map(|c| crate::membership::amnesiacs_unhealthy(c, &observed.incarnations).0);
-    let new_status = compute_status(&rkv, shown_cluster.as_ref(), operation_now.as_ref(), &shown, bootstrapped);
+    let mut new_status = compute_status(&rkv, shown_cluster.as_ref(), operation_now.as_ref(), &shown, bootstrapped);
+    let updated = observed
+        .pods
+        .values()
+        .filter(|p| !p.terminating && p.template_hash.is_some() && p.template_hash == observed.template_hash)
+        .count();
+    new_status.updated_replicas = i32::try_from(updated).unwrap_or(i32::MAX);
     // Voters seen now, or last seen when no member answers; the initial size only
     // before any member was ever seen.
     let voters = match usize::try_from(new_status.replicas).unwrap_or(0) {

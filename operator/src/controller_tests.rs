@@ -885,6 +885,7 @@ async fn a_pod_on_an_older_template_is_restarted_after_recording_it() {
     assert_eq!(eviction["metadata"]["name"], "kv-2", "{eviction}");
     assert_eq!(find(&seen, "POST", EVENTS)[0].body["reason"], "PodEvicted");
     assert_eq!(find(&seen, "PATCH", RKV_STATUS)[0].body["status"]["phase"], "Updating");
+    assert_eq!(find(&seen, "PATCH", RKV_STATUS)[0].body["status"]["updatedReplicas"], 2, "pods 0 and 1 are on the current template");
 
     // The budget refuses (a drain took another pod): no error, the wait shows in status.
     refused.extend([

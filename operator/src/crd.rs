@@ -44,6 +44,7 @@ pub const MAX_REPLICAS: i32 = 9;
     ),
     printcolumn(name = "Replicas", type_ = "integer", json_path = ".spec.replicas", description = "Desired raft members"),
     printcolumn(name = "Ready", type_ = "integer", json_path = ".status.readyReplicas", description = "Ready raft members"),
+    printcolumn(name = "Updated", type_ = "integer", json_path = ".status.updatedReplicas", description = "Member pods on the current pod template"),
     printcolumn(name = "Leader", type_ = "integer", json_path = ".status.leader", description = "Raft id of the leader"),
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase", description = "Lifecycle phase"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
@@ -283,6 +284,10 @@ pub struct RaftKVStatus {
     /// Members that are healthy voters or learners seen by the leader.
     #[serde(default)]
     pub ready_replicas: i32,
+    /// Pods made from the StatefulSet's current pod template (the rest are restarted
+    /// onto it one at a time).
+    #[serde(default)]
+    pub updated_replicas: i32,
     /// Raft members as reported by the leader.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub members: Vec<MemberStatus>,
@@ -481,7 +486,7 @@ mod tests {
             .iter()
             .map(|c| c["name"].as_str().unwrap_or_default().to_string())
             .collect();
-        assert_eq!(cols, ["Replicas", "Ready", "Leader", "Phase", "Age"]);
+        assert_eq!(cols, ["Replicas", "Ready", "Updated", "Leader", "Phase", "Age"]);
     }
 
     #[test]
