@@ -409,14 +409,21 @@ template_changed() {
 }
 wait_until "the StatefulSet's pod template to change" 120 template_changed
 put_keys 111 140 # writes while members restart
+# One member at a time: at every look (every 2 s), at least two of the three pods are ready.
+fewest_ready=3
 all_restarted() {
-    local i
+    local i ready
+    ready="$(kubectl -n "$ns" get "statefulset/$name" -o jsonpath='{.status.readyReplicas}' 2>/dev/null)"
+    if [ -n "$ready" ] && [ "$ready" -lt "$fewest_ready" ]; then fewest_ready="$ready"; fi
     for i in 0 1 2; do
         [ "$(template_hash "pod/$name-$i")" = "$new_template" ] || return 1
     done
     cluster_is 3
 }
 wait_until "every member restarted onto template $new_template" "$e2e_timeout" all_restarted
+[ "$fewest_ready" -ge 2 ] || die "only $fewest_ready of 3 pods were ready at one point: members did not restart one at a time"
+updated="$(kubectl -n "$ns" get "rkv/$name" -o jsonpath='{.status.updatedReplicas}')"
+[ "$updated" = 3 ] || die "status.updatedReplicas is $updated after the restarts, want 3"
 incarnations_after=""
 for i in 0 1 2; do
     incarnation "$name-$i" >"$work/inc" || die "cannot read /v1/status of the restarted $name-$i"

@@ -6,7 +6,8 @@
 #   2. the kubectl (kustomize) install path works the same way;
 #   3. a pod that comes back with a new data dir fails the suite, and the cluster is
 #      still deleted; so does an API server that accepts an invalid spec change, a
-#      backup job that never succeeds, and a pod template change no pod picks up;
+#      backup job that never succeeds, a pod template change no pod picks up, and one
+#      that restarts every member at once;
 #   4. without a Docker engine, or without kind, it prints SKIP and exits 0.
 # Needs python3 and curl. About two minutes. Usage: bash tests/e2e/selftest.sh
 set -euo pipefail
@@ -97,6 +98,11 @@ run_suite norestart FAKE_NO_RESTART=1
 check "exit status 1 (was $rc)" [ "$rc" -eq 1 ]
 check "names the cause" grep -q "timed out after 60s waiting for every member restarted onto template" "$work/norestart.log"
 check "kind cluster deleted" grep -q "^kind delete cluster --name raftkv-e2e-" "$work/norestart.calls"
+echo "== members restarted all at once fail the suite"
+run_suite restartall FAKE_RESTART_ALL=1
+check "exit status 1 (was $rc)" [ "$rc" -eq 1 ]
+check "names the cause" grep -q "members did not restart one at a time" "$work/restartall.log"
+check "kind cluster deleted" grep -q "^kind delete cluster --name raftkv-e2e-" "$work/restartall.calls"
 echo "== skips"
 rc=0
 FAKE_STATE="$work/state" FAKE_DOCKER_DOWN=1 PATH="$work/bin:$PATH" \

@@ -15,6 +15,7 @@ Fault knobs (environment):
   FAKE_DOCKER_DOWN=1  `docker info` fails (no engine)
   FAKE_BACKUP_FAIL=1  backup jobs never succeed
   FAKE_NO_RESTART=1   a changed pod template never reaches the pods (no operator roll)
+  FAKE_RESTART_ALL=1  ... reaches them all at once (the StatefulSet shows 1 ready pod once)
 Every invocation is appended to $FAKE_STATE.calls.
 """
 import fcntl
@@ -207,6 +208,8 @@ def kubectl(args):
                 # A new pod template; the operator restarts every member onto it (new
                 # pods, same volumes).
                 s["template"] = "%016x" % random.getrandbits(64)
+                if os.environ.get("FAKE_RESTART_ALL"):
+                    s["dip"] = True
                 if not os.environ.get("FAKE_NO_RESTART"):
                     for pod in s["pods"].values():
                         pod["uid"] = str(random.random())
@@ -236,6 +239,9 @@ def kubectl(args):
                     return 1
                 if jp and "template-hash" in jp:
                     print(s["template"], end="")
+                elif jp and "readyReplicas" in jp and s.get("dip"):
+                    s["dip"] = False
+                    print(1, end="")
                 else:
                     print(s["replicas"] if jp else f"statefulset.apps/{NAME}", end="" if jp else "\n")
             elif what.startswith("rkv/"):
