@@ -99,6 +99,9 @@ pub struct KubePlatform {
     namespace: String,
 }
 
+/// How long one eviction request may take, the client's own retries included.
+const EVICTION_WAIT: Duration = Duration::from_secs(10);
+
 fn perr(e: kube::Error) -> PlatformError {
     PlatformError(e.to_string())
 }
@@ -149,12 +152,19 @@ impl Platform for KubePlatform {
 
     async fn evict_pod(&self, ordinal: u32) -> Result<bool, PlatformError> {
         let api: Api<Pod> = Api::namespaced(self.client.clone(), &self.namespace);
-        match api.evict(&resources::pod_name(&self.name, ordinal), &kube::api::EvictParams::default()).await {
-            Ok(_) => Ok(true),
-            Err(e) if is_not_found(&e) => Ok(true),
-            // The PodDisruptionBudget allows no disruption now.
-            Err(kube::Error::Api(st)) if st.code == 429 => Ok(false),
-            Err(e) => Err(perr(e)),
+        // kube's client retries a 429 (the budget's refusal) with backoff for minutes;
+        // the reconcile asks again anyway, on a fresh observation: give it a few seconds.
+        let (pod, params) = (resources::pod_name(&self.name, ordinal), kube::api::EvictParams::default());
+        match tokio::time::timeout(EVICTION_WAIT, api.evict(&pod, &params)).await {
+            Err(_) => Ok(false),
+            Ok(Ok(_)) => Ok(true),
+            Ok(Err(e)) if is_not_found(&e) => Ok(true),
+            // The PodDisruptionBudget allows no disruption now (429), or its update
+            // conflicted (504): try again later. Anything else (a second budget over the
+            // pods, 500; no RBAC for pods/eviction, 403) needs someone to act: an error,
+            // with a Warning Event.
+            Ok(Err(kube::Error::Api(st))) if st.code == 429 || st.code == 504 => Ok(false),
+            Ok(Err(e)) => Err(perr(e)),
         }
     }
 }
@@ -472,6 +482,7 @@ pub async fn reconcile<N: NodeApi>(rkv: Arc<RaftKV>, ctx: Arc<Context<N>>) -> Re
         incarnations,
         recorded_top,
         template_hash,
+        recorded_members: status.members.iter().map(|m| m.id).collect(),
     };
 
     // 4. One step.

@@ -68,7 +68,7 @@ impl FakeNode {
                 },
             );
         }
-        FakeNode { members: Some(Members { leader, members }), statuses, ..FakeNode::default() }
+        FakeNode { members: Some(Members { leader, members, commit_index: None }), statuses, ..FakeNode::default() }
     }
 
     fn log(&self, s: String) {

@@ -105,6 +105,9 @@ pub struct Observed {
     /// Hash of the pod template the StatefulSet has now; pods made from another one are
     /// restarted one by one. None: unknown, nothing is restarted.
     pub template_hash: Option<String>,
+    /// Raft ids in `status.members`: the membership last seen (used while no member
+    /// answers).
+    pub recorded_members: BTreeSet<u64>,
 }
 
 /// Why nothing is done now.
@@ -152,7 +155,7 @@ impl std::fmt::Display for WaitReason {
                 write!(f, "no healthy voter can take leadership from member {id}")
             }
             WaitReason::RestartWaitsForHealth(id) => {
-                write!(f, "member {id} runs an older pod template; it restarts once every member is healthy")
+                write!(f, "member {id} runs an older pod template; it restarts once every member follows the leader and caught up")
             }
             WaitReason::MemberRecovering(id) => write!(f, "restarted member {id} is not healthy yet"),
             WaitReason::EvictionRefused(o) => {
@@ -386,18 +389,7 @@ pub fn decide(o: &Observed) -> Action {
     if known_top > 0 && o.sts_replicas < members_pods(known_top) {
         return Action::ScaleStatefulSet(members_pods(known_top));
     }
-    // A pod made from an older pod template that does not run (a bad image, since
-    // fixed; a pod that cannot be scheduled) is down anyway, and under OnDelete only its
-    // deletion brings the new template: at once, whatever else waits (with no member
-    // answering, or an operation waiting for that very pod, nothing else would move it).
-    // Not when its member answers as healthy: then the pod does run it.
-    let member_healthy = |ord: u32| o.cluster.as_ref().is_some_and(|c| c.healthy(u64::from(ord) + 1));
-    if let Some(ord) = o
-        .pods
-        .iter()
-        .find(|(ord, p)| !p.running && !p.terminating && outdated(o, p) && !member_healthy(**ord))
-        .map(|(ord, _)| *ord)
-    {
+    if let Some(ord) = stuck_outdated_pod(o, known_top) {
         return Action::DeletePod(ord);
     }
     let Some(c) = o.cluster.as_ref() else {
@@ -599,6 +591,50 @@ fn replace_amnesiac(o: &Observed, c: &ClusterView, op: &Operation) -> Action {
     }
 }
 
+/// A pod made from an older pod template that does not run, which under OnDelete only
+/// its deletion moves to the new template, where nothing else would:
+/// - the pod of no member (a scale-up's new pod, a replaced member's, made from a bad
+///   template since fixed): an operation may wait for it, and it counts in no quorum;
+/// - a member's pod, only once the current template is proven (no member's pod made
+///   from it fails to run: otherwise a member whose container merely crashed on the old
+///   template, which the kubelet would restart, would be moved onto a template that may
+///   not run at all), and, with a leader known, only when it is not the leader and the
+///   other voters keep a healthy majority (an operation waiting for the quorum this
+///   member gives, a scale-down say, would otherwise wait for good).
+///
+/// Not when its member answers as healthy: then the pod does run.
+fn stuck_outdated_pod(o: &Observed, known_top: u64) -> Option<u32> {
+    // Members that lost their data count in no quorum here either.
+    let view = o.cluster.as_ref().map(|c| amnesiacs_unhealthy(c, &o.incarnations).0);
+    let leader_known = view.as_ref().is_some_and(|c| c.leader != 0 && c.members.contains_key(&c.leader));
+    let is_member = |id: u64| match &view {
+        Some(c) if !c.members.is_empty() => c.members.contains_key(&id),
+        _ if !o.recorded_members.is_empty() => o.recorded_members.contains(&id),
+        _ => id <= known_top,
+    };
+    let healthy = |id: u64| view.as_ref().is_some_and(|c| c.healthy(id));
+    let proven = template_proven(o, is_member);
+    let may_go = |id: u64| match &view {
+        _ if !is_member(id) => true,
+        Some(c) if leader_known => proven && id != c.leader && c.can_restart(id),
+        _ => proven,
+    };
+    o.pods
+        .iter()
+        .filter(|(_, p)| !p.running && !p.terminating && outdated(o, p))
+        .map(|(ord, _)| (*ord, u64::from(*ord) + 1))
+        .find(|(_, id)| !healthy(*id) && may_go(*id))
+        .map(|(ord, _)| ord)
+}
+
+/// No member's pod made from the current pod template fails to run (one starting counts
+/// as failing until it runs): moving a member that is down onto it cannot make things
+/// worse. Pods of no member do not count: they may fail for another reason (the
+/// tombstone of a removed member, an empty volume waiting to be added).
+fn template_proven(o: &Observed, is_member: impl Fn(u64) -> bool) -> bool {
+    o.pods.iter().all(|(ord, p)| p.terminating || p.running || outdated(o, p) || !is_member(u64::from(*ord) + 1))
+}
+
 /// Does the pod run an older pod template than the StatefulSet's (unknown: no).
 fn outdated(o: &Observed, pod: &PodView) -> bool {
     o.template_hash.as_ref().is_some_and(|want| pod.template_hash.as_ref() != Some(want))
@@ -625,6 +661,11 @@ fn restart(o: &Observed, c: &ClusterView, op: &Operation) -> Action {
             if !outdated(o, p) {
                 return Action::Record(None);
             }
+            // Another member's pod on the current template does not run (since this
+            // restart was recorded): the template may be bad; the roll stops here.
+            if !template_proven(o, |m| c.members.contains_key(&m)) {
+                return Action::Wait(WaitReason::RestartWaitsForHealth(id));
+            }
             // Also for a member that looks down: "unhealthy" may only be an API call
             // that timed out, while it still votes or leads.
             if c.leader == id && c.voters().len() > 1 {
@@ -636,11 +677,12 @@ fn restart(o: &Observed, c: &ClusterView, op: &Operation) -> Action {
             if !c.can_restart(id) {
                 return Action::Wait(WaitReason::WouldLoseQuorum(id));
             }
-            // A running pod of a cluster that tolerates a disruption goes by eviction,
-            // so a node drain evicting another member meanwhile cannot add up with it
-            // (the PodDisruptionBudget counts both). One or two voters tolerate none:
-            // their budget refuses every eviction, so their pods are deleted.
-            if p.running && c.voters().len() >= 3 {
+            // A cluster that tolerates a disruption restarts by eviction, so a node drain
+            // evicting another member meanwhile cannot add up with it (the
+            // PodDisruptionBudget counts both; a pod that does not run is evicted while
+            // the budget is healthy). One or two voters tolerate none: their budget
+            // refuses every eviction, so their pods are deleted.
+            if c.voters().len() >= 3 {
                 return Action::EvictPod(ord);
             }
             Action::DeletePod(ord)
@@ -684,7 +726,9 @@ fn next_restart(o: &Observed, c: &ClusterView) -> Option<Action> {
         .filter_map(|id| o.pods.get(&ordinal(*id)).map(|p| (*id, p)))
         .filter(|(_, p)| !p.terminating && outdated(o, p))
         .collect();
-    if let Some((id, p)) = stale.iter().find(|(id, _)| !c.healthy(*id)) {
+    // Only onto a template that runs: a member that crashed on the old one is better
+    // left to the kubelet than moved next to a pod that cannot start.
+    if let Some((id, p)) = stale.iter().find(|(id, _)| !c.healthy(*id)).filter(|_| template_proven(o, |id| c.members.contains_key(&id))) {
         return Some(restart_op(*id, p));
     }
     let (first, _) = stale.first()?;

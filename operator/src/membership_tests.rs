@@ -189,6 +189,7 @@ impl Model {
             // The controller's status.members is the membership of its last reconcile.
             recorded_top: pods_needed_top(self.members.iter().map(|(id, (r, _))| (*id, *r == Role::Voter)), self.desired),
             template_hash: Some(self.template.to_string()),
+            recorded_members: self.members.keys().copied().collect(),
         }
     }
 
@@ -276,21 +277,32 @@ impl Model {
             Action::DeletePod(ord) | Action::EvictPod(ord) => {
                 let id = u64::from(*ord) + 1;
                 if matches!(a, Action::EvictPod(_)) {
-                    // The PodDisruptionBudget: maxUnavailable = voters - majority, counting
-                    // voters whose pods do not run.
+                    // The PodDisruptionBudget (maxUnavailable = voters - majority): a running
+                    // pod goes only while fewer are disrupted; one that does not run while
+                    // the budget is healthy (the default unhealthyPodEvictionPolicy). Both
+                    // come to: the other voters' healthy pods are a majority.
                     let voters = self.voters();
-                    let disrupted = self
+                    let healthy = self
                         .members
                         .iter()
-                        .filter(|(m, (r, _))| *r == Role::Voter && !self.node_up(**m))
+                        .filter(|(m, (r, _))| *r == Role::Voter && **m != id && self.node_up(**m))
                         .count();
-                    if disrupted >= voters - majority(voters) {
+                    if healthy < majority(voters) {
                         return; // 429
                     }
                 }
                 let was_up = self.node_up(id) && self.members.get(&id).is_some_and(|(r, _)| *r == Role::Voter);
                 let had_quorum = self.has_quorum();
                 let repairing = self.operation.as_ref().is_some_and(|op| op.kind == OperationKind::ReplaceAmnesiac);
+                let on_bad = self
+                    .pods
+                    .iter()
+                    .filter(|(o, p)| **o != *ord && !p.terminating && p.template == self.template)
+                    .any(|(o, _)| self.members.contains_key(&(u64::from(*o) + 1)));
+                let target_on_old = self.pods.get(ord).is_some_and(|p| p.template != self.template);
+                if self.members.contains_key(&id) && self.bad_templates.contains(&self.template) && on_bad && target_on_old {
+                    self.violation(format!("{a:?}: a second member onto a template that does not run"));
+                }
                 if self.node_up(id) && !repairing && self.pods.get(ord).is_some_and(|p| p.template == self.template) {
                     self.violation(format!("DeletePod({ord}) of a running pod on the current template"));
                 }
@@ -701,6 +713,9 @@ enum Event {
     PodsUp,
     /// A member's `/v1/status` times out (it still votes, and may lead).
     Flaky(u64),
+    /// A member's container crashes (only when the rest keep a healthy majority); the
+    /// kubelet restarts it at the next `Progress`.
+    ContainerCrash(u64),
     /// Leadership moves to some healthy voter.
     Election(u64),
     /// A member's volume is lost (only when the rest keep a healthy majority).
@@ -721,6 +736,7 @@ fn event() -> impl Strategy<Value = Event> {
         1 => (1u64..=9).prop_map(Event::PodDown),
         2 => Just(Event::PodsUp),
         1 => (1u64..=9).prop_map(Event::Flaky),
+        1 => (1u64..=9).prop_map(Event::ContainerCrash),
         1 => (1u64..=9).prop_map(Event::Election),
         1 => (1u64..=9).prop_map(Event::LoseVolume),
         1 => (0u32..=4).prop_map(Event::ShrinkStatefulSet),
@@ -753,7 +769,34 @@ impl Model {
                 self.flaky.clear();
             }
             Event::Flaky(id) => {
-                self.flaky.insert(*id);
+                // As PodDown: only when the rest keep a healthy majority, counting one more
+                // failure. (Unbounded, the model finds a second learner added while a
+                // scale-up's learner waits: an amnesia repair that re-adds its member
+                // during a scale-up, with two members looking down. Learners count in no
+                // quorum; see docs/membership.md, Known limits.)
+                let healthy_voters = self
+                    .members
+                    .iter()
+                    .filter(|(m, (r, _))| *r == Role::Voter && self.node_up(**m) && !self.amnesiac(**m) && !self.flaky.contains(*m) && **m != *id)
+                    .count();
+                if self.members.contains_key(id) && healthy_voters >= majority(self.voters().saturating_sub(1)).max(majority(self.voters())) {
+                    self.flaky.insert(*id);
+                }
+            }
+            Event::ContainerCrash(id) => {
+                // As PodDown: only when the rest keep a healthy majority.
+                let ord = ordinal(*id);
+                let was = self.pods.get(&ord).map(|p| p.running);
+                if self.members.contains_key(id) && was == Some(true) {
+                    if let Some(p) = self.pods.get_mut(&ord) {
+                        p.running = false;
+                    }
+                    if !self.has_quorum() || self.good_voters() < majority(self.voters().saturating_sub(1)) {
+                        if let Some(p) = self.pods.get_mut(&ord) {
+                            p.running = true;
+                        }
+                    }
+                }
             }
             Event::ShrinkStatefulSet(n) => self.sts = self.sts.min(*n),
             Event::ChangeTemplate(bad) => {
@@ -783,8 +826,10 @@ impl Model {
                 if eligible {
                     let uid = self.uid();
                     self.pvcs.insert(ord, Pvc { uid, terminating: false, data: Data::Fresh });
+                    // The container restarts on the wiped volume, in the same pod.
+                    let template = self.pods.get(&ord).map_or(self.template, |p| p.template);
                     let uid = self.uid();
-                    self.pods.insert(ord, Pod { uid, running: true, terminating: false, template: self.template });
+                    self.pods.insert(ord, Pod { uid, running: !self.bad_templates.contains(&template), terminating: false, template });
                 }
             }
         }

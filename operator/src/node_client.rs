@@ -115,6 +115,10 @@ pub struct Members {
     /// All members.
     #[serde(default)]
     pub members: Vec<Member>,
+    /// The answering member's commit index, read with the match indexes (absent from
+    /// older nodes).
+    #[serde(default)]
+    pub commit_index: Option<u64>,
 }
 
 /// Outcome of a promotion request.

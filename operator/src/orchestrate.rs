@@ -111,9 +111,13 @@ pub async fn observe_cluster<N: NodeApi, A: Addresses>(node: &N, addrs: &A, cand
         .await;
     let statuses: BTreeMap<u64, NodeStatus> =
         ids.iter().zip(statuses).filter_map(|(id, s)| s.ok().filter(|s| s.id == *id).map(|s| (*id, s))).collect();
-    let commit_index = statuses.get(&members.leader).map(|s| s.commit_index).unwrap_or_else(|| {
-        statuses.values().map(|s| s.commit_index).max().unwrap_or(0)
-    });
+    // The leader's commit index from the same answer as its match indexes (compared with
+    // them: a later one would make a caught-up member look behind under load).
+    let commit_index = members
+        .commit_index
+        .filter(|_| members.leader != 0)
+        .or_else(|| statuses.get(&members.leader).map(|s| s.commit_index))
+        .unwrap_or_else(|| statuses.values().map(|s| s.commit_index).max().unwrap_or(0));
     let view = ClusterView {
         leader: members.leader,
         commit_index,
@@ -301,19 +305,25 @@ mod tests {
     #[tokio::test]
     async fn observation_skips_leaderless_members_and_uses_the_leaders_view() {
         let mut f = Fake::default();
-        f.views.insert(1, Members { leader: 0, members: vec![member(1, "voter", None)] });
+        f.views.insert(1, Members { leader: 0, members: vec![member(1, "voter", None)], commit_index: None });
         let leader_view = Members {
             leader: 3,
             members: vec![member(1, "voter", Some(false)), member(2, "voter", Some(true)), member(3, "voter", None), member(4, "learner", Some(true))],
+            commit_index: Some(95),
         };
-        f.views.insert(2, Members { leader: 3, members: vec![member(2, "voter", None)] });
+        f.views.insert(2, Members { leader: 3, members: vec![member(2, "voter", None)], commit_index: None });
         f.views.insert(3, leader_view);
         for id in [1, 2, 3] {
             f.statuses.insert(id, status(id, 50));
         }
         let c = observe_cluster(&f, &A, &[1, 2, 3]).await.expect("a view");
         assert_eq!(c.leader, 3);
-        assert_eq!(c.commit_index, 93, "the leader's commit index");
+        assert_eq!(c.commit_index, 95, "the leader's commit index, read with its match indexes");
+        let mut older = Fake::default();
+        older.views.insert(3, Members { commit_index: None, ..f.views[&3].clone() });
+        older.statuses = f.statuses.clone();
+        let c = observe_cluster(&older, &A, &[3]).await.expect("a view");
+        assert_eq!(c.commit_index, 93, "a node without it in /v1/members: its /v1/status");
         assert_eq!(c.members.len(), 4, "the leader's member list, not node 2's");
         assert!(!c.members[&1].healthy, "leader cannot reach 1");
         assert!(c.members[&2].healthy && c.members[&3].healthy);

@@ -310,6 +310,7 @@ async fn drive(
                 incarnations: w.incarnations.clone(),
                 recorded_top: 0,
                 template_hash: Some(w.template.to_string()),
+                recorded_members: Default::default(),
             }
         };
         let action = decide(&observed);
