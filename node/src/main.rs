@@ -7,6 +7,7 @@ use raftkv_node::shutdown::{Reason, Shutdown};
 use tracing_subscriber::EnvFilter;
 
 fn main() {
+    tune_allocator();
     // `backup` (exactly, first) selects the backup client and its own flags; every other
     // command line is the node's.
     if std::env::args().nth(1).as_deref() == Some("backup") {
@@ -59,4 +60,21 @@ fn main() {
     });
     rt.shutdown_timeout(std::time::Duration::from_secs(1));
     std::process::exit(code);
+}
+
+/// Allocations of 128 KiB and more get their own mapping, returned to the kernel when
+/// freed. glibc's default starts there but raises the threshold after each such block
+/// is freed (up to 32 MiB), after which the large transient buffers of snapshots, WAL
+/// batches and HTTP bodies come from the heap and stay resident after use: measured
+/// 2-3 % lower peak RSS under the PUT benchmark, throughput unchanged (see
+/// docs/performance.md). `MALLOC_MMAP_THRESHOLD_` in the environment still wins.
+fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_none() {
+        // SAFETY: mallopt only sets an allocator parameter; called first thing in main,
+        // before any other thread exists.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+        }
+    }
 }
