@@ -584,10 +584,25 @@ fn replace_amnesiac(o: &Observed, c: &ClusterView, op: &Operation) -> Action {
             }
             Action::Record(Some(op.at(OperationStage::Wiped)))
         }
-        OperationStage::Wiped => match scale_up(o, c, id) {
-            Action::Record(None) => Action::Record(None),
-            other => other,
-        },
+        OperationStage::Wiped => {
+            // A scale-up's learner left waiting when this replacement took over (it was
+            // dropped for it): settle it first, so the re-added member is the only
+            // learner. Promoted when wanted and the quorum rule allows, removed when not
+            // wanted any more.
+            if let Some(other) = c.members.iter().find(|(i, m)| m.role == Role::Learner && **i != id).map(|(i, _)| *i) {
+                return if u64::from(o.desired) < other {
+                    Action::RemoveMember(other)
+                } else if c.can_promote(other) {
+                    Action::Promote(other)
+                } else {
+                    Action::Wait(WaitReason::WouldLoseQuorum(other))
+                };
+            }
+            match scale_up(o, c, id) {
+                Action::Record(None) => Action::Record(None),
+                other => other,
+            }
+        }
     }
 }
 
