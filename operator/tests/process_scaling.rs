@@ -371,6 +371,17 @@ fn writer(urls: Arc<Mutex<Vec<String>>>, stop: Arc<AtomicBool>, acked: Arc<Mutex
 }
 
 
+/// Starts [`writer`] on a thread: its stop flag, its acknowledged writes, its handle.
+fn start_load(urls: &Arc<Mutex<Vec<String>>>) -> (Arc<AtomicBool>, Arc<Mutex<Vec<u64>>>, std::thread::JoinHandle<()>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    let load = {
+        let (u, s, a) = (urls.clone(), stop.clone(), acked.clone());
+        std::thread::spawn(move || writer(u, s, a))
+    };
+    (stop, acked, load)
+}
+
 /// A fresh simulated cluster (nothing started yet) and the operator's clients.
 fn setup() -> (tempfile::TempDir, Sim, Addrs, HttpNodeClient, Arc<Mutex<Vec<String>>>) {
     let root = tempfile::Builder::new().prefix("raftkv-operator-test-").tempdir().expect("tempdir");
@@ -413,12 +424,7 @@ async fn scales_3_5_3_1_3_under_load_and_survives_operator_crashes() {
     let result = std::panic::AssertUnwindSafe(async {
         // Bootstrap the initial three and start the load.
         drive(&sim, &addrs, &node, &urls, INITIAL, t, &never).await;
-        let stop = Arc::new(AtomicBool::new(false));
-        let acked = Arc::new(Mutex::new(Vec::new()));
-        let load = {
-            let (u, s, a) = (urls.clone(), stop.clone(), acked.clone());
-            std::thread::spawn(move || writer(u, s, a))
-        };
+        let (stop, acked, load) = start_load(&urls);
 
         let mut started = Instant::now();
         for target in [5u32, 3, 1, 3] {
@@ -458,27 +464,7 @@ async fn scales_3_5_3_1_3_under_load_and_survives_operator_crashes() {
         assert!(acked.len() > 100, "too few writes acknowledged under scaling: {}", acked.len());
 
         // Every acknowledged write is readable (linearizable reads via the leader).
-        let leader_url = {
-            let candidates: Vec<u64> = sim.lock().running().iter().map(|o| u64::from(*o) + 1).collect();
-            let c = observe_cluster(&node, &addrs, &candidates).await.expect("cluster");
-            addrs.client_url(c.leader)
-        };
-        // The blocking client must live off the async runtime's threads.
-        let to_read = acked.clone();
-        let missing = tokio::task::spawn_blocking(move || {
-            let http = Http::new(Duration::from_secs(10));
-            let mut missing = Vec::new();
-            for n in &to_read {
-                match http.get(&format!("{leader_url}/w-{n}")) {
-                    Ok(r) if r.status == StatusCode::OK && r.text() == format!("v-{n}") => {}
-                    Ok(r) => missing.push(format!("w-{n}: {} {}", r.status, r.text())),
-                    Err(e) => missing.push(format!("w-{n}: {e}")),
-                }
-            }
-            missing
-        })
-        .await
-        .expect("reader task");
+        let missing = lost_writes(&sim, &addrs, &node, acked.clone()).await;
         assert!(missing.is_empty(), "{} of {} acked writes lost: {:?}", missing.len(), acked.len(), &missing[..missing.len().min(10)]);
         eprintln!("{} acknowledged writes, all readable", acked.len());
     });
@@ -503,12 +489,7 @@ async fn lost_volume_is_detected_and_the_member_replaced() {
     let result = std::panic::AssertUnwindSafe(async {
         drive(&sim, &addrs, &node, &urls, INITIAL, t, &never).await;
         // Writes keep the log moving, so voters take snapshots (see "Reused ids").
-        let stop = Arc::new(AtomicBool::new(false));
-        let acked = Arc::new(Mutex::new(Vec::new()));
-        let load = {
-            let (u, s, a) = (urls.clone(), stop.clone(), acked.clone());
-            std::thread::spawn(move || writer(u, s, a))
-        };
+        let (stop, _acked, load) = start_load(&urls);
         // Lost volume: member 3's data dir is wiped under it (same claim, empty volume) and
         // its container restarts in join mode. The operator must detect the amnesia, remove
         // it, wipe claim and pod, and add it back as a new learner.
@@ -591,12 +572,7 @@ async fn a_changed_pod_template_restarts_members_one_at_a_time_under_load() {
     let t = Duration::from_secs(120);
     let result = std::panic::AssertUnwindSafe(async {
         drive(&sim, &addrs, &node, &urls, INITIAL, t, &never).await;
-        let stop = Arc::new(AtomicBool::new(false));
-        let acked = Arc::new(Mutex::new(Vec::new()));
-        let load = {
-            let (u, s, a) = (urls.clone(), stop.clone(), acked.clone());
-            std::thread::spawn(move || writer(u, s, a))
-        };
+        let (stop, acked, load) = start_load(&urls);
         let before: BTreeMap<u32, String> = {
             let mut w = sim.lock();
             w.template = 1;

@@ -45,6 +45,16 @@ run_suite() {
     cp "$work/state.calls" "$work/$name.calls" 2>/dev/null || : >"$work/$name.calls"
 }
 
+# fails_with NAME CAUSE [VAR=VALUE...]: the suite run with the fault exits 1, names CAUSE
+# in its log, and still deletes the kind cluster.
+fails_with() {
+    local name="$1" cause="$2"
+    shift 2
+    run_suite "$name" "$@"
+    check "exit status 1 (was $rc)" [ "$rc" -eq 1 ]
+    check "names the cause" grep -q "$cause" "$work/$name.log"
+    check "kind cluster deleted" grep -q "^kind delete cluster --name raftkv-e2e-" "$work/$name.calls"
+}
 echo "== happy path with broken tunnels and 503s"
 run_suite pass FAKE_PF_DIE=60 FAKE_503_EVERY=9
 check "exit status 0 (was $rc)" [ "$rc" -eq 0 ]
@@ -75,34 +85,19 @@ no_helm() { ! grep -q "^helm " "$work/kubectl.calls"; }
 check "no helm used" no_helm
 
 echo "== a member that loses its data fails the suite"
-run_suite amnesia FAKE_AMNESIA=1
-check "exit status 1 (was $rc)" [ "$rc" -eq 1 ]
-check "names the cause" grep -q "came back with a new data dir" "$work/amnesia.log"
+fails_with amnesia "came back with a new data dir" FAKE_AMNESIA=1
 check "prints diagnostics" grep -q "diagnostics after failure" "$work/amnesia.log"
-check "kind cluster deleted" grep -q "^kind delete cluster --name raftkv-e2e-" "$work/amnesia.calls"
 
 echo "== an API server that accepts an invalid spec change fails the suite"
-run_suite badspec FAKE_ACCEPT_BAD_SPEC=1
-check "exit status 1 (was $rc)" [ "$rc" -eq 1 ]
-check "names the cause" grep -q "accepted the invalid change" "$work/badspec.log"
-check "kind cluster deleted" grep -q "^kind delete cluster --name raftkv-e2e-" "$work/badspec.calls"
+fails_with badspec "accepted the invalid change" FAKE_ACCEPT_BAD_SPEC=1
 
 echo "== a backup job that never succeeds fails the suite"
-run_suite nobackup FAKE_BACKUP_FAIL=1
-check "exit status 1 (was $rc)" [ "$rc" -eq 1 ]
-check "names the cause" grep -q "timed out after 60s waiting for a backup job of CronJob example-backup to succeed" "$work/nobackup.log"
-check "kind cluster deleted" grep -q "^kind delete cluster --name raftkv-e2e-" "$work/nobackup.calls"
+fails_with nobackup "timed out after 60s waiting for a backup job of CronJob example-backup to succeed" FAKE_BACKUP_FAIL=1
 
 echo "== pods that never pick up a changed template fail the suite"
-run_suite norestart FAKE_NO_RESTART=1
-check "exit status 1 (was $rc)" [ "$rc" -eq 1 ]
-check "names the cause" grep -q "timed out after 60s waiting for every member restarted onto template" "$work/norestart.log"
-check "kind cluster deleted" grep -q "^kind delete cluster --name raftkv-e2e-" "$work/norestart.calls"
+fails_with norestart "timed out after 60s waiting for every member restarted onto template" FAKE_NO_RESTART=1
 echo "== members restarted all at once fail the suite"
-run_suite restartall FAKE_RESTART_ALL=1
-check "exit status 1 (was $rc)" [ "$rc" -eq 1 ]
-check "names the cause" grep -q "members did not restart one at a time" "$work/restartall.log"
-check "kind cluster deleted" grep -q "^kind delete cluster --name raftkv-e2e-" "$work/restartall.calls"
+fails_with restartall "members did not restart one at a time" FAKE_RESTART_ALL=1
 echo "== skips"
 rc=0
 FAKE_STATE="$work/state" FAKE_DOCKER_DOWN=1 PATH="$work/bin:$PATH" \
