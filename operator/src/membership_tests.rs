@@ -115,6 +115,12 @@ impl Model {
         self.pvcs.get(&ordinal(id)).is_none_or(|v| v.data != Data::Member)
     }
 
+    /// After a fault was applied: a quorum is left, and the good voters would still be a
+    /// majority with one voter fewer (faults are only injected where that holds).
+    fn fault_tolerated(&self) -> bool {
+        self.has_quorum() && self.good_voters() >= majority(self.voters().saturating_sub(1))
+    }
+
     /// Voters that are up and remember their log.
     fn good_voters(&self) -> usize {
         self.members
@@ -759,7 +765,7 @@ impl Model {
             Event::PodDown(id) => {
                 if self.members.contains_key(id) && !self.down.contains(id) {
                     self.down.insert(*id);
-                    if !self.has_quorum() || self.good_voters() < majority(self.voters().saturating_sub(1)) {
+                    if !self.fault_tolerated() {
                         self.down.remove(id);
                     }
                 }
@@ -776,14 +782,13 @@ impl Model {
             Event::ContainerCrash(id) => {
                 // As PodDown: only when the rest keep a healthy majority.
                 let ord = ordinal(*id);
-                let was = self.pods.get(&ord).map(|p| p.running);
-                if self.members.contains_key(id) && was == Some(true) {
-                    if let Some(p) = self.pods.get_mut(&ord) {
+                if self.members.contains_key(id) {
+                    if let Some(p) = self.pods.get_mut(&ord).filter(|p| p.running) {
                         p.running = false;
-                    }
-                    if !self.has_quorum() || self.good_voters() < majority(self.voters().saturating_sub(1)) {
-                        if let Some(p) = self.pods.get_mut(&ord) {
-                            p.running = true;
+                        if !self.fault_tolerated() {
+                            if let Some(p) = self.pods.get_mut(&ord) {
+                                p.running = true;
+                            }
                         }
                     }
                 }
