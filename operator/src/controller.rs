@@ -451,7 +451,7 @@ pub async fn reconcile<N: NodeApi>(rkv: Arc<RaftKV>, ctx: Arc<Context<N>>) -> Re
         .await?
         .items
         .iter()
-        .filter_map(|p| resources::parse_ordinal(&name, &p.name_any()).map(|o| (o, pod_view(p))))
+        .filter_map(|p| resources::pod_ordinal(&name, &p.name_any()).map(|o| (o, pod_view(p))))
         .collect();
     let pvcs: BTreeMap<u32, PvcView> = Api::<PersistentVolumeClaim>::namespaced(client.clone(), &ns)
         .list(&lp)
@@ -459,7 +459,7 @@ pub async fn reconcile<N: NodeApi>(rkv: Arc<RaftKV>, ctx: Arc<Context<N>>) -> Re
         .items
         .iter()
         .filter_map(|v| {
-            resources::parse_ordinal(&name, &v.name_any()).map(|o| {
+            resources::pvc_ordinal(&name, &v.name_any()).map(|o| {
                 (o, PvcView { uid: v.uid().unwrap_or_default(), terminating: v.metadata.deletion_timestamp.is_some() })
             })
         })

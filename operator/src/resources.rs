@@ -71,10 +71,21 @@ pub fn pvc_name(name: &str, ordinal: u32) -> String {
     format!("{DATA_VOLUME}-{name}-{ordinal}")
 }
 
-/// Ordinal of `<name>-<i>` (pods) or `data-<name>-<i>` (claims) for this cluster.
-pub fn parse_ordinal(cluster: &str, object_name: &str) -> Option<u32> {
-    let rest = object_name.strip_prefix(DATA_VOLUME).and_then(|r| r.strip_prefix('-')).unwrap_or(object_name);
-    let n = rest.strip_prefix(cluster)?.strip_prefix('-')?;
+/// Ordinal of the pod `<name>-<i>` of this cluster.
+pub fn pod_ordinal(cluster: &str, pod_name: &str) -> Option<u32> {
+    ordinal_after(pod_name.strip_prefix(cluster)?)
+}
+
+/// Ordinal of the volume claim `data-<name>-<i>` of this cluster. Separate from
+/// [`pod_ordinal`]: a cluster may itself be named `data-...`, and its pod `data-x-0`
+/// must not be read as the claim of a cluster `x`.
+pub fn pvc_ordinal(cluster: &str, claim_name: &str) -> Option<u32> {
+    ordinal_after(claim_name.strip_prefix(DATA_VOLUME)?.strip_prefix('-')?.strip_prefix(cluster)?)
+}
+
+/// `-<i>` with `i` a decimal number without leading zeros.
+fn ordinal_after(rest: &str) -> Option<u32> {
+    let n = rest.strip_prefix('-')?;
     if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) || (n.len() > 1 && n.starts_with('0')) {
         return None;
     }
@@ -614,11 +625,20 @@ mod tests {
         assert_eq!(peer_url("kv", "db", 1), "http://kv-0.kv-peer.db.svc:2380");
         assert_eq!(client_url("kv", "db", 3), "http://kv-2.kv-peer.db.svc:2379");
         assert_eq!(pvc_name("kv", 4), "data-kv-4");
-        assert_eq!(parse_ordinal("kv", "kv-12"), Some(12));
-        assert_eq!(parse_ordinal("kv", "data-kv-0"), Some(0));
-        assert_eq!(parse_ordinal("kv", "kv-peer"), None);
-        assert_eq!(parse_ordinal("kv", "kvx-1"), None);
-        assert_eq!(parse_ordinal("kv", "kv-01"), None);
+        assert_eq!(pod_ordinal("kv", "kv-12"), Some(12));
+        assert_eq!(pvc_ordinal("kv", "data-kv-0"), Some(0));
+        assert_eq!(pod_ordinal("kv", "data-kv-0"), None);
+        assert_eq!(pvc_ordinal("kv", "kv-0"), None);
+        assert_eq!(pod_ordinal("kv", "kv-peer"), None);
+        assert_eq!(pod_ordinal("kv", "kvx-1"), None);
+        assert_eq!(pod_ordinal("kv", "kv-01"), None);
+        // A cluster whose name starts with the claim prefix sees its own pods and claims.
+        assert_eq!(pod_ordinal("data-store", "data-store-2"), Some(2));
+        assert_eq!(pvc_ordinal("data-store", "data-data-store-2"), Some(2));
+        assert_eq!(pvc_ordinal("store", "data-store-2"), Some(2));
+        assert_eq!(pod_ordinal("store", "data-store-2"), None);
+        assert_eq!(pod_ordinal("data", "data-1"), Some(1));
+        assert_eq!(pvc_ordinal("data", "data-data-1"), Some(1));
         assert_eq!(selector_string("kv"), "app.kubernetes.io/instance=kv,app.kubernetes.io/name=raftkv");
     }
 
@@ -766,7 +786,8 @@ mod tests {
         assert!(claim.metadata.owner_references.is_none(), "backups outlive the cluster");
         let claim_labels = claim.metadata.labels.clone().unwrap_or_default();
         assert!(!members.iter().all(|(k, v)| claim_labels.get(k) == Some(v)), "{claim_labels:?}");
-        assert_eq!(parse_ordinal("kv", "kv-backups"), None);
+        assert_eq!(pvc_ordinal("kv", "kv-backups"), None);
+        assert_eq!(pod_ordinal("kv", "kv-backups"), None);
         let req = claim.spec.and_then(|s| s.resources).and_then(|r| r.requests).unwrap_or_default();
         assert_eq!(req.get("storage").map(|q| q.0.as_str()), Some("10Gi"));
     }
