@@ -643,11 +643,15 @@ fn stuck_outdated_pod(o: &Observed, known_top: u64) -> Option<u32> {
 }
 
 /// No member's pod made from the current pod template fails to run (one starting counts
-/// as failing until it runs): moving a member that is down onto it cannot make things
-/// worse. Pods of no member do not count: they may fail for another reason (the
+/// as failing until it runs), and no member within the StatefulSet lacks its pod (one the
+/// API server refuses to create from this template, for a quota, a policy or a bad
+/// image name, never shows up at all): moving a member that is down onto it cannot make
+/// things worse. Pods of no member do not count: they may fail for another reason (the
 /// tombstone of a removed member, an empty volume waiting to be added).
 fn template_proven(o: &Observed, is_member: impl Fn(u64) -> bool) -> bool {
-    o.pods.iter().all(|(ord, p)| p.terminating || p.running || outdated(o, p) || !is_member(u64::from(*ord) + 1))
+    let missing = (0..o.sts_replicas).any(|ord| !o.pods.contains_key(&ord) && is_member(u64::from(ord) + 1));
+    !missing
+        && o.pods.iter().all(|(ord, p)| p.terminating || p.running || outdated(o, p) || !is_member(u64::from(*ord) + 1))
 }
 
 /// Does the pod run an older pod template than the StatefulSet's (unknown: no).

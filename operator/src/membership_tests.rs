@@ -58,8 +58,11 @@ struct Model {
     incarnations: BTreeMap<u64, String>,
     /// The StatefulSet's pod template now.
     template: u64,
-    /// Templates whose pods never start (a bad image).
+    /// Templates whose pods never start (a bad image), or are never even created.
     bad_templates: BTreeSet<u64>,
+    /// Templates the API server refuses to create pods from (a quota, a policy): also
+    /// in `bad_templates`.
+    refused_templates: BTreeSet<u64>,
     next_uid: u64,
     /// Every violation of a safety invariant seen.
     violations: Vec<String>,
@@ -84,6 +87,7 @@ impl Model {
             incarnations: BTreeMap::new(),
             template: 0,
             bad_templates: BTreeSet::new(),
+            refused_templates: BTreeSet::new(),
             next_uid: 0,
             violations: Vec::new(),
         };
@@ -304,7 +308,12 @@ impl Model {
                     .pods
                     .iter()
                     .filter(|(o, p)| **o != *ord && !p.terminating && p.template == self.template)
-                    .any(|(o, _)| self.members.contains_key(&(u64::from(*o) + 1)));
+                    .any(|(o, _)| self.members.contains_key(&(u64::from(*o) + 1)))
+                    // A member whose pod the current template cannot even create.
+                    || (self.refused_templates.contains(&self.template)
+                        && (0..self.sts).any(|o| {
+                            o != *ord && !self.pods.contains_key(&o) && self.members.contains_key(&(u64::from(o) + 1))
+                        }));
                 let target_on_old = self.pods.get(ord).is_some_and(|p| p.template != self.template);
                 if self.members.contains_key(&id) && self.bad_templates.contains(&self.template) && on_bad && target_on_old {
                     self.violation(format!("{a:?}: a second member onto a template that does not run"));
@@ -380,6 +389,9 @@ impl Model {
                 if !self.pvcs.contains_key(&o) {
                     let uid = self.uid();
                     self.pvcs.insert(o, Pvc { uid, terminating: false, data: Data::Fresh });
+                }
+                if self.refused_templates.contains(&self.template) {
+                    continue;
                 }
                 let uid = self.uid();
                 self.pods.insert(o, Pod { uid, running: false, terminating: false, template: self.template });
@@ -703,6 +715,17 @@ fn majority_sizes() {
 // ---------------------------------------------------------------------------------------
 // Property test: random interleavings of operator steps, crashes and world events.
 
+/// What a changed pod template does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TemplateKind {
+    /// Its pods run.
+    Works,
+    /// Its pods are created but never run (a bad image).
+    NeverRuns,
+    /// The API server refuses to create its pods (a quota, a policy).
+    Refused,
+}
+
 #[derive(Clone, Debug)]
 enum Event {
     /// The operator takes one step (decide + execute).
@@ -728,9 +751,8 @@ enum Event {
     LoseVolume(u64),
     /// Someone runs `kubectl scale sts --replicas=n` (may take the quorum away).
     ShrinkStatefulSet(u32),
-    /// A user changes the pod template (image, resources); `true`: to one whose pods
-    /// never start.
-    ChangeTemplate(bool),
+    /// A user changes the pod template (image, resources).
+    ChangeTemplate(TemplateKind),
 }
 
 fn event() -> impl Strategy<Value = Event> {
@@ -746,7 +768,8 @@ fn event() -> impl Strategy<Value = Event> {
         1 => (1u64..=9).prop_map(Event::Election),
         1 => (1u64..=9).prop_map(Event::LoseVolume),
         1 => (0u32..=4).prop_map(Event::ShrinkStatefulSet),
-        1 => prop::bool::weighted(0.3).prop_map(Event::ChangeTemplate),
+        1 => prop_oneof![7 => Just(TemplateKind::Works), 2 => Just(TemplateKind::NeverRuns), 1 => Just(TemplateKind::Refused)]
+            .prop_map(Event::ChangeTemplate),
     ]
 }
 
@@ -794,10 +817,13 @@ impl Model {
                 }
             }
             Event::ShrinkStatefulSet(n) => self.sts = self.sts.min(*n),
-            Event::ChangeTemplate(bad) => {
+            Event::ChangeTemplate(kind) => {
                 self.template += 1;
-                if *bad {
+                if *kind != TemplateKind::Works {
                     self.bad_templates.insert(self.template);
+                }
+                if *kind == TemplateKind::Refused {
+                    self.refused_templates.insert(self.template);
                 }
             }
             Event::Election(id) => {
@@ -1077,4 +1103,40 @@ fn an_amnesia_repair_inside_a_scale_up_settles_the_waiting_learner_first() {
     m.elect();
     run_until_done(&mut m, 120);
     assert!(m.converged() && m.violations.is_empty(), "{m:#?}");
+}
+
+#[test]
+fn a_template_whose_pods_are_never_created_is_not_proven_by_their_absence() {
+    // Five members; the new template's pods are refused at creation (say, a quota): the
+    // first member restarted never comes back, and the roll stops there.
+    let mut m = Model::new(5);
+    m.template = 1;
+    m.bad_templates.insert(1);
+    m.refused_templates.insert(1);
+    let mut trace = Vec::new();
+    for _ in 0..40 {
+        m.elect();
+        let a = decide(&m.observe());
+        trace.push(a.clone());
+        m.apply(&a);
+        m.progress();
+    }
+    let first = deleted_pods(&trace);
+    assert_eq!(first.len(), 1, "one member is taken down: {trace:?}");
+    assert!(!m.pods.contains_key(&first[0]), "its pod is never created");
+    // Another member's container now crashes on the old template, and stays down: it
+    // must not be moved onto the template that cannot even create its pod.
+    let other = (0..5u32).find(|o| *o != first[0] && u64::from(*o) + 1 != m.leader).expect("a follower");
+    if let Some(p) = m.pods.get_mut(&other) {
+        p.running = false;
+    }
+    let mut trace = Vec::new();
+    for _ in 0..20 {
+        m.elect();
+        let a = decide(&m.observe());
+        trace.push(a.clone());
+        m.apply(&a);
+    }
+    assert!(deleted_pods(&trace).is_empty(), "no second member goes: {trace:?}");
+    assert!(m.violations.is_empty(), "{:?}", m.violations);
 }
