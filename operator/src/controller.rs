@@ -229,17 +229,15 @@ fn action_label(action: &Action) -> &'static str {
 /// a spec it finds invalid, an admission webhook, a quota) will be refused again until
 /// someone acts: say so where `kubectl describe` and `kubectl get` show it, a Warning
 /// Event and `status.message`. Best effort; the error still goes to the error policy.
-async fn report_refused_apply<N: NodeApi>(ctx: &Context<N>, rkv: &RaftKV, rkv_api: &Api<RaftKV>, kind: &str, e: &kube::Error) {
-    let kube::Error::Api(st) = e else { return };
+/// What to tell about an object the API server refused for good (a 4xx other than
+/// conflict and throttling: the spec is wrong, a policy or a quota says no), or None
+/// for a failure worth retrying as it is.
+fn refusal_note(kind: &str, e: &kube::Error) -> Option<String> {
+    let kube::Error::Api(st) = e else { return None };
     if !(400..500).contains(&st.code) || st.code == 409 || st.code == 429 {
-        return;
+        return None;
     }
-    let note = format!("the API server refused the {kind} ({} {}): {}", st.code, st.reason, st.message);
-    publish(&ctx.recorder, rkv, EventType::Warning, "ApplyRefused", note.clone()).await;
-    let patch = json!({"status": {"message": note}});
-    if let Err(e) = rkv_api.patch_status(&rkv.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await {
-        tracing::warn!(error = %e, "writing the refusal to status failed");
-    }
+    Some(format!("the API server refused the {kind} ({} {}): {}", st.code, st.reason, st.message))
 }
 
 async fn publish(recorder: &Recorder, rkv: &RaftKV, type_: EventType, reason: &str, note: String) {
@@ -439,10 +437,20 @@ pub async fn reconcile<N: NodeApi>(rkv: Arc<RaftKV>, ctx: Arc<Context<N>>) -> Re
         Ok::<(), (&str, kube::Error)>(())
     }
     .await;
-    if let Err((kind, e)) = applied {
-        report_refused_apply(&ctx, &rkv, &rkv_api, kind, &e).await;
-        return Err(e.into());
-    }
+    // An object the API server refuses for good is reported (a Warning Event, the status
+    // message), and the cluster is still observed so that status stays true meanwhile;
+    // no membership step is taken (it may need the refused object). Anything else is
+    // retried by the error policy at once.
+    let refused = match applied {
+        Ok(()) => None,
+        Err((kind, e)) => match refusal_note(kind, &e) {
+            Some(note) => {
+                publish(&ctx.recorder, &rkv, EventType::Warning, "ApplyRefused", note.clone()).await;
+                Some((note, e))
+            }
+            None => return Err(e.into()),
+        },
+    };
 
     // 3. Observe pods, claims and the raft cluster.
     let lp = ListParams::default().labels(&resources::selector_string(&name));
@@ -485,8 +493,8 @@ pub async fn reconcile<N: NodeApi>(rkv: Arc<RaftKV>, ctx: Arc<Context<N>>) -> Re
         recorded_members: status.members.iter().map(|m| m.id).collect(),
     };
 
-    // 4. One step.
-    let action = decide(&observed);
+    // 4. One step (none while an object is refused).
+    let action = if refused.is_some() { Action::Done } else { decide(&observed) };
     tracing::info!(rkv = %name, namespace = %ns, ?action, "decided");
     let leader = cluster.as_ref().map(|c| c.leader).unwrap_or(0);
     let platform = KubePlatform { client: client.clone(), name: name.clone(), namespace: ns.clone() };
@@ -545,6 +553,9 @@ pub async fn reconcile<N: NodeApi>(rkv: Arc<RaftKV>, ctx: Arc<Context<N>>) -> Re
         .filter(|p| !p.terminating && p.template_hash.is_some() && p.template_hash == observed.template_hash)
         .count();
     new_status.updated_replicas = i32::try_from(updated).unwrap_or(i32::MAX);
+    if let Some((note, _)) = &refused {
+        new_status.message = Some(note.clone());
+    }
     // Voters seen now, or last seen when no member answers; the initial size only
     // before any member was ever seen.
     let voters = match usize::try_from(new_status.replicas).unwrap_or(0) {
@@ -583,6 +594,9 @@ pub async fn reconcile<N: NodeApi>(rkv: Arc<RaftKV>, ctx: Arc<Context<N>>) -> Re
     }
     rkv_api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&json!({"status": status_json}))).await?;
 
+    if let Some((_, e)) = refused {
+        return Err(e.into());
+    }
     outcome?;
     backups.map_err(|(_, e)| e)?;
     Ok(match action {

@@ -554,16 +554,26 @@ async fn a_statefulset_the_api_server_refuses_is_reported_in_an_event_and_status
         expect("PATCH", CLIENT_SVC, json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "kv"}})),
         Expect { method: "PATCH", path: STS.to_string(), status: 422, response: refusal },
         expect("POST", EVENTS, event_ok()),
+        // The cluster is still observed, and status written from what was seen; no step.
+        expect("GET", PODS, list("PodList", (0..2).map(pod_json).collect())),
+        expect("GET", PVCS, list("PersistentVolumeClaimList", (0..3).map(pvc_json).collect())),
+        expect("PATCH", PDB, pdb_ok()),
         expect("PATCH", RKV_STATUS, echo_rkv(&r)),
     ];
-    let (res, seen, _) = run_reconcile(r, FakeNode::cluster(&[1, 2, 3], &[], 1), script).await;
+    // Member 3 went down meanwhile: status must say so although the spec is refused.
+    let mut node = FakeNode::cluster(&[1, 2, 3], &[], 1);
+    node.statuses.remove(&3);
+    let (res, seen, ctx) = run_reconcile(r, node, script).await;
     assert!(res.is_err(), "{res:?}");
+    assert!(ctx.node.calls().is_empty(), "no membership step: {:?}", ctx.node.calls());
     let event = &find(&seen, "POST", EVENTS)[0].body;
     assert_eq!(event["type"], "Warning", "{event}");
     assert_eq!(event["reason"], "ApplyRefused", "{event}");
     assert!(event["note"].as_str().unwrap_or("").contains("ten gigs"), "{event}");
     let status = &find(&seen, "PATCH", RKV_STATUS)[0].body["status"];
     assert!(status["message"].as_str().unwrap_or("").starts_with("the API server refused the StatefulSet (422 Invalid)"), "{status}");
+    assert_eq!(status["readyReplicas"], 2, "{status}");
+    assert_eq!(status["phase"], "Degraded", "{status}");
 }
 
 #[tokio::test]
