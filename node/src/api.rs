@@ -1487,6 +1487,7 @@ pub fn members_json(st: &NodeStatus) -> Json {
         let p = st.progress.iter().find(|p| p.id == id);
         m["match_index"] = p.map(|p| json!(p.match_index)).unwrap_or(Json::Null);
         m["reachable"] = p.map(|p| json!(p.recent_active)).unwrap_or(Json::Null);
+        m["added_at"] = st.added_at.iter().find(|(m, _)| *m == id).map(|(_, i)| json!(i)).unwrap_or(Json::Null);
     }
     json!({
         "leader": st.leader,
@@ -1523,6 +1524,13 @@ fn admin_refusal(check: crate::auth::Check) -> Option<Resp> {
         }
         Check::Wrong => Some(error(StatusCode::FORBIDDEN, "permission_denied", "wrong admin token")),
     }
+}
+
+/// The index of the entry that last added member `id`, from the member list of the
+/// member at peer URL `peer_url` (None: not known there, or no answer).
+pub(crate) async fn member_added_at(cfg: &Config, peer_url: &str, id: u64) -> Option<u64> {
+    let v = fetch_json(cfg, &format!("{}/members", peer_url.trim_end_matches('/'))).await.ok()?;
+    v.get("members")?.as_array()?.iter().find(|m| m.get("id").and_then(Json::as_u64) == Some(id))?.get("added_at")?.as_u64()
 }
 
 async fn fetch_json(cfg: &Config, url: &str) -> Result<Json, ApiError> {

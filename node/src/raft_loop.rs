@@ -277,6 +277,12 @@ pub enum Request {
         /// Request ids of the dropped proposals.
         ids: Vec<u64>,
     },
+    /// A member's list says this (quarantined, `lost_log`) member's id was last added by
+    /// the entry at `added_at` (see [`RaftLoop::quarantined`]).
+    Readmitted {
+        /// Index of the conf change that last added this member, as the peer knows it.
+        added_at: u64,
+    },
     /// Move leadership to `to`.
     TransferLeader(u64),
     /// Stop: hand leadership over if leader, flush, exit.
@@ -369,6 +375,9 @@ pub struct NodeStatus {
     /// This empty data dir holds an id the cluster knows with a longer log: the node
     /// takes no part in raft until the id is removed and added again.
     pub lost_log: bool,
+    /// Index of the conf change that last added each member, for those added since
+    /// this member's state was last restored from a snapshot (others: not known).
+    pub added_at: Vec<(u64, u64)>,
     /// The disk is full: new writes are refused until space returns.
     pub disk_full: bool,
     /// This member leads and a membership change proposed in its term is not yet
@@ -563,6 +572,15 @@ struct RaftLoop {
     empty_joiner: bool,
     /// The cluster knows this id by a log this (empty) data dir never had: quarantined.
     lost_log: bool,
+    /// The highest commit index a leader claimed for this member while `lost_log`: the
+    /// id must have been added again by a later entry before the quarantine ends.
+    lost_log_commit: u64,
+    /// When this quarantined member last asked a leader whether its id was added again,
+    /// and whether that question is still out.
+    readmit_asked: Option<Instant>,
+    readmit_inflight: Arc<AtomicBool>,
+    /// `added_at` as published in the status (sorted by id).
+    added_at_view: Vec<(u64, u64)>,
     /// When a dropped peer message (see [`vet`]) was last logged as a warning.
     last_vet_warning: Option<Instant>,
     /// The last write to the disk failed for want of space; new writes are refused.
@@ -675,6 +693,19 @@ pub fn start(
         info!("fresh node waiting to be added to the cluster (join)");
     }
     let started_empty = storage.is_fresh() && cfg.join;
+    // A quarantine (see `RaftLoop::quarantined`) outlives restarts: a leader elected
+    // since would not tell again (its heartbeats claim nothing for this member).
+    let lost_log_commit = match storage::read_lost_log(&cfg.data_dir)? {
+        Some(commit) if started_empty => {
+            warn!(commit, "this empty data dir was found to be an old member's lost volume: staying out of raft until the id is added again");
+            Some(commit)
+        }
+        Some(_) => {
+            storage::clear_lost_log(&cfg.data_dir)?;
+            None
+        }
+        None => None,
+    };
     let mut kv = KvStore::new();
     if let Some(chain) = storage.latest_snapshot()? {
         kv.restore(&chain.full.data)?;
@@ -764,7 +795,11 @@ pub fn start(
         removed: false,
         fatal: None,
         empty_joiner: started_empty,
-        lost_log: false,
+        lost_log: lost_log_commit.is_some(),
+        lost_log_commit: lost_log_commit.unwrap_or(0),
+        readmit_asked: None,
+        readmit_inflight: Arc::new(AtomicBool::new(false)),
+        added_at_view: Vec::new(),
         last_vet_warning: None,
         disk_full: false,
         decoded_snapshot: None,
@@ -979,6 +1014,7 @@ impl RaftLoop {
                 }
             }
             Request::Unreachable(id) => self.raw.report_unreachable(id),
+            Request::Readmitted { added_at } => self.on_readmitted(added_at),
             Request::SnapshotSent(id, ok) => {
                 let status = if ok { SnapshotStatus::Finish } else { SnapshotStatus::Failure };
                 self.raw.report_snapshot(id, status);
@@ -1106,6 +1142,12 @@ impl RaftLoop {
                 );
                 self.lost_log = true;
             }
+            if m.commit > self.lost_log_commit {
+                self.lost_log_commit = m.commit;
+                if let Err(e) = storage::write_lost_log(&self.cfg.data_dir, m.commit) {
+                    warn!(error = %e, "cannot record the quarantine in the data dir (it holds until this process stops)");
+                }
+            }
             return true;
         }
         error!(
@@ -1136,18 +1178,52 @@ impl RaftLoop {
 
     /// While this empty joiner is known to the cluster by an older log (`lost_log`), it
     /// drops every raft message: it must not vote or acknowledge, nor quietly catch up
-    /// as the member it is not. A heartbeat whose commit fits its log ends that: the
-    /// leader's progress for this id starts over, so the id was removed and added again.
+    /// as the member it is not. Only proof that the id was removed and added again after
+    /// the quarantine began ends it: the member list of the leader that sends heartbeats
+    /// (asked at most once a second) names a later entry as the one that added this id.
+    /// A heartbeat's commit is no such proof: any newly elected leader starts every
+    /// follower's progress at 0, and would lift the quarantine of a member whose vote
+    /// could then elect a candidate that lacks entries this member once acknowledged.
     fn quarantined(&mut self, m: &Message) -> bool {
         if !self.lost_log {
             return false;
         }
-        if m.get_msg_type() == MessageType::MsgHeartbeat && m.commit <= self.raw.raft.raft_log.last_index() {
-            info!(leader = m.from, "the cluster added this member again; taking part in raft");
-            self.lost_log = false;
-            return false;
+        if m.get_msg_type() == MessageType::MsgHeartbeat {
+            self.ask_if_readmitted(m.from);
         }
         true
+    }
+
+    /// Asks member `leader` (its peer port's member list) when this member's id was last
+    /// added; the answer comes back as [`Request::Readmitted`].
+    fn ask_if_readmitted(&mut self, leader: u64) {
+        let now = Instant::now();
+        if self.readmit_inflight.load(Ordering::Relaxed) || self.readmit_asked.is_some_and(|t| now.duration_since(t) < Duration::from_secs(1)) {
+            return;
+        }
+        let Some(url) = self.transport.peer_url(leader) else { return };
+        self.readmit_asked = Some(now);
+        self.readmit_inflight.store(true, Ordering::Relaxed);
+        let (cfg, tx, inflight, me) = (self.cfg.clone(), self.self_tx.clone(), self.readmit_inflight.clone(), self.cfg.id);
+        self.transport.spawn(async move {
+            if let Some(added_at) = crate::api::member_added_at(&cfg, &url, me).await {
+                let _ = tx.send(Request::Readmitted { added_at });
+            }
+            inflight.store(false, Ordering::Relaxed);
+        });
+    }
+
+    /// A peer's member list names the entry that last added this member.
+    fn on_readmitted(&mut self, added_at: u64) {
+        if !self.lost_log || added_at <= self.lost_log_commit {
+            return;
+        }
+        info!(added_at, quarantined_at = self.lost_log_commit, "the cluster added this member again; taking part in raft");
+        self.lost_log = false;
+        if let Err(e) = storage::clear_lost_log(&self.cfg.data_dir) {
+            warn!(error = %e, "cannot remove the quarantine marker; a restart checks the member list again");
+        }
+        self.publish_status();
     }
 
     /// A snapshot message's image must decode before raft sees the message: raft-rs
@@ -1633,10 +1709,13 @@ impl RaftLoop {
                     match ch.get_change_type() {
                         ConfChangeType::AddNode | ConfChangeType::AddLearnerNode => {
                             if !was_member(id, &before) {
-                                match self.added_at.lock() {
-                                    Ok(mut m) => m.insert(id, index),
-                                    Err(p) => p.into_inner().insert(id, index),
+                                let mut m = match self.added_at.lock() {
+                                    Ok(m) => m,
+                                    Err(p) => p.into_inner(),
                                 };
+                                m.insert(id, index);
+                                self.added_at_view = m.iter().map(|(k, v)| (*k, *v)).collect();
+                                self.added_at_view.sort_unstable();
                             }
                             if !ctx.peer_url.is_empty() {
                                 kv.set_member(id, ctx.peer_url.clone());
@@ -1938,6 +2017,7 @@ impl RaftLoop {
             incarnation: self.incarnation,
             stopping: self.stop_deadline.is_some() || self.removed,
             lost_log: self.lost_log,
+            added_at: self.added_at_view.clone(),
             disk_full: self.disk_full,
             conf_change_pending: self.conf_change_refusal(applied) == Some(ProposeError::ConfChangeInProgress),
         };

@@ -367,6 +367,11 @@ impl Transport {
         Transport { inner: Arc::new(Inner { id, self_url, cluster_id, peers: RwLock::new(HashMap::new()), raft, client, rt }) }
     }
 
+    /// Runs `fut` on the node's runtime (for the raft loop, which has none of its own).
+    pub fn spawn(&self, fut: impl std::future::Future<Output = ()> + Send + 'static) {
+        self.inner.rt.spawn(fut);
+    }
+
     /// Sets the cluster id sent to peers (the raft loop's, once its state machine has it).
     pub fn set_cluster_id(&self, id: u64) {
         self.inner.cluster_id.store(id, std::sync::atomic::Ordering::Relaxed);

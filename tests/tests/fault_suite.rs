@@ -5,6 +5,8 @@
 //! * a corrupted WAL record or snapshot file makes the node refuse to start, naming the
 //!   file and the offset; the member is then recovered by the documented procedure
 //!   (docs/storage.md, "Recovering a damaged member"): wipe, remove, re-add, promote;
+//! * a member whose volume was lost comes back empty and stays out of raft (`lost_log`)
+//!   across a leader change and its own restart, until its id is removed and added again;
 //! * a full disk (ENOSPC on a real, size-limited tmpfs; needs root, else the tests say
 //!   SKIPPED and pass): a follower stalls and catches up, a single node answers 503, a
 //!   follower that needs the leader's snapshot installs it once space returns.
@@ -99,6 +101,70 @@ fn recover_member(c: &mut Cluster, leader: u64, id: u64) {
         let me = m["members"].as_array()?.iter().find(|x| x["id"] == id)?.clone();
         (me["role"] == "voter").then_some(())
     });
+}
+
+/// Node `id`'s `lost_log` stays true for `window` (checked every 20 ms).
+fn stays_quarantined(c: &Cluster, id: u64, window: Duration) -> usize {
+    let end = Instant::now() + window;
+    let mut looks = 0;
+    while Instant::now() < end {
+        if let Some(st) = c.status(id) {
+            assert_eq!(st["lost_log"], true, "node {id} left its quarantine: {st}");
+            looks += 1;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(looks > 0, "node {id} never answered /v1/status");
+    looks
+}
+
+/// A member's volume is lost: it comes back empty with `--join` (same id). The leader
+/// that knew its log tells it so, and it takes no part in raft (`lost_log`): no vote, no
+/// acknowledgement. A new leader starts every follower's progress at 0 and its
+/// heartbeats claim nothing for the member, so neither a leader change nor a restart of
+/// the member may end the quarantine (its vote could elect a candidate without entries
+/// the member once acknowledged); only the removal and re-addition of its id do.
+#[test]
+fn a_member_with_a_lost_volume_stays_out_of_raft_across_a_leader_change_and_a_restart_until_re_added() {
+    let mut c = Cluster::start(3);
+    let leader = c.wait_leader(T);
+    let keys = write_keys(&c, leader, "amnesia", 30);
+    let victim = follower_of(leader);
+    let third = (1..=3).find(|i| *i != leader && *i != victim).expect("a third member");
+    wait_replicated(&c, leader, victim);
+    c.kill(victim);
+    std::fs::remove_dir_all(&c.node(victim).data_dir).expect("wipe the data dir");
+    c.nodes[(victim - 1) as usize].join = true;
+    c.spawn(victim);
+    wait_for(T, "the victim to be quarantined", || (c.status(victim)?["lost_log"] == true).then_some(()));
+
+    // Leadership moves to the third member.
+    let r = c.http.post(&format!("{}/v1/leader/transfer", c.url(leader)), format!(r#"{{"to":{third}}}"#)).expect("transfer");
+    assert!(r.status.is_success(), "transfer: {} {}", r.status, r.text());
+    wait_for(T, "the third member to lead", || (c.status(third)?["role"] == "leader").then_some(()));
+    let mut looks = stays_quarantined(&c, victim, Duration::from_secs(3));
+    // A restart of the victim keeps it out too.
+    c.kill(victim);
+    c.spawn(victim);
+    wait_for(T, "the victim to answer", || c.status(victim).map(|_| ()));
+    looks += stays_quarantined(&c, victim, Duration::from_secs(3));
+
+    // Removed and added again (as the operator does): the quarantine ends, the member
+    // catches up from the leader and serves every acknowledged write.
+    let r = c.http.delete(&format!("{}/v1/members/{victim}", c.url(third))).expect("DELETE member");
+    assert_eq!(r.status, StatusCode::OK, "remove member {victim}: {}", r.text());
+    let body = format!(r#"{{"id":{victim},"peer_url":"{}","learner":true}}"#, c.node(victim).peer_url());
+    let r = c.http.post(&format!("{}/v1/members", c.url(third)), body).expect("POST member");
+    assert_eq!(r.status, StatusCode::CREATED, "add learner {victim}: {}", r.text());
+    let added_at = r.json()["members"].as_array().and_then(|m| m.iter().find(|x| x["id"] == victim).map(|x| x["added_at"].clone()));
+    assert!(added_at.as_ref().is_some_and(|a| a.as_u64().is_some()), "the member list names the entry that added it: {added_at:?}");
+    wait_for(T, "the quarantine to end", || (c.status(victim)?["lost_log"] == false).then_some(()));
+    wait_for(T, &format!("promotion of {victim}"), || {
+        let r = c.http.post(&format!("{}/v1/members/{victim}/promote", c.url(third)), "").ok()?;
+        (r.status == StatusCode::OK).then_some(())
+    });
+    let n = check_keys(&c, victim, &keys);
+    println!("operations checked: {n} acked writes read back, {looks} looks at the quarantine");
 }
 
 fn follower_of(leader: u64) -> u64 {

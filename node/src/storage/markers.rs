@@ -11,6 +11,8 @@ use super::fsutil::{ensure_dir, write_atomic};
 pub(crate) const TOMBSTONE_FILE: &str = "tombstone";
 /// Name of the incarnation file.
 pub(crate) const INCARNATION_FILE: &str = "incarnation";
+/// Name of the lost-log marker (a quarantined empty joiner; see [`write_lost_log`]).
+pub(crate) const LOST_LOG_FILE: &str = "lost-log";
 
 /// Marks the data directory as belonging to a member that was removed from its cluster
 /// and must not rejoin. `reason` is kept for the operator (written atomically).
@@ -25,6 +27,38 @@ pub fn read_tombstone(dir: &Path) -> Result<Option<String>, StorageError> {
     match fs::read(&path) {
         Ok(b) => Ok(Some(String::from_utf8_lossy(&b).into_owned())),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io_err(&path)(e)),
+    }
+}
+
+/// Marks an empty data directory as that of a member the cluster knows by a log this
+/// directory never had (a lost or replaced volume), seen with commit index `commit`:
+/// the member stays out of raft, across restarts too, until the cluster added its id
+/// again after that index.
+pub fn write_lost_log(dir: &Path, commit: u64) -> Result<(), StorageError> {
+    ensure_dir(dir)?;
+    write_atomic(&dir.join(LOST_LOG_FILE), |f| writeln!(f, "{commit}"))
+}
+
+/// The commit index of the lost-log marker, or `None` without one.
+pub fn read_lost_log(dir: &Path) -> Result<Option<u64>, StorageError> {
+    let path = dir.join(LOST_LOG_FILE);
+    match fs::read_to_string(&path) {
+        Ok(s) => match s.trim().parse::<u64>() {
+            Ok(v) => Ok(Some(v)),
+            Err(_) => Err(corrupt(&path, 0, format!("lost-log marker holds {:?}, expected a number", s.trim()))),
+        },
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io_err(&path)(e)),
+    }
+}
+
+/// Removes the lost-log marker (the member was added again), durably.
+pub fn clear_lost_log(dir: &Path) -> Result<(), StorageError> {
+    let path = dir.join(LOST_LOG_FILE);
+    match fs::remove_file(&path) {
+        Ok(()) => super::fsutil::sync_dir(dir),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(io_err(&path)(e)),
     }
 }
@@ -74,6 +108,19 @@ mod tests {
         assert_eq!(read_tombstone(d.path()).expect("read"), None);
         write_tombstone(d.path(), "removed at index 42").expect("write");
         assert_eq!(read_tombstone(d.path()).expect("read").as_deref(), Some("removed at index 42"));
+    }
+
+    #[test]
+    fn lost_log_marker_round_trip() {
+        let d = tempfile::tempdir().expect("tempdir");
+        assert_eq!(read_lost_log(d.path()).expect("read"), None);
+        write_lost_log(d.path(), 150).expect("write");
+        assert_eq!(read_lost_log(d.path()).expect("read"), Some(150));
+        clear_lost_log(d.path()).expect("clear");
+        clear_lost_log(d.path()).expect("clear again");
+        assert_eq!(read_lost_log(d.path()).expect("read"), None);
+        fs::write(d.path().join(LOST_LOG_FILE), "x").expect("write");
+        assert!(read_lost_log(d.path()).expect_err("corrupt").is_corrupt());
     }
 
     #[test]
