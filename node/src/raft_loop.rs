@@ -217,7 +217,9 @@ struct PendingRenewal {
     lease: u64,
     /// The term the leader renewed in: the answer needs it to be leader of it still.
     term: u64,
-    ttl_ms: u64,
+    /// The lease's time to live when the renewal came, or None when this leader had not
+    /// applied its grant yet (looked up again after the barrier).
+    ttl_ms: Option<u64>,
     /// Answered by the read barrier issued with it.
     confirmed: oneshot::Receiver<Result<(), ProposeError>>,
     reply: RenewReply,
@@ -1303,14 +1305,20 @@ impl RaftLoop {
             return;
         }
         self.take_over_leases();
-        let lease = self.kv.read().ok().and_then(|kv| kv.lease_ttl(id));
-        let Some((ttl_ms, renewed)) = lease.filter(|_| !self.revoking.contains_key(&id)) else {
+        if self.revoking.contains_key(&id) {
             let _ = reply.send(Renewal::NotFound);
             return;
-        };
-        let deadline = lease_deadline(Instant::now(), ttl_ms);
-        let entry = self.lease_deadlines.entry(id).or_insert((deadline, renewed));
-        entry.0 = entry.0.max(deadline);
+        }
+        // A lease this leader does not know may be one whose grant is committed but not
+        // applied here yet (a follower can apply it first, answer the grant, and forward
+        // the client's first keepalive): "not found" only after the barrier.
+        let lease = self.kv.read().ok().and_then(|kv| kv.lease_ttl(id));
+        if let Some((ttl_ms, renewed)) = lease {
+            let deadline = lease_deadline(Instant::now(), ttl_ms);
+            let entry = self.lease_deadlines.entry(id).or_insert((deadline, renewed));
+            entry.0 = entry.0.max(deadline);
+        }
+        let ttl_ms = lease.map(|(ttl, _)| ttl);
         let (tx, confirmed) = oneshot::channel();
         self.new_reads.push(tx);
         self.renewals.push(PendingRenewal { lease: id, term: self.raw.raft.term, ttl_ms, confirmed, reply });
@@ -1335,8 +1343,19 @@ impl RaftLoop {
             let answer = match r.confirmed.try_recv() {
                 // Everything committed before the barrier is applied now: a revocation
                 // among it removed the lease.
-                Ok(Ok(())) if same && (kv.lease_ttl(r.lease).is_none() || self.revoking.contains_key(&r.lease)) => Renewal::NotFound,
-                Ok(Ok(())) if same => Renewal::Renewed { ttl_ms: r.ttl_ms, revision },
+                Ok(Ok(())) if same => match kv.lease_ttl(r.lease) {
+                    Some(_) if self.revoking.contains_key(&r.lease) => Renewal::NotFound,
+                    None => Renewal::NotFound,
+                    Some((ttl_ms, renewed)) => {
+                        if r.ttl_ms.is_none() {
+                            // Its grant was applied after the renewal came: renewed from now.
+                            let deadline = lease_deadline(Instant::now(), ttl_ms);
+                            let entry = self.lease_deadlines.entry(r.lease).or_insert((deadline, renewed));
+                            entry.0 = entry.0.max(deadline);
+                        }
+                        Renewal::Renewed { ttl_ms: r.ttl_ms.unwrap_or(ttl_ms), revision }
+                    }
+                },
                 Err(oneshot::error::TryRecvError::Empty) if same => {
                     self.renewals.push(r);
                     continue;
@@ -2026,11 +2045,25 @@ impl RaftLoop {
 }
 
 
+/// Fault hook for tests: `RAFTKV_FAULT_SYNC_DELAY_MS=N` makes every WAL sync of the
+/// persist thread start N ms late (at most 10 s), as a slow disk would: a member whose
+/// own fsync lags its followers'. Logged at start-up; unset in production.
+fn sync_delay() -> Option<Duration> {
+    let ms: u64 = std::env::var("RAFTKV_FAULT_SYNC_DELAY_MS").ok()?.parse().ok()?;
+    let d = Duration::from_millis(ms.min(10_000));
+    warn!(delay_ms = d.as_millis() as u64, "fault hook RAFTKV_FAULT_SYNC_DELAY_MS: every WAL sync starts late");
+    Some(d)
+}
+
 /// Makes buffered WAL records durable off the raft loop. Requests (Ready numbers) that
 /// queue up while an fsync runs are served by the next one (group commit); the loop is
 /// told the highest Ready number covered. A full disk is retried until space returns.
 fn persist_thread(storage: DiskStorage, rx: Receiver<u64>, raft: Sender<Request>, shutdown: Shutdown) {
+    let delay = sync_delay();
     while let Ok(mut number) = rx.recv() {
+        if let Some(d) = delay {
+            std::thread::sleep(d);
+        }
         while let Ok(n) = rx.try_recv() {
             number = number.max(n);
         }

@@ -933,3 +933,44 @@ fn leases_survive_kill_9_of_every_member_through_snapshots_and_still_expire() {
     assert_eq!(c.http.get(&format!("{}/v1/leases/{lease}", c.url(1))).unwrap().status, StatusCode::NOT_FOUND);
     assert!(c.get(1, "fill59").unwrap().is_some(), "other keys stay");
 }
+
+/// A lease granted through a follower is answered once the follower applied it, which
+/// can be before the leader has: the leader commits on its followers' acks while its
+/// own fsync runs, and applies only after it. Here the leader's disk is slow
+/// (`RAFTKV_FAULT_SYNC_DELAY_MS`), so that always happens. The client's first
+/// keepalive, forwarded to the leader at once, must still find the lease: the leader
+/// says "not found" only after its read barrier, never from a state that has not
+/// applied the grant yet.
+#[test]
+fn a_keepalive_right_after_a_grant_through_a_follower_finds_the_lease() {
+    let mut c = Cluster::start(3);
+    let first = c.wait_leader(T);
+    // Member `slow` gets a slow disk (a restart with the fault hook), then leadership.
+    let slow = 1 + first % 3;
+    c.kill(slow);
+    c.nodes[(slow - 1) as usize].env = vec![("RAFTKV_FAULT_SYNC_DELAY_MS".into(), "40".into())];
+    c.spawn(slow);
+    wait_for(T, "the slow member to lead", || {
+        if c.status(slow)?["role"] == "leader" {
+            return Some(());
+        }
+        let leader = c.wait_leader(T);
+        let _ = c.http.post(&format!("{}/v1/leader/transfer", c.url(leader)), format!(r#"{{"to":{slow}}}"#));
+        None
+    });
+    let follower = 1 + slow % 3;
+    let mut renewed = 0;
+    for _ in 0..20 {
+        let r = c.http.post(&format!("{}/v1/leases", c.url(follower)), r#"{"ttl":60}"#).unwrap();
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.text());
+        let lease = r.json()["id"].as_u64().unwrap();
+        let r = c.http.post(&format!("{}/v1/leases/{lease}/keepalive", c.url(follower)), "").unwrap();
+        if r.status == StatusCode::SERVICE_UNAVAILABLE {
+            continue; // no leader for a moment: the client renews again
+        }
+        assert_eq!(r.status, StatusCode::OK, "keepalive right after the grant of {lease}: {}", r.text());
+        renewed += 1;
+    }
+    assert!(renewed >= 15, "only {renewed} of 20 keepalives answered");
+    println!("operations checked: 20 grants, {renewed} keepalives right after them");
+}

@@ -286,6 +286,8 @@ pub struct NodeProc {
     pub join: bool,
     /// The running process, if any.
     pub child: Option<Child>,
+    /// Extra environment for the process (fault hooks such as `RAFTKV_FAULT_SYNC_DELAY_MS`).
+    pub env: Vec<(String, String)>,
 }
 
 impl NodeProc {
@@ -321,6 +323,7 @@ impl NodeProc {
             .arg(&self.data_dir)
             .args(args)
             .env("RUST_LOG", std::env::var("RAFTKV_TEST_LOG").unwrap_or_else(|_| "info".into()))
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::null())
             .stderr(Stdio::from(log));
         if self.join {
@@ -380,6 +383,7 @@ impl Cluster {
                 log: dir.path().join(format!("node-{id}.log")),
                 join: false,
                 child: None,
+            env: Vec::new(),
             });
         }
         let mut c = Cluster { nodes, dir, opts, initial: n, http: Http::default() };
@@ -432,6 +436,7 @@ impl Cluster {
             log: self.dir.path().join(format!("node-{id}.log")),
             join: true,
             child: None,
+            env: Vec::new(),
         });
         self.spawn(id);
         id

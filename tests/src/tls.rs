@@ -181,6 +181,7 @@ impl TlsCluster {
             log: dir.join(format!("node-{id}.log")),
             join,
             child: None,
+            env: Vec::new(),
         }
     }
 
