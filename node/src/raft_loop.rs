@@ -451,6 +451,9 @@ struct RequestIdOnly {
     /// [`Command`]'s transaction (whose writes' ops must be known too).
     #[prost(message, optional, tag = "6")]
     txn: Option<crate::kv::Txn>,
+    /// [`Command`]'s `lease_renewed`: set only on a leader's own expiry revocations.
+    #[prost(uint64, optional, tag = "9")]
+    lease_renewed: Option<u64>,
 }
 
 /// What a proposal forwarded by a peer holds, read in one pass over its entries.
@@ -464,6 +467,10 @@ struct ForwardedScan {
     unknown_command: bool,
     /// A membership change.
     conf_change: bool,
+    /// A lease expiry revocation (`lease_renewed` set): a leader proposes those only for
+    /// itself, from its own deadlines. One forwarded was decided by a member that has
+    /// lost leadership since, blind to the keepalives its successor acknowledged.
+    expiry: bool,
 }
 
 fn scan_forwarded(entries: &[Entry]) -> ForwardedScan {
@@ -475,6 +482,7 @@ fn scan_forwarded(entries: &[Entry]) -> ForwardedScan {
             EntryType::EntryNormal => match RequestIdOnly::decode(e.data.as_slice()) {
                 Ok(c) => {
                     scan.unknown_command |= !crate::kv::is_known(c.op, c.txn.as_ref());
+                    scan.expiry |= c.op == crate::kv::OpType::LeaseRevoke as i32 && c.lease_renewed.is_some();
                     Some(c.request_id)
                 }
                 Err(_) => {
@@ -987,6 +995,9 @@ impl RaftLoop {
                         metrics().peer_refused_messages.with_label_values(&["unknown_command"]).inc();
                         warn!(from, "refused a forwarded proposal with a command this version does not know");
                         Some("unknown command")
+                    } else if scan.expiry {
+                        // an expiry decided by a former leader (see `expire_leases`);
+                        Some("a lease expiry decided by a member that no longer leads")
                     } else if scan.conf_change {
                         // a membership change raft-rs cannot take now: it would turn it
                         // into an empty entry, silently (the proposer asks again and gets
@@ -1407,6 +1418,11 @@ impl RaftLoop {
             }
             self.revoking.insert(id, now);
         }
+        // Proposed now, while this member leads: a batch left for the next iteration
+        // would be forwarded if leadership moved meanwhile, and the new leader, which
+        // restarted every lease's time to live and may have acknowledged keepalives
+        // since, would append an expiry decided from the old deadlines.
+        self.flush_proposals();
     }
 
     /// A removed voter that missed the entry removing it finds out when it campaigns:
@@ -2186,5 +2202,14 @@ mod tests {
         assert!(scan_forwarded(&[cmd(3), txn(OpType::Txn as i32)]).unknown_command);
         let odd = Entry { data: Command { request_id: 5, op: 99, ..Default::default() }.encode_to_vec(), ..Default::default() };
         assert!(scan_forwarded(&[odd]).unknown_command);
+        // A lease expiry decided by a (former) leader, and a client's revocation.
+        let revoke = |renewed: Option<u64>| Entry {
+            data: Command { request_id: 6, op: OpType::LeaseRevoke as i32, lease: 4, lease_renewed: renewed, ..Default::default() }
+                .encode_to_vec(),
+            ..Default::default()
+        };
+        assert!(scan_forwarded(&[cmd(3), revoke(Some(12))]).expiry);
+        assert!(!scan_forwarded(&[cmd(3), revoke(None)]).expiry, "a client may revoke through a follower");
+        assert!(!scan_forwarded(&[cmd(3)]).expiry);
     }
 }
