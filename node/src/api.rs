@@ -17,7 +17,7 @@ use raft::eraftpb::{ConfChangeSingle, ConfChangeType, ConfState};
 use serde_json::{json, Value as Json};
 use tokio::sync::oneshot;
 
-use crate::config::{parse_peer_url, Config};
+use crate::config::Config;
 use crate::http::{error, json, response, ChannelBody, ChunkSender, Resp};
 use crate::kv::{ApplyOutcome, Command, KvStore, OpType, Txn, TxnCompare, TxnOp, TxnResult};
 use crate::metrics::metrics;
@@ -315,6 +315,13 @@ impl Api {
                 }
                 _ => Err(method_not_allowed(&[Method::GET, Method::POST])),
             },
+            // `/v1/leases/<id>[/keepalive]` and `/v1/members/<id>[/promote]`: a path with
+            // more segments is no route (404), not a bad id (400) or a wrong method (405).
+            (_, p) if p.strip_prefix("/v1/leases/").is_some_and(|r| !id_route(r, "keepalive"))
+                || p.strip_prefix("/v1/members/").is_some_and(|r| !id_route(r, "promote")) =>
+            {
+                Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no route {p}")))
+            }
             (_, p) if p.starts_with("/v1/leases/") => {
                 let rest = &p["/v1/leases/".len()..];
                 match rest.strip_suffix("/keepalive") {
@@ -877,7 +884,8 @@ impl Api {
 
     /// Adds a member; Ok(false) when it already was one with the same URL and role.
     async fn add_member(&self, id: u64, url: String, learner: bool) -> Result<(bool, Option<ConfState>), ApiError> {
-        parse_peer_url(&url).map_err(|e| ApiError::bad(e.to_string()))?;
+        // One spelling per address: `http://h:1/` and `http://H:01` name the same member.
+        let url = crate::config::canonical_peer_url(&url).map_err(|e| ApiError::bad(e.to_string()))?;
         crate::config::check_peer_scheme(&url, self.cfg.peer_tls.is_some()).map_err(|e| ApiError::bad(e.to_string()))?;
         let deadline = tokio::time::Instant::now() + self.cfg.request_timeout;
         loop {
@@ -899,13 +907,18 @@ impl Api {
         let view = self.members_view().await?;
         let members = view.get("members").and_then(Json::as_array).cloned().unwrap_or_default();
         let field = |m: &Json, k: &str| m.get(k).and_then(Json::as_str).map(str::to_string).unwrap_or_default();
+        // Members added before URLs were made canonical may hold another spelling.
+        let peer_url = |m: &Json| {
+            let u = field(m, "peer_url");
+            crate::config::canonical_peer_url(&u).unwrap_or(u)
+        };
         if let Some(m) = members.iter().find(|m| m.get("id").and_then(Json::as_u64) == Some(id)) {
-            if field(m, "peer_url") == url && (field(m, "role") == "learner") == learner {
+            if peer_url(m) == url && (field(m, "role") == "learner") == learner {
                 return Ok((false, None));
             }
             return Err(ApiError::new(StatusCode::CONFLICT, "member_exists", format!("member {id} already exists")).into());
         }
-        if members.iter().any(|m| m.get("id").and_then(Json::as_u64) != Some(id) && field(m, "peer_url") == url) {
+        if members.iter().any(|m| m.get("id").and_then(Json::as_u64) != Some(id) && peer_url(m) == url) {
             return Err(ApiError::new(StatusCode::CONFLICT, "url_in_use", format!("peer URL {url} belongs to another member")).into());
         }
         let ty = if learner { ConfChangeType::AddLearnerNode } else { ConfChangeType::AddNode };
@@ -1524,6 +1537,12 @@ fn admin_refusal(check: crate::auth::Check) -> Option<Resp> {
         }
         Check::Wrong => Some(error(StatusCode::FORBIDDEN, "permission_denied", "wrong admin token")),
     }
+}
+
+/// Whether `rest`, a path after `/v1/leases/` or `/v1/members/`, is `<id>` or
+/// `<id>/<action>`.
+fn id_route(rest: &str, action: &str) -> bool {
+    rest.split_once('/').is_none_or(|(_, a)| a == action)
 }
 
 /// The index of the entry that last added member `id`, from the member list of the

@@ -213,6 +213,11 @@ pub fn restored_cluster_id(members: &[(u64, String)], token: &str, crc: u32, app
 #[error("{0}")]
 pub struct ConfigError(pub String);
 
+/// Largest `--max-request-bytes` (32 MiB): a raft entry holding one such request still
+/// fits a peer stream frame (64 MiB) and goes to a follower in one message well within
+/// the peer request timeout (etcd's own limit is 1.5 MiB by default, 10 MiB advised).
+pub const MAX_REQUEST_BYTES: usize = 32 << 20;
+
 /// Largest request and body timeout (an hour): far past any use, and far from the
 /// overflow of a deadline computed from it.
 pub const MAX_TIMEOUT_MS: u64 = 3_600_000;
@@ -262,6 +267,16 @@ pub fn parse_peer_url(url: &str) -> Result<(String, u16), ConfigError> {
         return err(format!("peer URL {url:?} has a bad host"));
     }
     Ok((host.to_string(), port))
+}
+
+/// A peer URL in one spelling: lowercase scheme and host, the port as a plain number,
+/// no trailing slash (`HTTP://Node-1:02380/` is `http://node-1:2380`). Two spellings of
+/// one address compare equal only in this form.
+pub fn canonical_peer_url(url: &str) -> Result<String, ConfigError> {
+    let (host, port) = parse_peer_url(&url.to_ascii_lowercase())?;
+    let scheme = if url.get(..8).is_some_and(|s| s.eq_ignore_ascii_case("https://")) { "https" } else { "http" };
+    let host = if host.contains(':') { format!("[{host}]") } else { host };
+    Ok(format!("{scheme}://{host}:{port}"))
 }
 
 fn ordinal_from_hostname(hostname: &str) -> Result<u64, ConfigError> {
@@ -345,8 +360,8 @@ impl Args {
         if self.snapshot_count == 0 {
             return err("--snapshot-count must be 1 or more");
         }
-        if self.max_request_bytes < 1024 {
-            return err("--max-request-bytes must be at least 1024");
+        if !(1024..=MAX_REQUEST_BYTES).contains(&self.max_request_bytes) {
+            return err(format!("--max-request-bytes must be between 1024 and {MAX_REQUEST_BYTES} (32 MiB)"));
         }
         if !(100..=MAX_TIMEOUT_MS).contains(&self.request_timeout_ms) {
             return err(format!("--request-timeout-ms must be between 100 and {MAX_TIMEOUT_MS}"));
@@ -559,6 +574,21 @@ mod tests {
     }
 
     #[test]
+    fn peer_urls_have_one_canonical_spelling() {
+        for (url, want) in [
+            ("http://127.0.0.1:2380", "http://127.0.0.1:2380"),
+            ("http://127.0.0.1:2380/", "http://127.0.0.1:2380"),
+            ("HTTP://LocalHost:02380", "http://localhost:2380"),
+            ("https://Node-1.svc:443/", "https://node-1.svc:443"),
+            ("http://[::1]:2380", "http://[::1]:2380"),
+        ] {
+            assert_eq!(canonical_peer_url(url).unwrap(), want, "{url}");
+        }
+        assert!(canonical_peer_url("ftp://a:1").is_err());
+        assert!(canonical_peer_url("http://a:1/path").is_err());
+    }
+
+    #[test]
     fn bad_flags_are_rejected() {
         assert!(parse(&["--id", "0"]).is_err());
         assert!(parse(&["--id", "x"]).is_err());
@@ -579,6 +609,9 @@ mod tests {
         assert!(!parse(&["--watch-prev-kv=false"]).unwrap().watch_prev_kv);
         assert!(parse(&["--watch-history", "0"]).unwrap_err().contains("--watch-history"));
         assert!(parse(&["--watch-history", "1000001"]).unwrap_err().contains("--watch-history"));
+        assert!(parse(&["--max-request-bytes", "1023"]).unwrap_err().contains("--max-request-bytes"));
+        assert!(parse(&["--max-request-bytes", "33554433"]).unwrap_err().contains("32 MiB"));
+        assert_eq!(parse(&["--max-request-bytes", "33554432"]).unwrap().max_request_bytes, MAX_REQUEST_BYTES);
     }
 
     fn all<'a>(parts: &[&[&'a str]]) -> Vec<&'a str> {

@@ -422,6 +422,15 @@ fn bad_input_gets_its_status_and_the_node_stays_up() {
     // 413 above --max-request-bytes (default 1.5 MiB).
     let r = h.put(&format!("{u}/big"), vec![b'x'; 2 * 1024 * 1024]).unwrap();
     assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE);
+    // 404 for a path under /v1/leases/ or /v1/members/ that is no route; 400 for a bad
+    // id in one that is; 405 for a wrong method on one.
+    for (method, path) in [("GET", "/v1/leases/5/foo"), ("POST", "/v1/leases/5/6/keepalive"), ("POST", "/v1/members/5/foo"), ("DELETE", "/v1/members/5/promote/x")] {
+        let r = h.call(method, &format!("{u}{path}"), None).unwrap();
+        assert_eq!((r.status, r.json()["code"].clone()), (StatusCode::NOT_FOUND, serde_json::json!("not_found")), "{method} {path}");
+    }
+    assert_eq!(h.get(&format!("{u}/v1/leases/x")).unwrap().status, StatusCode::BAD_REQUEST);
+    assert_eq!(h.delete(&format!("{u}/v1/members/x")).unwrap().status, StatusCode::BAD_REQUEST);
+    assert_eq!(h.get(&format!("{u}/v1/leases/5/keepalive")).unwrap().status, StatusCode::METHOD_NOT_ALLOWED);
     // 400 for a bad member id or URL.
     assert_eq!(h.post(&format!("{u}/abc"), "http://127.0.0.1:1").unwrap().status, StatusCode::BAD_REQUEST);
     assert_eq!(h.post(&format!("{u}/0"), "http://127.0.0.1:1").unwrap().status, StatusCode::BAD_REQUEST);
@@ -579,6 +588,8 @@ fn bad_flags_exit_2_with_a_message() {
         vec!["--snapshot-count", "0"],
         vec!["--request-timeout-ms", "18446744073709551615"],
         vec!["--request-body-timeout-ms", "0"],
+        vec!["--max-request-bytes", "512"],
+        vec!["--max-request-bytes", "4294967296"],
         vec!["--frobnicate"],
     ] {
         let out = std::process::Command::new(&bin).args(&args).output().unwrap();

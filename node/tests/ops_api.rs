@@ -29,6 +29,13 @@ fn learner_catches_up_is_promoted_then_a_voter_is_removed_and_leadership_moves()
     let r = c.http.post(&format!("{}/v1/members", c.url(2)), format!(r#"{{"id":{id},"peer_url":"http://127.0.0.1:1"}}"#)).unwrap();
     assert_eq!(r.status, StatusCode::CONFLICT);
     assert_eq!(r.json()["code"], "member_exists");
+    // Another spelling of the same address is the same member (200), and another
+    // member's address in any spelling is refused (it would add a voter nobody reaches).
+    let respelled = format!("{}/", c.node(id).peer_url().replace("http://127.0.0.1:", "HTTP://127.0.0.1:0"));
+    let r = c.http.post(&format!("{}/v1/members", c.url(2)), format!(r#"{{"id":{id},"peer_url":"{respelled}","learner":true}}"#)).unwrap();
+    assert_eq!(r.status, StatusCode::OK, "{respelled}: {}", r.text());
+    let r = c.http.post(&format!("{}/v1/members", c.url(2)), format!(r#"{{"id":9,"peer_url":"{}/"}}"#, c.node(2).peer_url())).unwrap();
+    assert_eq!((r.status, r.json()["code"].clone()), (StatusCode::CONFLICT, serde_json::json!("url_in_use")), "{}", r.text());
     // The learner catches up (its match index reaches the commit index).
     wait_for(T, "the learner to catch up", || {
         let m = c.http.get(&format!("{}/v1/members", c.url(3))).ok()?.json();
