@@ -37,6 +37,14 @@ pub const MAX_REPLICAS: i32 = 9;
     namespaced,
     status = "RaftKVStatus",
     doc = "A raftkv cluster: a replicated key-value store on raft, managed by raftkv-operator.",
+    // Names the API server would accept here but whose pods it would refuse: each pod
+    // gets the label controller-revision-hash=<name>-<hash> (at most 63 characters).
+    // (A name that is no DNS-1035 label is refused as a Service, which is reported.)
+    // Only size(): its cost does not grow with the string, so no CEL cost budget binds.
+    validation = Rule::new("self.metadata.name.size() <= 52")
+        .message("the name must have at most 52 characters (its pods are labelled <name>-<10-character hash>, at most 63)"),
+    validation = Rule::new("!has(self.spec.backup) || self.metadata.name.size() <= 45")
+        .message("spec.backup needs a name of at most 45 characters (its CronJob <name>-backup has at most 52)"),
     scale(
         spec_replicas_path = ".spec.replicas",
         status_replicas_path = ".status.replicas",
@@ -61,6 +69,7 @@ pub struct RaftKVSpec {
     /// Changing it (or any field the pods run with) restarts the members one at a time,
     /// the leader last, each once the one before follows the leader again and caught up;
     /// with it unset, so does upgrading the operator.
+    #[schemars(regex(pattern = r"^\S+$"), length(max = 1024))]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
 
@@ -523,6 +532,20 @@ mod tests {
         assert!(pull.contains("'IfNotPresent'"), "imagePullPolicy has no value rule: {}", spec_props["imagePullPolicy"]);
         let storage = spec_props["storage"]["x-kubernetes-validations"][0]["rule"].as_str().unwrap_or_default();
         assert!(storage.contains("has(oldSelf.storageClassName)"), "storage has no class transition rule: {}", spec_props["storage"]);
+        // The image: a pattern and a length (not CEL: a regex over an unbounded string can
+        // exceed the API server's estimated cost budget and get the whole CRD refused).
+        assert_eq!(spec_props["image"]["pattern"], r"^\S+$", "{}", spec_props["image"]);
+        assert_eq!(spec_props["image"]["maxLength"], 1024, "{}", spec_props["image"]);
+        let image = regex::Regex::new(spec_props["image"]["pattern"].as_str().unwrap_or_default()).expect("regex");
+        assert!(image.is_match("reg.example/raftkv-node:1.2@sha256:ab"));
+        for bad in ["", " raftkv-node", "raftkv-node ", "raft kv"] {
+            assert!(!image.is_match(bad), "{bad:?}");
+        }
+        // Root rules: the name (DNS-1035, at most 52; at most 45 with backups).
+        let root = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["x-kubernetes-validations"];
+        let rules: Vec<&str> = root.as_array().map(|a| a.iter().filter_map(|r| r["rule"].as_str()).collect()).unwrap_or_default();
+        assert!(rules.iter().any(|r| r.contains("self.metadata.name.size() <= 52")), "{root}");
+        assert!(rules.iter().any(|r| r.contains("has(self.spec.backup)") && r.contains("<= 45")), "{root}");
     }
 
     #[test]
