@@ -172,6 +172,7 @@ pub struct Transport {
 pub fn peer_client(tls: Option<&PeerTls>) -> HttpClient {
     let mut conn = HttpConnector::new();
     conn.set_nodelay(true);
+    conn.set_keepalive(Some(crate::http::KEEPALIVE_IDLE));
     conn.set_connect_timeout(Some(Duration::from_secs(2)));
     conn.enforce_http(false);
     let builder = match tls {
