@@ -12,7 +12,7 @@ use futures::future::join_all;
 
 use crate::crd::Operation;
 use crate::membership::{Action, ClusterView, MemberView, Role};
-use crate::node_client::{NodeApi, NodeError, NodeStatus, Promotion};
+use crate::node_client::{Members, NodeApi, NodeError, NodeStatus, Promotion};
 
 /// Where members are reached.
 pub trait Addresses: Send + Sync {
@@ -89,12 +89,24 @@ pub async fn observe_cluster<N: NodeApi, A: Addresses>(node: &N, addrs: &A, cand
             }
             Ok(m) => {
                 let leader = m.leader;
-                view = Some(m);
                 if leader != *id {
                     // Re-ask the leader itself: match indexes and reachability are its view.
-                    if let Ok(lm) = node.members(&addrs.client_url(leader)).await {
-                        view = Some(lm);
+                    match node.members(&addrs.client_url(leader)).await {
+                        Ok(lm) => view = Some(lm),
+                        // A follower that could not reach the leader either answers from
+                        // its own view (no progress at all), which may lag the leader's
+                        // by membership changes it has not applied yet: not a view to
+                        // change the membership on. Kept as a leaderless one (its members
+                        // still guide what needs no leader).
+                        Err(_) if m.members.iter().all(|x| x.match_index.is_none()) => {
+                            view = Some(Members { leader: 0, commit_index: None, ..m });
+                            continue;
+                        }
+                        // The leader's view, passed on by the follower over the peer port.
+                        Err(_) => view = Some(m),
                     }
+                } else {
+                    view = Some(m);
                 }
                 break;
             }
@@ -194,7 +206,7 @@ mod tests {
     use super::*;
     use crate::crd::OperationKind;
     use crate::membership::WaitReason;
-    use crate::node_client::{Member, Members};
+    use crate::node_client::Member;
 
     /// Node `i` answers on `http://n<i>`; per-node members views and statuses.
     #[derive(Default)]
@@ -332,6 +344,30 @@ mod tests {
         assert_eq!(c.members[&2].snapshot_index, Some(7));
         assert_eq!(c.members[&2].incarnation.as_deref(), Some("0000000000000002"));
         assert!(observe_cluster(&f, &A, &[7]).await.is_none(), "nobody answers");
+    }
+
+    #[tokio::test]
+    async fn a_followers_own_view_is_not_taken_for_the_leaders() {
+        // The leader (3) does not answer its API; follower 1 could not reach it either and
+        // answers from its own view (no progress), which misses member 4.
+        let mut f = Fake::default();
+        let own = |id: u64| Member { match_index: None, reachable: None, ..member(id, "voter", None) };
+        f.views.insert(1, Members { leader: 3, members: vec![own(1), own(2), own(3)], commit_index: None });
+        for id in [1, 2] {
+            f.statuses.insert(id, status(id, 50));
+        }
+        let c = observe_cluster(&f, &A, &[1]).await.expect("a view");
+        assert_eq!(c.leader, 0, "no leader to act through: decide waits");
+        assert_eq!(c.members.len(), 3);
+        // Follower 2 passes the leader's view on (progress known): that one counts.
+        let leader_view = Members {
+            leader: 3,
+            members: vec![member(1, "voter", Some(true)), member(2, "voter", Some(true)), member(3, "voter", None), member(4, "learner", Some(true))],
+            commit_index: Some(95),
+        };
+        f.views.insert(2, leader_view);
+        let c = observe_cluster(&f, &A, &[1, 2]).await.expect("a view");
+        assert_eq!((c.leader, c.members.len()), (3, 4), "the leader's view, through a follower");
     }
 
     #[tokio::test]
