@@ -1011,13 +1011,31 @@ impl PeerListener {
         Some(r)
     }
 
-    /// Learns the peer URL of a sender this member has no address for (a joining node
-    /// answering a leader it never heard of).
+    /// Learns the peer URL of a sender this member has no address for: a joining node
+    /// (not yet in any configuration) answering a leader it never heard of, or a member
+    /// of the configuration this member applied. Not any id a caller names: each learned
+    /// one holds a sender task and its queue for good. (A lagging member that has not
+    /// applied the sender's addition learns its URL when it applies it.)
     fn learn_sender(&self, sender: u64, url: Option<&str>) {
-        if let Some(url) = url {
-            if sender != 0 && self.transport.peer_url(sender).is_none() && crate::config::parse_peer_url(url).is_ok() {
-                self.transport.set_peer(sender, url);
-            }
+        let Some(url) = url else { return };
+        if sender == 0 || self.transport.peer_url(sender).is_some() || crate::config::parse_peer_url(url).is_err() {
+            return;
+        }
+        let st = self.current_status();
+        let joining = st.voters.is_empty() && st.learners.is_empty();
+        if joining || st.voters.contains(&sender) || st.learners.contains(&sender) {
+            self.transport.set_peer(sender, url);
+        }
+    }
+
+    /// The `from` label of a sender's metrics: its id when it is a member this member
+    /// knows, else `other` (so callers cannot grow the label set).
+    fn sender_label(&self, sender: u64) -> String {
+        let st = self.current_status();
+        if st.member_urls.iter().any(|(id, _)| *id == sender) || st.voters.contains(&sender) || st.learners.contains(&sender) {
+            sender.to_string()
+        } else {
+            "other".to_string()
         }
     }
 
@@ -1067,7 +1085,7 @@ impl PeerListener {
             }
         }
         self.learn_sender(sender, from_url.as_deref());
-        metrics().peer_received_bytes.with_label_values(&[&sender.to_string()]).inc_by(body.len() as u64);
+        metrics().peer_received_bytes.with_label_values(&[&self.sender_label(sender)]).inc_by(body.len() as u64);
         for m in msgs {
             if self.raft.send(Request::Raft(Box::new(m))).is_err() {
                 return text(StatusCode::SERVICE_UNAVAILABLE, "node is stopping\n");
@@ -1171,7 +1189,7 @@ impl PeerListener {
     /// (a "gone" frame is sent first) or this node stops.
     async fn read_stream<S: AsyncRead + AsyncWrite + Unpin>(self, io: S, sender: u64) {
         let (mut rd, mut wr) = tokio::io::split(io);
-        let label = sender.to_string();
+        let label = self.sender_label(sender);
         let mut buf = BytesMut::with_capacity(64 << 10);
         let mut handed = 0u64;
         let mut acked = 0u64;
@@ -1311,6 +1329,36 @@ mod tests {
         let mut v = [0u8; 8];
         v.copy_from_slice(&buf[1..CONTROL_LEN]);
         (buf[0], u64::from_le_bytes(v))
+    }
+
+    /// A joining member learns any sender's URL (it knows no configuration yet); a member
+    /// learns only members of its configuration, and labels other senders `other`.
+    #[tokio::test]
+    async fn only_a_joiner_or_a_configured_member_is_learned_as_a_sender() {
+        let (tx, _rx) = std::sync::mpsc::channel();
+        let status: crate::raft_loop::StatusCell = Default::default();
+        let listener = PeerListener {
+            my_id: 1,
+            raft: tx.clone(),
+            transport: Transport::new(1, "http://127.0.0.1:1".into(), None, tx.clone(), tokio::runtime::Handle::current()),
+            kv: Arc::new(RwLock::new(KvStore::new())),
+            status: status.clone(),
+            stop: Shutdown::new(),
+        };
+        // Joining: no configuration yet.
+        listener.learn_sender(7, Some("http://127.0.0.1:7"));
+        assert_eq!(listener.transport.peer_url(7).as_deref(), Some("http://127.0.0.1:7"));
+        // A member of {1, 2, 3} (learner 4): a stranger's id is neither learned nor labelled.
+        let st = crate::raft_loop::NodeStatus { voters: vec![1, 2, 3], learners: vec![4], ..Default::default() };
+        *status.write().unwrap() = Arc::new(st);
+        for id in 100..110 {
+            listener.learn_sender(id, Some(&format!("http://127.0.0.1:{id}")));
+            assert_eq!(listener.transport.peer_url(id), None, "stranger {id} learned");
+            assert_eq!(listener.sender_label(id), "other");
+        }
+        listener.learn_sender(4, Some("http://127.0.0.1:4"));
+        assert_eq!(listener.transport.peer_url(4).as_deref(), Some("http://127.0.0.1:4"));
+        assert_eq!((listener.sender_label(2), listener.sender_label(4)), ("2".to_string(), "4".to_string()));
     }
 
     /// The receiving side of a stream: messages reach raft in order with acks counting
