@@ -176,6 +176,8 @@ pub struct Config {
 /// A URL counts as its scheme, host and port (so `http://A:1/` is `http://a:1`).
 /// Peers send it with every raft message, so a node of another cluster is refused.
 pub fn cluster_id(members: &[(u64, String)], token: &str) -> u64 {
+    // Not [`canonical_peer_url`]: this spelling (an IPv6 host without brackets) is part
+    // of every existing cluster's id and must not change.
     let canonical = |url: &str| match parse_peer_url(url) {
         Ok((host, port)) => {
             let scheme = if url.starts_with("https://") { "https" } else { "http" };

@@ -627,6 +627,14 @@ fn lease_deadline(now: Instant, ttl_ms: u64) -> Instant {
     now.checked_add(Duration::from_millis(ttl_ms).min(century)).unwrap_or(now)
 }
 
+/// A keepalive taken by the leader: lease `id` lives at least `ttl_ms` from now (a later
+/// deadline already set stays).
+fn extend_lease(deadlines: &mut HashMap<u64, (Instant, u64)>, id: u64, ttl_ms: u64, renewed: u64) {
+    let deadline = lease_deadline(Instant::now(), ttl_ms);
+    let entry = deadlines.entry(id).or_insert((deadline, renewed));
+    entry.0 = entry.0.max(deadline);
+}
+
 /// A lease command applied: a grant or renewal starts its time to live again here; a
 /// revocation (or a renewal finding the lease gone) ends it.
 fn track_lease(deadlines: &mut HashMap<u64, (Instant, u64)>, revoking: &mut HashMap<u64, Instant>, cmd: &Command, outcome: &ApplyOutcome) {
@@ -1325,9 +1333,7 @@ impl RaftLoop {
         // the client's first keepalive): "not found" only after the barrier.
         let lease = self.kv.read().ok().and_then(|kv| kv.lease_ttl(id));
         if let Some((ttl_ms, renewed)) = lease {
-            let deadline = lease_deadline(Instant::now(), ttl_ms);
-            let entry = self.lease_deadlines.entry(id).or_insert((deadline, renewed));
-            entry.0 = entry.0.max(deadline);
+            extend_lease(&mut self.lease_deadlines, id, ttl_ms, renewed);
         }
         let ttl_ms = lease.map(|(ttl, _)| ttl);
         let (tx, confirmed) = oneshot::channel();
@@ -1360,9 +1366,7 @@ impl RaftLoop {
                     Some((ttl_ms, renewed)) => {
                         if r.ttl_ms.is_none() {
                             // Its grant was applied after the renewal came: renewed from now.
-                            let deadline = lease_deadline(Instant::now(), ttl_ms);
-                            let entry = self.lease_deadlines.entry(r.lease).or_insert((deadline, renewed));
-                            entry.0 = entry.0.max(deadline);
+                            extend_lease(&mut self.lease_deadlines, r.lease, ttl_ms, renewed);
                         }
                         Renewal::Renewed { ttl_ms: r.ttl_ms.unwrap_or(ttl_ms), revision }
                     }

@@ -446,6 +446,22 @@ impl Model {
 // ---------------------------------------------------------------------------------------
 // Scenario tests.
 
+/// `n` operator steps (elect, decide, apply), each followed by the world's progress
+/// when `progress`; the actions taken.
+fn run_steps(m: &mut Model, n: usize, progress: bool) -> Vec<Action> {
+    let mut trace = Vec::new();
+    for _ in 0..n {
+        m.elect();
+        let a = decide(&m.observe());
+        trace.push(a.clone());
+        m.apply(&a);
+        if progress {
+            m.progress();
+        }
+    }
+    trace
+}
+
 fn run_until_done(m: &mut Model, max_steps: usize) -> Vec<Action> {
     let mut trace = Vec::new();
     for _ in 0..max_steps {
@@ -1012,14 +1028,7 @@ fn a_template_whose_pods_never_start_stops_the_roll_and_a_fixed_one_resumes_it()
     let mut m = Model::new(3);
     m.template = 1;
     m.bad_templates.insert(1);
-    let mut trace = Vec::new();
-    for _ in 0..40 {
-        m.elect();
-        let a = decide(&m.observe());
-        trace.push(a.clone());
-        m.apply(&a);
-        m.progress();
-    }
+    let trace = run_steps(&mut m, 40, true);
     assert_eq!(deleted_pods(&trace), [2], "only one member is taken down: {trace:?}");
     assert_eq!(trace.last(), Some(&Action::Wait(WaitReason::PodNotRunning(2))));
     assert!(m.violations.is_empty(), "{m:#?}");
@@ -1113,14 +1122,7 @@ fn a_template_whose_pods_are_never_created_is_not_proven_by_their_absence() {
     m.template = 1;
     m.bad_templates.insert(1);
     m.refused_templates.insert(1);
-    let mut trace = Vec::new();
-    for _ in 0..40 {
-        m.elect();
-        let a = decide(&m.observe());
-        trace.push(a.clone());
-        m.apply(&a);
-        m.progress();
-    }
+    let trace = run_steps(&mut m, 40, true);
     let first = deleted_pods(&trace);
     assert_eq!(first.len(), 1, "one member is taken down: {trace:?}");
     assert!(!m.pods.contains_key(&first[0]), "its pod is never created");
@@ -1130,13 +1132,7 @@ fn a_template_whose_pods_are_never_created_is_not_proven_by_their_absence() {
     if let Some(p) = m.pods.get_mut(&other) {
         p.running = false;
     }
-    let mut trace = Vec::new();
-    for _ in 0..20 {
-        m.elect();
-        let a = decide(&m.observe());
-        trace.push(a.clone());
-        m.apply(&a);
-    }
+    let trace = run_steps(&mut m, 20, false);
     assert!(deleted_pods(&trace).is_empty(), "no second member goes: {trace:?}");
     assert!(m.violations.is_empty(), "{:?}", m.violations);
 }
