@@ -139,6 +139,25 @@ fn query_param(req: &HttpRequest<Incoming>, name: &str) -> Result<Option<String>
     Ok(None)
 }
 
+/// Refuses a query parameter the route does not take, or one given twice: a misspelt
+/// `prev_revision` must not turn a compare-and-swap into a plain write.
+fn only_params(req: &HttpRequest<Incoming>, allowed: &[&str]) -> Result<(), ApiError> {
+    let Some(q) = req.uri().query() else { return Ok(()) };
+    let mut seen: Vec<&str> = Vec::new();
+    for pair in q.split('&').filter(|p| !p.is_empty()) {
+        let k = pair.split_once('=').map_or(pair, |(k, _)| k);
+        if !allowed.contains(&k) {
+            let takes = if allowed.is_empty() { "none".to_string() } else { allowed.join(", ") };
+            return Err(ApiError::bad(format!("unknown query parameter {k:?} (this request takes: {takes})")));
+        }
+        if seen.contains(&k) {
+            return Err(ApiError::bad(format!("query parameter {k:?} given twice")));
+        }
+        seen.push(k);
+    }
+    Ok(())
+}
+
 /// Whether a read asks for linearizability (`consistency=linearizable`, the default)
 /// rather than this member's local state (`consistency=serializable`).
 fn linearizable(req: &HttpRequest<Incoming>) -> Result<bool, ApiError> {
@@ -409,6 +428,12 @@ impl Api {
 
     async fn v1_kv(&self, method: Method, key: String, req: HttpRequest<Incoming>) -> ApiResult {
         check_key(&key)?;
+        match method {
+            Method::GET => only_params(&req, &["consistency"])?,
+            Method::PUT => only_params(&req, &["prev_revision", "lease"])?,
+            Method::DELETE => only_params(&req, &["prev_revision"])?,
+            _ => {}
+        }
         let prev = match query_param(&req, "prev_revision")? {
             Some(s) => Some(s.parse::<u64>().map_err(|_| ApiError::bad("prev_revision must be a non-negative integer"))?),
             None => None,
@@ -456,6 +481,7 @@ impl Api {
     }
 
     async fn list(&self, req: &HttpRequest<Incoming>) -> ApiResult {
+        only_params(req, &["prefix", "limit", "after", "consistency"])?;
         let prefix = query_param(req, "prefix")?.unwrap_or_default();
         let limit = match query_param(req, "limit")? {
             Some(s) => s.parse::<usize>().ok().filter(|l| (1..=10_000).contains(l)).ok_or_else(|| ApiError::bad("limit must be 1..=10000"))?,
@@ -488,6 +514,7 @@ impl Api {
     /// `DELETE /v1/kv?prefix=<p>`: removes every key starting with `p` (not empty), in
     /// one raft entry: atomically, all at one revision (etcd's `del --prefix`).
     async fn delete_prefix(&self, req: &HttpRequest<Incoming>) -> ApiResult {
+        only_params(req, &["prefix"])?;
         let prefix = match query_param(req, "prefix")? {
             Some(p) if !p.is_empty() => p,
             _ => return Err(ApiError::bad("prefix= is required and must not be empty (keys are deleted one by one with DELETE /v1/kv/<key>)")),
@@ -503,6 +530,7 @@ impl Api {
     /// streamed as it is encoded from a frozen copy (the keys an O(1) clone, the leases copied), so writes go on meanwhile.
     /// Linearizable by default: it holds every write acknowledged before the request.
     async fn backup(&self, req: &HttpRequest<Incoming>) -> ApiResult {
+        only_params(req, &["consistency"])?;
         if linearizable(req)? {
             self.read_barrier().await?;
         }
@@ -554,6 +582,7 @@ impl Api {
     /// by default: the stream holds every change after the writes acknowledged before
     /// the request. See docs/api.md.
     async fn watch(&self, req: &HttpRequest<Incoming>) -> ApiResult {
+        only_params(req, &["key", "prefix", "start_revision", "progress_ms", "prev_kv", "consistency"])?;
         let filter = match (query_param(req, "key")?, query_param(req, "prefix")?) {
             (Some(_), Some(_)) => return Err(ApiError::bad("give key or prefix, not both")),
             (Some(k), None) if k.is_empty() => return Err(ApiError::bad("key must not be empty (prefix= watches every key)")),
@@ -679,9 +708,32 @@ impl Api {
         let cmd = Command { op: OpType::Txn as i32, txn: Some(txn.clone()), ..Default::default() };
         match self.propose(cmd).await? {
             ApplyOutcome::Txn { revision, succeeded, results } => {
-                let ops = if succeeded { &txn.success } else { &txn.failure };
-                let results: Vec<Json> = ops.iter().zip(results).map(|(o, r)| txn_result_json(o, r)).collect();
-                Ok(json(StatusCode::OK, &json!({ "succeeded": succeeded, "revision": revision, "results": results })))
+                let ops = if succeeded { txn.success } else { txn.failure };
+                let read: usize = results.iter().map(|r| if let TxnResult::Read(Some((v, _))) = r { v.data.len() } else { 0 }).sum();
+                if read <= TXN_BUFFERED_READ_BYTES {
+                    let results: Vec<Json> = ops.iter().zip(results).map(|(o, r)| txn_result_json(o, r)).collect();
+                    return Ok(json(StatusCode::OK, &json!({ "succeeded": succeeded, "revision": revision, "results": results })));
+                }
+                // Up to 128 gets of one large value: encoded (up to 6 bytes per value
+                // byte) one result at a time as the client reads, never all at once.
+                let (tx, body) = ChannelBody::unsized_stream(2);
+                tokio::spawn(async move {
+                    let head = format!(r#"{{"succeeded":{succeeded},"revision":{revision},"results":["#);
+                    if tx.send(Ok(Bytes::from(head))).await.is_err() {
+                        return;
+                    }
+                    for (i, (o, r)) in ops.iter().zip(results).enumerate() {
+                        let mut chunk = if i == 0 { Vec::new() } else { b",".to_vec() };
+                        chunk.extend_from_slice(&serde_json::to_vec(&txn_result_json(o, r)).unwrap_or_default());
+                        if tx.send(Ok(Bytes::from(chunk))).await.is_err() {
+                            return;
+                        }
+                    }
+                    let _ = tx.send(Ok(Bytes::from_static(b"]}\n"))).await;
+                });
+                let mut r = response(StatusCode::OK, "application/json", Bytes::new());
+                *r.body_mut() = http_body_util::Either::Right(body);
+                Ok(r)
             }
             ApplyOutcome::LeaseMismatch { .. } => {
                 let mut ids: Vec<u64> = txn.success.iter().chain(&txn.failure).filter(|o| o.op == OpType::LeasedPut as i32).map(|o| o.lease).collect();
@@ -870,6 +922,9 @@ impl Api {
 
     async fn add_member_json(&self, body: &[u8]) -> ApiResult {
         let v: Json = serde_json::from_slice(body).map_err(|e| ApiError::bad(format!("body must be JSON: {e}")))?;
+        // A misspelt "learner" must not add a voter: unknown fields are refused.
+        let o = v.as_object().ok_or_else(|| ApiError::bad("body must be a JSON object"))?;
+        only_fields(o, "member", &["id", "peer_url", "learner"])?;
         let id = v.get("id").and_then(Json::as_u64).filter(|i| *i > 0).ok_or_else(|| ApiError::bad("\"id\" must be a positive integer"))?;
         let url = v.get("peer_url").and_then(Json::as_str).ok_or_else(|| ApiError::bad("\"peer_url\" is required"))?;
         let learner = match v.get("learner") {
@@ -1060,7 +1115,10 @@ impl Api {
             None
         } else {
             let v: Json = serde_json::from_slice(body).map_err(|e| ApiError::bad(format!("body must be JSON: {e}")))?;
-            match v.get("to") {
+            // `{"target": 2}` must not move leadership to a member the caller did not name.
+            let o = v.as_object().ok_or_else(|| ApiError::bad("body must be a JSON object"))?;
+            only_fields(o, "transfer", &["to"])?;
+            match o.get("to") {
                 None | Some(Json::Null) => None,
                 Some(t) => Some(t.as_u64().filter(|t| *t > 0).ok_or_else(|| ApiError::bad("\"to\" must be a positive integer"))?),
             }
@@ -1139,6 +1197,11 @@ fn parse_lease_id(s: &str) -> Result<u64, ApiError> {
 fn lease_not_found(id: u64) -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "lease_not_found", format!("lease {id} not found (expired or revoked?)"))
 }
+
+/// A transaction whose gets read more value bytes than this is answered as a stream,
+/// one result at a time, instead of from one buffer (128 gets of one 1.5 MiB value
+/// would otherwise need over 1 GiB of memory at once).
+const TXN_BUFFERED_READ_BYTES: usize = 1 << 20;
 
 /// Compares, and operations per branch, one transaction holds at most (as etcd's default
 /// `--max-txn-ops`).

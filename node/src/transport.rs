@@ -59,6 +59,9 @@ const PEER_QUEUE: usize = 8192;
 const MAX_BATCH: usize = 4096;
 /// Largest accepted peer request body (snapshots travel in one message).
 pub const MAX_PEER_BODY: usize = 1 << 31;
+/// A peer request body that stops arriving for this long is refused (see
+/// [`collect_peer_body`]).
+const PEER_BODY_IDLE: Duration = Duration::from_secs(30);
 /// Header carrying the sender's raft id.
 pub const FROM_HEADER: &str = "x-raftkv-from";
 /// Header carrying the sender's peer URL (lets a joining node answer a leader it never heard of).
@@ -925,6 +928,34 @@ pub struct PeerListener {
 }
 
 /// A request header as text.
+/// Reads a peer's request body of at most `limit` bytes. A sender that sends nothing for
+/// `idle` is cut off: a peer trickling a body (or one that hung) must not hold a task and
+/// its buffer for ever, while a large snapshot on a slow link may take as long as it
+/// keeps coming.
+async fn collect_peer_body<B>(body: B, limit: usize, idle: Duration) -> Result<Bytes, String>
+where
+    B: hyper::body::Body<Data = Bytes>,
+    B::Error: std::fmt::Display,
+{
+    let mut body = std::pin::pin!(body);
+    let mut buf = BytesMut::new();
+    loop {
+        match tokio::time::timeout(idle, body.frame()).await {
+            Err(_) => return Err(format!("no bytes for {} s in the middle of the body", idle.as_secs())),
+            Ok(None) => return Ok(buf.freeze()),
+            Ok(Some(Err(e))) => return Err(e.to_string()),
+            Ok(Some(Ok(frame))) => {
+                if let Ok(data) = frame.into_data() {
+                    if buf.len() + data.len() > limit {
+                        return Err(format!("body over {limit} bytes"));
+                    }
+                    buf.extend_from_slice(&data);
+                }
+            }
+        }
+    }
+}
+
 fn header(req: &HttpRequest<Incoming>, name: impl hyper::header::AsHeaderName) -> Option<&str> {
     req.headers().get(name).and_then(|v| v.to_str().ok())
 }
@@ -982,7 +1013,8 @@ impl PeerListener {
     /// cluster other than this member's (both known), 400 when its cluster header is not
     /// an id. `None`: go on.
     fn refuse_other_cluster(&self, req: &HttpRequest<Incoming>) -> Option<Response<Full<Bytes>>> {
-        let theirs = header(req, CLUSTER_HEADER)?;
+        // Present but not text is malformed (400), not absent.
+        let theirs = req.headers().get(CLUSTER_HEADER)?.to_str().unwrap_or("");
         let parsed = (theirs.len() == 16 && theirs.bytes().all(|b| b.is_ascii_hexdigit())).then(|| u64::from_str_radix(theirs, 16).ok());
         let Some(Some(theirs)) = parsed else {
             return Some(text(StatusCode::BAD_REQUEST, format!("`{CLUSTER_HEADER}` must be 16 hex digits\n")));
@@ -1059,10 +1091,16 @@ impl PeerListener {
         if let Some(refused) = self.refuse_other_cluster(&req) {
             return refused;
         }
-        let from_hdr: Option<u64> = header(&req, FROM_HEADER).and_then(|s| s.parse().ok());
+        let from_hdr: Option<u64> = match req.headers().get(FROM_HEADER) {
+            None => None,
+            Some(v) => match v.to_str().ok().and_then(|s| s.parse().ok()) {
+                Some(id) => Some(id),
+                None => return text(StatusCode::BAD_REQUEST, format!("`{FROM_HEADER}` must be a member id\n")),
+            },
+        };
         let from_url = header(&req, URL_HEADER).map(str::to_string);
-        let body = match Limited::new(req.into_body(), MAX_PEER_BODY).collect().await {
-            Ok(b) => b.to_bytes(),
+        let body = match collect_peer_body(req.into_body(), MAX_PEER_BODY, PEER_BODY_IDLE).await {
+            Ok(b) => b,
             Err(e) => return text(StatusCode::BAD_REQUEST, format!("unreadable body: {e}\n")),
         };
         let msgs = match decode_frames(&body) {
@@ -1284,6 +1322,29 @@ async fn write_control<W: AsyncWrite + Unpin>(wr: &mut W, tag: u8, value: u64) -
 mod tests {
     use super::*;
     use raft::eraftpb::{ConfChangeSingle, Entry, Snapshot};
+
+    #[tokio::test]
+    async fn a_peer_body_is_read_whole_unless_it_stalls_or_grows_too_large() {
+        use crate::http::ChannelBody;
+        let idle = Duration::from_millis(200);
+        let (tx, body) = ChannelBody::unsized_stream(4);
+        tx.send(Ok(Bytes::from_static(b"abc"))).await.unwrap();
+        tx.send(Ok(Bytes::from_static(b"def"))).await.unwrap();
+        drop(tx);
+        assert_eq!(collect_peer_body(body, 6, idle).await.unwrap(), Bytes::from_static(b"abcdef"));
+
+        let (tx, body) = ChannelBody::unsized_stream(4);
+        tx.send(Ok(Bytes::from_static(b"abc"))).await.unwrap();
+        let e = collect_peer_body(body, 6, idle).await.unwrap_err();
+        assert!(e.contains("no bytes"), "a sender that stops sending (kept open) is cut off: {e}");
+        drop(tx);
+
+        let (tx, body) = ChannelBody::unsized_stream(4);
+        tx.send(Ok(Bytes::from_static(b"abcd"))).await.unwrap();
+        tx.send(Ok(Bytes::from_static(b"efg"))).await.unwrap();
+        let e = collect_peer_body(body, 6, idle).await.unwrap_err();
+        assert!(e.contains("over 6 bytes"), "{e}");
+    }
 
     /// Serves `/ok` over mutual TLS with the test PKI; returns the port.
     async fn tls_server(tls: &PeerTls) -> u16 {

@@ -51,6 +51,11 @@ fn learner_catches_up_is_promoted_then_a_voter_is_removed_and_leadership_moves()
     assert_eq!(r.json()["changed"], false, "{}", r.text());
     let m = c.http.get(&format!("{}/v1/members", c.url(id))).unwrap().json();
     assert_eq!(member(&m, id).unwrap()["role"], "voter");
+    // A body that does not say `to` in so many words moves nothing.
+    for body in [format!(r#"{{"target":{id}}}"#), format!("{id}"), format!("[{id}]")] {
+        let r = c.http.post(&format!("{}/v1/leader/transfer", c.url(1)), body.clone()).unwrap();
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{body}: {}", r.text());
+    }
     // Transfer leadership to the new voter, explicitly.
     let r = c.http.post(&format!("{}/v1/leader/transfer", c.url(1)), format!(r#"{{"to":{id}}}"#)).unwrap();
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
@@ -114,6 +119,15 @@ fn compare_and_swap_and_prefix_listing() {
     assert_eq!(h.delete(&format!("{u}/v1/kv/cas?prev_revision={rev2}")).unwrap().status, StatusCode::OK);
     assert_eq!(h.get(&format!("{u}/v1/kv/cas")).unwrap().status, StatusCode::NOT_FOUND);
     assert_eq!(h.put(&format!("{u}/v1/kv/cas?prev_revision=x"), "b").unwrap().status, StatusCode::BAD_REQUEST);
+    // A misspelt guard is refused, not dropped (the write would run unconditionally).
+    for q in ["prev_revison=5", "prevRevision=5", "prev_revision=5&prev_revision=0", "consistency=serializable"] {
+        let r = h.put(&format!("{u}/v1/kv/cas?{q}"), "c").unwrap();
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "PUT ?{q}: {}", r.text());
+    }
+    let r = h.delete(&format!("{u}/v1/kv/cas?lease=1")).unwrap();
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "DELETE ?lease: {}", r.text());
+    assert_eq!(h.get(&format!("{u}/v1/kv/cas")).unwrap().status, StatusCode::NOT_FOUND, "none of them wrote");
+    assert_eq!(h.get(&format!("{u}/v1/kv?prefix=p/&limt=3")).unwrap().status, StatusCode::BAD_REQUEST);
 
     for k in ["p/c", "p/a", "q/x", "p/b", "o", "p/d"] {
         assert_eq!(h.put(&format!("{u}/v1/kv/{k}"), k).unwrap().status, StatusCode::OK);
@@ -637,7 +651,7 @@ fn watches_stream_every_change_in_order_from_now_or_from_a_revision() {
     assert_eq!(r.status, StatusCode::GONE, "{}", r.text());
     assert_eq!(r.json()["code"], "compacted");
     // Bad requests.
-    for q in ["key=a&prefix=b", "key=", "start_revision=0", "start_revision=x", "consistency=eventual", "progress_ms=5", "prev_kv=yes"] {
+    for q in ["key=a&prefix=b", "keys=a", "prefix=a&prefix=b", "key=", "start_revision=0", "start_revision=x", "consistency=eventual", "progress_ms=5", "prev_kv=yes"] {
         let r = c.http.get(&format!("{}/v1/watch?{q}", c.url(1))).unwrap();
         assert_eq!(r.status, StatusCode::BAD_REQUEST, "{q}: {}", r.text());
     }
@@ -767,6 +781,21 @@ fn a_transaction_swaps_two_keys_atomically_or_runs_its_failure_branch() {
     assert_eq!(c.http.get(&format!("{}/v1/txn", c.url(1))).unwrap().status, StatusCode::METHOD_NOT_ALLOWED);
     let big = format!(r#"{{"success":[{{"op":"put","key":"k","value":"{}"}}]}}"#, "v".repeat(2 << 20));
     assert_eq!(c.http.post(&format!("{}/v1/txn", c.url(1)), big).unwrap().status, StatusCode::PAYLOAD_TOO_LARGE);
+    // Gets that read more than 1 MiB are answered as a stream, one result at a time:
+    // the same JSON, whole.
+    let value = "\u{1}".repeat(1 << 20);
+    assert_eq!(c.http.put(&format!("{}/v1/kv/x/big", c.url(1)), value.clone()).unwrap().status, StatusCode::OK);
+    let body = r#"{"success":[{"op":"get","key":"x/big"},{"op":"put","key":"x/small","value":"s"},{"op":"get","key":"x/big"},{"op":"get","key":"x/none"}]}"#;
+    let r = c.http.post(&format!("{}/v1/txn", c.url(2)), body).unwrap();
+    assert_eq!(r.status, StatusCode::OK);
+    let j = r.json();
+    assert_eq!(j["succeeded"], true);
+    assert!(j["revision"].as_u64().unwrap() > 0, "{}", j["revision"]);
+    let results = j["results"].as_array().unwrap();
+    assert_eq!(results.len(), 4);
+    assert!(results[0]["value"] == value.as_str() && results[2]["value"] == value.as_str(), "both gets carry the whole value");
+    assert_eq!((results[1]["op"].as_str(), results[1]["existed"].as_bool()), (Some("put"), Some(false)));
+    assert_eq!(results[3]["found"], false);
 }
 
 #[test]
