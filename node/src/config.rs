@@ -284,7 +284,8 @@ pub fn canonical_peer_url(url: &str) -> Result<String, ConfigError> {
 fn ordinal_from_hostname(hostname: &str) -> Result<u64, ConfigError> {
     let digits: String = hostname.rsplit('-').next().unwrap_or("").to_string();
     match digits.parse::<u64>() {
-        Ok(n) => Ok(n + 1),
+        Ok(n) if n < u64::MAX => Ok(n + 1),
+        Ok(_) => err(format!("--id-from-hostname: the ordinal of {hostname:?} is too large")),
         Err(_) => err(format!("--id-from-hostname: hostname {hostname:?} has no trailing -<ordinal>")),
     }
 }
@@ -319,15 +320,28 @@ impl Args {
         for u in &urls {
             parse_peer_url(u)?;
         }
-        let mut seen = std::collections::HashSet::new();
+        // One address in two spellings (`http://h:1` and `http://H:01/`) is one member:
+        // listed twice, a member that should exist never would.
+        let mut seen = std::collections::HashMap::new();
         for u in &urls {
-            if !seen.insert(u) {
-                return err(format!("--cluster lists {u} twice"));
+            if let Some(first) = seen.insert(canonical_peer_url(u)?, u) {
+                return err(format!("--cluster lists one address twice ({first} and {u})"));
             }
         }
+        let join_flag = self.join.unwrap_or(false);
         let peer_url = match self.peer_url.clone() {
             Some(u) => {
                 parse_peer_url(&u)?;
+                // An initial member is reached at its --cluster entry: advertising
+                // another address (as etcd refuses too) leaves it unreachable, or on
+                // another member's port. Listening elsewhere is --listen-peer-addr's job.
+                if let Some(entry) = urls.get((id - 1) as usize).filter(|_| !join_flag) {
+                    if canonical_peer_url(entry)? != canonical_peer_url(&u)? {
+                        return err(format!(
+                            "--peer-url {u} is not this member's --cluster entry ({entry}, entry {id}); give the same address, or --listen-peer-addr to listen on another"
+                        ));
+                    }
+                }
                 u
             }
             None => match urls.get((id - 1) as usize) {
@@ -340,7 +354,7 @@ impl Args {
                 }
             },
         };
-        let join = self.join.unwrap_or(false) || id as usize > urls.len();
+        let join = join_flag || id as usize > urls.len();
         let (host, port) = parse_peer_url(&peer_url)?;
         let listen_peer_addr = match self.listen_peer_addr {
             Some(a) => a,
@@ -597,6 +611,17 @@ mod tests {
         assert!(parse(&["--cluster", "127.0.0.1:1"]).unwrap_err().contains("http://"));
         assert!(parse(&["--cluster", "http://127.0.0.1"]).unwrap_err().contains("port"));
         assert!(parse(&["--cluster", "http://127.0.0.1:1,http://127.0.0.1:1"]).unwrap_err().contains("twice"));
+        for respelled in ["http://127.0.0.1:1/", "http://127.0.0.1:01"] {
+            let e = parse(&["--cluster", &format!("http://127.0.0.1:1,{respelled}")]).unwrap_err();
+            assert!(e.contains("twice"), "{respelled}: {e}");
+        }
+        // An initial member advertises its own --cluster entry (in any spelling).
+        let two = "http://127.0.0.1:7001,http://127.0.0.1:7002";
+        let e = parse(&["--cluster", two, "--peer-url", "http://127.0.0.1:7002"]).unwrap_err();
+        assert!(e.contains("--peer-url") && e.contains("entry 1"), "{e}");
+        assert!(parse(&["--cluster", two, "--peer-url", "http://127.0.0.1:07001/"]).is_ok());
+        assert!(parse(&["--id", "3", "--cluster", two, "--peer-url", "http://127.0.0.1:7003"]).is_ok(), "beyond the list: its own");
+        assert!(parse(&["--id", "2", "--join", "--cluster", two, "--peer-url", "http://127.0.0.1:7009"]).is_ok(), "a joiner's address is the leader's business");
         assert!(parse(&["--snapshot-count", "0"]).is_err());
         assert!(parse(&["--port", "9021"]).unwrap_err().contains("peer port"));
         assert!(parse(&["--bogus"]).is_err());
@@ -664,5 +689,7 @@ mod tests {
         assert_eq!(ordinal_from_hostname("kv-0").unwrap(), 1);
         assert_eq!(ordinal_from_hostname("my-kv-12").unwrap(), 13);
         assert!(ordinal_from_hostname("kv").is_err());
+        assert!(ordinal_from_hostname("kv-18446744073709551614").is_ok());
+        assert!(ordinal_from_hostname("kv-18446744073709551615").unwrap_err().to_string().contains("too large"));
     }
 }
