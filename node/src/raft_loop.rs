@@ -1411,22 +1411,34 @@ impl RaftLoop {
             .filter(|(id, (deadline, _))| *deadline <= now && self.revoking.get(*id).is_none_or(|at| now.duration_since(*at) >= timeout))
             .map(|(id, (_, renewed))| (*id, *renewed))
             .collect();
+        let mut proposed = Vec::with_capacity(expired.len());
         for (id, renewed) in expired {
             info!(lease = id, "lease expired; revoking it and its keys");
             let request_id = rand::random::<u64>();
             let cmd = Command { request_id, op: crate::kv::OpType::LeaseRevoke as i32, lease: id, lease_renewed: Some(renewed), ..Default::default() };
-            // Nobody waits for the answer: the receiver is dropped.
-            let (tx, _) = oneshot::channel();
+            // Nobody waits for the outcome; the receiver only tells whether raft took it.
+            let (tx, rx) = oneshot::channel();
             if self.batch.push(request_id, cmd.encode_to_vec(), tx) {
                 self.flush_proposals();
             }
-            self.revoking.insert(id, now);
+            proposed.push((id, rx));
         }
         // Proposed now, while this member leads: a batch left for the next iteration
         // would be forwarded if leadership moved meanwhile, and the new leader, which
         // restarted every lease's time to live and may have acknowledged keepalives
         // since, would append an expiry decided from the old deadlines.
         self.flush_proposals();
+        // Keepalives for a lease being revoked are answered "not found"; one raft
+        // dropped (a leadership transfer under way) is not being revoked: it is tried
+        // again at the next tick, and keepalives meanwhile go through the barrier.
+        for (id, mut rx) in proposed {
+            match rx.try_recv() {
+                Ok(Err(e)) => debug!(lease = id, error = %e, "the lease's revocation was not proposed; trying again"),
+                _ => {
+                    self.revoking.insert(id, now);
+                }
+            }
+        }
     }
 
     /// A removed voter that missed the entry removing it finds out when it campaigns:
