@@ -118,6 +118,14 @@ struct Inner {
     _lock: fsutil::DirLock,
 }
 
+/// Where an orphan snapshot file that cannot be deleted is moved: `<name>.orphan`, a
+/// name the snapshot listing logs and ignores.
+fn orphan_aside(path: &Path) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(".orphan");
+    PathBuf::from(s)
+}
+
 /// Files taken off the segment and snapshot lists whose unlink failed, to retry.
 #[derive(Default)]
 struct Doomed {
@@ -281,7 +289,13 @@ impl DiskStorage {
         for path in &orphans {
             warn!(file = %path.display(), wal_snapshot = log.snap_index, "removing orphan snapshot file (its WAL record was never synced)");
             if let Err(e) = fsutil::remove_file(path) {
-                warn!(file = %path.display(), error = %e, "cannot remove orphan snapshot file");
+                // Left under its name it would count as a live file once the snapshot in
+                // force passes its index, and break the chain a later start restores
+                // (a full file in the middle of a delta chain): renamed to a name the
+                // listing ignores. A directory that cannot even rename is broken.
+                let aside = orphan_aside(path);
+                warn!(file = %path.display(), error = %e, aside = %aside.display(), "cannot remove orphan snapshot file; setting it aside (delete it by hand)");
+                std::fs::rename(path, &aside).map_err(|e| StorageError::Io { path: path.clone(), source: e })?;
             }
         }
         if !orphans.is_empty() {

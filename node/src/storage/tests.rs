@@ -351,6 +351,35 @@ fn orphan_snapshot_file_is_ignored_and_removed() {
 }
 
 /// The real crash window: a save whose file is written but whose WAL record never
+/// An orphan whose unlink fails is set aside under a name the listing ignores: left as
+/// it was, it would pass for a live file once the snapshot in force passed its index.
+#[test]
+fn an_orphan_snapshot_that_cannot_be_deleted_is_set_aside() {
+    let d = tempfile::tempdir().expect("tempdir");
+    {
+        let s = open(d.path());
+        s.apply_snapshot(snap(1, 1, b"boot")).expect("apply");
+        s.append(&ents(2, 9, 1)).expect("append");
+        s.sync().expect("sync");
+    }
+    let meta = SnapshotMetadata { conf_state: Some(cs(&[1])), index: 8, term: 1 };
+    let (orphan, _) = snapshot::write(&d.path().join("snap"), &meta, Some(wal_end(d.path())), b"newer").expect("write");
+    fsutil::UNLINK_FAILS.with(|c| c.set(1));
+    let s = open(d.path());
+    fsutil::UNLINK_FAILS.with(|c| c.set(0));
+    assert_eq!(s.snapshot_index(), 1);
+    assert!(!orphan.exists(), "not under its own name");
+    assert!(orphan_aside(&orphan).exists(), "set aside");
+    // A snapshot in force beyond the orphan's index: a restart does not take it up.
+    s.apply_snapshot(snap(12, 1, b"later")).expect("apply");
+    s.sync().expect("sync");
+    drop(s);
+    let s = open(d.path());
+    assert_eq!(s.snapshot_index(), 12);
+    assert_eq!(s.latest_snapshot().expect("latest").expect("some").full.data, b"later");
+    assert!(orphan_aside(&orphan).exists(), "ignored, left for the operator");
+}
+
 /// becomes durable (the sync fails, then the process dies). The file is an orphan.
 #[test]
 fn a_save_whose_record_never_became_durable_leaves_an_orphan_that_open_removes() {
