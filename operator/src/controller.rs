@@ -498,6 +498,20 @@ pub async fn reconcile<N: NodeApi>(rkv: Arc<RaftKV>, ctx: Arc<Context<N>>) -> Re
     tracing::info!(rkv = %name, namespace = %ns, ?action, "decided");
     let leader = cluster.as_ref().map(|c| c.leader).unwrap_or(0);
     let platform = KubePlatform { client: client.clone(), name: name.clone(), namespace: ns.clone() };
+    // A voter about to go: the disruption budget is lowered first, for the voters left,
+    // so that a drain running meanwhile cannot evict as many of them as the old count
+    // allowed (5 voters allow 2, the 4 left only 1).
+    let voters_after_removal = match (&action, &cluster) {
+        (Action::RemoveMember(id), Some(c)) if c.members.get(id).is_some_and(|m| m.role == Role::Voter) => {
+            Some(c.members.values().filter(|m| m.role == Role::Voter).count().saturating_sub(1).max(1))
+        }
+        _ => None,
+    };
+    if let Some(left) = voters_after_removal {
+        ctx.fence.check()?;
+        let pdb: PodDisruptionBudget = resources::pdb(&rkv, u32::try_from(left).unwrap_or(1));
+        Api::<PodDisruptionBudget>::namespaced(client.clone(), &ns).patch(&name, &ssa, &Patch::Apply(&pdb)).await?;
+    }
     // Observing took a while: act only if the lease is still surely ours.
     ctx.fence.check()?;
     // A step may not outlast the fence (renewals extend it meanwhile): one cut short is
@@ -562,6 +576,9 @@ pub async fn reconcile<N: NodeApi>(rkv: Arc<RaftKV>, ctx: Arc<Context<N>>) -> Re
         0 => initial.len(),
         n => n,
     };
+    // After a removal (or an attempt: its outcome may be unknown) the budget stays at
+    // the lower count until the next observation says otherwise.
+    let voters = voters_after_removal.map_or(voters, |left| voters.min(left));
     let pdb: PodDisruptionBudget = resources::pdb(&rkv, u32::try_from(voters).unwrap_or(1));
     // The PDB and status come from what was observed before the step: not after the
     // lease may have passed (another replica may have changed the membership since).

@@ -412,6 +412,31 @@ async fn scale_down_of_the_leader_transfers_leadership_first() {
 }
 
 #[tokio::test]
+async fn the_disruption_budget_is_lowered_before_a_voter_is_removed() {
+    // 5 voters allow 2 disruptions, the 4 left after the removal only 1: the budget
+    // must say 1 before the removal is asked for, not one reconcile later.
+    let r = rkv(4, Some(running_status(Some(Operation::new(OperationKind::ScaleDown, 5)))));
+    let mut script = prelude(5, 5, &[0, 1, 2, 3, 4]);
+    script.extend([
+        expect("PATCH", PDB, pdb_ok()),
+        expect("POST", EVENTS, event_ok()),
+        expect("PATCH", PDB, pdb_ok()),
+        expect("PATCH", RKV_STATUS, echo_rkv(&r)),
+    ]);
+    let (res, seen, ctx) = run_reconcile(r, FakeNode::cluster(&[1, 2, 3, 4, 5], &[], 1), script).await;
+    assert!(res.is_ok(), "{res:?}");
+    assert_eq!(ctx.node.calls(), ["remove 5 via 1"]);
+    let pdbs = find(&seen, "PATCH", PDB);
+    assert_eq!(pdbs.len(), 2, "{seen:?}");
+    for p in pdbs {
+        assert_eq!(p.body["spec"]["maxUnavailable"], 1, "{}", p.body);
+    }
+    // The budget came before the removal's Event (the mock answers in script order).
+    let at = |m: &str, path: &str| seen.iter().position(|x| x.method == m && x.path == path).unwrap();
+    assert!(at("PATCH", PDB) < at("POST", EVENTS));
+}
+
+#[tokio::test]
 async fn removed_member_claim_is_deleted_after_the_pod_is_gone() {
     let r = rkv(2, Some(running_status(Some(Operation::new(OperationKind::ScaleDown, 3)))));
     let mut script = prelude(2, 2, &[0, 1, 2]);

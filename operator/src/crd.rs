@@ -43,6 +43,10 @@ pub const MAX_REPLICAS: i32 = 9;
     // Only size(): its cost does not grow with the string, so no CEL cost budget binds.
     validation = Rule::new("self.metadata.name.size() <= 52")
         .message("the name must have at most 52 characters (its pods are labelled <name>-<10-character hash>, at most 63)"),
+    // `<name>-peer` is the headless Service of the RaftKV `<name>`: a RaftKV named so
+    // would fight over it (its client Service has its own name).
+    validation = Rule::new("!self.metadata.name.endsWith('-peer')")
+        .message("the name must not end in -peer (<name>-peer is the peer Service of the RaftKV <name>)"),
     validation = Rule::new("!has(self.spec.backup) || self.metadata.name.size() <= 45")
         .message("spec.backup needs a name of at most 45 characters (its CronJob <name>-backup has at most 52)"),
     scale(
@@ -545,6 +549,7 @@ mod tests {
         let root = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["x-kubernetes-validations"];
         let rules: Vec<&str> = root.as_array().map(|a| a.iter().filter_map(|r| r["rule"].as_str()).collect()).unwrap_or_default();
         assert!(rules.iter().any(|r| r.contains("self.metadata.name.size() <= 52")), "{root}");
+        assert!(rules.iter().any(|r| r.contains("!self.metadata.name.endsWith('-peer')")), "{root}");
         assert!(rules.iter().any(|r| r.contains("has(self.spec.backup)") && r.contains("<= 45")), "{root}");
     }
 

@@ -289,6 +289,11 @@ pub fn statefulset(rkv: &RaftKV, replicas: u32, initial_cluster: &[String], boot
             ContainerPort { name: Some("client".into()), container_port: CLIENT_PORT, ..ContainerPort::default() },
             ContainerPort { name: Some("peer".into()), container_port: PEER_PORT, ..ContainerPort::default() },
         ]),
+        // The node serves HTTP only once it has loaded its snapshot and replayed its
+        // log, which takes a while for a large store on a slow volume: until /healthz
+        // first answers (up to 30 minutes) the liveness probe waits, so that it never
+        // kills a member that is still loading (it would start loading again, for ever).
+        startup_probe: Some(http_probe("/healthz", 10, 180)),
         liveness_probe: Some(http_probe("/healthz", 10, 3)),
         readiness_probe: Some(http_probe("/readyz", 5, 2)),
         resources: spec.resources.clone(),
@@ -668,6 +673,10 @@ mod tests {
         assert_eq!(c.image.as_deref(), Some(default_image().as_str()));
         let probe_path = |p: &Option<Probe>| p.as_ref().and_then(|p| p.http_get.as_ref()).and_then(|h| h.path.clone());
         assert_eq!(probe_path(&c.liveness_probe).as_deref(), Some("/healthz"));
+        // Loading a large store must not be cut short by the liveness probe.
+        assert_eq!(probe_path(&c.startup_probe).as_deref(), Some("/healthz"));
+        let budget = |p: &Option<Probe>| p.as_ref().map(|p| p.period_seconds.unwrap_or(10) * p.failure_threshold.unwrap_or(3)).unwrap_or(0);
+        assert!(budget(&c.startup_probe) >= 1800 && budget(&c.liveness_probe) <= 30, "startup {} s, liveness {} s", budget(&c.startup_probe), budget(&c.liveness_probe));
         assert_eq!(probe_path(&c.readiness_probe).as_deref(), Some("/readyz"));
         let ann = spec.template.metadata.as_ref().and_then(|m| m.annotations.clone()).expect("annotations");
         assert_eq!(ann["prometheus.io/scrape"], "true");
@@ -694,7 +703,7 @@ mod tests {
         // k8s-openapi upgrade that serializes differently, a new version, which is the
         // default image's tag) restarts every member once when the new operator rolls
         // out. Update this value knowingly, and say so in the CHANGELOG.
-        assert_eq!(base, "8a2b382ffa78c17b");
+        assert_eq!(base, "b53737932ad8b3dd");
         assert_eq!(hash(&rkv(), true), base, "RAFTKV_JOIN after bootstrap restarts nobody");
         let five = statefulset(&rkv(), 5, &init, true);
         assert_eq!(statefulset_template_hash(&five), Some(base.clone()), "the pod count is not in the template");
