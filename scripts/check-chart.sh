@@ -333,9 +333,13 @@ step "shellcheck"
 scripts=()
 while IFS= read -r -d '' f; do
     scripts+=("$f")
-done < <(git ls-files -z --cached --others --exclude-standard -- '*.sh')
+done < <(if git rev-parse --git-dir >/dev/null 2>&1; then
+    git ls-files -z --cached --others --exclude-standard -- '*.sh'
+else # a source tree without .git (a tarball)
+    find . -name '*.sh' -not -path './target*' -not -path './.tools/*' -not -path './.cluster/*' -print0
+fi)
 if [ "${#scripts[@]}" -eq 0 ]; then
-    fail "no shell scripts found (git ls-files)"
+    fail "no shell scripts found"
 elif shellcheck --external-sources "${scripts[@]}"; then
     echo "ok: ${#scripts[@]} scripts: ${scripts[*]}"
 else

@@ -19,7 +19,9 @@ stop() {
 }
 trap stop EXIT INT TERM
 for i in 1 2 3; do
-  "$bin" --id "$i" --cluster "$cluster" --port "${i}2380" --data-dir "$dir/node-$i" \
+  # Clients on loopback only: this cluster has no TLS and no admin token.
+  "$bin" --id "$i" --cluster "$cluster" --port "${i}2380" --listen-client-addr "127.0.0.1:${i}2380" \
+    --data-dir "$dir/node-$i" \
     >"$dir/node-$i.log" 2>&1 &
   pids+=("$!")
 done

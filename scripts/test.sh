@@ -10,6 +10,10 @@ export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 echo "== disk free for the build: $(df -h --output=avail . | tail -n 1 | tr -d ' ')"
 
+# The chart checks' tools first: a machine that cannot get them fails in seconds, not
+# after the build and the tests.
+bash scripts/tools.sh          # helm, kubectl, kubernetes-validate into .tools/ (cached)
+
 echo "== build"
 cargo build --workspace --all-targets
 if command -v git >/dev/null && git rev-parse --git-dir >/dev/null 2>&1 && ! git diff --quiet -- Cargo.lock; then
@@ -25,6 +29,5 @@ fi
 cargo test --workspace --doc
 
 echo "== chart, manifests, shell scripts"
-bash scripts/tools.sh          # helm, kubectl, kubernetes-validate into .tools/ (cached)
 bash scripts/check-chart.sh
 echo "== all tests passed"

