@@ -105,8 +105,11 @@ fn follower_down_across_snapshot_and_compaction_catches_up() {
     for i in 0..400 {
         c.put_retry(up, &format!("s{i}"), &format!("{i}"), T);
     }
-    let snap = c.status(up).unwrap()["snapshot_index"].as_u64().unwrap();
-    assert!(snap >= 350, "leader side should have snapshotted, snapshot_index={snap}");
+    // Snapshots are saved off the raft loop: wait for the one past 350 (a slow disk may
+    // still be writing it when the last put is answered).
+    wait_for(T, "a snapshot past index 350 on the live side", || {
+        (c.status(up)?["snapshot_index"].as_u64()? >= 350).then_some(())
+    });
     c.spawn(down);
     // Serializable reads on the revived node show its own state: it must catch up.
     wait_for(T, "the follower to catch up by snapshot", || {
@@ -382,12 +385,14 @@ fn writes_resume_within_seconds_after_the_leader_is_killed() {
     c.kill(leader);
     let killed_at = Instant::now();
     let other = (1..=3).find(|id| *id != leader).unwrap();
+    // put_retry's deadline is the bound: writes resume within 10 s.
     c.put_retry(other, "b", "2", Duration::from_secs(10));
-    let took = killed_at.elapsed();
-    eprintln!("writes resumed {took:?} after the leader was killed");
-    assert!(took < Duration::from_secs(10));
-    let new_leader = c.wait_leader(T);
-    assert_ne!(new_leader, leader);
+    eprintln!("writes resumed {:?} after the leader was killed", killed_at.elapsed());
+    c.spawn(leader);
+    wait_for(T, "the old leader, back, to read the new leader's write", || {
+        let r = c.http.get(&format!("{}/v1/kv/b", c.url(leader))).ok()?;
+        (r.status == StatusCode::OK && r.json()["value"] == "2").then_some(())
+    });
 }
 
 #[test]
@@ -401,11 +406,12 @@ fn with_two_of_three_down_a_write_gets_503_never_2xx() {
             c.kill(id);
         }
     }
+    // A client that waits 15 s at most: a write left hanging (never answered) is an
+    // error here, not a 503.
+    let patient = Http::new(Duration::from_secs(15));
     for i in 0..3 {
-        let started = Instant::now();
-        let r = c.http.put(&format!("{}/k", c.url(survivor)), format!("after{i}")).unwrap();
+        let r = patient.put(&format!("{}/k", c.url(survivor)), format!("after{i}")).expect("answered, not left hanging");
         assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "write without quorum: {}", r.text());
-        assert!(started.elapsed() < Duration::from_secs(5), "bounded wait");
         let r = c.http.get(&format!("{}/v1/kv/k", c.url(survivor))).unwrap();
         assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "linearizable read without quorum");
     }
@@ -605,10 +611,20 @@ fn sigterm_hands_leadership_over_and_exits_0() {
     let leader = c.wait_leader(T);
     let code = c.terminate(leader, T);
     assert_eq!(code, Some(0));
-    // Leadership was handed over: a new leader exists at once, with no election timeout.
+    // Leadership was handed over, not won by an election after a timeout: the member the
+    // stopping leader named leads.
+    let log = std::fs::read_to_string(&c.node(leader).log).unwrap_or_default();
+    let to: u64 = log
+        .lines()
+        .find(|l| l.contains("stopping: handing leadership over"))
+        .and_then(|l| l.split("to=").nth(1))
+        .and_then(|rest| rest.split(|ch: char| !ch.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("the stopping leader named no successor (RUST_LOG must include info):\n{log}"));
+    assert_ne!(to, leader);
     let started = Instant::now();
     let new_leader = c.wait_leader(T);
-    assert_ne!(new_leader, leader);
+    assert_eq!(new_leader, to, "the named member leads");
     eprintln!("new leader {new_leader} seen {:?} after exit", started.elapsed());
     let other = c.running()[0];
     c.put_retry(other, "k", "v2", T);

@@ -375,18 +375,20 @@ mod tests {
 
     #[tokio::test]
     async fn closed_follows_renewals_and_resolves_when_the_fence_closes() {
+        // Wide margins: the renewal (at 50 ms) must land well before the first deadline
+        // (1 s) even on a loaded machine.
         let f = Fence::closed();
-        f.extend_to(Instant::now() + Duration::from_millis(100));
+        f.extend_to(Instant::now() + Duration::from_millis(1000));
         let renewer = {
             let f = f.clone();
             tokio::spawn(async move {
                 tokio::time::sleep(Duration::from_millis(50)).await;
-                f.extend_to(Instant::now() + Duration::from_millis(200));
+                f.extend_to(Instant::now() + Duration::from_millis(1500));
             })
         };
         let started = Instant::now();
         f.until_closed().await;
-        assert!(started.elapsed() >= Duration::from_millis(200), "followed the renewal: {:?}", started.elapsed());
+        assert!(started.elapsed() >= Duration::from_millis(1500), "followed the renewal: {:?}", started.elapsed());
         assert!(f.check().is_err());
         renewer.await.expect("renewer");
         assert!(tokio::time::timeout(Duration::from_millis(50), Fence::open().until_closed()).await.is_err(), "an open fence never closes");

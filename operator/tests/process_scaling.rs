@@ -489,11 +489,12 @@ async fn lost_volume_is_detected_and_the_member_replaced() {
     let result = std::panic::AssertUnwindSafe(async {
         drive(&sim, &addrs, &node, &urls, INITIAL, t, &never).await;
         // Writes keep the log moving, so voters take snapshots (see "Reused ids").
-        let (stop, _acked, load) = start_load(&urls);
+        let (stop, acked, load) = start_load(&urls);
         // Lost volume: member 3's data dir is wiped under it (same claim, empty volume) and
         // its container restarts in join mode. The operator must detect the amnesia, remove
         // it, wipe claim and pod, and add it back as a new learner.
         let old_incarnation = sim.lock().incarnations.get(&3).cloned();
+        assert!(old_incarnation.is_some(), "member 3's incarnation was recorded before the wipe");
         {
             let mut w = sim.lock();
             if let Some(mut p) = w.pods.remove(&2) {
@@ -527,6 +528,11 @@ async fn lost_volume_is_detected_and_the_member_replaced() {
         assert!(new_incarnation.is_some() && new_incarnation != old_incarnation, "{old_incarnation:?} -> {new_incarnation:?}");
         stop.store(true, Ordering::Relaxed);
         load.join().expect("writer thread");
+        // A repaired amnesiac must not cost a write: every acknowledged one reads back.
+        let acked = acked.lock().map(|a| a.clone()).unwrap_or_default();
+        assert!(!acked.is_empty(), "no write was acknowledged during the repair");
+        let missing = lost_writes(&sim, &addrs, &node, acked.clone()).await;
+        assert!(missing.is_empty(), "{} of {} acked writes lost: {:?}", missing.len(), acked.len(), &missing[..missing.len().min(10)]);
 
     });
     if let Err(payload) = futures::FutureExt::catch_unwind(result).await {

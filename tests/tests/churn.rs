@@ -834,6 +834,10 @@ fn a_learner_cut_off_while_the_leader_sends_its_snapshot_catches_up_after_the_li
             i += 1;
             c.put_retry(leader, &format!("cut-{attempt}-{i}"), "v", SETTLE);
         }
+        // The cut happened, and the learner has not got the data through it.
+        assert_eq!(proxy.mode.load(Ordering::SeqCst), 1, "the proxy never cut the link (no exchange went through it)");
+        let early = http.get(&format!("{}/v1/kv/k0?consistency=serializable", c.url(id)));
+        assert!(!early.is_ok_and(|r| r.status == StatusCode::OK), "the learner had the data before the link healed");
         proxy.heal();
         c.put_retry(leader, &format!("healed-{attempt}"), "v", SETTLE);
         let url = format!("{}/v1/kv/healed-{attempt}?consistency=serializable", c.url(id));

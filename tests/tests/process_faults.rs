@@ -184,9 +184,10 @@ fn watch_streams_resume_across_kill_9_with_no_change_missed_or_repeated() {
         }
         eprintln!("round {round}: {} writes acknowledged, {} streams so far", acked_count(), streams.load(Ordering::Relaxed));
     }
+    let after_restart = acked_count();
     let last = wait_for(Duration::from_secs(20), "more writes after the last restart", || {
         let n = acked_count();
-        (n > 0).then(|| acked.lock().unwrap()[n - 1].1)
+        (n >= after_restart + 30).then(|| acked.lock().unwrap()[n - 1].1)
     });
     stop.store(true, Ordering::Relaxed);
     writer.join().expect("writer");
