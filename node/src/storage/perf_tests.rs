@@ -240,6 +240,10 @@ fn snapshots_saved_on_another_thread_while_appending() {
     boot(&s);
     let synced = AtomicU64::new(1);
     let done = AtomicBool::new(false);
+    // Snapshots saved so far: the appender waits for one every 500 entries, so the two
+    // threads overlap however the scheduler runs them (on tmpfs the appender alone
+    // could finish before the snapshot thread first ran).
+    let saved_so_far = AtomicU64::new(0);
     let data_for = |i: u64| format!("state at {i};").repeat(2000).into_bytes();
     let (saved, last_saved) = std::thread::scope(|sc| {
         let snapper = sc.spawn(|| {
@@ -256,6 +260,7 @@ fn snapshots_saved_on_another_thread_while_appending() {
                     assert_eq!(got.data, data_for(idx));
                     s.compact(idx.saturating_sub(50)).expect("compact");
                     saved += 1;
+                    saved_so_far.store(u64::from(saved), Ordering::Release);
                     last = idx;
                 } else if finished {
                     break;
@@ -270,6 +275,13 @@ fn snapshots_saved_on_another_thread_while_appending() {
             s.set_hard_state(&HardState { term: 1, vote: 1, commit: i }).expect("hs");
             s.sync().expect("sync");
             synced.store(i, Ordering::Release);
+            if i % 500 == 0 {
+                let want = i / 500;
+                let deadline = Instant::now() + Duration::from_secs(30);
+                while saved_so_far.load(Ordering::Acquire) < want && Instant::now() < deadline {
+                    std::thread::yield_now();
+                }
+            }
         }
         done.store(true, Ordering::Release);
         snapper.join().expect("snapshot thread")
