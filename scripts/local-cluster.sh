@@ -12,6 +12,7 @@ mkdir -p "$dir"
 cluster="http://127.0.0.1:12379,http://127.0.0.1:22379,http://127.0.0.1:32379"
 pids=()
 stop() {
+  trap - EXIT INT TERM # once, whichever signal or exit came first
   echo
   echo "stopping the cluster (SIGTERM)..."
   for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
