@@ -159,6 +159,18 @@ pub fn read(path: &Path) -> Result<(BackupInfo, Vec<u8>), BackupError> {
     Ok((info, image))
 }
 
+/// A backup file's identity — its applied index and the checksum its trailer records —
+/// read from its header and last bytes only (nothing is verified but the header).
+pub fn identity(path: &Path) -> Result<(u64, u32), BackupError> {
+    use std::io::{Seek, SeekFrom};
+    let (mut f, len) = open(path)?;
+    let (info, _) = read_header(path, &mut f, len)?;
+    let io = |source| BackupError::Io { path: path.to_path_buf(), source };
+    let mut trailer = [0u8; 4];
+    f.seek(SeekFrom::Start(len - TRAILER_LEN)).and_then(|_| f.read_exact(&mut trailer)).map_err(io)?;
+    Ok((info.applied_index, u32::from_le_bytes(trailer)))
+}
+
 /// Checks a backup file whole — header, length, checksum — reading it in chunks, so a
 /// large backup is never held in memory (what [`read`] checks, without the image).
 pub fn verify(path: &Path) -> Result<BackupInfo, BackupError> {

@@ -396,6 +396,16 @@ pub enum StartError {
     /// The data directory could not be opened or is corrupt.
     #[error("storage: {0}")]
     Storage(#[from] StorageError),
+    /// `--restore-from` names a backup, but the data directory already holds other data.
+    #[error("--restore-from {}: the data directory {} is not new: {why}. A restore needs an empty data directory: move it away to restore, or start without --restore-from to keep its data", backup.display(), dir.display())]
+    RestoreOverData {
+        /// The backup named.
+        backup: PathBuf,
+        /// The data directory.
+        dir: PathBuf,
+        /// What the directory holds instead.
+        why: String,
+    },
     /// This member was removed from its cluster earlier.
     #[error("this member was removed from the cluster ({reason}); its data dir {dir} must not rejoin. Remove the directory and add the node again as a new member")]
     Removed {
@@ -692,6 +702,9 @@ pub fn start(
                     }));
                 }
                 info!(backup = %path.display(), applied, crc = format!("{:08x}", info.crc), "restoring a new cluster from a backup");
+                // Before the state: a crash in between leaves a fresh directory (restored
+                // again at the next start), never restored data without its marker.
+                storage::write_restored_from(&cfg.data_dir, applied, info.crc)?;
                 (data, applied)
             }
         };
@@ -706,7 +719,25 @@ pub fn start(
         storage.apply_snapshot(snap)?;
         info!(members = cfg.initial_members.len(), index, "bootstrapped a new cluster");
     } else if let (Some(path), false) = (&cfg.restore_from, storage.is_fresh()) {
-        warn!(backup = %path.display(), "the data directory already holds this member's data: --restore-from is ignored");
+        // Restarting with the command line of the restore is fine; naming another backup
+        // (or restoring over data that was never restored: a forgotten wipe) is refused,
+        // rather than looking like a restore that kept the old data.
+        let marker = storage::read_restored_from(&cfg.data_dir)?;
+        match (crate::backup::identity(path), marker) {
+            (Ok(named), Some(done)) if named == done => {
+                info!(backup = %path.display(), "the data directory was restored from this backup already: --restore-from is ignored");
+            }
+            (Err(e), Some(_)) => {
+                warn!(backup = %path.display(), error = %e, "the data directory was restored from a backup already and this one cannot be read: --restore-from is ignored");
+            }
+            (_, done) => {
+                let why = match done {
+                    Some((applied, crc)) => format!("it was restored from another backup (applied index {applied}, checksum {crc:08x})"),
+                    None => "it holds data that was not restored from a backup".to_string(),
+                };
+                return Err(StartError::RestoreOverData { backup: path.clone(), dir: cfg.data_dir.clone(), why });
+            }
+        }
     } else if storage.is_fresh() {
         info!("fresh node waiting to be added to the cluster (join)");
     }

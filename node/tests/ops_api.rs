@@ -526,6 +526,22 @@ fn a_backup_restores_into_a_new_cluster_with_its_keys_and_revisions() {
     });
     let _ = single.kill();
     let _ = single.wait();
+    // Naming another backup for a directory restored already, or restoring over data
+    // that never came from a backup (a forgotten wipe), is refused: it would look like a
+    // restore while keeping the old data.
+    c.put_retry(1, "later", "x", T);
+    let other = c.dir.path().join("other.backup");
+    std::fs::write(&other, c.http.get(&format!("{}/v1/backup", c.url(1))).unwrap().body).unwrap();
+    let (code, log) = run_to_exit(c.dir.path(), "from-truncated", &["--restore-from", other.to_str().unwrap()]);
+    assert_eq!(code, Some(1), "{log}");
+    assert!(log.contains("is not new") && log.contains("restored from another backup"), "{log}");
+    let (mut plain, url, _) = spawn_single(c.dir.path(), "plain", &[]);
+    wait_for(T, "a plain single member to serve", || (c.http.get(&format!("{url}/readyz")).ok()?.status == StatusCode::OK).then_some(()));
+    let _ = plain.kill();
+    let _ = plain.wait();
+    let (code, log) = run_to_exit(c.dir.path(), "plain", &["--restore-from", backup.to_str().unwrap()]);
+    assert_eq!(code, Some(1), "{log}");
+    assert!(log.contains("not restored from a backup"), "{log}");
     // A joining member takes its state from the leader, never from a backup.
     let (code, log) = run_to_exit(c.dir.path(), "join-and-restore", &["--join", "--restore-from", backup.to_str().unwrap()]);
     assert_eq!(code, Some(2), "{log}");

@@ -14,6 +14,35 @@ pub(crate) const INCARNATION_FILE: &str = "incarnation";
 /// Name of the lost-log marker (a quarantined empty joiner; see [`write_lost_log`]).
 pub(crate) const LOST_LOG_FILE: &str = "lost-log";
 
+/// Name of the marker of a data directory restored from a backup (see
+/// [`write_restored_from`]).
+pub(crate) const RESTORED_FROM_FILE: &str = "restored-from";
+
+/// Records, before the restored state is written, which backup (applied index and
+/// checksum) a new data directory is restored from: a later start that names another
+/// backup is refused instead of silently keeping the data it has.
+pub fn write_restored_from(dir: &Path, applied_index: u64, crc: u32) -> Result<(), StorageError> {
+    ensure_dir(dir)?;
+    write_atomic(&dir.join(RESTORED_FROM_FILE), |f| writeln!(f, "{applied_index} {crc:08x}"))
+}
+
+/// The backup this data directory was restored from, as (applied index, checksum);
+/// `None` when it was not restored from one.
+pub fn read_restored_from(dir: &Path) -> Result<Option<(u64, u32)>, StorageError> {
+    let path = dir.join(RESTORED_FROM_FILE);
+    match fs::read_to_string(&path) {
+        Ok(s) => {
+            let mut parts = s.split_whitespace();
+            match (parts.next().map(str::parse::<u64>), parts.next().map(|c| u32::from_str_radix(c, 16))) {
+                (Some(Ok(applied)), Some(Ok(crc))) => Ok(Some((applied, crc))),
+                _ => Err(corrupt(&path, 0, format!("restored-from marker holds {:?}, expected \"<applied index> <crc32 hex>\"", s.trim()))),
+            }
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io_err(&path)(e)),
+    }
+}
+
 /// Marks the data directory as belonging to a member that was removed from its cluster
 /// and must not rejoin. `reason` is kept for the operator (written atomically).
 pub fn write_tombstone(dir: &Path, reason: &str) -> Result<(), StorageError> {

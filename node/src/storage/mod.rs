@@ -38,7 +38,10 @@ use raft::{GetEntriesContext, RaftState};
 use tracing::{debug, error, info, warn};
 
 pub use error::StorageError;
-pub use markers::{clear_lost_log, data_dir_incarnation, read_lost_log, read_tombstone, write_lost_log, write_tombstone};
+pub use markers::{
+    clear_lost_log, data_dir_incarnation, read_lost_log, read_restored_from, read_tombstone, write_lost_log, write_restored_from,
+    write_tombstone,
+};
 pub use record::MAX_INDEX;
 
 use error::corrupt;
