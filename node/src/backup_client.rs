@@ -361,6 +361,30 @@ fn chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// Deletes temp files (`.backup-*.tmp`) that earlier runs killed mid-transfer left in
+/// DIR (a run removes its own otherwise), once untouched for `stale`: a run still
+/// writing one keeps its modification time fresh. Returns those deleted.
+fn sweep_stale_temps(dir: &Path, stale: Duration) -> Vec<PathBuf> {
+    let Ok(entries) = fs::read_dir(dir) else { return Vec::new() };
+    let now = SystemTime::now();
+    let mut removed = Vec::new();
+    for e in entries.filter_map(Result::ok) {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !(name.starts_with(".backup-") && name.ends_with(".tmp")) {
+            continue;
+        }
+        let old = e.metadata().ok().filter(std::fs::Metadata::is_file).and_then(|m| m.modified().ok()).is_some_and(|t| now.duration_since(t).is_ok_and(|age| age >= stale));
+        if old {
+            let path = e.path();
+            match fs::remove_file(&path) {
+                Ok(()) => removed.push(path),
+                Err(err) => eprintln!("raftkv-node backup: cannot remove the stale temp file {}: {err}", path.display()),
+            }
+        }
+    }
+    removed
+}
+
 fn remove_quietly(path: &Path) {
     if let Err(e) = fs::remove_file(path) {
         if e.kind() != io::ErrorKind::NotFound {
@@ -431,6 +455,11 @@ pub fn run(cfg: &BackupConfig) -> Result<Done, BackupClientError> {
     // part keeps two runs sharing the volume (a job replacing a pod still terminating)
     // off each other's temp file.
     let tmp = cfg.dir.join(format!(".backup-{}-{:08x}.tmp", std::process::id(), rand::random::<u32>()));
+    // What runs killed mid-transfer left (an OOM kill, a job's grace period): untouched
+    // for an hour, or twice --timeout if longer, no run is still writing it.
+    for stale in sweep_stale_temps(&cfg.dir, (cfg.timeout * 2).max(Duration::from_secs(3600))) {
+        eprintln!("raftkv-node backup: removed {}, left by an interrupted run", stale.display());
+    }
     let fetched = rt.block_on(async {
         let client = http_client(client_tls, cfg.timeout);
         let stop = stop_signal();
@@ -565,6 +594,23 @@ pub fn main(argv: impl IntoIterator<Item = String>) -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn temp_files_of_interrupted_runs_are_swept_once_stale() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let old = d.path().join(".backup-1-0000abcd.tmp");
+        let fresh = d.path().join(".backup-1-0000beef.tmp");
+        let other = d.path().join("notes.tmp");
+        for p in [&old, &fresh, &other] {
+            fs::write(p, b"partial").expect("write");
+        }
+        let two_hours_ago = SystemTime::now() - Duration::from_secs(7200);
+        for p in [&old, &other] {
+            File::options().write(true).open(p).and_then(|f| f.set_modified(two_hours_ago)).expect("mtime");
+        }
+        assert_eq!(sweep_stale_temps(d.path(), Duration::from_secs(3600)), vec![old.clone()]);
+        assert!(!old.exists() && fresh.exists() && other.exists(), "only a stale temp file of ours goes");
+    }
 
     fn parse(args: &[&str]) -> Result<BackupArgs, clap::Error> {
         BackupArgs::try_parse_from(std::iter::once("backup").chain(args.iter().copied()))
