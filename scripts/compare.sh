@@ -207,13 +207,20 @@ import json, glob, os, statistics, sys
 out = sys.argv[1]
 rows = {}
 stolen = []  # runs during which the hypervisor took more than 5 % of the CPU time
+failing = []  # runs with errors above 0.1 % of their requests, or no success at all
 for f in glob.glob(os.path.join(out, "*.json")):
     try:
         d = json.load(open(f))
     except Exception:
         continue
+    errors, ok = d.get("error_total", 0), d.get("ok", 0)
+    if errors > 0.001 * max(ok + errors, 1):
+        failing.append(f"{d['target']} {d['workload']} {os.path.basename(f)}: {errors} errors, {ok} ok")
+    if ok == 0:
+        continue  # a run where nothing succeeded has no throughput or latency to count
     key = (d["target"], d["workload"])
-    r = rows.setdefault(key, {"tput": [], "p99": [], "rss": [], "cpu_per_op": [], "steal": []})
+    r = rows.setdefault(key, {"tput": [], "p99": [], "rss": [], "cpu_per_op": [], "steal": [], "errors": []})
+    r["errors"].append(errors)
     r["tput"].append(d["throughput"])
     r["p99"].append(d["latency"]["p99_us"] / 1000)
     # Missing when a server process could not be sampled (e.g. it died): skip the value.
@@ -226,10 +233,16 @@ for f in glob.glob(os.path.join(out, "*.json")):
         if d["host"]["steal_percent"] > 5:
             stolen.append(f"{d['target']} {d['workload']} {os.path.basename(f)}: {d['host']['steal_percent']:.0f} %")
 med = {k: {m: (statistics.median(v) if v else float("nan")) for m, v in r.items()} for k, r in rows.items()}
-print(f"{'system':12} {'workload':17} {'ops/s':>9} {'p99 ms':>8} {'peak RSS MiB':>13} {'server CPU us/op':>17} {'steal %':>8}")
+print(f"{'system':12} {'workload':17} {'ops/s':>9} {'p99 ms':>8} {'peak RSS MiB':>13} {'server CPU us/op':>17} {'steal %':>8} {'errors':>7}")
 for (s, w) in sorted(med):
     m = med[(s, w)]
-    print(f"{s:12} {w:17} {m['tput']:9.0f} {m['p99']:8.2f} {m['rss']:13.1f} {m['cpu_per_op']:17.1f} {m['steal']:8.1f}")
+    print(f"{s:12} {w:17} {m['tput']:9.0f} {m['p99']:8.2f} {m['rss']:13.1f} {m['cpu_per_op']:17.1f} {m['steal']:8.1f} {m['errors']:7.0f}")
+if failing:
+    print()
+    print("WARNING: runs with errors (over 0.1 % of requests, or nothing succeeded; the latter are")
+    print("left out of the medians; failed requests are not in the latency percentiles):")
+    for s in sorted(failing):
+        print("  " + s)
 if stolen:
     print()
     print("WARNING: the hypervisor took more than 5 % of the CPU time during these runs; their")
