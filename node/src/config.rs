@@ -40,9 +40,16 @@ pub struct Args {
     pub data_dir: Option<PathBuf>,
     /// Start a new cluster from this backup file (`GET /v1/backup`) when the data
     /// directory is new: every initial member must be given the same file. Ignored once
-    /// the data directory holds a member (restarts keep their data).
+    /// the data directory was restored from it; refused when it holds other data.
     #[arg(long, env = "RAFTKV_RESTORE_FROM")]
     pub restore_from: Option<PathBuf>,
+    /// With --restore-from: start the new cluster's revisions this far beyond the
+    /// backup's (as etcdutl's --bump-revision, with --mark-compacted), so that no
+    /// revision the lost cluster handed out after the backup names another change;
+    /// watches from before are told `compacted`. Every initial member must be given the
+    /// same value. At most 10^12.
+    #[arg(long, env = "RAFTKV_RESTORE_BUMP_REVISION", default_value_t = 0)]
+    pub restore_bump_revision: u64,
     /// Applied entries between two snapshots (then the log is compacted).
     #[arg(long, env = "RAFTKV_SNAPSHOT_COUNT", default_value_t = 10_000)]
     pub snapshot_count: u64,
@@ -134,6 +141,9 @@ pub struct Config {
     pub join: bool,
     /// A backup a new cluster starts from (`--restore-from`; never with `join`).
     pub restore_from: Option<PathBuf>,
+    /// How far beyond the backup's the restored cluster's revisions start
+    /// (`--restore-bump-revision`; 0 without `restore_from`).
+    pub restore_bump_revision: u64,
     /// `--initial-cluster-token`: the cluster id of a restored cluster mixes it with
     /// the backup's checksum ([`restored_cluster_id`]).
     pub initial_cluster_token: String,
@@ -281,6 +291,9 @@ pub fn canonical_peer_url(url: &str) -> Result<String, ConfigError> {
     Ok(format!("{scheme}://{host}:{port}"))
 }
 
+/// The largest `--restore-bump-revision` (etcd suggests 10^9 for a Kubernetes store).
+pub const MAX_RESTORE_BUMP: u64 = 1_000_000_000_000;
+
 fn ordinal_from_hostname(hostname: &str) -> Result<u64, ConfigError> {
     let digits: String = hostname.rsplit('-').next().unwrap_or("").to_string();
     match digits.parse::<u64>() {
@@ -401,6 +414,12 @@ impl Args {
         if self.restore_from.is_some() && join {
             return err("--restore-from starts a new cluster from a backup; a joining member (--join, or an id beyond --cluster) gets its state from the leader instead");
         }
+        if self.restore_bump_revision > 0 && self.restore_from.is_none() {
+            return err("--restore-bump-revision applies to a restore: give --restore-from too");
+        }
+        if self.restore_bump_revision > MAX_RESTORE_BUMP {
+            return err(format!("--restore-bump-revision must be at most {MAX_RESTORE_BUMP}"));
+        }
         let data_dir = self.data_dir.unwrap_or_else(|| PathBuf::from(format!("raftkv-{id}")));
         let initial_members: Vec<(u64, String)> = urls.iter().enumerate().map(|(i, u)| (i as u64 + 1, u.clone())).collect();
         Ok(Config {
@@ -410,6 +429,7 @@ impl Args {
             peer_url,
             join,
             restore_from: self.restore_from,
+            restore_bump_revision: self.restore_bump_revision,
             initial_cluster_token: self.initial_cluster_token,
             data_dir,
             snapshot_count: self.snapshot_count,
@@ -636,6 +656,10 @@ mod tests {
         assert!(!parse(&["--watch-prev-kv=false"]).unwrap().watch_prev_kv);
         assert!(parse(&["--watch-history", "0"]).unwrap_err().contains("--watch-history"));
         assert!(parse(&["--watch-history", "1000001"]).unwrap_err().contains("--watch-history"));
+        assert!(parse(&["--restore-bump-revision", "5"]).unwrap_err().contains("give --restore-from"));
+        let e = parse(&["--restore-from", "b.backup", "--restore-bump-revision", "1000000000001"]).unwrap_err();
+        assert!(e.contains("at most"), "{e}");
+        assert_eq!(parse(&["--restore-from", "b.backup", "--restore-bump-revision", "1000"]).unwrap().restore_bump_revision, 1000);
         assert!(parse(&["--max-request-bytes", "1023"]).unwrap_err().contains("--max-request-bytes"));
         assert!(parse(&["--max-request-bytes", "33554433"]).unwrap_err().contains("32 MiB"));
         assert_eq!(parse(&["--max-request-bytes", "33554432"]).unwrap().max_request_bytes, MAX_REQUEST_BYTES);

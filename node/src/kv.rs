@@ -925,9 +925,11 @@ impl KvStore {
     /// The bootstrap image of a new cluster restored from a backup's full `image`: the
     /// backup's keys with their revisions, at its applied index (returned with the
     /// image), but the new cluster's members and id, and no removed ids.
-    pub fn restored_image(image: &[u8], members: &[(u64, String)], cluster_id: u64) -> Result<(Vec<u8>, u64), KvError> {
+    pub fn restored_image(image: &[u8], members: &[(u64, String)], cluster_id: u64, bump: u64) -> Result<(Vec<u8>, u64), KvError> {
         let mut kv = KvStore::new();
         kv.restore(image)?;
+        // The new log (and so every new revision) starts `bump` beyond the backup's.
+        kv.applied = kv.applied.saturating_add(bump);
         kv.members.clear();
         kv.removed.clear();
         for (id, url) in members {

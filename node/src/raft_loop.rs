@@ -693,18 +693,27 @@ pub fn start(
             None => (KvStore::bootstrap_image(&cfg.initial_members, 1, cfg.initial_cluster_id), 1),
             Some(path) => {
                 let (info, image) = crate::backup::read(path)?;
-                let id = crate::config::restored_cluster_id(&cfg.initial_members, &cfg.initial_cluster_token, info.crc, info.applied_index);
-                let (data, applied) = KvStore::restored_image(&image, &cfg.initial_members, id)?;
-                if applied != info.applied_index {
+                let bump = cfg.restore_bump_revision;
+                let start = info.applied_index.checked_add(bump).filter(|s| *s < storage::MAX_INDEX).ok_or_else(|| {
+                    StartError::Backup(crate::backup::BackupError::Invalid {
+                        path: path.clone(),
+                        why: format!("applied index {} plus --restore-bump-revision {bump} leaves no room for a log", info.applied_index),
+                    })
+                })?;
+                // The bump is in the id: members restored with different bumps (different
+                // logs) refuse each other.
+                let id = crate::config::restored_cluster_id(&cfg.initial_members, &cfg.initial_cluster_token, info.crc, start);
+                let (data, applied) = KvStore::restored_image(&image, &cfg.initial_members, id, bump)?;
+                if applied != start {
                     return Err(StartError::Backup(crate::backup::BackupError::Invalid {
                         path: path.clone(),
-                        why: format!("the header says applied index {}, the image {applied}", info.applied_index),
+                        why: format!("the header says applied index {}, the image {}", info.applied_index, applied - bump),
                     }));
                 }
-                info!(backup = %path.display(), applied, crc = format!("{:08x}", info.crc), "restoring a new cluster from a backup");
+                info!(backup = %path.display(), applied = info.applied_index, bump, crc = format!("{:08x}", info.crc), "restoring a new cluster from a backup");
                 // Before the state: a crash in between leaves a fresh directory (restored
                 // again at the next start), never restored data without its marker.
-                storage::write_restored_from(&cfg.data_dir, applied, info.crc)?;
+                storage::write_restored_from(&cfg.data_dir, info.applied_index, info.crc)?;
                 (data, applied)
             }
         };

@@ -542,6 +542,20 @@ fn a_backup_restores_into_a_new_cluster_with_its_keys_and_revisions() {
     let (code, log) = run_to_exit(c.dir.path(), "plain", &["--restore-from", backup.to_str().unwrap()]);
     assert_eq!(code, Some(1), "{log}");
     assert!(log.contains("not restored from a backup"), "{log}");
+    // With a revision bump (etcdutl's --bump-revision --mark-compacted): keys keep their
+    // revisions, new writes start a million beyond the backup, and a watch from a
+    // revision the lost cluster may have handed out after the backup is told compacted.
+    let (mut bumped, url, _) = spawn_single(c.dir.path(), "bumped", &["--restore-from", backup.to_str().unwrap(), "--restore-bump-revision", "1000000"]);
+    wait_for(T, "a member restored with a revision bump", || {
+        let r = c.http.get(&format!("{url}/v1/kv/b29")).ok()?;
+        (r.status == StatusCode::OK).then(|| assert_eq!(r.json()["revision"].as_u64(), revs.last().copied()))
+    });
+    let r = c.http.put(&format!("{url}/v1/kv/new"), "x").unwrap();
+    assert!(r.json()["revision"].as_u64().unwrap() > applied + 1_000_000, "{}", r.text());
+    let r = c.http.get(&format!("{url}/v1/watch?start_revision={}", applied + 5)).unwrap();
+    assert_eq!((r.status, r.json()["code"].clone()), (StatusCode::GONE, serde_json::json!("compacted")), "{}", r.text());
+    let _ = bumped.kill();
+    let _ = bumped.wait();
     // A joining member takes its state from the leader, never from a backup.
     let (code, log) = run_to_exit(c.dir.path(), "join-and-restore", &["--join", "--restore-from", backup.to_str().unwrap()]);
     assert_eq!(code, Some(2), "{log}");
