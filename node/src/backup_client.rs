@@ -361,6 +361,26 @@ fn chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// The lock file in DIR that serialises renaming and pruning between runs.
+const LOCK_FILE: &str = ".backup.lock";
+
+/// Takes an exclusive `flock` on `DIR/.backup.lock` (waiting for another run's
+/// rename and prune, which are short); released when the file is dropped.
+fn lock_dir(dir: &Path) -> io::Result<File> {
+    use std::os::fd::AsRawFd;
+    let f = OpenOptions::new().create(true).truncate(false).write(true).mode(0o600).open(dir.join(LOCK_FILE))?;
+    loop {
+        // SAFETY: flock on a descriptor this function owns; no memory is involved.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } == 0 {
+            return Ok(f);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
 /// Deletes temp files (`.backup-*.tmp`) that earlier runs killed mid-transfer left in
 /// DIR (a run removes its own otherwise), once untouched for `stale`: a run still
 /// writing one keeps its modification time fresh. Returns those deleted.
@@ -500,6 +520,9 @@ pub fn run(cfg: &BackupConfig) -> Result<Done, BackupClientError> {
     rt.shutdown_timeout(Duration::from_millis(100));
     let (endpoint, info, bytes) = fetched?;
 
+    // Rename and prune under an exclusive lock of DIR: two overlapping runs with
+    // --keep 1 would otherwise each delete the other's new file and leave none.
+    let _lock = lock_dir(&cfg.dir).map_err(|source| BackupClientError::Disk { what: "cannot lock", path: cfg.dir.join(LOCK_FILE), source })?;
     let secs = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let name = backup_file_name(secs, info.applied_index);
     let file = cfg.dir.join(&name);
@@ -594,6 +617,23 @@ pub fn main(argv: impl IntoIterator<Item = String>) -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_directory_lock_is_exclusive_between_runs() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let held = lock_dir(d.path()).expect("lock");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let dir = d.path().to_path_buf();
+        let other = std::thread::spawn(move || {
+            let f = lock_dir(&dir).expect("lock");
+            tx.send(()).expect("send");
+            drop(f);
+        });
+        assert!(rx.recv_timeout(Duration::from_millis(300)).is_err(), "a second run waits while the first holds the lock");
+        drop(held);
+        rx.recv_timeout(Duration::from_secs(10)).expect("the second run gets it once released");
+        other.join().expect("thread");
+    }
 
     #[test]
     fn temp_files_of_interrupted_runs_are_swept_once_stale() {

@@ -118,8 +118,10 @@ fn backup_cli_skips_a_dead_endpoint_prunes_to_keep_and_the_newest_backup_restore
         taken.push((file, applied));
         c.put_retry(1, &format!("between{run}"), &format!("after backup {run}"), T);
     }
-    // Exactly the two newest backups and the other files; no temporary file.
+    // Exactly the two newest backups, the other files and the runs' lock file; no
+    // temporary file.
     let mut want: BTreeSet<String> = others.iter().map(|f| f.to_string()).collect();
+    want.insert(".backup.lock".to_string());
     for (f, _) in &taken[1..] {
         want.insert(f.file_name().unwrap().to_str().unwrap().to_string());
     }
