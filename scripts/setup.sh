@@ -20,13 +20,13 @@ if [ "${#need[@]}" -gt 0 ]; then
   fi
   echo "setup.sh: installing ${need[*]}"
   $sudo apt-get update -q >/dev/null
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${need[@]}" >/dev/null
-fi
-# A Debian prometheus package starts and enables a service on :9090 (all interfaces);
-# our tests run their own Prometheus on a free loopback port: stop it and keep it off.
-if command -v systemctl >/dev/null && systemctl is-enabled --quiet prometheus 2>/dev/null; then
-  $sudo systemctl disable --now prometheus >/dev/null 2>&1 || true
-elif command -v systemctl >/dev/null && systemctl is-active --quiet prometheus 2>/dev/null; then
-  $sudo systemctl stop prometheus 2>/dev/null || true
+  # Through env: sudo's env_reset would drop a variable set in front of it.
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need[@]}" >/dev/null
+  # Debian's prometheus package starts and enables a service on :9090 (all interfaces).
+  # Our tests run their own Prometheus on a free loopback port: a service this script
+  # brought in is turned off for good; one that was there before is left alone.
+  if [[ " ${need[*]} " == *" prometheus "* ]] && command -v systemctl >/dev/null; then
+    $sudo systemctl disable --now prometheus >/dev/null 2>&1 || true
+  fi
 fi
 echo "setup.sh: protoc $(protoc --version | awk '{print $2}'), prometheus, ip, shellcheck present"

@@ -31,10 +31,11 @@ apt_install() {
         fi
     fi
     if [ "$apt_updated" -eq 0 ]; then
-        DEBIAN_FRONTEND=noninteractive $sudo apt-get update -qq
+        $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq
         apt_updated=1
     fi
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+    # Through env: sudo's env_reset would drop a variable set in front of it.
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
 }
 
 # --- system packages ---------------------------------------------------------------------

@@ -716,20 +716,24 @@ impl Api {
                 }
                 // Up to 128 gets of one large value: encoded (up to 6 bytes per value
                 // byte) one result at a time as the client reads, never all at once.
+                // A client that stops reading for BACKUP_STALL loses the rest of the
+                // answer (it is ended: what it then reads is not whole JSON), as a
+                // backup's does: it must not pin the values.
                 let (tx, body) = ChannelBody::unsized_stream(2);
                 tokio::spawn(async move {
                     let head = format!(r#"{{"succeeded":{succeeded},"revision":{revision},"results":["#);
-                    if tx.send(Ok(Bytes::from(head))).await.is_err() {
+                    if !send_or_cut(&tx, Bytes::from(head)).await {
                         return;
                     }
                     for (i, (o, r)) in ops.iter().zip(results).enumerate() {
+                        // Encoded one at a time, as the client reads.
                         let mut chunk = if i == 0 { Vec::new() } else { b",".to_vec() };
                         chunk.extend_from_slice(&serde_json::to_vec(&txn_result_json(o, r)).unwrap_or_default());
-                        if tx.send(Ok(Bytes::from(chunk))).await.is_err() {
+                        if !send_or_cut(&tx, Bytes::from(chunk)).await {
                             return;
                         }
                     }
-                    let _ = tx.send(Ok(Bytes::from_static(b"]}\n"))).await;
+                    send_or_cut(&tx, Bytes::from_static(b"]}\n")).await;
                 });
                 let mut r = response(StatusCode::OK, "application/json", Bytes::new());
                 *r.body_mut() = http_body_util::Either::Right(body);
@@ -1196,6 +1200,20 @@ fn parse_lease_id(s: &str) -> Result<u64, ApiError> {
 
 fn lease_not_found(id: u64) -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "lease_not_found", format!("lease {id} not found (expired or revoked?)"))
+}
+
+/// Sends one chunk of a streamed answer; a client that has not taken it within
+/// [`BACKUP_STALL`] gets its body ended with an error (the connection is cut), so it
+/// pins nothing for longer. False when the answer is over.
+async fn send_or_cut(tx: &ChunkSender, chunk: Bytes) -> bool {
+    match tx.send_timeout(Ok(chunk), BACKUP_STALL).await {
+        Ok(()) => true,
+        Err(tokio::sync::mpsc::error::SendTimeoutError::Timeout(_)) => {
+            let _ = tx.try_send(Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "the client stopped reading")));
+            false
+        }
+        Err(tokio::sync::mpsc::error::SendTimeoutError::Closed(_)) => false,
+    }
 }
 
 /// A transaction whose gets read more value bytes than this is answered as a stream,

@@ -364,19 +364,27 @@ fn chain(e: &dyn std::error::Error) -> String {
 /// The lock file in DIR that serialises renaming and pruning between runs.
 const LOCK_FILE: &str = ".backup.lock";
 
-/// Takes an exclusive `flock` on `DIR/.backup.lock` (waiting for another run's
-/// rename and prune, which are short); released when the file is dropped.
-fn lock_dir(dir: &Path) -> io::Result<File> {
+/// Takes an exclusive `flock` on `DIR/.backup.lock`, waiting up to `wait` for another
+/// run's rename and prune (which are short; one stuck longer, on a hung volume, makes
+/// this run fail instead of waiting for ever); released when the file is dropped.
+fn lock_dir(dir: &Path, wait: Duration) -> io::Result<File> {
     use std::os::fd::AsRawFd;
     let f = OpenOptions::new().create(true).truncate(false).write(true).mode(0o600).open(dir.join(LOCK_FILE))?;
+    let deadline = std::time::Instant::now() + wait;
     loop {
         // SAFETY: flock on a descriptor this function owns; no memory is involved.
-        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } == 0 {
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
             return Ok(f);
         }
         let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
+        match e.raw_os_error() {
+            Some(libc::EWOULDBLOCK) | Some(libc::EINTR) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50)); // polling another run's lock
+            }
+            Some(libc::EWOULDBLOCK) => {
+                return Err(io::Error::new(io::ErrorKind::TimedOut, format!("another backup run held the lock for over {} s", wait.as_secs())))
+            }
+            _ => return Err(e),
         }
     }
 }
@@ -522,7 +530,7 @@ pub fn run(cfg: &BackupConfig) -> Result<Done, BackupClientError> {
 
     // Rename and prune under an exclusive lock of DIR: two overlapping runs with
     // --keep 1 would otherwise each delete the other's new file and leave none.
-    let _lock = lock_dir(&cfg.dir).map_err(|source| BackupClientError::Disk { what: "cannot lock", path: cfg.dir.join(LOCK_FILE), source })?;
+    let _lock = lock_dir(&cfg.dir, cfg.timeout).map_err(|source| BackupClientError::Disk { what: "cannot lock", path: cfg.dir.join(LOCK_FILE), source })?;
     let secs = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let name = backup_file_name(secs, info.applied_index);
     let file = cfg.dir.join(&name);
@@ -621,11 +629,13 @@ mod tests {
     #[test]
     fn the_directory_lock_is_exclusive_between_runs() {
         let d = tempfile::tempdir().expect("tempdir");
-        let held = lock_dir(d.path()).expect("lock");
+        let held = lock_dir(d.path(), Duration::from_secs(1)).expect("lock");
+        let e = lock_dir(d.path(), Duration::from_millis(200)).expect_err("held by another run");
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
         let (tx, rx) = std::sync::mpsc::channel();
         let dir = d.path().to_path_buf();
         let other = std::thread::spawn(move || {
-            let f = lock_dir(&dir).expect("lock");
+            let f = lock_dir(&dir, Duration::from_secs(30)).expect("lock");
             tx.send(()).expect("send");
             drop(f);
         });

@@ -713,7 +713,7 @@ pub fn start(
                 info!(backup = %path.display(), applied = info.applied_index, bump, crc = format!("{:08x}", info.crc), "restoring a new cluster from a backup");
                 // Before the state: a crash in between leaves a fresh directory (restored
                 // again at the next start), never restored data without its marker.
-                storage::write_restored_from(&cfg.data_dir, info.applied_index, info.crc)?;
+                storage::write_restored_from(&cfg.data_dir, info.applied_index, info.crc, bump)?;
                 (data, applied)
             }
         };
@@ -733,15 +733,18 @@ pub fn start(
         // rather than looking like a restore that kept the old data.
         let marker = storage::read_restored_from(&cfg.data_dir)?;
         match (crate::backup::identity(path), marker) {
-            (Ok(named), Some(done)) if named == done => {
+            (Ok(named), Some((applied, crc, bump))) if named == (applied, crc) => {
                 info!(backup = %path.display(), "the data directory was restored from this backup already: --restore-from is ignored");
+                if bump != cfg.restore_bump_revision {
+                    warn!(restored_with = bump, given = cfg.restore_bump_revision, "--restore-bump-revision differs from the restore's: it applies only to a restore, and is ignored");
+                }
             }
             (Err(e), Some(_)) => {
                 warn!(backup = %path.display(), error = %e, "the data directory was restored from a backup already and this one cannot be read: --restore-from is ignored");
             }
             (_, done) => {
                 let why = match done {
-                    Some((applied, crc)) => format!("it was restored from another backup (applied index {applied}, checksum {crc:08x})"),
+                    Some((applied, crc, _)) => format!("it was restored from another backup (applied index {applied}, checksum {crc:08x})"),
                     None => "it holds data that was not restored from a backup".to_string(),
                 };
                 return Err(StartError::RestoreOverData { backup: path.clone(), dir: cfg.data_dir.clone(), why });

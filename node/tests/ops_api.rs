@@ -816,9 +816,10 @@ fn a_transaction_swaps_two_keys_atomically_or_runs_its_failure_branch() {
     let value = "\u{1}".repeat(1 << 20);
     assert_eq!(c.http.put(&format!("{}/v1/kv/x/big", c.url(1)), value.clone()).unwrap().status, StatusCode::OK);
     let body = r#"{"success":[{"op":"get","key":"x/big"},{"op":"put","key":"x/small","value":"s"},{"op":"get","key":"x/big"},{"op":"get","key":"x/none"}]}"#;
-    let r = c.http.post(&format!("{}/v1/txn", c.url(2)), body).unwrap();
-    assert_eq!(r.status, StatusCode::OK);
-    let j = r.json();
+    let r = reqwest::blocking::Client::new().post(format!("{}/v1/txn", c.url(2))).body(body).send().unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(r.headers().get("content-length").is_none(), "streamed (chunked), not one buffer: {:?}", r.headers());
+    let j: Value = serde_json::from_slice(&r.bytes().unwrap()).unwrap();
     assert_eq!(j["succeeded"], true);
     assert!(j["revision"].as_u64().unwrap() > 0, "{}", j["revision"]);
     let results = j["results"].as_array().unwrap();

@@ -19,23 +19,27 @@ pub(crate) const LOST_LOG_FILE: &str = "lost-log";
 pub(crate) const RESTORED_FROM_FILE: &str = "restored-from";
 
 /// Records, before the restored state is written, which backup (applied index and
-/// checksum) a new data directory is restored from: a later start that names another
-/// backup is refused instead of silently keeping the data it has.
-pub fn write_restored_from(dir: &Path, applied_index: u64, crc: u32) -> Result<(), StorageError> {
+/// checksum) a new data directory is restored from, and with which revision bump: a
+/// later start that names another backup is refused instead of silently keeping the
+/// data it has.
+pub fn write_restored_from(dir: &Path, applied_index: u64, crc: u32, bump: u64) -> Result<(), StorageError> {
     ensure_dir(dir)?;
-    write_atomic(&dir.join(RESTORED_FROM_FILE), |f| writeln!(f, "{applied_index} {crc:08x}"))
+    write_atomic(&dir.join(RESTORED_FROM_FILE), |f| writeln!(f, "{applied_index} {crc:08x} {bump}"))
 }
 
-/// The backup this data directory was restored from, as (applied index, checksum);
-/// `None` when it was not restored from one.
-pub fn read_restored_from(dir: &Path) -> Result<Option<(u64, u32)>, StorageError> {
+/// The backup this data directory was restored from, as (applied index, checksum,
+/// revision bump); `None` when it was not restored from one.
+pub fn read_restored_from(dir: &Path) -> Result<Option<(u64, u32, u64)>, StorageError> {
     let path = dir.join(RESTORED_FROM_FILE);
     match fs::read_to_string(&path) {
         Ok(s) => {
             let mut parts = s.split_whitespace();
-            match (parts.next().map(str::parse::<u64>), parts.next().map(|c| u32::from_str_radix(c, 16))) {
-                (Some(Ok(applied)), Some(Ok(crc))) => Ok(Some((applied, crc))),
-                _ => Err(corrupt(&path, 0, format!("restored-from marker holds {:?}, expected \"<applied index> <crc32 hex>\"", s.trim()))),
+            let applied = parts.next().map(str::parse::<u64>);
+            let crc = parts.next().map(|c| u32::from_str_radix(c, 16));
+            let bump = parts.next().map_or(Ok(0), str::parse::<u64>);
+            match (applied, crc, bump) {
+                (Some(Ok(applied)), Some(Ok(crc)), Ok(bump)) => Ok(Some((applied, crc, bump))),
+                _ => Err(corrupt(&path, 0, format!("restored-from marker holds {:?}, expected \"<applied index> <crc32 hex> <bump>\"", s.trim()))),
             }
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),

@@ -350,7 +350,6 @@ fn orphan_snapshot_file_is_ignored_and_removed() {
     assert_eq!(s.initial_state().expect("state").conf_state, cs(&[1, 2, 3]));
 }
 
-/// The real crash window: a save whose file is written but whose WAL record never
 /// An orphan whose unlink fails is set aside under a name the listing ignores: left as
 /// it was, it would pass for a live file once the snapshot in force passed its index.
 #[test]
@@ -380,6 +379,7 @@ fn an_orphan_snapshot_that_cannot_be_deleted_is_set_aside() {
     assert!(orphan_aside(&orphan).exists(), "ignored, left for the operator");
 }
 
+/// The real crash window: a save whose file is written but whose WAL record never
 /// becomes durable (the sync fails, then the process dies). The file is an orphan.
 #[test]
 fn a_save_whose_record_never_became_durable_leaves_an_orphan_that_open_removes() {
