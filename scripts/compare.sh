@@ -237,18 +237,16 @@ print(f"{'system':12} {'workload':17} {'ops/s':>9} {'p99 ms':>8} {'peak RSS MiB'
 for (s, w) in sorted(med):
     m = med[(s, w)]
     print(f"{s:12} {w:17} {m['tput']:9.0f} {m['p99']:8.2f} {m['rss']:13.1f} {m['cpu_per_op']:17.1f} {m['steal']:8.1f} {m['errors']:7.0f}")
-if failing:
-    print()
-    print("WARNING: runs with errors (over 0.1 % of requests, or nothing succeeded; the latter are")
-    print("left out of the medians; failed requests are not in the latency percentiles):")
-    for s in sorted(failing):
-        print("  " + s)
-if stolen:
-    print()
-    print("WARNING: the hypervisor took more than 5 % of the CPU time during these runs; their")
-    print("numbers measure the host's other tenants too (repeat the comparison):")
-    for s in sorted(stolen):
-        print("  " + s)
+def warn(runs, *lines):
+    if runs:
+        print()
+        print(*lines, sep="\n")
+        for s in sorted(runs):
+            print("  " + s)
+warn(failing, "WARNING: runs with errors (over 0.1 % of requests, or nothing succeeded; the latter are",
+     "left out of the medians; failed requests are not in the latency percentiles):")
+warn(stolen, "WARNING: the hypervisor took more than 5 % of the CPU time during these runs; their",
+     "numbers measure the host's other tenants too (repeat the comparison):")
 print()
 def ratio(w, other, ow=None, metric="tput"):
     a, b = med.get(("raftkv", w)), med.get((other, ow or w))

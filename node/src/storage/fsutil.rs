@@ -72,8 +72,13 @@ pub(crate) fn list_files<T>(
 
 /// The temporary name `path` is written under before the rename.
 pub(crate) fn tmp_path(path: &Path) -> PathBuf {
+    suffixed(path, ".tmp")
+}
+
+/// `path` with `suffix` appended to its file name.
+pub(crate) fn suffixed(path: &Path, suffix: &str) -> PathBuf {
     let mut s = path.as_os_str().to_owned();
-    s.push(".tmp");
+    s.push(suffix);
     PathBuf::from(s)
 }
 

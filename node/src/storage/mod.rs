@@ -124,9 +124,7 @@ struct Inner {
 /// Where an orphan snapshot file that cannot be deleted is moved: `<name>.orphan`, a
 /// name the snapshot listing logs and ignores.
 fn orphan_aside(path: &Path) -> PathBuf {
-    let mut s = path.as_os_str().to_owned();
-    s.push(".orphan");
-    PathBuf::from(s)
+    fsutil::suffixed(path, ".orphan")
 }
 
 /// Files taken off the segment and snapshot lists whose unlink failed, to retry.

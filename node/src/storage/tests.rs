@@ -325,15 +325,19 @@ fn wal_end(dir: &Path) -> snapshot::WalMark {
     snapshot::WalMark { seq, offset: file_len(&seg) }
 }
 
+/// A data dir with the boot snapshot at 1 and entries 2..=9 synced, closed again.
+fn booted_with_log_to_9() -> tempfile::TempDir {
+    let d = tempfile::tempdir().expect("tempdir");
+    let s = open(d.path());
+    s.apply_snapshot(snap(1, 1, b"boot")).expect("apply");
+    s.append(&ents(2, 9, 1)).expect("append");
+    s.sync().expect("sync");
+    d
+}
+
 #[test]
 fn orphan_snapshot_file_is_ignored_and_removed() {
-    let d = tempfile::tempdir().expect("tempdir");
-    {
-        let s = open(d.path());
-        s.apply_snapshot(snap(1, 1, b"boot")).expect("apply");
-        s.append(&ents(2, 9, 1)).expect("append");
-        s.sync().expect("sync");
-    }
+    let d = booted_with_log_to_9();
     // A crash after the file was renamed in but before its WAL record was durable: the
     // WAL reaches the file's mark. A file an older version wrote has no mark.
     let meta = SnapshotMetadata { conf_state: Some(cs(&[1])), index: 8, term: 1 };
@@ -354,13 +358,7 @@ fn orphan_snapshot_file_is_ignored_and_removed() {
 /// it was, it would pass for a live file once the snapshot in force passed its index.
 #[test]
 fn an_orphan_snapshot_that_cannot_be_deleted_is_set_aside() {
-    let d = tempfile::tempdir().expect("tempdir");
-    {
-        let s = open(d.path());
-        s.apply_snapshot(snap(1, 1, b"boot")).expect("apply");
-        s.append(&ents(2, 9, 1)).expect("append");
-        s.sync().expect("sync");
-    }
+    let d = booted_with_log_to_9();
     let meta = SnapshotMetadata { conf_state: Some(cs(&[1])), index: 8, term: 1 };
     let (orphan, _) = snapshot::write(&d.path().join("snap"), &meta, Some(wal_end(d.path())), b"newer").expect("write");
     fsutil::UNLINK_FAILS.with(|c| c.set(1));
